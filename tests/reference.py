@@ -1,0 +1,72 @@
+"""A naive reference for multi-hash lookups: loops over ids in pure Python."""
+
+import math
+from typing import Dict, List
+
+import torch
+from torchrec.modules.embedding_configs import PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_multihash import MultiHashEmbeddingBagConfig
+
+
+def partition_rows(cfg: MultiHashEmbeddingBagConfig, x: int) -> List[int]:
+    """Row of each sub-table for id x, computed with Python integers."""
+    if cfg.strategy == "full":
+        return [x]
+    if cfg.strategy == "hash":
+        return [x % math.ceil(cfg.num_embeddings / cfg.collisions())]
+    if cfg.strategy == "qr":
+        m = cfg.collisions()
+        return [x // m, x % m]
+    if cfg.strategy == "generalized_qr":
+        digits = []
+        for m in cfg.moduli:
+            x, d = divmod(x, m)
+            digits.append(d)
+        return digits
+    if cfg.strategy == "crt":
+        return [x % m for m in cfg.moduli]
+    raise AssertionError(cfg.strategy)
+
+
+def reference_forward(
+    cfgs: List[MultiHashEmbeddingBagConfig],
+    weights: Dict[str, torch.Tensor],
+    kjt: KeyedJaggedTensor,
+) -> Dict[str, torch.Tensor]:
+    """Pooled embedding [B, D] of every feature, built id by id from the sub-table rows."""
+    out: Dict[str, torch.Tensor] = {}
+    features = kjt.to_dict()
+    batch = kjt.stride()
+    for cfg in cfgs:
+        suffixes = cfg.partition_suffixes()
+        for f in cfg.feature_names:
+            jt = features[f]
+            vals = jt.values().tolist()
+            lens = jt.lengths().tolist()
+            w = jt.weights().tolist() if jt.weights_or_none() is not None else [1.0] * len(vals)
+            bags = []
+            pos = 0
+            for b in range(batch):
+                acc = torch.zeros(cfg.embedding_dim)
+                for i in range(pos, pos + lens[b]):
+                    rows = partition_rows(cfg, vals[i])
+                    parts = [weights[cfg.name + s][r] for s, r in zip(suffixes, rows)]
+                    if len(parts) == 1:
+                        e = parts[0]
+                    elif cfg.operation == "add":
+                        e = sum(parts[1:], parts[0])
+                    elif cfg.operation == "mult":
+                        e = parts[0]
+                        for p in parts[1:]:
+                            e = e * p
+                    else:
+                        e = torch.cat(parts)
+                    acc = acc + w[i] * e
+                if cfg.pooling == PoolingType.MEAN and lens[b] > 0:
+                    acc = acc / lens[b]
+                bags.append(acc)
+                pos += lens[b]
+            out[f] = torch.stack(bags)
+    return out

@@ -1,0 +1,15 @@
+"""torchrec-multihash: compositional (multi-hash) embedding tables for TorchRec and DLRM."""
+
+from torchrec.modules.embedding_configs import PoolingType  # noqa: F401  re-exported for configs
+
+from torchrec_multihash.modules import (  # noqa: F401
+    InvalidInputError,
+    MultiHashConfigError,
+    MultiHashEmbeddingBagCollection,
+    MultiHashEmbeddingBagConfig,
+)
+
+from torchrec_multihash.convert import to_multihash_configs  # noqa: F401
+from torchrec_multihash.deeprec import get_multihash_variable  # noqa: F401
+
+__version__ = "0.1.0"

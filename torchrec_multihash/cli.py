@@ -1,0 +1,33 @@
+"""The ``torchrec-multihash`` command."""
+
+import argparse
+import sys
+from typing import List, Optional
+
+COMMANDS = {
+    "demo": "train a small DLRM with full and with multi-hash tables on a synthetic task and compare",
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="torchrec-multihash",
+        description="Compositional (multi-hash) embedding tables for TorchRec / DLRM.",
+        epilog="\n".join(f"  {k:8s} {v}" for k, v in COMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=sorted(COMMANDS), help="see below; COMMAND --help for its options")
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    args, rest = parser.parse_known_args(argv[:1])
+    if args.command == "demo":
+        from torchrec_multihash.demo import main as demo_main
+
+        return demo_main(argv[1:])
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Turns TorchRec EmbeddingBagConfigs into multi-hash configs at a target memory reduction."""
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence
+
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+from torchrec_multihash.modules.config import (
+    OPERATIONS,
+    STRATEGIES,
+    MultiHashConfigError,
+    MultiHashEmbeddingBagConfig,
+)
+
+DEFAULT_THRESHOLD = 200  # tables with at most this many rows stay full, as in the original DLRM code
+DEFAULT_PARTITIONS = {"qr": 2, "generalized_qr": 3, "crt": 2}
+
+
+@dataclass
+class Sizing:
+    """The size parameters chosen for one table, and the reduction they give."""
+
+    num_collisions: Optional[int] = None
+    moduli: Optional[List[int]] = None
+    factor: float = 1.0
+
+
+def _rows_cost(sizes: Sequence[int], dims: Sequence[int]) -> int:
+    return sum(r * d for r, d in zip(sizes, dims))
+
+
+def _split_dims(dim: int, k: int, operation: str) -> List[int]:
+    if operation != "concat":
+        return [dim] * k
+    base, extra = divmod(dim, k)
+    return [base + (1 if i < extra else 0) for i in range(k)]
+
+
+def _coprime_after(start: int, others: Iterable[int]) -> int:
+    m = max(start, 2)
+    while any(math.gcd(m, o) != 1 for o in others):
+        m += 1
+    return m
+
+
+def _candidate_sizes(strategy: str, n: int, m: int, k: int) -> List[int]:
+    """Partition sizes for small radix/modulus m (the big partition takes the rest)."""
+    if strategy == "qr":
+        return [math.ceil(n / m), m]
+    if strategy == "generalized_qr":
+        return [m] * (k - 1) + [math.ceil(n / m ** (k - 1))]
+    # crt: k-1 small pairwise-coprime moduli from m up, and one large one coprime to them all
+    small: List[int] = []
+    for _ in range(k - 1):
+        small.append(_coprime_after(small[-1] + 1 if small else m, small))
+    return small + [_coprime_after(math.ceil(n / math.prod(small)), small)]
+
+
+def choose_sizes(
+    n: int, dim: int, compression: float, strategy: str, operation: str, num_partitions: int
+) -> Sizing:
+    """Smallest collision parameter whose sub-tables use at most 1/compression of N x dim.
+
+    If the strategy cannot reach the target (Q-R of N rows needs at least ~2 sqrt(N) rows), returns
+    the smallest configuration it has, whose ``factor`` says what it reaches.
+    """
+    full = n * dim
+    budget = full / compression
+    if strategy == "hash":
+        c = max(1, math.ceil(compression))
+        return Sizing(num_collisions=c, factor=full / (math.ceil(n / c) * dim))
+    k = num_partitions
+    dims = _split_dims(dim, k, operation)
+    best: Optional[Sizing] = None
+    best_cost = math.inf
+    m = 2
+    limit = max(m, math.ceil(n ** (1.0 / k)) + 1)  # past N^(1/k) the tables only grow again
+    while m <= limit:
+        sizes = _candidate_sizes(strategy, n, m, k)
+        cost = _rows_cost(sizes, dims)
+        sizing = Sizing(
+            num_collisions=m if strategy == "qr" else None,
+            moduli=None if strategy == "qr" else sizes,
+            factor=full / cost,
+        )
+        if cost <= budget:
+            return sizing
+        if cost < best_cost:
+            best, best_cost = sizing, cost
+        m += 1
+    assert best is not None
+    return best
+
+
+def to_multihash_configs(
+    configs: Sequence[EmbeddingBagConfig],
+    compression: float,
+    strategy: str = "qr",
+    operation: str = "mult",
+    threshold: int = DEFAULT_THRESHOLD,
+    num_partitions: Optional[int] = None,
+    overrides: Optional[Dict[str, Dict[str, object]]] = None,
+    strict: bool = False,
+) -> List[MultiHashEmbeddingBagConfig]:
+    """Converts TorchRec configs to multi-hash configs that shrink each table by ``compression``.
+
+    Tables with at most ``threshold`` rows stay full. ``overrides`` maps a table name to
+    MultiHashEmbeddingBagConfig fields that replace the chosen ones. A table the strategy cannot
+    shrink enough gets the strategy's smallest configuration and a warning (an error if ``strict``).
+
+    Example: ``MultiHashEmbeddingBagCollection(to_multihash_configs(ebc_configs, compression=4))``
+    """
+    if strategy not in STRATEGIES:
+        raise MultiHashConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if operation not in OPERATIONS:
+        raise MultiHashConfigError(f"operation must be one of {OPERATIONS}, got {operation!r}")
+    if not compression >= 1:
+        raise MultiHashConfigError(f"compression must be >= 1, got {compression!r}")
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - {c.name for c in configs}
+    if unknown:
+        raise MultiHashConfigError(f"overrides name unknown table(s) {sorted(unknown)}")
+    k = num_partitions or DEFAULT_PARTITIONS.get(strategy, 1)
+    if strategy == "qr" and k != 2:
+        raise MultiHashConfigError("qr has exactly 2 partitions; use generalized_qr for more")
+
+    out: List[MultiHashEmbeddingBagConfig] = []
+    short: List[str] = []
+    for c in configs:
+        base = dict(
+            name=c.name, num_embeddings=c.num_embeddings, embedding_dim=c.embedding_dim,
+            feature_names=list(c.feature_names), pooling=c.pooling, data_type=c.data_type,
+            weight_init_min=c.weight_init_min, weight_init_max=c.weight_init_max,
+        )
+        if strategy == "full" or c.num_embeddings <= threshold or compression == 1:
+            fields = dict(strategy="full", operation=operation)
+        else:
+            s = choose_sizes(c.num_embeddings, c.embedding_dim, compression, strategy, operation, k)
+            if s.factor < compression * (1 - 1e-9):
+                short.append(f"{c.name} (N={c.num_embeddings}): {s.factor:.2f}x")
+            fields = dict(strategy=strategy, operation=operation, num_collisions=s.num_collisions, moduli=s.moduli)
+        fields.update(overrides.get(c.name, {}))
+        out.append(MultiHashEmbeddingBagConfig(**base, **fields))
+    if short:
+        msg = (
+            f"strategy {strategy!r} cannot shrink these tables {compression}x; they use its "
+            f"smallest configuration instead: {', '.join(short)}"
+        )
+        if strict:
+            raise MultiHashConfigError(msg)
+        warnings.warn(msg, stacklevel=2)
+    return out

@@ -1,0 +1,10 @@
+"""Modules (unsharded): configs, partitions and the multi-hash EmbeddingBagCollection."""
+
+from torchrec_multihash.modules.config import (  # noqa: F401
+    MultiHashConfigError,
+    MultiHashEmbeddingBagConfig,
+)
+from torchrec_multihash.modules.id_transform import InvalidInputError  # noqa: F401
+from torchrec_multihash.modules.multihash_embedding_bag import (  # noqa: F401
+    MultiHashEmbeddingBagCollection,
+)
