@@ -3,7 +3,7 @@
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
@@ -45,17 +45,22 @@ def _coprime_after(start: int, others: Iterable[int]) -> int:
     return m
 
 
-def _candidate_sizes(strategy: str, n: int, m: int, k: int) -> List[int]:
-    """Partition sizes for small radix/modulus m (the big partition takes the rest)."""
-    if strategy == "qr":
-        return [math.ceil(n / m), m]
-    if strategy == "generalized_qr":
-        return [m] * (k - 1) + [math.ceil(n / m ** (k - 1))]
-    # crt: k-1 small pairwise-coprime moduli from m up, and one large one coprime to them all
-    small: List[int] = []
-    for _ in range(k - 1):
-        small.append(_coprime_after(small[-1] + 1 if small else m, small))
-    return small + [_coprime_after(math.ceil(n / math.prod(small)), small)]
+def _candidates(strategy: str, n: int, k: int) -> Iterator[List[int]]:
+    """Partition sizes in order of growing small partitions (the big partition takes the rest)."""
+    limit = math.ceil(n ** (1.0 / k)) + 1  # past N^(1/k) the tables only grow again
+    for m in range(2, max(2, limit) + 1):
+        if strategy == "qr":
+            yield [math.ceil(n / m), m]
+        elif strategy == "generalized_qr":
+            # radices between m^(k-1) and (m+1)^(k-1), one step at a time
+            for j in range(k - 1):
+                small = [m + 1] * j + [m] * (k - 1 - j)
+                yield small + [math.ceil(n / math.prod(small))]
+        else:  # crt: k-1 small pairwise-coprime moduli from m up, one large one coprime to them
+            small: List[int] = []
+            for _ in range(k - 1):
+                small.append(_coprime_after(small[-1] + 1 if small else m, small))
+            yield small + [_coprime_after(math.ceil(n / math.prod(small)), small)]
 
 
 def choose_sizes(
@@ -69,19 +74,18 @@ def choose_sizes(
     full = n * dim
     budget = full / compression
     if strategy == "hash":
-        c = max(1, math.ceil(compression))
+        c = max(1, math.floor(compression))
+        while math.ceil(n / c) * dim > budget and c < n:
+            c += 1
         return Sizing(num_collisions=c, factor=full / (math.ceil(n / c) * dim))
     k = num_partitions
     dims = _split_dims(dim, k, operation)
     best: Optional[Sizing] = None
     best_cost = math.inf
-    m = 2
-    limit = max(m, math.ceil(n ** (1.0 / k)) + 1)  # past N^(1/k) the tables only grow again
-    while m <= limit:
-        sizes = _candidate_sizes(strategy, n, m, k)
+    for sizes in _candidates(strategy, n, k):
         cost = _rows_cost(sizes, dims)
         sizing = Sizing(
-            num_collisions=m if strategy == "qr" else None,
+            num_collisions=sizes[1] if strategy == "qr" else None,
             moduli=None if strategy == "qr" else sizes,
             factor=full / cost,
         )
@@ -89,7 +93,6 @@ def choose_sizes(
             return sizing
         if cost < best_cost:
             best, best_cost = sizing, cost
-        m += 1
     assert best is not None
     return best
 

@@ -1,0 +1,73 @@
+"""to_multihash_configs meets the target compression; the DeepRec entry point maps onto the module."""
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+
+from torchrec_multihash import (
+    MultiHashConfigError,
+    MultiHashEmbeddingBagCollection,
+    get_multihash_variable,
+    to_multihash_configs,
+)
+from tests.reference import reference_forward
+
+SIZES = [150, 200, 201, 5_000, 1_000_000, 33_762_577]
+
+
+def tables(dim=16):
+    return [EmbeddingBagConfig(name=f"t{i}", num_embeddings=n, embedding_dim=dim, feature_names=[f"f{i}"]) for i, n in enumerate(SIZES)]
+
+
+@pytest.mark.parametrize("strategy", ["hash", "qr", "generalized_qr", "crt"])
+@pytest.mark.parametrize("operation", ["mult", "concat"])
+@pytest.mark.parametrize("compression", [2, 4, 16])
+def test_each_large_table_shrinks_by_the_factor(strategy, operation, compression):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = to_multihash_configs(tables(), compression, strategy=strategy, operation=operation)
+    for src, c in zip(tables(), out):
+        ebc = MultiHashEmbeddingBagCollection([c], device=torch.device("meta"))
+        if src.num_embeddings <= 200:
+            assert c.strategy == "full" and ebc.memory_bytes() == ebc.full_memory_bytes()
+        else:
+            factor = ebc.full_memory_bytes() / ebc.memory_bytes()
+            assert c.strategy == strategy
+            if src.num_embeddings >= 5000:
+                assert factor >= compression, (c.name, factor)
+                if strategy in ("hash", "qr") and c.num_collisions > 2:
+                    # the smallest number of collisions that meets the target
+                    fewer = dataclasses.replace(c, num_collisions=c.num_collisions - 1)
+                    smaller = MultiHashEmbeddingBagCollection([fewer], device=torch.device("meta"))
+                    assert smaller.full_memory_bytes() / smaller.memory_bytes() < compression
+                if operation == "mult" and compression >= 4:
+                    slack = 1.6 if strategy == "generalized_qr" else 1.3  # coarser steps in k=3
+                    assert factor < slack * compression, (c.name, factor)
+            elif factor < compression:  # too small to reach it: warned, at the strategy's minimum
+                assert any(f"{c.name} (N={c.num_embeddings})" in str(w.message) for w in caught)
+
+
+def test_overrides_and_threshold():
+    out = to_multihash_configs(tables(), 4, threshold=10_000, overrides={"t5": {"strategy": "hash", "num_collisions": 2}})
+    assert [c.strategy for c in out] == ["full"] * 4 + ["qr", "hash"]
+    assert out[5].partition_sizes() == [16_881_289]
+
+
+def test_deeprec_entry_point():
+    v = get_multihash_variable("item", num_embeddings=10_000, dims=[16], operation="mul")
+    assert (v.strategy, v.operation, v.embedding_dim, v.partition_sizes()) == ("qr", "mult", 16, [100, 100])
+    c = get_multihash_variable("user", num_embeddings=1000, dims=[10, 6], operation="concat", feature_names=["u"])
+    assert c.partition_dims() == [10, 6] and c.partition_sizes() == [32, 32]
+    ebc = MultiHashEmbeddingBagCollection([v, c])
+    kjt = KeyedJaggedTensor(keys=["item", "u"], values=torch.tensor([9999, 0, 5, 999]), lengths=torch.tensor([2, 0, 1, 1]))
+    got = ebc(kjt).to_dict()
+    ref = reference_forward([v, c], ebc.sub_table_weights(), kjt)
+    torch.testing.assert_close(got["item"], ref["item"])
+    torch.testing.assert_close(got["u"], ref["u"])
+    with pytest.raises(MultiHashConfigError, match="several entries, which means concat"):
+        get_multihash_variable("x", 100, dims=[8, 8], operation="add")
+    with pytest.raises(MultiHashConfigError, match="2 partitions"):
+        get_multihash_variable("x", 100, dims=[8], num_of_partitions=3)
