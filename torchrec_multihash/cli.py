@@ -6,6 +6,7 @@ from typing import List, Optional
 
 COMMANDS = {
     "demo": "train a small DLRM with full and with multi-hash tables on a synthetic task and compare",
+    "plan": "show where TorchRec's planner puts each sub-table for a topology (need not exist)",
 }
 
 
@@ -26,6 +27,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from torchrec_multihash.demo import main as demo_main
 
         return demo_main(argv[1:])
+    if args.command == "plan":
+        from torchrec_multihash.app.plan import main as plan_main
+
+        return plan_main(argv[1:])
     return 2
 
 

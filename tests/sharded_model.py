@@ -1,0 +1,81 @@
+"""A small DLRM over every kind of multi-hash table, and helpers to compare it sharded and not."""
+
+from typing import Dict, Iterator, List, Tuple
+
+import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
+from torchrec.datasets.utils import Batch
+from torchrec.models.dlrm import DLRM, DLRMTrain
+
+from torchrec_multihash import MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig, PoolingType
+from torchrec_multihash.toy_task import ToyCTRTask
+
+DIM = 16
+VOCAB = [300, 200, 120, 50, 500]
+
+
+def tables() -> List[MultiHashEmbeddingBagConfig]:
+    """One table per kind of lookup: per-id mult (EC), pooled add / concat / full / hash (EBC)."""
+    def t(i, **kw):
+        return MultiHashEmbeddingBagConfig(name=f"t_f{i}", num_embeddings=VOCAB[i], embedding_dim=DIM, feature_names=[f"f{i}"], **kw)
+    return [
+        t(0, strategy="qr", operation="mult", num_collisions=7),
+        t(1, strategy="crt", operation="concat", moduli=[13, 17], dims=[8, 8]),
+        t(2, strategy="generalized_qr", operation="add", moduli=[4, 5, 6], pooling=PoolingType.MEAN),
+        t(3, strategy="full"),
+        t(4, strategy="hash", num_collisions=3),
+    ]
+
+
+def build_model(seed: int = 0, device: torch.device = torch.device("cpu")) -> DLRMTrain:
+    torch.manual_seed(seed)
+    ebc = MultiHashEmbeddingBagCollection(tables(), device=device)
+    return DLRMTrain(DLRM(embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[8, DIM], over_arch_layer_sizes=[8, 1], dense_device=device))
+
+
+def batches(rank: int, world_size: int, n: int, batch_size: int = 8) -> Iterator[Batch]:
+    """Rank ``rank``'s share of ``n`` global batches."""
+    task = ToyCTRTask(num_embeddings=VOCAB, seed=3, max_bag=3)
+    for i in range(n):
+        yield task.batch(batch_size, i * world_size + rank)
+
+
+def local_shards(state: Dict[str, object]) -> Iterator[Tuple[str, torch.Tensor, Tuple[int, ...]]]:
+    """(key, local tensor, offsets into the full tensor) for every tensor of a sharded state dict."""
+    for key, value in state.items():
+        if isinstance(value, ShardedTensor):
+            for shard in value.local_shards():
+                yield key, shard.tensor, tuple(shard.metadata.shard_offsets)
+        elif isinstance(value, DTensor):
+            local = value.to_local()
+            if hasattr(local, "local_shards"):  # LocalShardsWrapper (column-wise)
+                for t, off in zip(local.local_shards(), local.local_offsets()):
+                    yield key, t, tuple(off)
+            else:
+                yield key, local, (0,) * local.dim()
+        elif isinstance(value, torch.Tensor):
+            yield key, value, (0,) * value.dim()
+
+
+def slice_at(full: torch.Tensor, local: torch.Tensor, offsets: Tuple[int, ...]) -> torch.Tensor:
+    idx = tuple(slice(o, o + s) for o, s in zip(offsets, local.shape))
+    return full[idx]
+
+
+def copy_into_sharded(sharded_state: Dict[str, object], full_state: Dict[str, torch.Tensor]) -> None:
+    """Copies an unsharded state dict into the local shards of a sharded one."""
+    with torch.no_grad():
+        for key, local, offsets in local_shards(sharded_state):
+            local.copy_(slice_at(full_state[key], local, offsets))
+
+
+def assert_state_equal(sharded_state: Dict[str, object], full_state: Dict[str, torch.Tensor], atol: float = 1e-5) -> int:
+    """Every local shard equals its slice of the unsharded tensor; returns how many were compared."""
+    n = 0
+    for key, local, offsets in local_shards(sharded_state):
+        if local.numel() == 0:
+            continue
+        torch.testing.assert_close(local, slice_at(full_state[key], local, offsets), atol=atol, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+        n += 1
+    return n

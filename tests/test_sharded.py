@@ -1,0 +1,83 @@
+"""Sharded equals unsharded: the same weights and batches give the same outputs, and the same
+weights after SGD steps, for every sharding type TorchRec offers on CPU (2 processes, gloo)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from torchrec_multihash import sharders, sub_table_constraints
+from tests import sharded_model as sm
+from tests.dist_util import run_multiprocess
+
+LR = 0.1
+STEPS = 3
+
+
+def shard_with(model, sharding_type, world_size, fused_params):
+    constraints = sub_table_constraints(
+        sm.tables(),
+        {t.name: ParameterConstraints(sharding_types=[sharding_type], min_partition=8) for t in sm.tables()},
+        small_table_sharding_types=None,
+    )
+    shard = sharders(fused_params=fused_params)
+    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device="cpu"), constraints=constraints)
+    plan = planner.collective_plan(model, shard, dist.GroupMember.WORLD)
+    return DistributedModelParallel(model, plan=plan, sharders=shard, device=torch.device("cpu")), plan, constraints
+
+
+def _worker(rank, world_size, sharding_type):
+    ref = sm.build_model(seed=0)
+    model = sm.build_model(seed=1)  # another init: the copy below must set every weight
+    ebc = model.model.sparse_arch.embedding_bag_collection
+    dmp, plan, constraints = shard_with(
+        model, sharding_type, world_size, {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR}
+    )
+
+    # every sub-table was placed, with the requested type (mult sub-tables: the closest an
+    # EmbeddingCollection has, see constraints.py)
+    types = {t: ps.sharding_type for mod in plan.plan.values() for t, ps in mod.items()}
+    assert sorted(types) == sorted(c.name for c in ebc.sub_table_configs())
+    for table, st in types.items():
+        assert st == constraints[table].sharding_types[0], (table, st)
+    if sharding_type != "data_parallel":
+        assert types["t_f3"] == sharding_type
+
+    start = dmp.state_dict()
+    sm.copy_into_sharded(start, ref.state_dict())
+    dmp.load_state_dict(start)
+    dense_opt = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda p: torch.optim.SGD(p, lr=LR)
+    )
+    opt = CombinedOptimizer([dmp.fused_optimizer, dense_opt])
+
+    ref_params = dict(ref.named_parameters())
+    per_rank = [list(sm.batches(r, world_size, STEPS)) for r in range(world_size)]
+    for step in range(STEPS):
+        loss, (_, logits, _) = dmp(per_rank[rank][step])
+        ref.zero_grad()
+        for r in range(world_size):  # the reference sees every rank's batch
+            ref_loss, (_, ref_logits, _) = ref(per_rank[r][step])
+            ref_loss.backward()
+            if r == rank:
+                torch.testing.assert_close(logits, ref_logits.detach(), atol=1e-5, rtol=1e-5)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            # DDP averages the gradients of dense layers over ranks, and TorchRec divides those
+            # of sharded tables by the world size too (its default gradient division)
+            for p in ref_params.values():
+                p -= LR / world_size * p.grad
+    compared = sm.assert_state_equal(dmp.state_dict(), ref.state_dict())
+    assert compared >= len(types) / world_size
+
+
+@pytest.mark.parametrize("sharding_type", ["data_parallel", "table_wise", "column_wise", "table_column_wise"])
+def test_sharded_equals_unsharded(sharding_type):
+    run_multiprocess(_worker, 2, sharding_type)

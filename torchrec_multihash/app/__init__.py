@@ -1,0 +1,1 @@
+"""The DLRM application: YAML config, model building, planning and training commands."""

@@ -1,0 +1,172 @@
+"""The YAML configuration of a run: dataclasses, loading, ``--set a.b=value`` overrides.
+
+Unknown keys and values of the wrong type are errors that name the file and the key.
+"""
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message says where and why."""
+
+
+@dataclass
+class ModelConfig:
+    """The dense part of the model (TorchRec's DLRM family)."""
+
+    arch: str = "dlrm"  # dlrm | dcn
+    embedding_dim: int = 64
+    dense_in_features: int = 13
+    dense_arch_layer_sizes: List[int] = field(default_factory=lambda: [512, 256, 64])
+    over_arch_layer_sizes: List[int] = field(default_factory=lambda: [512, 512, 256, 1])
+    dcn_num_layers: int = 3
+    dcn_low_rank_dim: int = 512
+
+
+@dataclass
+class EmbeddingsConfig:
+    """The embedding tables: one per sparse feature, compressed as configured."""
+
+    num_embeddings_per_feature: List[int] = field(default_factory=list)
+    feature_names: Optional[List[str]] = None  # default C1..Cn
+    strategy: str = "qr"  # full | hash | qr | generalized_qr | crt
+    operation: str = "mult"  # add | mult | concat
+    compression: float = 4.0  # memory reduction of each table over `threshold` rows
+    threshold: int = 200
+    num_partitions: Optional[int] = None  # generalized_qr / crt (default 3 / 2)
+    overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # table -> config fields
+    constraints: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # table -> ParameterConstraints fields
+    small_table_rows: int = 10_000  # sub-tables this small are kept whole or replicated
+    validate_ids: bool = True
+
+
+@dataclass
+class DataConfig:
+    """Where the samples come from."""
+
+    format: str = "synthetic"  # criteo_tsv | criteo_npy | synthetic
+    train: Optional[str] = None
+    test: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation."""
+
+    batch_size: int = 2048
+    epochs: int = 1
+    embedding_lr: float = 0.05
+    dense_lr: float = 0.001
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Checks ``value`` against the annotation ``tp`` (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _from_dict(tp, value, where)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], where)
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _convert(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    return value
+
+
+def _from_dict(cls: Any, data: Dict[str, Any], where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown key(s) {[prefix + str(k) for k in unknown]}; "
+            f"{cls.__name__} has: {sorted(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {
+        k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()
+    }
+    return cls(**kwargs)
+
+
+def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Applies ``a.b=value`` strings (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.batch_size=512")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p} is not a section")
+        try:
+            node[parts[-1]] = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from None
+    return raw
+
+
+def config_from_dict(raw: Dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        return _from_dict(Config, raw or {}, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(path: Union[str, Path, None], overrides: Sequence[str] = ()) -> Config:
+    """Reads a YAML config (or the defaults if ``path`` is None) and applies ``--set`` overrides."""
+    raw: Dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping (model:, embeddings:, ...)")
+    raw = apply_overrides(raw, overrides)
+    return config_from_dict(raw, source)

@@ -1,0 +1,85 @@
+"""Builds the multi-hash tables and the DLRM model a config describes."""
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.models.dlrm import DLRM, DLRM_DCN
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+from torchrec_multihash.app.config import Config, ConfigError, EmbeddingsConfig
+from torchrec_multihash.convert import to_multihash_configs
+from torchrec_multihash.distributed.constraints import sub_table_constraints
+from torchrec_multihash.modules.config import MultiHashConfigError, MultiHashEmbeddingBagConfig
+from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
+
+ARCHS = ("dlrm", "dcn")
+
+
+def feature_names(emb: EmbeddingsConfig) -> List[str]:
+    n = len(emb.num_embeddings_per_feature)
+    names = emb.feature_names or [f"C{i + 1}" for i in range(n)]
+    if len(names) != n:
+        raise ConfigError(
+            f"embeddings.feature_names has {len(names)} names but "
+            f"embeddings.num_embeddings_per_feature has {n} sizes"
+        )
+    return names
+
+
+def build_tables(cfg: Config) -> List[MultiHashEmbeddingBagConfig]:
+    """One table ``t_<feature>`` per sparse feature, compressed as ``cfg.embeddings`` says."""
+    emb = cfg.embeddings
+    if not emb.num_embeddings_per_feature:
+        raise ConfigError("embeddings.num_embeddings_per_feature is empty: give one vocabulary size per sparse feature")
+    plain = [
+        EmbeddingBagConfig(name=f"t_{f}", num_embeddings=n, embedding_dim=cfg.model.embedding_dim, feature_names=[f])
+        for f, n in zip(feature_names(emb), emb.num_embeddings_per_feature)
+    ]
+    try:
+        return to_multihash_configs(
+            plain, emb.compression, strategy=emb.strategy, operation=emb.operation,
+            threshold=emb.threshold, num_partitions=emb.num_partitions, overrides=emb.overrides,
+        )
+    except (MultiHashConfigError, TypeError) as e:
+        raise ConfigError(f"embeddings: {e}") from None
+
+
+def build_constraints(cfg: Config, tables: List[MultiHashEmbeddingBagConfig]) -> Dict[str, ParameterConstraints]:
+    """Planner constraints on the sub-tables, from ``embeddings.constraints`` on logical tables."""
+    logical: Dict[str, ParameterConstraints] = {}
+    for name, fields in cfg.embeddings.constraints.items():
+        try:
+            logical[name] = ParameterConstraints(**fields)
+        except TypeError as e:
+            raise ConfigError(f"embeddings.constraints.{name}: {e}") from None
+    try:
+        return sub_table_constraints(tables, logical, small_table_rows=cfg.embeddings.small_table_rows)
+    except ValueError as e:
+        raise ConfigError(f"embeddings.constraints: {e}") from None
+
+
+def build_model(cfg: Config, device: Optional[torch.device] = None) -> nn.Module:
+    """The DLRM (or DLRM_DCN) of the config, its tables a MultiHashEmbeddingBagCollection."""
+    m = cfg.model
+    if m.arch not in ARCHS:
+        raise ConfigError(f"model.arch must be one of {ARCHS}, got {m.arch!r}")
+    if m.dense_arch_layer_sizes[-1] != m.embedding_dim:
+        raise ConfigError(
+            f"model.dense_arch_layer_sizes must end with model.embedding_dim={m.embedding_dim}, "
+            f"got {m.dense_arch_layer_sizes}"
+        )
+    ebc = MultiHashEmbeddingBagCollection(
+        build_tables(cfg), device=device, validate_ids=cfg.embeddings.validate_ids
+    )
+    kw = dict(
+        embedding_bag_collection=ebc,
+        dense_in_features=m.dense_in_features,
+        dense_arch_layer_sizes=m.dense_arch_layer_sizes,
+        over_arch_layer_sizes=m.over_arch_layer_sizes,
+        dense_device=device,
+    )
+    if m.arch == "dcn":
+        return DLRM_DCN(dcn_num_layers=m.dcn_num_layers, dcn_low_rank_dim=m.dcn_low_rank_dim, **kw)
+    return DLRM(**kw)

@@ -1,0 +1,135 @@
+"""``torchrec-multihash plan``: where TorchRec's planner puts each sub-table, for any topology."""
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import sys
+import warnings
+from typing import List, Optional
+
+import torch
+from torchrec.distributed.planner import Topology
+from torchrec.distributed.planner.types import PlannerError
+
+from torchrec_multihash.app.config import ConfigError, load_config
+from torchrec_multihash.app.model import build_constraints, build_model, build_tables
+from torchrec_multihash.distributed.planning import PlanReport, describe_plan, plan_model
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _fmt_ranks(ranks: List[int]) -> str:
+    if ranks and ranks == list(range(ranks[0], ranks[-1] + 1)) and len(ranks) > 2:
+        return f"{ranks[0]}-{ranks[-1]}"
+    return ",".join(map(str, ranks))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="torchrec-multihash plan", description=__doc__)
+    p.add_argument("--config", required=True, help="YAML config (its model and embeddings parts are used)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--world-size", type=int, required=True, help="total ranks (GPUs or processes)")
+    p.add_argument("--local-world-size", type=int, default=None, help="ranks per node (default: world size)")
+    p.add_argument("--compute-device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument(
+        "--hbm-gib", type=float, default=None,
+        help="memory per rank for the tables: HBM with cuda, DDR with cpu (default: TorchRec's)",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="per-rank batch (default: train.batch_size)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    return p
+
+
+def plan_config(args: argparse.Namespace, full: bool = False) -> PlanReport:
+    cfg = load_config(args.config, args.set)
+    if full:
+        cfg = copy.deepcopy(cfg)
+        cfg.embeddings.strategy = "full"
+        cfg.embeddings.overrides = {}
+    local = args.local_world_size or args.world_size
+    if args.world_size < 1 or local < 1 or args.world_size % local:
+        raise ConfigError(
+            f"--world-size {args.world_size} must be a positive multiple of --local-world-size {local}"
+        )
+    kw = {}
+    if args.hbm_gib is not None:
+        kw["hbm_cap" if args.compute_device == "cuda" else "ddr_cap"] = int(args.hbm_gib * 1024**3)
+    topology = Topology(world_size=args.world_size, local_world_size=local, compute_device=args.compute_device, **kw)
+    model = build_model(cfg, device=torch.device("meta"))
+    constraints = build_constraints(cfg, build_tables(cfg))
+    if full:
+        constraints = {k: v for k, v in constraints.items() if "__" not in k}
+    plan = plan_model(model, topology, constraints, batch_size=args.batch_size or cfg.train.batch_size)
+    return describe_plan(plan, model, topology)
+
+
+@contextlib.contextmanager
+def _quiet_planner():
+    """The planner logs warnings meant for live jobs (dry-run estimates, replicated tables)."""
+    root = logging.getLogger()
+    old = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(old)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    with _quiet_planner():
+        try:
+            report = plan_config(args)
+        except (ConfigError, PlannerError) as e:
+            print(f"torchrec-multihash plan: {e}", file=sys.stderr)
+            return 2
+        full_error = None
+        try:
+            full_report: Optional[PlanReport] = plan_config(args, full=True)
+        except PlannerError as e:
+            full_report, full_error = None, str(e).strip().splitlines()[0]
+
+    if args.json:
+        out = report.to_dict()
+        out["uncompressed"] = (
+            {"bytes_per_rank": full_report.bytes_per_rank} if full_report else {"error": full_error}
+        )
+        print(json.dumps(out, indent=2))
+        return 0
+
+    nodes = report.world_size // report.local_world_size
+    print(
+        f"Plan for {report.world_size} {report.compute_device} ranks "
+        f"({nodes} node(s) x {report.local_world_size}); config {args.config}"
+    )
+    print(f"\n{'table':10s} {'sub-table':14s} {'sharding':18s} {'ranks':>10s} {'bytes':>12s}")
+    for s in report.shards:
+        print(f"{s.logical_table:10s} {s.table:14s} {s.sharding_type:18s} {_fmt_ranks(s.ranks):>10s} {_fmt_bytes(s.bytes):>12s}")
+    print("\nEmbedding weights per rank (replicated tables counted on every rank):")
+    full_per_rank = full_report.bytes_per_rank if full_report else None
+    print(f"{'rank':>6s} {'multi-hash':>12s} {'uncompressed':>14s}")
+    for r, b in enumerate(report.bytes_per_rank):
+        uncompressed = _fmt_bytes(full_per_rank[r]) if full_per_rank else "-"
+        print(f"{r:>6d} {_fmt_bytes(b):>12s} {uncompressed:>14s}")
+    ratio = report.full_embedding_bytes / max(1, report.embedding_bytes)
+    print(
+        f"\nAll tables: {_fmt_bytes(report.embedding_bytes)} multi-hash vs "
+        f"{_fmt_bytes(report.full_embedding_bytes)} uncompressed ({ratio:.1f}x smaller)"
+    )
+    if full_report is None:
+        print(f"The uncompressed tables do not fit this topology: {full_error}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""Distributed forms: sharders, constraints and planning for multi-hash tables."""
+
+from torchrec_multihash.distributed.constraints import sub_table_constraints  # noqa: F401
+from torchrec_multihash.distributed.planning import (  # noqa: F401
+    PlanReport,
+    describe_plan,
+    plan_model,
+)
+from torchrec_multihash.distributed.sharders import sharders  # noqa: F401

@@ -1,0 +1,117 @@
+"""Plans a model's sub-tables for a topology (real or not) and reports where each part went."""
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+from torch import nn
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardingPlan
+from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS
+
+from torchrec_multihash.distributed.sharders import sharders as default_sharders
+from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
+
+
+@dataclass
+class ShardReport:
+    """One sub-table's placement: its sharding type and the bytes of weights on each rank."""
+
+    table: str  # sub-table, e.g. t_C1__q
+    logical_table: str  # e.g. t_C1
+    module: str  # FQN of the sharded inner module
+    sharding_type: str
+    compute_kernel: str
+    ranks: List[int]
+    bytes: int  # weights of this sub-table, counted once
+    bytes_per_rank: Dict[int, int] = field(default_factory=dict)  # replicas counted on each rank
+
+
+@dataclass
+class PlanReport:
+    world_size: int
+    local_world_size: int
+    compute_device: str
+    shards: List[ShardReport]
+    bytes_per_rank: List[int]
+    embedding_bytes: int  # memory_bytes() of the multi-hash modules
+    full_embedding_bytes: int  # the same logical tables uncompressed
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+
+def plan_model(
+    model: nn.Module,
+    topology: Topology,
+    constraints: Optional[Dict[str, ParameterConstraints]] = None,
+    batch_size: int = 512,
+    sharders: Optional[list] = None,
+) -> ShardingPlan:
+    """Runs TorchRec's planner (no process group needed: plans for any topology)."""
+    planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
+    return planner.plan(model, sharders or default_sharders())
+
+
+def _rank_of(placement: str) -> int:
+    # "rank:3/cuda:3"
+    return int(str(placement).split("/")[0].split(":")[1])
+
+
+def describe_plan(plan: ShardingPlan, model: nn.Module, topology: Topology) -> PlanReport:
+    """Where every sub-table of every MultiHashEmbeddingBagCollection in ``model`` went."""
+    logical: Dict[str, str] = {}
+    bits: Dict[str, int] = {}
+    dims: Dict[str, int] = {}
+    rows: Dict[str, int] = {}
+    embedding_bytes = full_bytes = 0
+    for mod in model.modules():
+        if isinstance(mod, MultiHashEmbeddingBagCollection):
+            embedding_bytes += mod.memory_bytes()
+            full_bytes += mod.full_memory_bytes()
+            for t in mod.multihash_configs():
+                for suffix in t.partition_suffixes():
+                    logical[t.name + suffix] = t.name
+            for c in mod.sub_table_configs():
+                bits[c.name] = DATA_TYPE_NUM_BITS[c.data_type]
+                dims[c.name] = c.embedding_dim
+                rows[c.name] = c.num_embeddings
+    world = topology.world_size
+    per_rank = [0] * world
+    shards: List[ShardReport] = []
+    for module_fqn, module_plan in plan.plan.items():
+        for table, ps in module_plan.items():  # type: ignore[union-attr]
+            nbytes = rows.get(table, 0) * dims.get(table, 0) * bits.get(table, 32) // 8
+            on_rank: Dict[int, int] = {}
+            if ps.sharding_spec is not None:
+                for shard in ps.sharding_spec.shards:  # type: ignore[attr-defined]
+                    r = _rank_of(shard.placement)
+                    size = shard.shard_sizes[0] * shard.shard_sizes[1] * bits.get(table, 32) // 8
+                    on_rank[r] = on_rank.get(r, 0) + size
+            else:  # data parallel: a full replica on every rank
+                on_rank = {r: nbytes for r in (ps.ranks or range(world))}
+            for r, b in on_rank.items():
+                per_rank[r] += b
+            shards.append(
+                ShardReport(
+                    table=table,
+                    logical_table=logical.get(table, table),
+                    module=module_fqn,
+                    sharding_type=ps.sharding_type,
+                    compute_kernel=ps.compute_kernel,
+                    ranks=sorted(on_rank),
+                    bytes=nbytes,
+                    bytes_per_rank=dict(sorted(on_rank.items())),
+                )
+            )
+    order = {name: i for i, name in enumerate(rows)}
+    shards.sort(key=lambda s: order.get(s.table, len(order)))
+    return PlanReport(
+        world_size=world,
+        local_world_size=topology.local_world_size,
+        compute_device=topology.compute_device,
+        shards=shards,
+        bytes_per_rank=per_rank,
+        embedding_bytes=embedding_bytes,
+        full_embedding_bytes=full_bytes,
+    )
