@@ -133,16 +133,19 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 )
 
         self._groups: List[str] = list(group_configs)
-        self.transforms = nn.ModuleDict()
+        # Each id transform is a direct child (``transform_pooled``, ``transform_per_id_d16``):
+        # TrainPipelineSparseDist's tracer treats a child without sharded modules as a leaf, so a
+        # transform must not sit inside a ModuleDict to be found and pipelined.
         self.lookups = nn.ModuleDict()
         for i, group in enumerate(self._groups):
-            self.transforms[group] = IdTransform(
+            transform = IdTransform(
                 group_lookups[group],
                 is_weighted=is_weighted,
                 validate_ids=validate_ids,
                 # one transform checks for unknown keys; the rest need not repeat it
                 known_features=all_features if (strict_features and i == 0) else None,
             )
+            self.add_module(f"transform_{group}", transform)
             if group == POOLED_GROUP:
                 self.lookups[group] = EmbeddingBagCollection(
                     tables=group_configs[group], is_weighted=is_weighted, device=self._device
@@ -160,9 +163,9 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         pooled: Dict[str, KeyedTensor] = {}
         per_id: Dict[str, Dict[str, JaggedTensor]] = {}
         for group in self._pooled_groups:
-            pooled[group] = self.lookups[group](self.transforms[group](features))
+            pooled[group] = self.lookups[group](getattr(self, f"transform_{group}")(features))
         for group in self._per_id_groups:
-            per_id[group] = self.lookups[group](self.transforms[group](features))
+            per_id[group] = self.lookups[group](getattr(self, f"transform_{group}")(features))
         return self.combine(features, pooled, per_id)
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:

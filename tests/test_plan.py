@@ -1,0 +1,100 @@
+"""Planning: sub-table constraints, and the plan command for topologies that do not exist here."""
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torchrec.distributed.planner import Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+
+from torchrec_multihash import MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig, sub_table_constraints
+from torchrec_multihash.app.config import load_config
+from torchrec_multihash.app.model import build_constraints, build_model, build_tables
+from torchrec_multihash.distributed import describe_plan, plan_model
+
+CONFIG = "configs/criteo_1tb_qr.yaml"
+
+
+def cfg(name, **kw):
+    return MultiHashEmbeddingBagConfig(name=name, num_embeddings=1_000_000, embedding_dim=16, feature_names=[name[2:]], **kw)
+
+
+def test_sub_table_constraints():
+    tables = [cfg("t_a", strategy="qr", operation="add", num_collisions=8), cfg("t_b", strategy="qr", operation="mult", num_collisions=8), cfg("t_c", strategy="full")]
+    out = sub_table_constraints(tables, {"t_a": ParameterConstraints(sharding_types=["row_wise"]), "t_c": ParameterConstraints(sharding_types=["column_wise"])})
+    assert out["t_a__q"].sharding_types == ["row_wise"]
+    assert out["t_a__r"].sharding_types == ["table_wise", "data_parallel"]  # 8 rows: kept whole
+    assert out["t_b__q"].sharding_types == ["table_wise", "column_wise", "row_wise"]  # per-id: never DP
+    assert out["t_b__r"].sharding_types == ["table_wise"]
+    assert out["t_c"].sharding_types == ["column_wise"]
+    # a sub-table named explicitly wins; unknown names are errors
+    out = sub_table_constraints(tables, {"t_a__r": ParameterConstraints(sharding_types=["row_wise"])})
+    assert out["t_a__r"].sharding_types == ["row_wise"] and "t_a__q" not in out
+    with pytest.raises(ValueError, match="unknown table"):
+        sub_table_constraints(tables, {"t_zz": ParameterConstraints()})
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = sub_table_constraints(tables, {"t_b": ParameterConstraints(sharding_types=["table_row_wise"])})
+    assert out["t_b__q"].sharding_types == ["row_wise"] and "not offered" in str(w[0].message)
+
+
+@pytest.mark.parametrize("exclude_dp", [False, True])
+def test_cuda_plan_of_16_ranks_places_every_sub_table(exclude_dp):
+    c = load_config(CONFIG)
+    if exclude_dp:
+        c.embeddings.constraints = {f"t_C{i}": {"sharding_types": ["table_wise", "row_wise", "column_wise"]} for i in range(1, 27)}
+    model = build_model(c, device=torch.device("meta"))
+    tables = build_tables(c)
+    constraints = build_constraints(c, tables)
+    if exclude_dp:
+        for k in constraints:
+            constraints[k].sharding_types = [t for t in constraints[k].sharding_types if t != "data_parallel"]
+    topo = Topology(world_size=16, local_world_size=8, compute_device="cuda", hbm_cap=80 * 1024**3)
+    report = describe_plan(plan_model(model, topo, constraints, batch_size=8192), model, topo)
+    ebc = model.sparse_arch.embedding_bag_collection
+    assert isinstance(ebc, MultiHashEmbeddingBagCollection)
+    assert sorted(s.table for s in report.shards) == sorted(c.name for c in ebc.sub_table_configs())
+    assert report.embedding_bytes == ebc.memory_bytes()
+    replicated = sum(s.bytes for s in report.shards if s.sharding_type == "data_parallel")
+    assert sum(report.bytes_per_rank) == ebc.memory_bytes() + 15 * replicated
+    if exclude_dp:
+        assert replicated == 0 and sum(report.bytes_per_rank) == ebc.memory_bytes()
+    for s in report.shards:
+        assert s.ranks and sum(s.bytes_per_rank.values()) == s.bytes * (16 if s.sharding_type == "data_parallel" else 1)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "torchrec_multihash.cli", "plan", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_plan_command_text_and_json():
+    r = run_cli("--config", CONFIG, "--world-size", "16", "--local-world-size", "8", "--compute-device", "cuda", "--hbm-gib", "80")
+    assert r.returncode == 0, r.stderr
+    assert "Plan for 16 cuda ranks (2 node(s) x 8)" in r.stdout
+    assert "t_C1__q" in r.stdout and "uncompressed" in r.stdout
+    assert "WARNING" not in r.stderr
+    r = run_cli("--config", CONFIG, "--world-size", "2", "--compute-device", "cpu", "--json", "--set", "embeddings.compression=16")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["world_size"] == 2 and len(d["bytes_per_rank"]) == 2
+    assert {"table", "sharding_type", "ranks", "bytes"} <= set(d["shards"][0])
+    assert d["full_embedding_bytes"] / d["embedding_bytes"] > 14
+    assert len(d["uncompressed"]["bytes_per_rank"]) == 2
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--world-size", "3", "--local-world-size", "2"], "must be a positive multiple"),
+        (["--world-size", "2", "--set", "embeddings.strategy=lsh"], "strategy must be one of"),
+        (["--world-size", "2", "--set", "embeddings.compresion=4"], "unknown key(s) ['embeddings.compresion']"),
+        (["--world-size", "2", "--set", "train.batch_size=big"], "train.batch_size: expected int"),
+    ],
+)
+def test_plan_command_errors(args, message):
+    r = run_cli("--config", CONFIG, *args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
