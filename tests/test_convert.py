@@ -37,16 +37,16 @@ def test_each_large_table_shrinks_by_the_factor(strategy, operation, compression
             factor = ebc.full_memory_bytes() / ebc.memory_bytes()
             assert c.strategy == strategy
             if src.num_embeddings >= 5000:
-                assert factor >= compression, (c.name, factor)
+                assert factor * 1.02 >= compression, (c.name, factor)
                 if strategy in ("hash", "qr") and c.num_collisions > 2:
                     # the smallest number of collisions that meets the target
                     fewer = dataclasses.replace(c, num_collisions=c.num_collisions - 1)
                     smaller = MultiHashEmbeddingBagCollection([fewer], device=torch.device("meta"))
-                    assert smaller.full_memory_bytes() / smaller.memory_bytes() < compression
+                    assert smaller.full_memory_bytes() / smaller.memory_bytes() * 1.02 < compression
                 if operation == "mult" and compression >= 4:
                     slack = 1.6 if strategy == "generalized_qr" else 1.3  # coarser steps in k=3
                     assert factor < slack * compression, (c.name, factor)
-            elif factor < compression:  # too small to reach it: warned, at the strategy's minimum
+            elif factor * 1.02 < compression:  # too small to reach it: warned, at the strategy's minimum
                 assert any(f"{c.name} (N={c.num_embeddings})" in str(w.message) for w in caught)
 
 

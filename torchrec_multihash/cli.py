@@ -6,6 +6,7 @@ from typing import List, Optional
 
 COMMANDS = {
     "demo": "train a small DLRM with full and with multi-hash tables on a synthetic task and compare",
+    "train": "train a sharded DLRM with multi-hash tables (one process, or one rank per process under torchrun/TorchX)",
     "plan": "show where TorchRec's planner puts each sub-table for a topology (need not exist)",
 }
 
@@ -27,6 +28,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from torchrec_multihash.demo import main as demo_main
 
         return demo_main(argv[1:])
+    if args.command == "train":
+        from torchrec_multihash.app.train import main as train_main
+
+        return train_main(argv[1:])
     if args.command == "plan":
         from torchrec_multihash.app.plan import main as plan_main
 

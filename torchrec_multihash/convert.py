@@ -63,16 +63,21 @@ def _candidates(strategy: str, n: int, k: int) -> Iterator[List[int]]:
             yield small + [_coprime_after(math.ceil(n / math.prod(small)), small)]
 
 
+TOLERANCE = 0.02  # a table may miss the target factor by this much (Q-R with m=4 is ~4x, not 5x)
+
+
 def choose_sizes(
-    n: int, dim: int, compression: float, strategy: str, operation: str, num_partitions: int
+    n: int, dim: int, compression: float, strategy: str, operation: str, num_partitions: int,
+    tolerance: float = TOLERANCE,
 ) -> Sizing:
-    """Smallest collision parameter whose sub-tables use at most 1/compression of N x dim.
+    """Smallest collision parameter whose sub-tables use at most 1/compression of N x dim
+    (within ``tolerance``: Q-R with m = 4 gives N/4 + 4 rows, which counts as 4x).
 
     If the strategy cannot reach the target (Q-R of N rows needs at least ~2 sqrt(N) rows), returns
     the smallest configuration it has, whose ``factor`` says what it reaches.
     """
     full = n * dim
-    budget = full / compression
+    budget = full / compression * (1 + tolerance)
     if strategy == "hash":
         c = max(1, math.floor(compression))
         while math.ceil(n / c) * dim > budget and c < n:
@@ -141,7 +146,7 @@ def to_multihash_configs(
             fields = dict(strategy="full", operation=operation)
         else:
             s = choose_sizes(c.num_embeddings, c.embedding_dim, compression, strategy, operation, k)
-            if s.factor < compression * (1 - 1e-9):
+            if s.factor * (1 + TOLERANCE) < compression * (1 - 1e-9):
                 short.append(f"{c.name} (N={c.num_embeddings}): {s.factor:.2f}x")
             fields = dict(strategy=strategy, operation=operation, num_collisions=s.num_collisions, moduli=s.moduli)
         fields.update(overrides.get(c.name, {}))

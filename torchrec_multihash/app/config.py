@@ -51,19 +51,31 @@ class DataConfig:
     """Where the samples come from."""
 
     format: str = "synthetic"  # criteo_tsv | criteo_npy | synthetic
-    train: Optional[str] = None
-    test: Optional[str] = None
+    train: Optional[List[str]] = None  # files (.txt or .gz); a single string is accepted too
+    test: Optional[List[str]] = None
+    ids: str = "hashing"  # criteo_tsv: hashing (value % N) | vocabulary (frequency-ordered, saved)
+    min_count: int = 1  # vocabulary: rarer values share the out-of-vocabulary id
+    train_samples: int = 200_000  # synthetic: samples per epoch
+    test_samples: int = 20_000  # synthetic
+    num_clusters: int = 64  # synthetic: hidden clusters per feature
 
 
 @dataclass
 class TrainConfig:
     """Optimisation."""
 
-    batch_size: int = 2048
+    batch_size: int = 2048  # per rank
     epochs: int = 1
-    embedding_lr: float = 0.05
-    dense_lr: float = 0.001
+    embedding_lr: float = 0.05  # fused row-wise Adagrad on the tables
+    dense_optimizer: str = "adagrad"  # adagrad | adam
+    dense_lr: float = 0.01
+    warmup_steps: int = 0  # linear warm-up of every learning rate
+    decay_start: int = 0  # polynomial (squared) decay to 0 over decay_steps, as the DLRM reference
+    decay_steps: int = 0
+    eval_every: int = 0  # steps between evaluations during training (0: only at the end)
+    max_steps: int = 0  # stop after this many steps (0: run every epoch)
     seed: int = 0
+    output_dir: str = "runs/latest"
 
 
 @dataclass
@@ -92,6 +104,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _convert(value, inner[0], where)
     if origin in (list, List):
+        if isinstance(value, str) and args and args[0] is str:
+            value = [value]
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]

@@ -1,0 +1,95 @@
+"""The train and test batches of a run, per rank, from the configured source."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional
+
+from torchrec.datasets.utils import Batch
+
+from torchrec_multihash.app.config import Config, ConfigError
+from torchrec_multihash.app.model import feature_names
+from torchrec_multihash.datasets.batching import batches as row_batches
+from torchrec_multihash.datasets.criteo_tsv import DEFAULT_SPARSE_NAMES, NUM_DENSE, NUM_SPARSE, read_rows
+from torchrec_multihash.datasets.id_mapping import HashingIds, Vocabulary
+from torchrec_multihash.datasets.synthetic import SyntheticCriteo
+
+FORMATS = ("synthetic", "criteo_tsv")
+
+
+@dataclass
+class RunData:
+    """Factories of this rank's batches; ``num_embeddings_per_feature`` may come from the data."""
+
+    train: Callable[[int], Iterator[Batch]]  # epoch -> batches
+    test: Callable[[], Iterator[Batch]]
+    num_embeddings_per_feature: List[int]
+    num_dense: int
+
+
+def _every(it: Iterator[Batch], start: int, step: int) -> Iterator[Batch]:
+    for i, b in enumerate(it):
+        if i % step == start:
+            yield b
+
+
+def _paths(paths: Optional[List[str]], what: str) -> List[str]:
+    if not paths:
+        raise ConfigError(f"data.{what} is empty: give the Criteo TSV file(s) to read")
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise ConfigError(f"data.{what}: no such file(s) {missing}")
+    return list(paths)
+
+
+def make_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunData:
+    d, bs = cfg.data, cfg.train.batch_size
+    if d.format not in FORMATS:
+        raise ConfigError(f"data.format must be one of {FORMATS}, got {d.format!r}")
+    if d.format == "synthetic":
+        keys = feature_names(cfg.embeddings)
+        syn = SyntheticCriteo(
+            cfg.embeddings.num_embeddings_per_feature, num_dense=cfg.model.dense_in_features,
+            num_clusters=d.num_clusters, seed=cfg.train.seed, feature_names=keys,
+        )
+        per_rank_train = d.train_samples // (bs * world_size)
+        per_rank_test = max(1, d.test_samples // (bs * world_size))
+        # epochs see the same samples (as a file would); the test set lives far away in index space
+        return RunData(
+            train=lambda epoch: syn.batches(bs, per_rank_train, start=rank, step=world_size),
+            test=lambda: syn.batches(bs, per_rank_test, start=10**9 + rank, step=world_size),
+            num_embeddings_per_feature=cfg.embeddings.num_embeddings_per_feature,
+            num_dense=cfg.model.dense_in_features,
+        )
+    # criteo_tsv
+    if cfg.model.dense_in_features != NUM_DENSE:
+        raise ConfigError(f"model.dense_in_features must be {NUM_DENSE} for Criteo data")
+    train_paths, test_paths = _paths(d.train, "train"), _paths(d.test, "test")
+    sizes = list(cfg.embeddings.num_embeddings_per_feature)
+    keys = cfg.embeddings.feature_names or list(DEFAULT_SPARSE_NAMES)
+    if len(keys) != NUM_SPARSE:
+        raise ConfigError(f"Criteo data has {NUM_SPARSE} categorical features; embeddings.feature_names has {len(keys)}")
+    if d.ids == "vocabulary":
+        vocab_path = output_dir / "vocabulary.json"
+        if vocab_path.is_file():
+            vocab = Vocabulary.load(vocab_path)
+        else:
+            vocab = Vocabulary.build(read_rows(train_paths), len(keys), min_count=d.min_count)
+            if rank == 0:
+                output_dir.mkdir(parents=True, exist_ok=True)
+                vocab.save(vocab_path)
+        to_id = vocab
+        sizes = vocab.sizes()
+    elif d.ids == "hashing":
+        if len(sizes) != len(keys) or not sizes:
+            raise ConfigError("embeddings.num_embeddings_per_feature needs one size per categorical feature for hashing")
+        to_id = HashingIds(sizes)
+    else:
+        raise ConfigError(f"data.ids must be hashing or vocabulary, got {d.ids!r}")
+    # every rank streams the files and keeps every world_size-th batch
+    return RunData(
+        train=lambda epoch: _every(row_batches(read_rows(train_paths), bs, keys, to_id, drop_last=True), rank, world_size),
+        # with several ranks every batch must be full (the sharded lookups exchange whole batches)
+        test=lambda: _every(row_batches(read_rows(test_paths), bs, keys, to_id, drop_last=world_size > 1), rank, world_size),
+        num_embeddings_per_feature=sizes,
+        num_dense=NUM_DENSE,
+    )

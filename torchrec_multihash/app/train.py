@@ -1,0 +1,227 @@
+"""``torchrec-multihash train``: a sharded DLRM with multi-hash tables, driven by TorchRec's
+TrainPipelineSparseDist. One process when run directly; one rank per process under torchrun or
+TorchX (it reads RANK, WORLD_SIZE, LOCAL_WORLD_SIZE)."""
+
+import argparse
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torchmetrics.classification import BinaryAUROC
+from torchrec.datasets.utils import Batch
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.models.dlrm import DLRMTrain
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from tqdm import tqdm
+
+from torchrec_multihash.app.config import Config, ConfigError, load_config
+from torchrec_multihash.app.data import make_data
+from torchrec_multihash.app.model import build_constraints, build_model, build_tables
+from torchrec_multihash.datasets.criteo_tsv import DEFAULT_SPARSE_NAMES, CriteoFormatError
+from torchrec_multihash.distributed.sharders import sharders
+from torchrec_multihash.modules.id_transform import InvalidInputError
+from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
+
+log = logging.getLogger("torchrec_multihash.train")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed() -> torch.device:
+    """Joins the job's process group (torchrun / TorchX env), or makes a group of one."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if torch.cuda.is_available():
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return device
+
+
+def _synchronized(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
+    """Stops every rank as soon as one runs out (sharded steps need all ranks)."""
+    it = iter(batches)
+    while True:
+        b = next(it, None)
+        flag = torch.tensor([0 if b is None else 1], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item() == 0:
+            return
+        yield b
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """Warm-up then polynomial decay, as the DLRM reference's LRPolicyScheduler."""
+    t = cfg.train
+    if t.warmup_steps and step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.decay_steps and step >= t.decay_start:
+        done = min(step - t.decay_start, t.decay_steps)
+        return max(0.0, (1 - done / t.decay_steps) ** 2)
+    return 1.0
+
+
+def evaluate(dmp: torch.nn.Module, batches: Iterator[Batch], device: torch.device) -> Dict[str, float]:
+    """AUC, log loss and normalized entropy over all ranks' test batches."""
+    dmp.eval()
+    auroc = BinaryAUROC().to(device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # bce sum, label sum, count
+    with torch.no_grad():
+        for b in _synchronized(batches, device):
+            b = b.to(device)
+            _, (_, logits, labels) = dmp(b)
+            auroc.update(torch.sigmoid(logits), labels.long())
+            bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+            sums += torch.stack([bce.double(), labels.sum().double(), torch.tensor(float(labels.numel()), dtype=torch.float64, device=device)])
+    dist.all_reduce(sums)
+    dmp.train()
+    n = sums[2].item()
+    if n == 0:
+        return {"auc": float("nan"), "logloss": float("nan"), "ne": float("nan"), "test_samples": 0}
+    logloss = sums[0].item() / n
+    p = min(max(sums[1].item() / n, 1e-12), 1 - 1e-12)
+    base = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    return {"auc": float(auroc.compute()), "logloss": logloss, "ne": logloss / base, "test_samples": int(n)}
+
+
+def train(cfg: Config, metrics_out: Optional[Path] = None) -> Dict[str, float]:
+    device = setup_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(cfg.train.seed)
+    out_dir = Path(cfg.train.output_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    data = make_data(cfg, rank, world, out_dir)
+    cfg.embeddings.num_embeddings_per_feature = data.num_embeddings_per_feature
+    if cfg.data.format != "synthetic" and not cfg.embeddings.feature_names:
+        cfg.embeddings.feature_names = list(DEFAULT_SPARSE_NAMES)
+
+    model = DLRMTrain(build_model(cfg, device=torch.device("meta")))
+    ebc = model.model.sparse_arch.embedding_bag_collection
+    assert isinstance(ebc, MultiHashEmbeddingBagCollection)
+    shard = sharders(fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": cfg.train.embedding_lr, "eps": 1e-8})
+    topology = Topology(world_size=world, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)), compute_device=device.type)
+    planner = EmbeddingShardingPlanner(topology=topology, batch_size=cfg.train.batch_size, constraints=build_constraints(cfg, build_tables(cfg)))
+    plan = planner.collective_plan(model, shard, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(model, env=None, device=device, plan=plan, sharders=shard)
+
+    dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    if cfg.train.dense_optimizer == "adagrad":
+        make = lambda p: torch.optim.Adagrad(p, lr=cfg.train.dense_lr)  # noqa: E731
+    elif cfg.train.dense_optimizer == "adam":
+        make = lambda p: torch.optim.Adam(p, lr=cfg.train.dense_lr)  # noqa: E731
+    else:
+        raise ConfigError(f"train.dense_optimizer must be adagrad or adam, got {cfg.train.dense_optimizer!r}")
+    opt = CombinedOptimizer([dmp.fused_optimizer, KeyedOptimizerWrapper(dense_params, make)])
+    base_lrs = [g["lr"] for g in opt.param_groups]
+
+    steps, samples, seen_time = 0, 0, 0.0
+    history: List[Dict[str, float]] = []
+    bar = tqdm(desc="train", unit="step", disable=rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True)
+    for epoch in range(cfg.train.epochs):
+        # the pipeline overlaps the sub-tables' input dist (id transforms included) with compute
+        pipeline = TrainPipelineSparseDist(dmp, opt, device=device, pipeline_postproc=True)
+        it = _synchronized(data.train(epoch), device)
+        while True:
+            if cfg.train.max_steps and steps >= cfg.train.max_steps:
+                break
+            for g, lr in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr * lr_factor(steps, cfg)
+            t0 = time.perf_counter()
+            try:
+                loss, _, _ = pipeline.progress(it)
+            except StopIteration:
+                break
+            seen_time += time.perf_counter() - t0
+            steps += 1
+            samples += cfg.train.batch_size * world
+            if rank == 0:
+                rate = samples / max(seen_time, 1e-9)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", samples_per_s=f"{rate:,.0f}")
+                if not sys.stderr.isatty() and steps % 50 == 0:
+                    print(f"step {steps} epoch {epoch} loss {loss.item():.4f} samples/s {rate:,.0f}", flush=True)
+            if cfg.train.eval_every and steps % cfg.train.eval_every == 0:
+                pipeline.detach()  # plain forwards for evaluation; batches in flight are kept
+                m = evaluate(dmp, data.test(), device)
+                pipeline.attach(dmp)
+                history.append({"step": steps, **m})
+                if rank == 0:
+                    print(f"eval at step {steps}: auc {m['auc']:.4f} logloss {m['logloss']:.4f} ne {m['ne']:.4f}", flush=True)
+        pipeline.detach()
+    bar.close()
+
+    metrics = evaluate(dmp, data.test(), device)
+    metrics.update(
+        embedding_bytes=ebc.memory_bytes(),
+        full_embedding_bytes=ebc.full_memory_bytes(),
+        train_samples_per_s=samples / max(seen_time, 1e-9),
+        steps=steps,
+        world_size=world,
+        eval_history=history,
+    )
+    if rank == 0:
+        print(
+            f"\nTest AUC {metrics['auc']:.4f}, log loss {metrics['logloss']:.4f}, NE {metrics['ne']:.4f} "
+            f"after {steps} steps on {world} rank(s), {metrics['train_samples_per_s']:,.0f} samples/s"
+        )
+        print(
+            f"Embedding memory: {metrics['embedding_bytes']:,} bytes vs {metrics['full_embedding_bytes']:,} "
+            f"uncompressed ({metrics['full_embedding_bytes'] / metrics['embedding_bytes']:.1f}x smaller)"
+        )
+        if metrics_out:
+            metrics_out.parent.mkdir(parents=True, exist_ok=True)
+            metrics_out.write_text(json.dumps(metrics, indent=2))
+            print(f"Metrics written to {metrics_out}")
+        print(f"Run outputs in {out_dir.resolve()}")
+    return metrics
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="torchrec-multihash train", description=__doc__)
+    p.add_argument("--config", default=None, help="YAML config (defaults if omitted)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.batch_size=512")
+    p.add_argument("--metrics-out", type=Path, default=None, help="write the final metrics as one JSON object")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    # fbgemm's CPU dense kernel (data-parallel tables) warns on every backward; its gradients are
+    # checked against the unsharded module in tests/test_sharded.py
+    warnings.filterwarnings("ignore", message=".*autograd kernel was not registered.*")
+    logging.getLogger().setLevel(logging.ERROR)
+    try:
+        cfg = load_config(args.config, args.set)
+        train(cfg, args.metrics_out)
+    except (ConfigError, CriteoFormatError, InvalidInputError) as e:
+        print(f"torchrec-multihash train: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
