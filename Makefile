@@ -5,8 +5,8 @@ venv:
 	@bash scripts/bootstrap.sh
 
 quickstart: venv
-	OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc_per_node 2 -m torchrec_multihash.cli train \
-		--config configs/quickstart.yaml --metrics-out runs/quickstart/metrics.json
+	PATH="$(CURDIR)/.venv/bin:$$PATH" torchx run -s local_cwd launch/components.py:dlrm -j 1x2 \
+		--config configs/quickstart.yaml --metrics_out runs/quickstart/metrics.json
 
 demo: venv
 	.venv/bin/torchrec-multihash demo

@@ -1,0 +1,66 @@
+"""TorchX: real local runs (1 node x 2 processes, 2 emulated nodes x 1) and cluster dry runs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def torchx(*args, timeout=600):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    return subprocess.run([str(BIN / "torchx"), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def local_run(tmp_path, j):
+    out = tmp_path / "metrics.json"
+    r = torchx(
+        "run", "-s", "local_cwd", "launch/components.py:dlrm", "-j", j, "--config", "configs/quickstart.yaml",
+        "--metrics_out", str(out), "data.train_samples=30000", "data.test_samples=4096", "train.batch_size=512",
+        f"train.output_dir={tmp_path / 'run'}",
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "SUCCEEDED" in r.stderr + r.stdout
+    return json.loads(out.read_text())
+
+
+def test_local_one_node_two_processes(tmp_path):
+    m = local_run(tmp_path, "1x2")
+    assert m["world_size"] == 2 and m["steps"] == 29 and 0 < m["auc"] < 1
+
+
+def test_local_two_emulated_nodes(tmp_path):
+    m = local_run(tmp_path, "2x1")
+    assert m["world_size"] == 2 and m["steps"] == 29
+
+
+def test_slurm_dryrun_script():
+    r = torchx("run", "-s", "slurm", "--dryrun", "launch/components.py:dlrm", "-j", "2x8", "--gpu", "8",
+               "--config", "configs/criteo_1tb_qr.yaml", "train.epochs=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = r.stdout
+    assert s.count("#SBATCH --job-name=trainer-") == 2 and "--gpus-per-task=8" in s and "hetjob" in s
+    assert "--nnodes 2 --nproc_per_node 8" in s
+    assert "-m torchrec_multihash.cli train --config configs/criteo_1tb_qr.yaml --set train.epochs=2" in s
+    assert "--time=12:00:00" in s  # from .torchxconfig
+
+
+def test_kubernetes_dryrun_resource():
+    r = torchx("run", "--workspace", "", "-s", "kubernetes", "--dryrun", "launch/components.py:dlrm", "-j", "2x8",
+               "--gpu", "8", "--memMB", "65536", "--image", "ghcr.io/example/tmh:1", "--config", "configs/criteo_1tb_qr.yaml")
+    assert r.returncode == 0, r.stderr[-3000:]
+    spec = yaml.safe_load(r.stdout[r.stdout.index("apiVersion"):])
+    assert spec["kind"] == "Job" and spec["spec"]["queue"] == "default"
+    tasks = spec["spec"]["tasks"]
+    assert len(tasks) == 2 and all(t["replicas"] == 1 for t in tasks)  # one pod per node
+    (container,) = tasks[0]["template"]["spec"]["containers"]
+    assert container["image"] == "ghcr.io/example/tmh:1"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert container["resources"]["limits"]["memory"] == "65536M"
+    cmd = " ".join(container["command"])
+    assert "--nnodes 2 --nproc_per_node 8" in cmd and "torchrec_multihash.cli train --config configs/criteo_1tb_qr.yaml" in cmd
