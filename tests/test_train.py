@@ -27,6 +27,20 @@ def train(tmp_path, *args, nproc=1, config="configs/quickstart.yaml"):
 SMALL = ["--set", "data.train_samples=60000", "--set", "data.test_samples=8192", "--set", "train.batch_size=512"]
 
 
+def test_synthetic_data_is_deterministic_and_finite():
+    import torch
+    from torchrec_multihash.datasets.synthetic import SyntheticCriteo
+
+    a, b = SyntheticCriteo([10**6, 100], seed=3), SyntheticCriteo([10**6, 100], seed=3)
+    for i in range(200):  # enough draws that a log(0) would have shown up
+        x, y = a.batch(2048, i), b.batch(2048, i)
+        assert torch.isfinite(x.dense_features).all()
+        assert torch.equal(x.sparse_features.values(), y.sparse_features.values()) and torch.equal(x.labels, y.labels)
+    ids = torch.arange(10**6)
+    # the hidden clusters are a function of the id alone, and all are used
+    assert torch.equal(a.clusters(0, ids), b.clusters(0, ids)) and a.clusters(0, ids).unique().numel() == 64
+
+
 def test_synthetic_one_process_learns_and_writes_metrics(tmp_path):
     r, m = train(tmp_path, *SMALL, "--set", "train.eval_every=50")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -39,9 +53,11 @@ def test_synthetic_one_process_learns_and_writes_metrics(tmp_path):
 
 
 def test_synthetic_two_processes(tmp_path):
-    r, m = train(tmp_path, *SMALL, nproc=2)
+    # evaluation in the middle of training must not collide with batches in flight
+    r, m = train(tmp_path, *SMALL, "--set", "train.eval_every=25", nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert m["world_size"] == 2 and m["steps"] == 58
+    assert [h["step"] for h in m["eval_history"]] == [25, 50]
     assert m["auc"] > 0.55
 
 

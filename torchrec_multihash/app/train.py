@@ -3,6 +3,7 @@ TrainPipelineSparseDist. One process when run directly; one rank per process und
 TorchX (it reads RANK, WORLD_SIZE, LOCAL_WORLD_SIZE)."""
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -141,22 +142,24 @@ def train(cfg: Config, metrics_out: Optional[Path] = None) -> Dict[str, float]:
     steps, samples, seen_time = 0, 0, 0.0
     history: List[Dict[str, float]] = []
     bar = tqdm(desc="train", unit="step", disable=rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True)
-    for epoch in range(cfg.train.epochs):
+    def run_segment(batches: Iterator[Batch], epoch: int) -> int:
+        """Trains on ``batches`` to the end with a fresh pipeline, leaving nothing in flight (so
+        evaluation can use the collectives); returns the steps taken."""
+        nonlocal steps, samples, seen_time
         # the pipeline overlaps the sub-tables' input dist (id transforms included) with compute
         pipeline = TrainPipelineSparseDist(dmp, opt, device=device, pipeline_postproc=True)
-        it = _synchronized(data.train(epoch), device)
+        ran = 0
         while True:
-            if cfg.train.max_steps and steps >= cfg.train.max_steps:
-                break
             for g, lr in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr * lr_factor(steps, cfg)
             t0 = time.perf_counter()
             try:
-                loss, _, _ = pipeline.progress(it)
+                loss, _, _ = pipeline.progress(batches)
             except StopIteration:
                 break
             seen_time += time.perf_counter() - t0
             steps += 1
+            ran += 1
             samples += cfg.train.batch_size * world
             if rank == 0:
                 rate = samples / max(seen_time, 1e-9)
@@ -164,14 +167,23 @@ def train(cfg: Config, metrics_out: Optional[Path] = None) -> Dict[str, float]:
                 bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", samples_per_s=f"{rate:,.0f}")
                 if not sys.stderr.isatty() and steps % 50 == 0:
                     print(f"step {steps} epoch {epoch} loss {loss.item():.4f} samples/s {rate:,.0f}", flush=True)
-            if cfg.train.eval_every and steps % cfg.train.eval_every == 0:
-                pipeline.detach()  # plain forwards for evaluation; batches in flight are kept
+        pipeline.detach()
+        return ran
+
+    for epoch in range(cfg.train.epochs):
+        source = _synchronized(data.train(epoch), device)
+        while not (cfg.train.max_steps and steps >= cfg.train.max_steps):
+            size = cfg.train.eval_every or 2**62
+            if cfg.train.max_steps:
+                size = min(size, cfg.train.max_steps - steps)
+            ran = run_segment(itertools.islice(source, size), epoch)
+            if cfg.train.eval_every and ran == size and steps % cfg.train.eval_every == 0:
                 m = evaluate(dmp, data.test(), device)
-                pipeline.attach(dmp)
                 history.append({"step": steps, **m})
                 if rank == 0:
                     print(f"eval at step {steps}: auc {m['auc']:.4f} logloss {m['logloss']:.4f} ne {m['ne']:.4f}", flush=True)
-        pipeline.detach()
+            if ran < size:
+                break  # the epoch's data is used up
     bar.close()
 
     metrics = evaluate(dmp, data.test(), device)

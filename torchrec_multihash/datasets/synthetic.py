@@ -76,7 +76,9 @@ class SyntheticCriteo:
 
     def batch(self, batch_size: int, index: int) -> Batch:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7_919 * index + 1)
-        dense = torch.log1p(-torch.log(torch.rand(batch_size, self.num_dense, generator=g)) * 10.0)
+        # exponential counts (mean 10) through log(1 + x); 1 - u lies in (0, 1], so no log(0) = inf
+        u = torch.rand(batch_size, self.num_dense, generator=g)
+        dense = torch.log1p(-torch.log1p(-u) * 10.0)
         ids = [
             (torch.rand(batch_size, generator=g, dtype=torch.float64).pow(self.skew) * n).long().clamp(max=n - 1)
             for n in self.num_embeddings_per_feature
