@@ -16,6 +16,7 @@ KEYS = {"auc", "logloss", "ne", "embedding_bytes", "full_embedding_bytes", "trai
 def train(tmp_path, *args, nproc=1, config="configs/quickstart.yaml"):
     out = tmp_path / "metrics.json"
     common = ["--config", config, "--metrics-out", str(out), "--set", f"train.output_dir={tmp_path / 'run'}", *args]
+    tmp_path.mkdir(parents=True, exist_ok=True)
     if nproc == 1:
         cmd = [sys.executable, "-m", "torchrec_multihash.cli", "train", *common]
     else:
@@ -86,3 +87,24 @@ def test_bad_config_is_a_clear_error(tmp_path, args, message):
     r, _ = train(tmp_path, *args)
     assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_checkpoint_then_resume_continues_where_it_stopped(tmp_path):
+    """2 ranks: 20 steps and a checkpoint, then --resume to the end == one uninterrupted run."""
+    common = [*SMALL, "--set", "train.checkpoint_every=20"]
+    r, first = train(tmp_path / "a", *common, "--set", "train.max_steps=20", "--set", f"train.output_dir={tmp_path / 'run'}", nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert first["steps"] == 20 and (tmp_path / "run" / "checkpoint" / ".metadata").is_file()
+    r, resumed = train(tmp_path / "b", *common, "--set", f"train.output_dir={tmp_path / 'run'}", "--resume", nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Resumed from" in r.stdout and "step 20" in r.stdout
+    r, straight = train(tmp_path / "c", *common, nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert resumed["steps"] == straight["steps"] == 58
+    assert resumed["logloss"] == pytest.approx(straight["logloss"], abs=1e-6)
+    assert resumed["auc"] == pytest.approx(straight["auc"], abs=1e-6)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    r, _ = train(tmp_path, *SMALL, "--resume")
+    assert r.returncode == 2 and "--resume: no checkpoint in" in r.stderr and "Traceback" not in r.stderr

@@ -74,6 +74,7 @@ class TrainConfig:
     decay_steps: int = 0
     eval_every: int = 0  # steps between evaluations during training (0: only at the end)
     max_steps: int = 0  # stop after this many steps (0: run every epoch)
+    checkpoint_every: int = 0  # steps between checkpoints in output_dir/checkpoint (0: none)
     seed: int = 0
     output_dir: str = "runs/latest"
 

@@ -1,5 +1,6 @@
 """The train and test batches of a run, per rank, from the configured source."""
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional
@@ -20,7 +21,7 @@ FORMATS = ("synthetic", "criteo_tsv")
 class RunData:
     """Factories of this rank's batches; ``num_embeddings_per_feature`` may come from the data."""
 
-    train: Callable[[int], Iterator[Batch]]  # epoch -> batches
+    train: Callable[[int, int], Iterator[Batch]]  # (epoch, batches of this rank to skip) -> batches
     test: Callable[[], Iterator[Batch]]
     num_embeddings_per_feature: List[int]
     num_dense: int
@@ -55,7 +56,7 @@ def make_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunD
         per_rank_test = max(1, d.test_samples // (bs * world_size))
         # epochs see the same samples (as a file would); the test set lives far away in index space
         return RunData(
-            train=lambda epoch: syn.batches(bs, per_rank_train, start=rank, step=world_size),
+            train=lambda epoch, skip=0: syn.batches(bs, per_rank_train - skip, start=rank + skip * world_size, step=world_size),
             test=lambda: syn.batches(bs, per_rank_test, start=10**9 + rank, step=world_size),
             num_embeddings_per_feature=cfg.embeddings.num_embeddings_per_feature,
             num_dense=cfg.model.dense_in_features,
@@ -87,7 +88,9 @@ def make_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunD
         raise ConfigError(f"data.ids must be hashing or vocabulary, got {d.ids!r}")
     # every rank streams the files and keeps every world_size-th batch
     return RunData(
-        train=lambda epoch: _every(row_batches(read_rows(train_paths), bs, keys, to_id, drop_last=True), rank, world_size),
+        train=lambda epoch, skip=0: itertools.islice(
+            _every(row_batches(read_rows(train_paths), bs, keys, to_id, drop_last=True), rank, world_size), skip, None
+        ),
         # with several ranks every batch must be full (the sharded lookups exchange whole batches)
         test=lambda: _every(row_batches(read_rows(test_paths), bs, keys, to_id, drop_last=world_size > 1), rank, world_size),
         num_embeddings_per_feature=sizes,

@@ -32,6 +32,7 @@ from torchrec_multihash.app.config import Config, ConfigError, load_config
 from torchrec_multihash.app.data import make_data
 from torchrec_multihash.app.model import build_constraints, build_model, build_tables
 from torchrec_multihash.datasets.criteo_tsv import DEFAULT_SPARSE_NAMES, CriteoFormatError
+from torchrec_multihash.distributed.checkpoint import load_checkpoint, save_checkpoint
 from torchrec_multihash.distributed.sharders import sharders
 from torchrec_multihash.modules.id_transform import InvalidInputError
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
@@ -108,7 +109,7 @@ def evaluate(dmp: torch.nn.Module, batches: Iterator[Batch], device: torch.devic
     return {"auc": float(auroc.compute()), "logloss": logloss, "ne": logloss / base, "test_samples": int(n)}
 
 
-def train(cfg: Config, metrics_out: Optional[Path] = None) -> Dict[str, float]:
+def train(cfg: Config, metrics_out: Optional[Path] = None, resume: bool = False) -> Dict[str, float]:
     device = setup_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.train.seed)
@@ -170,20 +171,55 @@ def train(cfg: Config, metrics_out: Optional[Path] = None) -> Dict[str, float]:
         pipeline.detach()
         return ran
 
-    for epoch in range(cfg.train.epochs):
-        source = _synchronized(data.train(epoch), device)
-        while not (cfg.train.max_steps and steps >= cfg.train.max_steps):
-            size = cfg.train.eval_every or 2**62
-            if cfg.train.max_steps:
-                size = min(size, cfg.train.max_steps - steps)
+    t = cfg.train
+    ckpt_dir = out_dir / "checkpoint"
+    # epoch, batches of this rank done in that epoch, steps, samples: where a resumed run continues
+    progress = torch.zeros(4, dtype=torch.int64)
+
+    def checkpoint_state() -> Dict[str, object]:
+        return {"optimizer": opt.state_dict(), "progress": progress}
+
+    if resume:
+        if not (ckpt_dir / ".metadata").is_file():
+            raise ConfigError(f"--resume: no checkpoint in {ckpt_dir} (set train.checkpoint_every to write one)")
+        opt.init_state()
+        extra = checkpoint_state()
+        load_checkpoint(ckpt_dir, dmp, extra)
+        opt.load_state_dict(extra["optimizer"])
+        progress = extra["progress"]
+        steps, samples = int(progress[2]), int(progress[3])
+        if rank == 0:
+            print(f"Resumed from {ckpt_dir}: epoch {int(progress[0])}, step {steps}", flush=True)
+
+    def until_next_stop() -> int:
+        stops = [2**62]
+        for every in (t.eval_every, t.checkpoint_every):
+            if every:
+                stops.append((steps // every + 1) * every)
+        if t.max_steps:
+            stops.append(t.max_steps)
+        return min(stops) - steps
+
+    epoch, done_in_epoch = int(progress[0]), int(progress[1])
+    while epoch < t.epochs and not (t.max_steps and steps >= t.max_steps):
+        source = _synchronized(data.train(epoch, done_in_epoch), device)
+        while not (t.max_steps and steps >= t.max_steps):
+            size = until_next_stop()
             ran = run_segment(itertools.islice(source, size), epoch)
-            if cfg.train.eval_every and ran == size and steps % cfg.train.eval_every == 0:
+            done_in_epoch += ran
+            finished_epoch = ran < size
+            if finished_epoch:
+                epoch, done_in_epoch = epoch + 1, 0
+            progress = torch.tensor([epoch, done_in_epoch, steps, samples], dtype=torch.int64)
+            if t.eval_every and ran and steps % t.eval_every == 0:
                 m = evaluate(dmp, data.test(), device)
                 history.append({"step": steps, **m})
                 if rank == 0:
                     print(f"eval at step {steps}: auc {m['auc']:.4f} logloss {m['logloss']:.4f} ne {m['ne']:.4f}", flush=True)
-            if ran < size:
-                break  # the epoch's data is used up
+            if t.checkpoint_every and ran and (steps % t.checkpoint_every == 0 or finished_epoch):
+                save_checkpoint(ckpt_dir, dmp, checkpoint_state())
+            if finished_epoch:
+                break
     bar.close()
 
     metrics = evaluate(dmp, data.test(), device)
@@ -217,6 +253,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--config", default=None, help="YAML config (defaults if omitted)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.batch_size=512")
     p.add_argument("--metrics-out", type=Path, default=None, help="write the final metrics as one JSON object")
+    p.add_argument("--resume", action="store_true", help="continue from train.output_dir/checkpoint (model, optimizer, data position)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     # fbgemm's CPU dense kernel (data-parallel tables) warns on every backward; its gradients are
@@ -225,7 +262,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.getLogger().setLevel(logging.ERROR)
     try:
         cfg = load_config(args.config, args.set)
-        train(cfg, args.metrics_out)
+        train(cfg, args.metrics_out, resume=args.resume)
     except (ConfigError, CriteoFormatError, InvalidInputError) as e:
         print(f"torchrec-multihash train: {e}", file=sys.stderr)
         return 2
