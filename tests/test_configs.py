@@ -28,3 +28,14 @@ def test_real_vocabulary_sizes():
     assert len(kaggle) == 26 and sum(kaggle) == 33_762_577  # the Q-R paper's 33.76M ids
     tb = load_config(Path(CONFIGS[0]).parent / "criteo_1tb_qr.yaml").embeddings.num_embeddings_per_feature
     assert len(tb) == 26 and max(tb) == 48_937_457
+
+
+def test_learning_rate_schedule_warms_up_then_decays():
+    from torchrec_multihash.app.config import Config
+    from torchrec_multihash.app.train import lr_factor
+
+    cfg = Config()
+    assert [lr_factor(s, cfg) for s in (0, 10**6)] == [1.0, 1.0]
+    cfg.train.warmup_steps, cfg.train.decay_start, cfg.train.decay_steps = 4, 10, 10
+    got = [round(lr_factor(s, cfg), 4) for s in (0, 3, 4, 9, 10, 15, 20, 30)]
+    assert got == [0.25, 1.0, 1.0, 1.0, 1.0, 0.25, 0.0, 0.0]
