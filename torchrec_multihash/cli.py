@@ -1,7 +1,12 @@
 """The ``torchrec-multihash`` command."""
 
 import argparse
+import logging
 import sys
+
+# torch warns once per process, on importing torchrec, that is_fx_tracing covers torch.export too;
+# it says nothing to a user of this tool and every rank of a job prints it.
+logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 from typing import List, Optional
 
 COMMANDS = {
