@@ -64,7 +64,7 @@ def test_synthetic_two_processes(tmp_path):
 
 def test_movielens_full_and_qr(tmp_path, shared_data):
     cfg = "configs/movielens_100k_ctr_full.yaml"
-    data = [f"--set", f"data.train={shared_data / 'movielens_100k_ctr/train.txt'}", "--set", f"data.test={shared_data / 'movielens_100k_ctr/test.txt'}"]
+    data = ["--set", f"data.train={shared_data / 'movielens_100k_ctr/train.txt'}", "--set", f"data.test={shared_data / 'movielens_100k_ctr/test.txt'}"]
     r, full = train(tmp_path / "full", *data, config=cfg)
     assert r.returncode == 0, r.stderr[-3000:]
     assert full["auc"] > 0.775  # reference (shared/data/README.md): about 0.787

@@ -1,7 +1,7 @@
 """MultiHashEmbeddingBagCollection: a drop-in EmbeddingBagCollection built from small sub-tables."""
 
 from collections import Counter
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -88,7 +88,6 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._embedding_names: List[str] = [n for names in output_names for n in names]
         all_features = sorted(feature_tables)
 
-        sub_tables: Dict[str, List[Tuple[EmbeddingBagConfig, ...]]] = {}
         group_lookups: Dict[str, List[FeatureLookup]] = {}
         group_configs: Dict[str, list] = {}
         outputs: List[OutputSpec] = []
