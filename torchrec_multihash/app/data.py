@@ -14,7 +14,7 @@ from torchrec_multihash.datasets.criteo_tsv import DEFAULT_SPARSE_NAMES, NUM_DEN
 from torchrec_multihash.datasets.id_mapping import HashingIds, Vocabulary
 from torchrec_multihash.datasets.synthetic import SyntheticCriteo
 
-FORMATS = ("synthetic", "criteo_tsv")
+FORMATS = ("synthetic", "criteo_tsv", "criteo_npy")
 
 
 @dataclass
@@ -35,11 +35,42 @@ def _every(it: Iterator[Batch], start: int, step: int) -> Iterator[Batch]:
 
 def _paths(paths: Optional[List[str]], what: str) -> List[str]:
     if not paths:
-        raise ConfigError(f"data.{what} is empty: give the Criteo TSV file(s) to read")
+        raise ConfigError(f"data.{what} is empty: give the Criteo file(s) to read")
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise ConfigError(f"data.{what}: no such file(s) {missing}")
     return list(paths)
+
+
+def _npy_triplet(dense: str, what: str) -> List[str]:
+    if not dense.endswith("_dense.npy"):
+        raise ConfigError(f"data.{what}: {dense} is not a *_dense.npy file of TorchRec's preprocessed Criteo layout")
+    paths = [dense, dense[: -len("_dense.npy")] + "_sparse.npy", dense[: -len("_dense.npy")] + "_labels.npy"]
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise ConfigError(f"data.{what}: missing {missing} next to {dense}")
+    return paths
+
+
+def _npy_batches(paths: List[str], cfg: Config, rank: int, world_size: int, keys: List[str], drop_last: bool) -> Iterator[Batch]:
+    """TorchRec's preprocessed Criteo (.npy per day: dense, sparse, labels; what
+    torchrec.datasets.criteo reads), memory-mapped, this rank's rows, ids hashed mod the sizes."""
+    from torchrec.datasets.criteo import InMemoryBinaryCriteoIterDataPipe
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    triplets = [_npy_triplet(p, "train/test") for p in paths]
+    pipe = InMemoryBinaryCriteoIterDataPipe(
+        "train", [t[0] for t in triplets], [t[1] for t in triplets], [t[2] for t in triplets],
+        batch_size=cfg.train.batch_size, rank=rank, world_size=world_size, drop_last=drop_last,
+        mmap_mode=True, hashes=list(cfg.embeddings.num_embeddings_per_feature),
+    )
+    for b in pipe:
+        kjt = b.sparse_features  # keyed cat_0..cat_25: rename to the model's features
+        yield Batch(
+            dense_features=b.dense_features,
+            sparse_features=KeyedJaggedTensor(keys=keys, values=kjt.values().long(), lengths=kjt.lengths(), stride=kjt.stride()),
+            labels=b.labels.float(),
+        )
 
 
 def make_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunData:
@@ -61,7 +92,6 @@ def make_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunD
             num_embeddings_per_feature=cfg.embeddings.num_embeddings_per_feature,
             num_dense=cfg.model.dense_in_features,
         )
-    # criteo_tsv
     if cfg.model.dense_in_features != NUM_DENSE:
         raise ConfigError(f"model.dense_in_features must be {NUM_DENSE} for Criteo data")
     train_paths, test_paths = _paths(d.train, "train"), _paths(d.test, "test")
@@ -69,6 +99,16 @@ def make_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunD
     keys = cfg.embeddings.feature_names or list(DEFAULT_SPARSE_NAMES)
     if len(keys) != NUM_SPARSE:
         raise ConfigError(f"Criteo data has {NUM_SPARSE} categorical features; embeddings.feature_names has {len(keys)}")
+    if d.format == "criteo_npy":
+        if len(sizes) != NUM_SPARSE:
+            raise ConfigError("criteo_npy: embeddings.num_embeddings_per_feature needs 26 sizes (ids are hashed mod them)")
+        return RunData(
+            train=lambda epoch, skip=0: itertools.islice(_npy_batches(train_paths, cfg, rank, world_size, keys, True), skip, None),
+            test=lambda: _npy_batches(test_paths, cfg, rank, world_size, keys, world_size > 1),
+            num_embeddings_per_feature=sizes,
+            num_dense=NUM_DENSE,
+        )
+    # criteo_tsv
     if d.ids == "vocabulary":
         vocab_path = output_dir / "vocabulary.json"
         if vocab_path.is_file():
