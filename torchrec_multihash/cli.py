@@ -3,11 +3,11 @@
 import argparse
 import logging
 import sys
+from typing import List, Optional
 
 # torch warns once per process, on importing torchrec, that is_fx_tracing covers torch.export too;
 # it says nothing to a user of this tool and every rank of a job prints it.
 logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-from typing import List, Optional
 
 COMMANDS = {
     "demo": "train a small DLRM with full and with multi-hash tables on a synthetic task and compare",

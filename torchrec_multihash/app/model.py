@@ -60,6 +60,14 @@ def build_constraints(cfg: Config, tables: List[MultiHashEmbeddingBagConfig]) ->
         raise ConfigError(f"embeddings.constraints: {e}") from None
 
 
+def multihash_module(model: nn.Module) -> MultiHashEmbeddingBagCollection:
+    """The MultiHashEmbeddingBagCollection of a model built by ``build_model`` (or its DLRMTrain)."""
+    dlrm = getattr(model, "model", model)
+    ebc = dlrm.sparse_arch.embedding_bag_collection
+    assert isinstance(ebc, MultiHashEmbeddingBagCollection)
+    return ebc
+
+
 def build_model(cfg: Config, device: Optional[torch.device] = None) -> nn.Module:
     """The DLRM (or DLRM_DCN) of the config, its tables a MultiHashEmbeddingBagCollection."""
     m = cfg.model

@@ -2,7 +2,7 @@
 
 import argparse
 import contextlib
-import copy
+import dataclasses
 import json
 import logging
 import sys
@@ -13,8 +13,8 @@ import torch
 from torchrec.distributed.planner import Topology
 from torchrec.distributed.planner.types import PlannerError
 
-from torchrec_multihash.app.config import ConfigError, load_config
-from torchrec_multihash.app.model import build_constraints, build_model, build_tables
+from torchrec_multihash.app.config import Config, ConfigError, load_config
+from torchrec_multihash.app.model import build_constraints, build_model, multihash_module
 from torchrec_multihash.distributed.planning import PlanReport, describe_plan, plan_model
 
 
@@ -48,12 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def plan_config(args: argparse.Namespace, full: bool = False) -> PlanReport:
-    cfg = load_config(args.config, args.set)
-    if full:
-        cfg = copy.deepcopy(cfg)
-        cfg.embeddings.strategy = "full"
-        cfg.embeddings.overrides = {}
+def make_topology(args: argparse.Namespace) -> Topology:
     local = args.local_world_size or args.world_size
     if args.world_size < 1 or local < 1 or args.world_size % local:
         raise ConfigError(
@@ -62,12 +57,22 @@ def plan_config(args: argparse.Namespace, full: bool = False) -> PlanReport:
     kw = {}
     if args.hbm_gib is not None:
         kw["hbm_cap" if args.compute_device == "cuda" else "ddr_cap"] = int(args.hbm_gib * 1024**3)
-    topology = Topology(world_size=args.world_size, local_world_size=local, compute_device=args.compute_device, **kw)
+    return Topology(world_size=args.world_size, local_world_size=local, compute_device=args.compute_device, **kw)
+
+
+def uncompressed_config(cfg: Config) -> Config:
+    """The same model with full tables (sub-table overrides and constraints dropped)."""
+    emb = dataclasses.replace(
+        cfg.embeddings, strategy="full", overrides={},
+        constraints={k: v for k, v in cfg.embeddings.constraints.items() if "__" not in k},
+    )
+    return dataclasses.replace(cfg, embeddings=emb)
+
+
+def plan_config(cfg: Config, topology: Topology, batch_size: Optional[int]) -> PlanReport:
     model = build_model(cfg, device=torch.device("meta"))
-    constraints = build_constraints(cfg, build_tables(cfg))
-    if full:
-        constraints = {k: v for k, v in constraints.items() if "__" not in k}
-    plan = plan_model(model, topology, constraints, batch_size=args.batch_size or cfg.train.batch_size)
+    constraints = build_constraints(cfg, multihash_module(model).multihash_configs())
+    plan = plan_model(model, topology, constraints, batch_size=batch_size or cfg.train.batch_size)
     return describe_plan(plan, model, topology)
 
 
@@ -89,13 +94,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     with _quiet_planner():
         try:
-            report = plan_config(args)
+            cfg = load_config(args.config, args.set)
+            topology = make_topology(args)
+            report = plan_config(cfg, topology, args.batch_size)
         except (ConfigError, PlannerError) as e:
             print(f"torchrec-multihash plan: {e}", file=sys.stderr)
             return 2
         full_error = None
         try:
-            full_report: Optional[PlanReport] = plan_config(args, full=True)
+            full_report: Optional[PlanReport] = plan_config(uncompressed_config(cfg), topology, args.batch_size)
         except PlannerError as e:
             full_report, full_error = None, str(e).strip().splitlines()[0]
 

@@ -30,14 +30,13 @@ from tqdm import tqdm
 
 from torchrec_multihash.app.config import Config, ConfigError, load_config
 from torchrec_multihash.app.data import make_data
-from torchrec_multihash.app.model import build_constraints, build_model, build_tables
-from torchrec_multihash.datasets.criteo_tsv import DEFAULT_SPARSE_NAMES, CriteoFormatError
+from torchrec_multihash.app.model import build_constraints, build_model, multihash_module
+from torchrec_multihash.datasets.criteo_tsv import CriteoFormatError
 from torchrec_multihash.distributed.checkpoint import load_checkpoint, save_checkpoint
 from torchrec_multihash.distributed.sharders import sharders
 from torchrec_multihash.modules.id_transform import InvalidInputError
-from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
 
-log = logging.getLogger("torchrec_multihash.train")
+REPORT_EVERY = 50  # steps between progress reports (bar postfix, or a log line off a terminal)
 
 
 def _free_port() -> int:
@@ -118,15 +117,12 @@ def train(cfg: Config, metrics_out: Optional[Path] = None, resume: bool = False)
         out_dir.mkdir(parents=True, exist_ok=True)
     data = make_data(cfg, rank, world, out_dir)
     cfg.embeddings.num_embeddings_per_feature = data.num_embeddings_per_feature
-    if cfg.data.format != "synthetic" and not cfg.embeddings.feature_names:
-        cfg.embeddings.feature_names = list(DEFAULT_SPARSE_NAMES)
 
     model = DLRMTrain(build_model(cfg, device=torch.device("meta")))
-    ebc = model.model.sparse_arch.embedding_bag_collection
-    assert isinstance(ebc, MultiHashEmbeddingBagCollection)
+    ebc = multihash_module(model)
     shard = sharders(fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": cfg.train.embedding_lr, "eps": 1e-8})
     topology = Topology(world_size=world, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)), compute_device=device.type)
-    planner = EmbeddingShardingPlanner(topology=topology, batch_size=cfg.train.batch_size, constraints=build_constraints(cfg, build_tables(cfg)))
+    planner = EmbeddingShardingPlanner(topology=topology, batch_size=cfg.train.batch_size, constraints=build_constraints(cfg, ebc.multihash_configs()))
     plan = planner.collective_plan(model, shard, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(model, env=None, device=device, plan=plan, sharders=shard)
 
@@ -143,6 +139,7 @@ def train(cfg: Config, metrics_out: Optional[Path] = None, resume: bool = False)
     steps, samples, seen_time = 0, 0, 0.0
     history: List[Dict[str, float]] = []
     bar = tqdm(desc="train", unit="step", disable=rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True)
+
     def run_segment(batches: Iterator[Batch], epoch: int) -> int:
         """Trains on ``batches`` to the end with a fresh pipeline, leaving nothing in flight (so
         evaluation can use the collectives); returns the steps taken."""
@@ -163,11 +160,13 @@ def train(cfg: Config, metrics_out: Optional[Path] = None, resume: bool = False)
             ran += 1
             samples += cfg.train.batch_size * world
             if rank == 0:
-                rate = samples / max(seen_time, 1e-9)
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", samples_per_s=f"{rate:,.0f}")
-                if not sys.stderr.isatty() and steps % 50 == 0:
-                    print(f"step {steps} epoch {epoch} loss {loss.item():.4f} samples/s {rate:,.0f}", flush=True)
+                # reading the loss syncs with the device: only when it is shown
+                if steps % REPORT_EVERY == 0:
+                    rate = samples / max(seen_time, 1e-9)
+                    bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", samples_per_s=f"{rate:,.0f}")
+                    if not sys.stderr.isatty():
+                        print(f"step {steps} epoch {epoch} loss {loss.item():.4f} samples/s {rate:,.0f}", flush=True)
         pipeline.detach()
         return ran
 

@@ -2,7 +2,6 @@
 
 Each rank writes only its own shards; loading reshards to whatever plan (or no plan) the loading
 model has: save from 2 ranks table-wise, load on 1 rank unsharded or on 8 ranks row-wise.
-DCP stores tensors and metadata, never pickled objects, so loading runs no foreign code.
 """
 
 import os

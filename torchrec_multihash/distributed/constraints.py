@@ -31,10 +31,6 @@ _PER_ID_FALLBACK = {
 }
 
 
-def _per_id(table: MultiHashEmbeddingBagConfig) -> bool:
-    return table.is_composed() and table.operation == "mult"
-
-
 def _fit_per_id(types: List[str], where: str) -> List[str]:
     kept = [t for t in types if t in _PER_ID_TYPES]
     if kept:
@@ -82,7 +78,7 @@ def sub_table_constraints(
             if small_table_sharding_types is not None and t.is_composed() and rows <= small_table_rows:
                 c = c or ParameterConstraints()
                 c.sharding_types = list(small_table_sharding_types)
-            if _per_id(t):
+            if t.looks_up_per_id():
                 c = c or ParameterConstraints(sharding_types=list(_PER_ID_TYPES))
                 c.sharding_types = _fit_per_id(list(c.sharding_types or _PER_ID_TYPES), f"table '{t.name}'")
             if c is not None:

@@ -7,7 +7,7 @@ from torch import nn
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingPlan
-from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS
+from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, BaseEmbeddingConfig
 
 from torchrec_multihash.distributed.sharders import sharders as default_sharders
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
@@ -60,10 +60,8 @@ def _rank_of(placement: str) -> int:
 
 def describe_plan(plan: ShardingPlan, model: nn.Module, topology: Topology) -> PlanReport:
     """Where every sub-table of every MultiHashEmbeddingBagCollection in ``model`` went."""
-    logical: Dict[str, str] = {}
-    bits: Dict[str, int] = {}
-    dims: Dict[str, int] = {}
-    rows: Dict[str, int] = {}
+    logical: Dict[str, str] = {}  # sub-table -> logical table
+    subs: Dict[str, BaseEmbeddingConfig] = {}  # sub-table -> its config, in module order
     embedding_bytes = full_bytes = 0
     for mod in model.modules():
         if isinstance(mod, MultiHashEmbeddingBagCollection):
@@ -72,22 +70,20 @@ def describe_plan(plan: ShardingPlan, model: nn.Module, topology: Topology) -> P
             for t in mod.multihash_configs():
                 for suffix in t.partition_suffixes():
                     logical[t.name + suffix] = t.name
-            for c in mod.sub_table_configs():
-                bits[c.name] = DATA_TYPE_NUM_BITS[c.data_type]
-                dims[c.name] = c.embedding_dim
-                rows[c.name] = c.num_embeddings
+            subs.update((c.name, c) for c in mod.sub_table_configs())
     world = topology.world_size
     per_rank = [0] * world
     shards: List[ShardReport] = []
     for module_fqn, module_plan in plan.plan.items():
         for table, ps in module_plan.items():  # type: ignore[union-attr]
-            nbytes = rows.get(table, 0) * dims.get(table, 0) * bits.get(table, 32) // 8
+            c = subs.get(table)
+            elem = DATA_TYPE_NUM_BITS[c.data_type] // 8 if c else 4
+            nbytes = c.num_embeddings * c.embedding_dim * elem if c else 0
             on_rank: Dict[int, int] = {}
             if ps.sharding_spec is not None:
                 for shard in ps.sharding_spec.shards:  # type: ignore[attr-defined]
                     r = _rank_of(shard.placement)
-                    size = shard.shard_sizes[0] * shard.shard_sizes[1] * bits.get(table, 32) // 8
-                    on_rank[r] = on_rank.get(r, 0) + size
+                    on_rank[r] = on_rank.get(r, 0) + shard.shard_sizes[0] * shard.shard_sizes[1] * elem
             else:  # data parallel: a full replica on every rank
                 on_rank = {r: nbytes for r in (ps.ranks or range(world))}
             for r, b in on_rank.items():
@@ -104,7 +100,7 @@ def describe_plan(plan: ShardingPlan, model: nn.Module, topology: Topology) -> P
                     bytes_per_rank=dict(sorted(on_rank.items())),
                 )
             )
-    order = {name: i for i, name in enumerate(rows)}
+    order = {name: i for i, name in enumerate(subs)}
     shards.sort(key=lambda s: order.get(s.table, len(order)))
     return PlanReport(
         world_size=world,

@@ -152,6 +152,11 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
         """True when an id's embedding is built from several sub-table rows."""
         return self.num_partitions() > 1
 
+    def looks_up_per_id(self) -> bool:
+        """True for mult of several partitions: the product must be taken per id, before pooling,
+        so its sub-tables are looked up unpooled (an EmbeddingCollection)."""
+        return self.is_composed() and self.operation == "mult"
+
     def partition_dims(self) -> List[int]:
         """Embedding dim of each sub-table."""
         k = self.num_partitions()

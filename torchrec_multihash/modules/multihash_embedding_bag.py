@@ -93,7 +93,7 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         outputs: List[OutputSpec] = []
         self._sub_table_configs: List[EmbeddingBagConfig] = []
         for t, names in zip(tables, output_names):
-            per_id = t.is_composed() and t.operation == "mult"
+            per_id = t.looks_up_per_id()
             group = _per_id_group(t.embedding_dim) if per_id else POOLED_GROUP
             suffixes = t.partition_suffixes()
             dims = t.partition_dims()
