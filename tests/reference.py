@@ -1,7 +1,7 @@
 """A naive reference for multi-hash lookups: loops over ids in pure Python."""
 
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torchrec.modules.embedding_configs import PoolingType
@@ -10,9 +10,19 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_multihash import MultiHashEmbeddingBagConfig
 
 
-def partition_rows(cfg: MultiHashEmbeddingBagConfig, x: int) -> List[int]:
+def learned_row(cfg: MultiHashEmbeddingBagConfig, mapping: Dict[int, int], x: int) -> int:
+    """A learned table's row: the mapping's, or the fallback hash into the last rows."""
+    if x in mapping:
+        return mapping[x]
+    fallback = cfg.learned_fallback_rows()
+    return cfg.mapped_rows() - fallback + x % fallback
+
+
+def partition_rows(cfg: MultiHashEmbeddingBagConfig, x: int, mapping: Optional[Dict[int, int]] = None) -> List[int]:
     """Row of each sub-table for id x, computed with Python integers."""
-    if cfg.strategy == "full":
+    if cfg.is_learned():
+        x = learned_row(cfg, mapping or {}, x)
+    if cfg.strategy in ("full", "learned"):
         return [x]
     if cfg.strategy == "hash":
         return [x % math.ceil(cfg.num_embeddings / cfg.collisions())]
@@ -34,8 +44,10 @@ def reference_forward(
     cfgs: List[MultiHashEmbeddingBagConfig],
     weights: Dict[str, torch.Tensor],
     kjt: KeyedJaggedTensor,
+    mappings: Optional[Dict[str, Dict[int, int]]] = None,
 ) -> Dict[str, torch.Tensor]:
-    """Pooled embedding [B, D] of every feature, built id by id from the sub-table rows."""
+    """Pooled embedding [B, D] of every feature, built id by id from the sub-table rows
+    (``mappings``: the learned id -> row dict of learned tables, by table name)."""
     out: Dict[str, torch.Tensor] = {}
     features = kjt.to_dict()
     batch = kjt.stride()
@@ -51,7 +63,7 @@ def reference_forward(
             for b in range(batch):
                 acc = torch.zeros(cfg.embedding_dim)
                 for i in range(pos, pos + lens[b]):
-                    rows = partition_rows(cfg, vals[i])
+                    rows = partition_rows(cfg, vals[i], (mappings or {}).get(cfg.name))
                     parts = [weights[cfg.name + s][r] for s, r in zip(suffixes, rows)]
                     if len(parts) == 1:
                         e = parts[0]

@@ -12,11 +12,12 @@ from torchrec_multihash import MultiHashEmbeddingBagCollection, MultiHashEmbeddi
 from torchrec_multihash.toy_task import ToyCTRTask
 
 DIM = 16
-VOCAB = [300, 200, 120, 50, 500]
+VOCAB = [300, 200, 120, 50, 500, 400, 600]
 
 
 def tables() -> List[MultiHashEmbeddingBagConfig]:
-    """One table per kind of lookup: per-id mult (EC), pooled add / concat / full / hash (EBC)."""
+    """One table per kind of lookup: per-id mult (EC), pooled add / concat / full / hash (EBC),
+    learned mappings (alone, pooled; before Q-R mult, per id)."""
     def t(i, **kw):
         return MultiHashEmbeddingBagConfig(name=f"t_f{i}", num_embeddings=VOCAB[i], embedding_dim=DIM, feature_names=[f"f{i}"], **kw)
     return [
@@ -25,12 +26,25 @@ def tables() -> List[MultiHashEmbeddingBagConfig]:
         t(2, strategy="generalized_qr", operation="add", moduli=[4, 5, 6], pooling=PoolingType.MEAN),
         t(3, strategy="full"),
         t(4, strategy="hash", num_collisions=3),
+        t(5, strategy="learned", num_collisions=4, fallback_rows=20),
+        t(6, strategy="qr", operation="mult", mapping_rows=100, num_collisions=10, mapping_ids=300),
     ]
+
+
+def assign_mappings(ebc: MultiHashEmbeddingBagCollection, seed: int) -> None:
+    """A random learned mapping per learned table (a different one for every seed)."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    for c in ebc.multihash_configs():
+        if c.is_learned():
+            known = torch.randperm(c.num_embeddings, generator=g)[: c.learned_ids()]
+            rows = torch.randint(0, c.mapped_rows() - c.learned_fallback_rows(), (known.numel(),), generator=g)
+            ebc.learned_mappings()[c.name].assign(known, rows)
 
 
 def build_model(seed: int = 0, device: torch.device = torch.device("cpu")) -> DLRMTrain:
     torch.manual_seed(seed)
     ebc = MultiHashEmbeddingBagCollection(tables(), device=device)
+    assign_mappings(ebc, seed)
     return DLRMTrain(DLRM(embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[8, DIM], over_arch_layer_sizes=[8, 1], dense_device=device))
 
 

@@ -129,3 +129,49 @@ def test_int32_ids_and_unordered_keys():
         keys=shuffled.keys(), values=shuffled.values().int(), lengths=shuffled.lengths()
     )
     torch.testing.assert_close(ebc(shuffled).values(), ebc(kjt).values())
+
+
+LEARNED_CASES = [
+    # a learned mapping alone, and a learned mapping followed by each partition of the mapped rows
+    ("learned", {"num_collisions": 3, "mapping_ids": 12, "fallback_rows": 3}),
+    ("learned", {"num_collisions": 5}),  # dense layout: a row per id
+    ("qr", {"mapping_rows": 20, "num_collisions": 4, "mapping_ids": 30}),
+    ("generalized_qr", {"mapping_rows": 24, "moduli": [2, 3, 4], "fallback_rows": 5}),
+    ("crt", {"mapping_rows": 30, "moduli": [5, 7]}),
+]
+
+
+@pytest.mark.parametrize("operation", ["add", "mult", "concat"])
+@pytest.mark.parametrize("strategy,args", LEARNED_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(LEARNED_CASES)])
+def test_learned_mapping_matches_reference(strategy, args, operation):
+    torch.manual_seed(1)
+    cfgs = [
+        MultiHashEmbeddingBagConfig(name=name, num_embeddings=n, embedding_dim=D, feature_names=fs,
+                                    strategy=strategy, operation=operation, pooling=PoolingType.SUM, **args)
+        for name, fs, n in [("t_a", ["a"], N), ("t_bc", ["b", "c"], N - 3)]
+    ]
+    ebc = MultiHashEmbeddingBagCollection(cfgs, is_weighted=True)
+    g = torch.Generator().manual_seed(2)
+    mappings = {}
+    for c in cfgs:
+        # a random mapping of some ids; the rest take the fallback rows
+        known = torch.randperm(c.num_embeddings, generator=g)[: min(c.learned_ids() - 1, 2 * c.num_embeddings // 3)]
+        rows = torch.randint(0, c.mapped_rows() - c.learned_fallback_rows(), (known.numel(),), generator=g)
+        ebc.learned_mappings()[c.name].assign(known, rows)
+        mappings[c.name] = dict(zip(known.tolist(), rows.tolist()))
+    kjt = make_kjt(cfgs, weighted=True, batch=8)
+    kt = ebc(kjt)
+    weights = {n: w.detach().clone().requires_grad_(True) for n, w in ebc.sub_table_weights().items()}
+    ref = reference_forward(cfgs, weights, kjt, mappings)
+    for f in ["a", "b", "c"]:
+        torch.testing.assert_close(kt.to_dict()[f], ref[f], rtol=1e-5, atol=1e-6)
+    upstream = torch.randn_like(kt.values())
+    (kt.values() * upstream).sum().backward()
+    (torch.cat([ref[f] for f in ["a", "b", "c"]], dim=1) * upstream).sum().backward()
+    for name, w in ebc.sub_table_weights().items():
+        torch.testing.assert_close(w.grad, weights[name].grad, rtol=1e-5, atol=1e-6, msg=name)
+    # the mapping is counted in memory_bytes: sparse, 4-byte ids and 4-byte rows per stored id;
+    # dense, a 2-byte row per id
+    table_bytes = sum(c.num_embeddings * c.embedding_dim * 4 for c in ebc.sub_table_configs())
+    per_id = 2 if cfgs[0].learned_ids() == cfgs[0].num_embeddings else 8
+    assert ebc.memory_bytes() == table_bytes + sum(per_id * c.learned_ids() + 32 for c in cfgs)

@@ -25,6 +25,8 @@ class Sizing:
     num_collisions: Optional[int] = None
     moduli: Optional[List[int]] = None
     factor: float = 1.0
+    mapping_rows: Optional[int] = None
+    mapping_ids: Optional[int] = None
 
 
 def _rows_cost(sizes: Sequence[int], dims: Sequence[int]) -> int:
@@ -66,6 +68,28 @@ def _candidates(strategy: str, n: int, k: int) -> Iterator[List[int]]:
 TOLERANCE = 0.02  # a table may miss the target factor by this much (Q-R with m=4 is ~4x, not 5x)
 
 
+def _learned_sizes(n: int, dim: int, compression: float, tolerance: float, elem_bytes: int = 4) -> Sizing:
+    """Rows of a learned table such that rows and mapping together take 1/compression of the full
+    table's bytes: a row index per id (2 or 4 bytes) when that costs at most half the budget, else
+    the hottest ids only (8 bytes each) in half the budget."""
+    budget = n * dim * elem_bytes / compression * (1 + tolerance)
+    row_bytes, int16_rows = dim * elem_bytes, 2**15 - 1
+
+    def sizing(rows: int, per_id: int) -> Sizing:
+        return Sizing(mapping_rows=rows, factor=n * row_bytes / (rows * row_bytes + per_id * n))
+
+    if 2 * n <= budget / 2:
+        r2 = math.floor((budget - 2 * n) / row_bytes)
+        if 2 <= r2 <= int16_rows:
+            return sizing(r2, 2)
+        r4 = math.floor((budget - 4 * n) / row_bytes)
+        if r2 > int16_rows:  # int32 rows pay off only past the int16 limit
+            return sizing(r4, 4) if r4 > int16_rows and 4 * n <= budget / 2 else sizing(int16_rows, 2)
+    rows = max(2, math.floor(budget / 2 / (dim * elem_bytes)))
+    ids = max(1, min(n, math.floor(budget / 2 / 8)))
+    return Sizing(mapping_rows=rows, mapping_ids=ids, factor=n * dim * elem_bytes / (rows * dim * elem_bytes + 8 * ids))
+
+
 def choose_sizes(
     n: int, dim: int, compression: float, strategy: str, operation: str, num_partitions: int,
     tolerance: float = TOLERANCE,
@@ -78,6 +102,8 @@ def choose_sizes(
     """
     full = n * dim
     budget = full / compression * (1 + tolerance)
+    if strategy == "learned":
+        return _learned_sizes(n, dim, compression, tolerance)
     if strategy == "hash":
         c = max(1, math.floor(compression))
         while math.ceil(n / c) * dim > budget and c < n:
@@ -149,6 +175,8 @@ def to_multihash_configs(
             if s.factor * (1 + TOLERANCE) < compression * (1 - 1e-9):
                 short.append(f"{c.name} (N={c.num_embeddings}): {s.factor:.2f}x")
             fields = dict(strategy=strategy, operation=operation, num_collisions=s.num_collisions, moduli=s.moduli)
+            if strategy == "learned":
+                fields.update(mapping_rows=s.mapping_rows, mapping_ids=s.mapping_ids)
         fields.update(overrides.get(c.name, {}))
         out.append(MultiHashEmbeddingBagConfig(**base, **fields))
     if short:

@@ -6,7 +6,8 @@ from typing import List, Optional
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
-STRATEGIES = ("full", "hash", "qr", "generalized_qr", "crt")
+STRATEGIES = ("full", "hash", "qr", "generalized_qr", "crt", "learned")
+PARTITIONS_AFTER_MAPPING = ("qr", "generalized_qr", "crt")  # may follow a learned mapping
 OPERATIONS = ("add", "mult", "concat")
 POOLINGS = (PoolingType.SUM, PoolingType.MEAN)
 DEFAULT_NUM_COLLISIONS = 4  # as the original DLRM code's --qr-collisions
@@ -29,13 +30,24 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
         strategy: "full" (one table of N rows), "hash" (hashing trick, ``ceil(N / num_collisions)``
             rows, any int64 id accepted), "qr" (quotient ``x // m`` and remainder ``x % m``),
             "generalized_qr" (mixed-radix digits with radices ``moduli``) or "crt" (``x mod m_j`` for
-            pairwise coprime ``moduli``).
+            pairwise coprime ``moduli``), or "learned" (a mapping learned from data, see
+            ``torchrec-multihash fit-hash``, sends each id to one of ``ceil(N / num_collisions)``
+            rows; ids it does not know go through a hash into ``fallback_rows`` reserved rows).
         operation: how the per-partition rows of one id are combined: "add", "mult" (element-wise)
             or "concat". Ignored by single-table strategies (full, hash).
         num_collisions: qr: m, the rows of the remainder table (default 4); hash: N / rows (default 4).
         moduli: generalized_qr: radices m1..mk with prod >= N; crt: pairwise coprime moduli, prod >= N.
         dims: concat only: one dim per partition, summing to ``embedding_dim`` (DeepRec's ``dims``);
             default: ``embedding_dim`` split as evenly as possible.
+        mapping_rows: rows of the learned mapping's output. With strategy "learned" it defaults to
+            ``ceil(N / num_collisions)``; set on qr, generalized_qr or crt, ids first go through a
+            learned mapping into ``mapping_rows`` rows, which the partitions then split.
+        mapping_ids: how many ids the learned mapping stores; default N, every id: a row index
+            per id (2 bytes when the rows fit int16, else 4). Fewer (the hottest known ids) are kept
+            sorted with their rows, 8 bytes per id (12 when N > 2^31 - 1). Counted in
+            ``memory_bytes()``.
+        fallback_rows: rows reserved for ids the mapping does not store; default
+            ``max(1, mapping_rows // 8)``.
     """
 
     strategy: str = "qr"
@@ -43,6 +55,9 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
     num_collisions: Optional[int] = None
     moduli: Optional[List[int]] = None
     dims: Optional[List[int]] = None
+    mapping_rows: Optional[int] = None
+    mapping_ids: Optional[int] = None
+    fallback_rows: Optional[int] = None
 
     def __post_init__(self) -> None:
         # Unlike EmbeddingBagConfig we keep ``init_fn`` None unless the user set one: the sub-tables'
@@ -70,11 +85,10 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
             self._fail(f"operation must be one of {OPERATIONS}, got {self.operation!r}")
         if self.pooling not in POOLINGS:
             self._fail(f"pooling must be PoolingType.SUM or PoolingType.MEAN, got {self.pooling!r}")
-        n = self.num_embeddings
 
         if self.strategy in ("full", "generalized_qr", "crt") and self.num_collisions is not None:
             self._fail(f"num_collisions is not used by strategy {self.strategy!r}; remove it")
-        if self.strategy in ("full", "hash", "qr") and self.moduli is not None:
+        if self.strategy in ("full", "hash", "qr", "learned") and self.moduli is not None:
             self._fail(
                 f"moduli is not used by strategy {self.strategy!r} "
                 "(qr takes num_collisions; generalized_qr and crt take moduli)"
@@ -83,9 +97,12 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
             not isinstance(self.num_collisions, int) or self.num_collisions < 1
         ):
             self._fail(f"num_collisions must be an int >= 1, got {self.num_collisions!r}")
+        self._validate_learned()
+        n = self.partition_domain()
         if self.strategy == "qr" and self.collisions() >= n and n > 1:
             self._fail(
-                f"num_collisions={self.collisions()} must be smaller than num_embeddings={n}, "
+                f"num_collisions={self.collisions()} must be smaller than "
+                f"{'mapping_rows' if self.is_learned() else 'num_embeddings'}={n}, "
                 "else the quotient table has a single row"
             )
         if self.strategy in ("generalized_qr", "crt"):
@@ -96,7 +113,8 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
             prod = math.prod(self.moduli)
             if prod < n:
                 self._fail(
-                    f"moduli {self.moduli} have product {prod} < num_embeddings={n}: ids "
+                    f"moduli {self.moduli} have product {prod} < "
+                    f"{'mapping_rows' if self.is_learned() else 'num_embeddings'}={n}: ids "
                     f"x and x + {prod} would get the same rows in every partition "
                     "(not complementary)"
                 )
@@ -110,7 +128,7 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
                                 "collide (not complementary)"
                             )
         if self.dims is not None:
-            if self.operation != "concat" or self.strategy in ("full", "hash"):
+            if self.operation != "concat" or self.strategy in ("full", "hash", "learned"):
                 self._fail(
                     "dims is only used with operation='concat' on a multi-partition strategy "
                     f"(got strategy={self.strategy!r}, operation={self.operation!r})"
@@ -128,13 +146,60 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
                     f"not embedding_dim={self.embedding_dim}"
                 )
 
+    def _validate_learned(self) -> None:
+        fields = {"mapping_rows": self.mapping_rows, "mapping_ids": self.mapping_ids, "fallback_rows": self.fallback_rows}
+        for key, v in fields.items():
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                self._fail(f"{key} must be a positive int, got {v!r}")
+        if not self.is_learned():
+            used = [k for k, v in fields.items() if v is not None]
+            if used:
+                self._fail(
+                    f"{used} only apply to a learned mapping: use strategy 'learned', or set "
+                    f"mapping_rows on one of {PARTITIONS_AFTER_MAPPING}"
+                )
+            return
+        if self.strategy not in ("learned",) + PARTITIONS_AFTER_MAPPING:
+            self._fail(f"mapping_rows cannot be combined with strategy {self.strategy!r}")
+        rows = self.mapped_rows()
+        if rows < 2:
+            self._fail(f"a learned mapping needs at least 2 rows (one for unknown ids), got {rows}")
+        if self.learned_fallback_rows() >= rows:
+            self._fail(f"fallback_rows={self.learned_fallback_rows()} leaves no row for known ids (mapping_rows={rows})")
+        if self.learned_ids() > self.num_embeddings:
+            self._fail(f"mapping_ids={self.learned_ids()} exceeds num_embeddings={self.num_embeddings}")
+
+    def is_learned(self) -> bool:
+        """True when ids go through a learned id -> row mapping first."""
+        return self.strategy == "learned" or self.mapping_rows is not None
+
+    def mapped_rows(self) -> int:
+        """Rows of the learned mapping's output (the domain the partitions then split)."""
+        if self.mapping_rows is not None:
+            return self.mapping_rows
+        return math.ceil(self.num_embeddings / self.collisions())
+
+    def learned_ids(self) -> int:
+        """Ids the learned mapping stores."""
+        return self.mapping_ids if self.mapping_ids is not None else self.num_embeddings
+
+    def learned_fallback_rows(self) -> int:
+        """Rows reserved for ids the learned mapping does not store (the last rows)."""
+        return self.fallback_rows if self.fallback_rows is not None else max(1, self.mapped_rows() // 8)
+
+    def partition_domain(self) -> int:
+        """The index space the partitions split: mapped rows for a learned table, else ids."""
+        return self.mapped_rows() if self.is_learned() else self.num_embeddings
+
     def collisions(self) -> int:
-        """m for qr, N / rows for hash (defaults applied)."""
+        """m for qr, N / rows for hash and learned (defaults applied)."""
         return self.num_collisions if self.num_collisions is not None else DEFAULT_NUM_COLLISIONS
 
     def partition_sizes(self) -> List[int]:
         """Rows of each sub-table, in partition order."""
-        n = self.num_embeddings
+        n = self.partition_domain()
+        if self.strategy == "learned":
+            return [n]
         if self.strategy == "full":
             return [n]
         if self.strategy == "hash":
@@ -175,6 +240,8 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
             return [""]
         if self.strategy == "hash":
             return ["__hash"]
+        if self.strategy == "learned":
+            return ["__learned"]
         if self.strategy == "qr":
             return ["__q", "__r"]
         return [f"__p{i}" for i in range(self.num_partitions())]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
+from torchrec_multihash.modules.learned_mapping import LearnedMapping
 from torchrec_multihash.modules.partition import Partitioner
 
 
@@ -28,6 +29,7 @@ class FeatureLookup:
     num_embeddings: int
     partitioner: Partitioner
     sub_features: List[str]
+    mapping: Optional[LearnedMapping] = None  # learned id -> row, applied before the partitions
 
 
 def check_feature_keys(
@@ -79,7 +81,8 @@ class IdTransform(nn.Module):
     """Maps a KJT of logical features to a KJT of sub-features, one per partition.
 
     Feature ``C1`` of a Q-R table becomes ``C1__q`` (ids ``x // m``) and ``C1__r`` (ids ``x % m``),
-    with the same lengths and per-sample weights.
+    with the same lengths and per-sample weights. Tables with a learned mapping first map ids to
+    rows; the mappings (buffers, no parameters) are children of the transform, in ``mappings``.
 
     Args:
         lookups: the logical features this transform handles.
@@ -101,6 +104,7 @@ class IdTransform(nn.Module):
         self._validate_ids = validate_ids
         self._known_features = known_features
         self._required = sorted({lk.feature for lk in lookups})
+        self.mappings = nn.ModuleDict({lk.table: lk.mapping for lk in lookups if lk.mapping is not None})
 
     def output_keys(self) -> List[str]:
         return [s for lk in self._lookups for s in lk.sub_features]
@@ -122,6 +126,8 @@ class IdTransform(nn.Module):
         weights: List[torch.Tensor] = []
         for lk, jt in zip(self._lookups, jts):
             ids = jt.values().long()
+            if lk.mapping is not None:
+                ids = lk.mapping(ids)
             for sub, part in zip(lk.sub_features, lk.partitioner(ids)):
                 keys.append(sub)
                 values.append(part)

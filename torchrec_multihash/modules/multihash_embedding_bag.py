@@ -23,6 +23,7 @@ from torchrec_multihash.modules.combine import Combine, OutputSpec
 from torchrec_multihash.modules.config import MultiHashConfigError, MultiHashEmbeddingBagConfig
 from torchrec_multihash.modules.id_transform import FeatureLookup, IdTransform
 from torchrec_multihash.modules.initialization import partition_init_ranges
+from torchrec_multihash.modules.learned_mapping import LearnedMapping
 from torchrec_multihash.modules.partition import Partitioner
 
 POOLED_GROUP = "pooled"
@@ -100,6 +101,7 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             ranges = partition_init_ranges(t)
             sizes = t.partition_sizes()
             partitioner = Partitioner(t)
+            mapping = LearnedMapping(t, device=self._device) if t.is_learned() else None
 
             def sub_feature(f: str, suffix: str) -> str:
                 # A feature looked up by several tables gets the table in its sub-feature names.
@@ -125,7 +127,7 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             for f, name in zip(t.feature_names, names):
                 subs = [sub_feature(f, s) for s in suffixes]
                 group_lookups.setdefault(group, []).append(
-                    FeatureLookup(f, t.name, t.num_embeddings, partitioner, subs)
+                    FeatureLookup(f, t.name, t.num_embeddings, partitioner, subs, mapping)
                 )
                 outputs.append(
                     OutputSpec(name, f, group, per_id, subs, t.operation, t.pooling, t.embedding_dim)
@@ -200,6 +202,12 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 weights[name] = table.weight
         return weights
 
+    def learned_mappings(self) -> Dict[str, LearnedMapping]:
+        """The learned id -> row mapping of each learned table, by table name."""
+        return {
+            name: m for module in self.modules() if isinstance(module, IdTransform) for name, m in module.mappings.items()
+        }
+
     def is_weighted(self) -> bool:
         return self._is_weighted
 
@@ -208,7 +216,8 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return self._device
 
     def memory_bytes(self) -> int:
-        """Bytes of all sub-tables and buffers (exact; independent of device or sharding)."""
+        """Bytes of all sub-tables and buffers, learned mappings included (exact; independent of
+        device or sharding)."""
         table_bytes = sum(
             c.num_embeddings * c.embedding_dim * DATA_TYPE_NUM_BITS[c.data_type] // 8
             for c in self._sub_table_configs

@@ -17,6 +17,7 @@ class Partitioner:
     def __init__(self, config: MultiHashEmbeddingBagConfig) -> None:
         self.strategy: str = config.strategy
         self.num_embeddings: int = config.num_embeddings
+        # a learned table's partitions split its mapped rows, not its ids
         self.sizes: List[int] = config.partition_sizes()
         # Mixed-radix place values for generalized_qr: 1, m1, m1*m2, ...
         self.place_values: List[int] = [math.prod(self.sizes[:i]) for i in range(len(self.sizes))]
@@ -27,7 +28,7 @@ class Partitioner:
         return self.strategy != "hash"
 
     def __call__(self, ids: torch.Tensor) -> List[torch.Tensor]:
-        if self.strategy == "full":
+        if self.strategy in ("full", "learned"):  # learned: ids are already mapped rows
             return [ids]
         if self.strategy == "hash":
             return [torch.remainder(ids, self.sizes[0])]
