@@ -12,6 +12,8 @@ logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 COMMANDS = {
     "demo": "train a small DLRM with full and with multi-hash tables on a synthetic task and compare",
     "train": "train a sharded DLRM with multi-hash tables (one process, or one rank per process under torchrun/TorchX)",
+    "fit-hash": "fit the learned id -> row mappings of a config's learned tables on its training data",
+    "quality": "test AUC and log loss against embedding bytes for several strategies, compressions and seeds",
     "plan": "show where TorchRec's planner puts each sub-table for a topology (need not exist)",
 }
 
@@ -37,6 +39,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         from torchrec_multihash.app.train import main as train_main
 
         return train_main(argv[1:])
+    if args.command == "fit-hash":
+        from torchrec_multihash.app.fit_hash import main as fit_main
+
+        return fit_main(argv[1:])
+    if args.command == "quality":
+        from torchrec_multihash.bench.quality import main as quality_main
+
+        return quality_main(argv[1:])
     if args.command == "plan":
         from torchrec_multihash.app.plan import main as plan_main
 

@@ -3,6 +3,7 @@
 Unknown keys and values of the wrong type are errors that name the file and the key.
 """
 
+import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ class EmbeddingsConfig:
 
     num_embeddings_per_feature: List[int] = field(default_factory=list)
     feature_names: Optional[List[str]] = None  # default C1..Cn
-    strategy: str = "qr"  # full | hash | qr | generalized_qr | crt
+    strategy: str = "qr"  # full | hash | qr | generalized_qr | crt | learned
     operation: str = "mult"  # add | mult | concat
     compression: float = 4.0  # memory reduction of each table over `threshold` rows
     threshold: int = 200
@@ -44,6 +45,8 @@ class EmbeddingsConfig:
     constraints: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # table -> ParameterConstraints fields
     small_table_rows: int = 10_000  # sub-tables this small are kept whole or replicated
     validate_ids: bool = True
+    mapping: Optional[str] = None  # learned: a directory written by fit-hash (default: fit before training)
+    fit: Dict[str, Any] = field(default_factory=dict)  # learned: FitOptions fields (dim, lr, seed, ...)
 
 
 @dataclass
@@ -58,6 +61,7 @@ class DataConfig:
     train_samples: int = 200_000  # synthetic: samples per epoch
     test_samples: int = 20_000  # synthetic
     num_clusters: int = 64  # synthetic: hidden clusters per feature
+    num_workers: int = 0  # criteo_tsv: DataLoader workers parsing this rank's batches (0: in the training process)
 
 
 @dataclass
@@ -165,6 +169,14 @@ def config_from_dict(raw: Dict[str, Any], source: str = "<config>") -> Config:
         return _from_dict(Config, raw or {}, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def config_parser(prog: str, description: Optional[str]) -> argparse.ArgumentParser:
+    """A command's parser with the ``--config FILE`` and ``--set KEY=VALUE`` options."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", default=None, help="YAML config (defaults if omitted)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.batch_size=512")
+    return p
 
 
 def load_config(path: Union[str, Path, None], overrides: Sequence[str] = ()) -> Config:

@@ -46,8 +46,8 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
             per id (2 bytes when the rows fit int16, else 4). Fewer (the hottest known ids) are kept
             sorted with their rows, 8 bytes per id (12 when N > 2^31 - 1). Counted in
             ``memory_bytes()``.
-        fallback_rows: rows reserved for ids the mapping does not store; default
-            ``max(1, mapping_rows // 8)``.
+        fallback_rows: rows reserved for ids the mapping does not store (or did not see when
+            fitted); default 1 when it stores every id, else ``max(1, mapping_rows // 8)``.
     """
 
     strategy: str = "qr"
@@ -185,7 +185,11 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
 
     def learned_fallback_rows(self) -> int:
         """Rows reserved for ids the learned mapping does not store (the last rows)."""
-        return self.fallback_rows if self.fallback_rows is not None else max(1, self.mapped_rows() // 8)
+        if self.fallback_rows is not None:
+            return self.fallback_rows
+        # dense: every id has a row, so ids unseen when fitting share one "unknown" row (as a
+        # vocabulary's out-of-vocabulary id); sparse: the many unstored ids need more
+        return 1 if self.learned_ids() == self.num_embeddings else max(1, self.mapped_rows() // 8)
 
     def partition_domain(self) -> int:
         """The index space the partitions split: mapped rows for a learned table, else ids."""

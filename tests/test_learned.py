@@ -1,0 +1,156 @@
+"""Learned hash functions: the mapping module, clustering, fitting from data, saving and loading."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_multihash import MultiHashConfigError, MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig
+from torchrec_multihash.convert import to_multihash_configs
+from torchrec_multihash.datasets.synthetic import SyntheticCriteo
+from torchrec_multihash.learned.clustering import balanced_clusters
+from torchrec_multihash.learned.counting import count_ids
+from torchrec_multihash.learned.fit import FitOptions, apply_mappings, assign_rows, fit_mappings, load_mappings, save_mappings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def learned(name="t", n=1000, **kw):
+    kw.setdefault("num_collisions", 10)
+    return MultiHashEmbeddingBagConfig(name=name, num_embeddings=n, embedding_dim=8, feature_names=[f"f_{name}"], strategy="learned", **kw)
+
+
+def test_balanced_clusters_separate_blobs_and_balance_weight():
+    g = torch.Generator().manual_seed(0)
+    # two far-apart blobs, two clusters: each blob is one cluster
+    x = torch.cat([torch.randn(100, 3, generator=g), torch.randn(60, 3, generator=g) + 50])
+    c = balanced_clusters(x, torch.cat([torch.ones(100), torch.ones(60) * 100 / 60]), 2)
+    assert c[:100].unique().numel() == 1 and c[100:].unique().numel() == 1 and c[0] != c[100]
+    # many clusters: all used, and each carries about 1/k of the weight
+    x, w = torch.randn(5000, 4, generator=g), torch.rand(5000, generator=g) + 0.5
+    c = balanced_clusters(x, w, 37)
+    assert c.unique().numel() == 37
+    per = torch.zeros(37, dtype=torch.float64).index_add_(0, c, w.double())
+    assert per.max() / per.mean() < 1.1
+    # fewer points than clusters: every point alone
+    assert balanced_clusters(torch.randn(5, 2), torch.ones(5), 10).unique().numel() == 5
+
+
+def test_assign_rows_hot_ids_own_rows_unseen_ids_fallback():
+    cfg = learned(n=1000, num_collisions=10, fallback_rows=10)  # 100 rows, 90 for known ids
+    counts = torch.zeros(1000, dtype=torch.long)
+    counts[:500] = 1
+    counts[7], counts[3] = 10_000, 5_000  # far hotter than an average row's traffic
+    f = assign_rows(cfg, counts, torch.randn(1000, 5), FitOptions())
+    assert f.ids[:2].tolist() == [7, 3] and f.rows[:2].tolist() == [0, 1] and f.stats["own_rows"] == 2
+    assert set(f.ids.tolist()) == set(range(500))  # every seen id, none unseen
+    assert not (f.rows[2:] < 2).any() and f.rows.max() < 90
+    ebc = MultiHashEmbeddingBagCollection([cfg])
+    apply_mappings(ebc, {"t": f})
+    m = ebc.learned_mappings()["t"]
+    assert m(torch.tensor([7, 3])).tolist() == [0, 1]
+    unseen = torch.arange(500, 1000)
+    assert torch.equal(m(unseen), 90 + unseen % 10)
+
+
+def test_fitted_mapping_groups_ids_that_behave_alike():
+    """On synthetic data whose labels depend on hidden id clusters, ids that share a learned row
+    have far closer true effects than ids that share a hashed row."""
+    sizes = [20000]
+    syn = SyntheticCriteo(sizes, num_dense=13, seed=0, feature_names=["C1"])
+    tables = [MultiHashEmbeddingBagConfig(name="t_C1", num_embeddings=20000, embedding_dim=16, feature_names=["C1"], strategy="learned", num_collisions=16)]
+    fitted = fit_mappings(tables, lambda: syn.batches(1024, 400, start=0, step=1), 13, FitOptions())
+    f = fitted["t_C1"]
+    counts = count_ids(tables, syn.batches(1024, 400, start=0, step=1))["t_C1"]
+
+    def unexplained(rows):  # access-weighted variance of the true effect within rows / overall
+        score = syn._cluster_scores[0][syn.clusters(0, f.ids)].double()
+        w = counts[f.ids].double()
+        r = int(rows.max()) + 1
+        mean = torch.zeros(r, dtype=torch.float64).index_add(0, rows, w * score) / torch.zeros(r, dtype=torch.float64).index_add(0, rows, w).clamp(min=1e-12)
+        return float((w * (score - mean[rows]) ** 2).sum() / (w * (score - (w * score).sum() / w.sum()) ** 2).sum())
+
+    learned_u, hashed_u = unexplained(f.rows.long()), unexplained(torch.remainder(f.ids, tables[0].mapped_rows()))
+    assert learned_u < 0.75 * hashed_u, (learned_u, hashed_u)
+
+
+def test_mapping_travels_in_the_state_dict_and_refuses_another_shape():
+    a = MultiHashEmbeddingBagCollection([learned(), learned("u", n=500, mapping_ids=100)])
+    for name, m in a.learned_mappings().items():
+        n = m.expected.num_embeddings
+        m.assign(torch.arange(0, n, 7)[:90], torch.arange(min(90, len(range(0, n, 7)))) % 20)
+    b = MultiHashEmbeddingBagCollection([learned(), learned("u", n=500, mapping_ids=100)])
+    kjt = KeyedJaggedTensor.from_lengths_sync(["f_t", "f_u"], torch.tensor([0, 7, 14, 5, 499, 21]), torch.tensor([2, 1, 2, 1]))
+    b.load_state_dict(a.state_dict())
+    # same rows for every id, so equal outputs once the weights are equal too
+    assert torch.equal(a(kjt).values(), b(kjt).values())
+    for other, what in [(learned(num_collisions=20), "rows=50"), (learned(fallback_rows=3), "fallback_rows=3")]:
+        c = MultiHashEmbeddingBagCollection([other, learned("u", n=500, mapping_ids=100)])
+        with pytest.raises(MultiHashConfigError, match=f"table 't'.*{what}"):
+            c.load_state_dict(a.state_dict(), strict=False)
+
+
+def test_saved_mapping_loads_and_refuses_another_config(tmp_path):
+    cfg = learned()
+    counts = torch.randint(0, 5, (1000,))
+    f = assign_rows(cfg, counts, torch.randn(1000, 5), FitOptions())
+    save_mappings(tmp_path, {"t": f}, {"note": 1})
+    back = load_mappings(tmp_path)
+    assert torch.equal(back["t"].ids, f.ids) and torch.equal(back["t"].rows.long(), f.rows.long())
+    assert json.loads((tmp_path / "mapping.json").read_text())["tables"]["t"]["stored_ids"] == f.stats["stored_ids"]
+    with pytest.raises(MultiHashConfigError, match="table 't'.*made for num_embeddings=1000, rows=100.*this table has num_embeddings=1000, rows=200"):
+        apply_mappings(MultiHashEmbeddingBagCollection([learned(num_collisions=5)]), back)
+    with pytest.raises(MultiHashConfigError, match="no fitted mapping for learned table"):
+        apply_mappings(MultiHashEmbeddingBagCollection([learned("other")]), back)
+    with pytest.raises(MultiHashConfigError, match="no fitted mapping there"):
+        load_mappings(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("compression", [4, 16])
+def test_converter_counts_the_mapping_in_the_budget(compression):
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    plain = [EmbeddingBagConfig(name="t", num_embeddings=100_000, embedding_dim=16, feature_names=["f"])]
+    (cfg,) = to_multihash_configs(plain, compression, strategy="learned")
+    ebc = MultiHashEmbeddingBagCollection([cfg], device=torch.device("meta"))
+    assert compression * 0.98 < ebc.full_memory_bytes() / ebc.memory_bytes() <= compression * 1.02
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(strategy="hash", mapping_rows=10), "mapping_rows cannot be combined with strategy 'hash'"),
+    (dict(strategy="qr", mapping_ids=10), "only apply to a learned mapping"),
+    (dict(strategy="learned", num_collisions=10, fallback_rows=100), "leaves no row for known ids"),
+    (dict(strategy="learned", mapping_ids=2000), "exceeds num_embeddings"),
+    (dict(strategy="qr", mapping_rows=10, num_collisions=10), "smaller than mapping_rows=10"),
+    (dict(strategy="crt", mapping_rows=100, moduli=[3, 5]), "product 15 < mapping_rows=100"),
+])
+def test_bad_learned_configs(kw, match):
+    with pytest.raises(MultiHashConfigError, match=match):
+        MultiHashEmbeddingBagConfig(name="t", num_embeddings=1000, embedding_dim=8, feature_names=["f"], **kw)
+
+
+def test_fit_hash_command_then_train_with_the_mapping(tmp_path):
+    small = ["--config", "configs/quickstart.yaml", "--set", "embeddings.strategy=learned", "--set", "data.train_samples=30000",
+             "--set", "data.test_samples=4096", "--set", "train.batch_size=512", "--set", f"train.output_dir={tmp_path / 'run'}"]
+    cli = [sys.executable, "-m", "torchrec_multihash.cli"]
+    r = subprocess.run([*cli, "fit-hash", *small, "--out", str(tmp_path / "map")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "t_C1:" in r.stdout and (tmp_path / "map" / "mapping.pt").is_file()
+    out = tmp_path / "m.json"
+    r = subprocess.run([*cli, "train", *small, "--set", f"embeddings.mapping={tmp_path / 'map'}", "--metrics-out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads(out.read_text())
+    # the mapping is paid for out of the 8x budget (t_C2 lands at 10x: 32,767 rows is the most that
+    # int16 row indices address, and int32 ones would cost more than the rows they add)
+    assert 7.8 < m["full_embedding_bytes"] / m["embedding_bytes"] < 8.5
+    assert m["auc"] > 0.55
+    # a mapping fitted for another compression is refused, naming the table
+    r = subprocess.run([*cli, "train", *small, "--set", "embeddings.compression=4", "--set", f"embeddings.mapping={tmp_path / 'map'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "table 't_C1'" in r.stderr and "fit again" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr

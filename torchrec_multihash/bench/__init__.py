@@ -1,0 +1,1 @@
+"""Benchmarks and studies: quality against memory, speed against TorchRec's own tables."""

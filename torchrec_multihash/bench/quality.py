@@ -1,0 +1,135 @@
+"""``torchrec-multihash quality``: test AUC and log loss against embedding bytes, for several
+strategies, compressions and seeds, each a real ``train`` run of the config.
+
+Writes ``results.json`` (every run), ``results.md`` (mean and spread over seeds) and
+``frontier.png`` (AUC against embedding bytes). Runs whose metrics already exist are reused, so
+an interrupted study continues where it stopped.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from tqdm import tqdm
+
+from torchrec_multihash.app.config import config_parser
+
+METRICS = ("auc", "logloss", "ne", "embedding_bytes", "full_embedding_bytes")
+
+
+def run_one(config: Optional[str], overrides: Sequence[str], run_dir: Path, nproc: int = 1) -> Dict[str, float]:
+    """One training run (in a fresh process, as a user would run it); its metrics."""
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file():
+        return json.loads(metrics.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    args = ["-m", "torchrec_multihash.cli", "train", "--metrics-out", str(metrics), "--set", f"train.output_dir={run_dir}"]
+    if config:
+        args += ["--config", config]
+    for o in overrides:
+        args += ["--set", o]
+    if nproc == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc), *args]
+    log = run_dir / "train.log"
+    with open(log, "w") as out:
+        r = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if r.returncode != 0:
+        raise RuntimeError(f"training failed (exit {r.returncode}); see {log}")
+    return json.loads(metrics.read_text())
+
+
+def summarize(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
+    """Mean and standard deviation over seeds, per strategy and compression."""
+    groups: Dict[tuple, List[Dict[str, object]]] = {}
+    for r in rows:
+        groups.setdefault((r["strategy"], r["compression"]), []).append(r)
+    out = []
+    for (strategy, compression), rs in groups.items():
+        s: Dict[str, object] = {"strategy": strategy, "compression": compression, "seeds": len(rs)}
+        for k in ("auc", "logloss"):
+            vals = [float(r[k]) for r in rs]
+            s[k] = statistics.mean(vals)
+            s[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        s["embedding_bytes"] = statistics.mean(float(r["embedding_bytes"]) for r in rs)
+        s["reduction"] = float(rs[0]["full_embedding_bytes"]) / s["embedding_bytes"]
+        out.append(s)
+    return sorted(out, key=lambda s: (float(s["compression"]), str(s["strategy"])))
+
+
+def markdown(summary: List[Dict[str, object]], title: str) -> str:
+    lines = [f"### {title}", "", "| strategy | target | actual reduction | embedding bytes | test AUC | test log loss | seeds |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for s in summary:
+        lines.append(
+            f"| {s['strategy']} | {s['compression']:g}x | {s['reduction']:.2f}x | {s['embedding_bytes']:,.0f} | "
+            f"{s['auc']:.4f} ± {s['auc_std']:.4f} | {s['logloss']:.4f} ± {s['logloss_std']:.4f} | {s['seeds']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: List[Dict[str, object]], path: Path, title: str) -> None:
+    """AUC against embedding bytes, one line per strategy (error bars: std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for strategy in sorted({str(s["strategy"]) for s in summary}):
+        pts = sorted((s for s in summary if s["strategy"] == strategy), key=lambda s: float(s["embedding_bytes"]))
+        ax.errorbar([float(p["embedding_bytes"]) for p in pts], [float(p["auc"]) for p in pts],
+                    yerr=[float(p["auc_std"]) for p in pts], marker="o", capsize=3, label=strategy)
+    ax.set_xscale("log")
+    ax.set_xlabel("embedding bytes (mappings included)")
+    ax.set_ylabel("test AUC")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = config_parser("torchrec-multihash quality", __doc__)
+    p.add_argument("--strategies", default="full,hash,qr,learned", help="comma-separated (full runs once per seed)")
+    p.add_argument("--compressions", default="4,16", help="comma-separated target reductions")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated train.seed values")
+    p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun)")
+    p.add_argument("--out", type=Path, required=True, help="directory for the runs and the report")
+    p.add_argument("--title", default=None, help="title of the table and plot (default: the config's name)")
+    args = p.parse_args(argv)
+    strategies = [s for s in args.strategies.split(",") if s]
+    compressions = [float(c) for c in args.compressions.split(",") if c]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    title = args.title or (Path(args.config).stem if args.config else "defaults")
+    jobs = [(s, c, seed) for s in strategies for c in ([1.0] if s == "full" else compressions) for seed in seeds]
+    rows: List[Dict[str, object]] = []
+    for strategy, compression, seed in tqdm(jobs, desc="quality", unit="run"):
+        name = f"{strategy}_{compression:g}x_seed{seed}"
+        overrides = [*args.set, f"embeddings.strategy={strategy}", f"embeddings.compression={compression:g}", f"train.seed={seed}"]
+        try:
+            m = run_one(args.config, overrides, args.out / "runs" / name, args.nproc)
+        except RuntimeError as e:
+            print(f"torchrec-multihash quality: {name}: {e}", file=sys.stderr)
+            return 1
+        rows.append({"strategy": strategy, "compression": compression, "seed": seed, **{k: m[k] for k in METRICS}})
+    summary = summarize(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps({"config": args.config, "overrides": args.set, "runs": rows, "summary": summary}, indent=2))
+    table = markdown(summary, title)
+    (args.out / "results.md").write_text(table)
+    plot(summary, args.out / "frontier.png", title)
+    print(table)
+    print(f"Report in {args.out.resolve()} (results.json, results.md, frontier.png)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

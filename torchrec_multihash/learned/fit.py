@@ -1,0 +1,214 @@
+"""Fits the id -> row mapping of every learned table, and saves / loads fitted mappings.
+
+Per table (the paper's best variant: access frequency plus a learned embedding of each id):
+1. count every id's accesses in one streaming pass (one counter per id of the table);
+2. learn a low-dimensional vector per id with a short run of a small model (``id_vectors``);
+3. the hottest ids keep rows of their own: an id does while it carries at least the traffic of an
+   average shared row (at most half the rows go to them);
+4. the other seen ids are clustered on (vector, log frequency) into the remaining rows, cells of
+   equal traffic (``clustering``), so ids that behave alike share a row;
+5. ids never seen (or past ``mapping_ids``) go through the fallback hash into reserved rows.
+"""
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Tuple
+
+import torch
+from torchrec.datasets.utils import Batch
+
+from torchrec_multihash.learned.clustering import balanced_clusters
+from torchrec_multihash.learned.counting import count_ids
+from torchrec_multihash.learned.id_vectors import VectorOptions, learn_id_vectors
+from torchrec_multihash.modules.config import MultiHashConfigError, MultiHashEmbeddingBagConfig
+from torchrec_multihash.modules.learned_mapping import MappingShape
+from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
+
+MAPPING_FILE = "mapping.pt"
+REPORT_FILE = "mapping.json"
+
+
+@dataclass
+class FitOptions:
+    """How mappings are fitted: the id vectors' dim, learning rate and seed; the weight of log
+    frequency against the vector's dimensions when clustering; whether to learn vectors at all
+    (False: cluster on frequency alone); the accesses an id needs before its vector is used.
+
+    ``vector_min_count`` guards against label leakage: the vector of an id seen a few times mostly
+    encodes the labels of those few samples, so clustering on it would group ids by their training
+    labels and the model would memorise them (measured: test log loss 1.30 vs 0.67 on the
+    synthetic set). Rarer ids are clustered on frequency alone, and vectors are shrunk by
+    ``n / (n + vector_min_count)``."""
+
+    dim: int = 4
+    lr: float = 0.05
+    seed: int = 0
+    frequency_weight: float = 1.0
+    learn_vectors: bool = True
+    vector_min_count: int = 20
+
+
+@dataclass
+class FittedMapping:
+    """The fitted rows of one table's known ids, and what the fit found."""
+
+    ids: torch.Tensor
+    rows: torch.Tensor
+    shape: MappingShape
+    stats: Dict[str, float]
+
+
+def _hot_count(sorted_counts: torch.Tensor, rows: int) -> int:
+    """How many of the hottest ids get own rows: each must carry at least the traffic of an
+    average row among those left for it and the colder ids; at most half the rows."""
+    n = min(sorted_counts.numel(), rows // 2)
+    if n == 0:
+        return 0
+    suffix = torch.flip(torch.cumsum(torch.flip(sorted_counts, [0]), 0), [0])[:n].double()
+    i = torch.arange(n, dtype=torch.float64)
+    own = sorted_counts[:n].double() * (rows - i) >= suffix
+    return int(torch.cumprod(own.long(), 0).sum())
+
+
+def _standardize(x: torch.Tensor) -> torch.Tensor:
+    """Centred and scaled by one overall std, so that dimensions with more spread (more signal)
+    keep it and get split more often."""
+    x = x.double()
+    if x.shape[0] < 2:
+        return x * 0
+    x = x - x.mean(0)
+    return x / x.std().clamp(min=1e-12)
+
+
+def assign_rows(
+    config: MultiHashEmbeddingBagConfig, counts: torch.Tensor, vectors: torch.Tensor, options: FitOptions
+) -> FittedMapping:
+    """The mapping of one table from its id counts and id vectors (steps 3-5 above)."""
+    shape = MappingShape.of(config)
+    rows_for_known = shape.rows - shape.fallback_rows
+    seen = torch.nonzero(counts).squeeze(1)
+    seen = seen[torch.argsort(counts[seen], descending=True, stable=True)][: shape.capacity]
+    c = counts[seen]
+    hot = _hot_count(c, rows_for_known)
+    rest = seen[hot:]
+    features = []
+    if options.learn_vectors and vectors.numel():
+        n = counts[rest].double()[:, None]
+        shrink = torch.where(n >= options.vector_min_count, n / (n + options.vector_min_count), torch.zeros_like(n))
+        features.append(_standardize(vectors[rest].double() * shrink))
+    features.append(options.frequency_weight * _standardize(torch.log1p(counts[rest].double()))[:, None])
+    cells = balanced_clusters(torch.cat(features, 1), counts[rest], rows_for_known - hot)
+    rows = torch.cat([torch.arange(hot), hot + cells])
+    total = max(int(counts.sum()), 1)
+    stats = {
+        "seen_ids": int(torch.count_nonzero(counts)),
+        "stored_ids": int(seen.numel()),
+        "own_rows": hot,
+        "shared_rows": int(cells.unique().numel()),
+        "fallback_rows": shape.fallback_rows,
+        "traffic_on_own_rows": float(c[:hot].sum()) / total,
+        "traffic_stored": float(c.sum()) / total,
+    }
+    return FittedMapping(seen, rows, shape, stats)
+
+
+def fit_mappings(
+    tables: List[MultiHashEmbeddingBagConfig], batches: Callable[[], Iterable[Batch]], num_dense: int,
+    options: FitOptions = FitOptions(), show_progress: bool = False,
+) -> Dict[str, FittedMapping]:
+    """Fits every learned table of ``tables`` on the batches ``batches()`` yields (called twice:
+    one pass to count, one to learn the id vectors)."""
+    learned = [t for t in tables if t.is_learned()]
+    if not learned:
+        return {}
+    t0 = time.perf_counter()
+    counts = count_ids(learned, batches())
+    t1 = time.perf_counter()
+    if options.learn_vectors:
+        vectors = learn_id_vectors(learned, batches(), num_dense, VectorOptions(options.dim, options.lr, options.seed), show_progress)
+    else:
+        vectors = {t.name: torch.zeros(0) for t in learned}
+    t2 = time.perf_counter()
+    fitted = {t.name: assign_rows(t, counts[t.name], vectors[t.name], options) for t in learned}
+    t3 = time.perf_counter()
+    for f in fitted.values():
+        f.stats.update(count_s=t1 - t0, vectors_s=t2 - t1, cluster_s=t3 - t2)
+    return fitted
+
+
+def apply_mappings(module: MultiHashEmbeddingBagCollection, fitted: Dict[str, FittedMapping]) -> None:
+    """Loads fitted mappings into a module's learned tables (every learned table needs one)."""
+    targets = module.learned_mappings()
+    missing = sorted(set(targets) - set(fitted))
+    if missing:
+        raise MultiHashConfigError(f"no fitted mapping for learned table(s) {missing}; fitted: {sorted(fitted)}")
+    for name, target in targets.items():
+        f = fitted[name]
+        if f.shape != target.expected:
+            raise MultiHashConfigError(
+                f"table '{name}': the fitted mapping was made for {f.shape.describe()}, but this table "
+                f"has {target.expected.describe()}; fit again for this config"
+            )
+        target.assign(f.ids, f.rows)
+
+
+def save_mappings(directory: Path, fitted: Dict[str, FittedMapping], extra: Dict[str, object]) -> None:
+    """Writes ``mapping.pt`` (tensors only) and ``mapping.json`` (shapes and fit statistics)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, f in fitted.items():
+        tensors[f"{name}.ids"] = f.ids.long()
+        tensors[f"{name}.rows"] = f.rows.int()
+        tensors[f"{name}.shape"] = torch.tensor(f.shape.as_list())
+    tmp = directory / (MAPPING_FILE + ".tmp")
+    torch.save(tensors, tmp)
+    tmp.replace(directory / MAPPING_FILE)
+    report = {"tables": {n: {"shape": asdict(f.shape), **f.stats} for n, f in fitted.items()}, **extra}
+    (directory / REPORT_FILE).write_text(json.dumps(report, indent=2))
+
+
+def load_mappings(directory: Path) -> Dict[str, FittedMapping]:
+    """Reads mappings written by ``save_mappings`` (no unpickling of arbitrary objects)."""
+    path = Path(directory) / MAPPING_FILE
+    if not path.is_file():
+        raise MultiHashConfigError(f"{path}: no fitted mapping there (write one with `torchrec-multihash fit-hash --out {directory}`)")
+    try:
+        tensors = torch.load(path, weights_only=True)
+    except Exception as e:  # a damaged or foreign file
+        raise MultiHashConfigError(f"{path}: not a mapping written by fit-hash ({e})") from None
+    report = json.loads((Path(directory) / REPORT_FILE).read_text()) if (Path(directory) / REPORT_FILE).is_file() else {}
+    stats = report.get("tables", {})
+    names = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    out = {}
+    for n in names:
+        try:
+            shape = MappingShape(*tensors[f"{n}.shape"].tolist())
+            out[n] = FittedMapping(tensors[f"{n}.ids"], tensors[f"{n}.rows"], shape, stats.get(n, {}))
+        except (KeyError, TypeError) as e:
+            raise MultiHashConfigError(f"{path}: incomplete mapping of table '{n}' ({e})") from None
+    return out
+
+
+def describe(fitted: Dict[str, FittedMapping]) -> List[Tuple[str, str]]:
+    """One line per table, for the command's output."""
+    lines = []
+    for name, f in fitted.items():
+        s = f.stats
+        lines.append((name, (
+            f"{s['seen_ids']:,} ids seen, {s['own_rows']:,} own rows "
+            f"({100 * s['traffic_on_own_rows']:.0f}% of accesses), {s['stored_ids'] - s['own_rows']:,} ids "
+            f"in {s['shared_rows']:,} shared rows, {f.shape.fallback_rows:,} fallback rows"
+        )))
+    return lines
+
+
+def mapping_bytes_per_id(config: MultiHashEmbeddingBagConfig) -> float:
+    """Bytes the learned mapping of a table costs per logical id (for budgeting)."""
+    if config.learned_ids() == config.num_embeddings:
+        return 2.0 if config.mapped_rows() <= 2**15 - 1 else 4.0
+    return 8.0 * config.learned_ids() / config.num_embeddings * (1.5 if config.num_embeddings > 2**31 - 1 else 1.0)
+
+
