@@ -147,3 +147,52 @@ def test_train_on_torchrec_npy_layout(kaggle, tmp_path):
         cwd=root, capture_output=True, text=True, timeout=600,
     )
     assert r.returncode == 2 and "is not a *_dense.npy file" in r.stderr
+
+
+def npy_days(kaggle, tmp_path, split=500):
+    """The 900 Kaggle rows as two days of TorchRec's .npy layout (rows :split and split:)."""
+    from torchrec.datasets.criteo import BinaryCriteoUtils
+
+    lines = (kaggle / "train.txt").read_text().splitlines(keepends=True)
+    dense = []
+    for day, part in enumerate([lines[:split], lines[split:]]):
+        (tmp_path / f"day_{day}.txt").write_text("".join(part))
+        prefix = tmp_path / f"day_{day}"
+        BinaryCriteoUtils.tsv_to_npys(str(prefix) + ".txt", f"{prefix}_dense.npy", f"{prefix}_sparse.npy", f"{prefix}_labels.npy")
+        dense.append(f"{prefix}_dense.npy")
+    return dense
+
+
+def test_npy_two_processes_train(kaggle, tmp_path):
+    from tests.test_train import train
+
+    days = npy_days(kaggle, tmp_path)
+    r, m = train(tmp_path, "--set", "data.format=criteo_npy", "--set", f"data.train={days}", "--set", f"data.test={days}",
+                 "--set", "train.batch_size=64", nproc=2, config="configs/criteo_kaggle_qr.yaml")
+    assert r.returncode == 0, r.stderr[-3000:]
+    # 14 full global batches of 64, 7 per rank; the test set drops the last partial one too
+    assert m["world_size"] == 2 and m["steps"] == 7 and m["test_samples"] == 14 * 64
+
+
+def test_npy_ranks_split_rows_and_nan_names_file_and_row(kaggle, tmp_path):
+    import numpy as np
+
+    from torchrec_multihash.app.config import load_config
+    from torchrec_multihash.app.data import make_data
+
+    days = npy_days(kaggle, tmp_path)
+    cfg = load_config("configs/criteo_kaggle_qr.yaml", ["data.format=criteo_npy", f"data.train={days}", f"data.test={days}", "train.batch_size=64"])
+
+    def dense(rank, world):
+        return [b.dense_features for b in make_data(cfg, rank, world, tmp_path).train(0, 0)]
+
+    one = dense(0, 1)
+    ranks = [dense(0, 2), dense(1, 2)]
+    assert len(one) == 14 and all(torch.equal(one[2 * i + r], ranks[r][i]) for r in (0, 1) for i in range(7))
+    # a NaN in day_1 row 100 (global row 600, batch 9: rank 1's 5th) stops rank 1 there, naming it
+    arr = np.load(days[1])
+    arr[100, 4] = np.nan
+    np.save(days[1], arr)
+    assert len(dense(0, 2)) == 7
+    with pytest.raises(CriteoFormatError, match=r"day_1_dense.npy row 100: dense features are not finite \(NaN or inf\)"):
+        dense(1, 2)

@@ -1,16 +1,21 @@
 """The train and test batches of a run, per rank, from the configured source."""
 
+import bisect
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
+import numpy as np
 from torchrec.datasets.utils import Batch
 
 from torchrec_multihash.app.config import Config, ConfigError
 from torchrec_multihash.app.model import feature_names
-from torchrec_multihash.datasets.batching import batches as row_batches
-from torchrec_multihash.datasets.criteo_tsv import DEFAULT_SPARSE_NAMES, NUM_DENSE, NUM_SPARSE, read_rows
+from torchrec_multihash.datasets.batching import check_finite
+from torchrec_multihash.datasets.criteo_loader import CriteoBatchDataset, criteo_batches
+from torchrec_multihash.datasets.criteo_tsv import (
+    DEFAULT_SPARSE_NAMES, NUM_DENSE, NUM_SPARSE, BadLines, read_rows,
+)
 from torchrec_multihash.datasets.id_mapping import HashingIds, Vocabulary
 from torchrec_multihash.datasets.synthetic import SyntheticCriteo
 
@@ -25,12 +30,8 @@ class RunData:
     test: Callable[[], Iterator[Batch]]
     num_embeddings_per_feature: List[int]
     num_dense: int
-
-
-def _every(it: Iterator[Batch], start: int, step: int) -> Iterator[Batch]:
-    for i, b in enumerate(it):
-        if i % step == start:
-            yield b
+    # bad lines this rank skipped: in training (all epochs), in the latest test pass
+    skipped_lines: Callable[[], Tuple[int, int]] = lambda: (0, 0)
 
 
 def _paths(paths: Optional[List[str]], what: str) -> List[str]:
@@ -54,17 +55,31 @@ def _npy_triplet(dense: str, what: str) -> List[str]:
 
 def _npy_batches(paths: List[str], cfg: Config, rank: int, world_size: int, keys: List[str], drop_last: bool) -> Iterator[Batch]:
     """TorchRec's preprocessed Criteo (.npy per day: dense, sparse, labels; what
-    torchrec.datasets.criteo reads), memory-mapped, this rank's rows, ids hashed mod the sizes."""
+    torchrec.datasets.criteo reads), memory-mapped, this rank's rows, ids hashed mod the sizes;
+    NaN or inf dense features are an error naming the file and row."""
     from torchrec.datasets.criteo import InMemoryBinaryCriteoIterDataPipe
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     triplets = [_npy_triplet(p, "train/test") for p in paths]
+    bs = cfg.train.batch_size
     pipe = InMemoryBinaryCriteoIterDataPipe(
         "train", [t[0] for t in triplets], [t[1] for t in triplets], [t[2] for t in triplets],
-        batch_size=cfg.train.batch_size, rank=rank, world_size=world_size, drop_last=drop_last,
+        batch_size=bs, rank=rank, world_size=world_size, drop_last=drop_last,
         mmap_mode=True, hashes=list(cfg.embeddings.num_embeddings_per_feature),
     )
-    for b in pipe:
+    file_starts = np.cumsum([0] + pipe.num_rows_per_file).tolist()
+    full = pipe.num_full_batches
+
+    def where(batch_index: int, row: int) -> str:
+        """File and row of the batch's row: global batch b starts at b * bs (the last, smaller
+        batches after the full ones), as the pipe cuts them."""
+        b = rank + batch_index * world_size
+        start = b * bs if b < full else full * bs + int(sum(pipe.last_batch_sizes[: b - full]))
+        f = bisect.bisect_right(file_starts, start + row) - 1
+        return f"{triplets[f][0]} row {start + row - file_starts[f]}"
+
+    for i, b in enumerate(pipe):
+        check_finite(b, lambda row: where(i, row))
         kjt = b.sparse_features  # keyed cat_0..cat_25: rename to the model's features
         yield Batch(
             dense_features=b.dense_features,
@@ -126,13 +141,21 @@ def make_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunD
         to_id = HashingIds(sizes)
     else:
         raise ConfigError(f"data.ids must be hashing or vocabulary, got {d.ids!r}")
-    # every rank streams the files and keeps every world_size-th batch
-    return RunData(
-        train=lambda epoch, skip=0: itertools.islice(
-            _every(row_batches(read_rows(train_paths), bs, keys, to_id, drop_last=True), rank, world_size), skip, None
-        ),
+    train_bad, test_bad = BadLines(), [BadLines()]
+
+    def tsv(paths: List[str], skip: int, drop_last: bool, bad: BadLines) -> Iterator[Batch]:
+        dataset = CriteoBatchDataset(paths, bs, keys, to_id, rank, world_size, skip, drop_last, tolerate_corrupt=bad.limit > 0)
+        return criteo_batches(dataset, bad, d.num_workers)
+
+    def test() -> Iterator[Batch]:
+        test_bad[0] = BadLines(train_bad.limit)
         # with several ranks every batch must be full (the sharded lookups exchange whole batches)
-        test=lambda: _every(row_batches(read_rows(test_paths), bs, keys, to_id, drop_last=world_size > 1), rank, world_size),
+        return tsv(test_paths, 0, world_size > 1, test_bad[0])
+
+    return RunData(
+        train=lambda epoch, skip=0: tsv(train_paths, skip, True, train_bad),
+        test=test,
         num_embeddings_per_feature=sizes,
         num_dense=NUM_DENSE,
+        skipped_lines=lambda: (train_bad.count, test_bad[0].count),
     )

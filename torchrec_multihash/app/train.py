@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from torchrec_multihash.app.config import Config, ConfigError, load_config
 from torchrec_multihash.app.data import make_data
+from torchrec_multihash.app.data_timing import DataWait
 from torchrec_multihash.app.model import build_constraints, build_model, multihash_module
 from torchrec_multihash.datasets.criteo_tsv import CriteoFormatError
 from torchrec_multihash.distributed.checkpoint import load_checkpoint, save_checkpoint
@@ -63,13 +64,24 @@ def setup_distributed() -> torch.device:
 
 
 def _synchronized(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
-    """Stops every rank as soon as one runs out (sharded steps need all ranks)."""
+    """Stops every rank as soon as one runs out (sharded steps need all ranks), or meets bad data:
+    that rank raises its error, the others one that names it (none waits in a collective)."""
     it = iter(batches)
     while True:
-        b = next(it, None)
-        flag = torch.tensor([0 if b is None else 1], device=device)
+        error: Optional[CriteoFormatError] = None
+        try:
+            b = next(it, None)
+        except CriteoFormatError as e:
+            b, error = None, e
+        # 1: a batch, 0: the end, -1 - r: rank r met bad data
+        flag = torch.tensor([-1 - dist.get_rank() if error else 0 if b is None else 1], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        if flag.item() == 0:
+        code = int(flag.item())
+        if error is not None:
+            raise error
+        if code < 0:
+            raise CriteoFormatError(f"stopped: rank {-1 - code} met bad data (its error says where)")
+        if code == 0:
             return
         yield b
 
@@ -137,6 +149,7 @@ def train(cfg: Config, metrics_out: Optional[Path] = None, resume: bool = False)
     base_lrs = [g["lr"] for g in opt.param_groups]
 
     steps, samples, seen_time = 0, 0, 0.0
+    data_wait = DataWait()  # time the loop waits for this rank's next batch
     history: List[Dict[str, float]] = []
     bar = tqdm(desc="train", unit="step", disable=rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True)
 
@@ -201,7 +214,7 @@ def train(cfg: Config, metrics_out: Optional[Path] = None, resume: bool = False)
 
     epoch, done_in_epoch = int(progress[0]), int(progress[1])
     while epoch < t.epochs and not (t.max_steps and steps >= t.max_steps):
-        source = _synchronized(data.train(epoch, done_in_epoch), device)
+        source = _synchronized(data_wait.timed(data.train(epoch, done_in_epoch)), device)
         while not (t.max_steps and steps >= t.max_steps):
             size = until_next_stop()
             ran = run_segment(itertools.islice(source, size), epoch)
@@ -222,7 +235,14 @@ def train(cfg: Config, metrics_out: Optional[Path] = None, resume: bool = False)
     bar.close()
 
     metrics = evaluate(dmp, data.test(), device)
+    skipped = torch.tensor(data.skipped_lines(), dtype=torch.int64, device=device)
+    dist.all_reduce(skipped)
+    wait = torch.tensor([data_wait.seconds / max(seen_time, 1e-9)], dtype=torch.float64, device=device)
+    dist.all_reduce(wait, op=dist.ReduceOp.MAX)  # the rank that waited most
     metrics.update(
+        data_wait_fraction=wait.item(),
+        skipped_lines=int(skipped[0]),
+        skipped_test_lines=int(skipped[1]),
         embedding_bytes=ebc.memory_bytes(),
         full_embedding_bytes=ebc.full_memory_bytes(),
         train_samples_per_s=samples / max(seen_time, 1e-9),
@@ -234,6 +254,10 @@ def train(cfg: Config, metrics_out: Optional[Path] = None, resume: bool = False)
         print(
             f"\nTest AUC {metrics['auc']:.4f}, log loss {metrics['logloss']:.4f}, NE {metrics['ne']:.4f} "
             f"after {steps} steps on {world} rank(s), {metrics['train_samples_per_s']:,.0f} samples/s"
+        )
+        print(
+            f"Data: training waited for batches {metrics['data_wait_fraction']:.1%} of its time; "
+            f"bad lines skipped: {metrics['skipped_lines']} in training, {metrics['skipped_test_lines']} in the last test pass"
         )
         print(
             f"Embedding memory: {metrics['embedding_bytes']:,} bytes vs {metrics['full_embedding_bytes']:,} "

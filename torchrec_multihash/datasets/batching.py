@@ -1,22 +1,48 @@
 """Groups parsed rows into TorchRec ``Batch``es (dense, KJT, labels)."""
 
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_multihash.datasets.criteo_tsv import CriteoRow
+from torchrec_multihash.datasets.criteo_tsv import CriteoFormatError, CriteoRow, parse_block, parse_raw
+from torchrec_multihash.datasets.id_mapping import IdMapping
+
+
+def _batch(dense: torch.Tensor, labels: torch.Tensor, values: torch.Tensor, keys: List[str]) -> Batch:
+    """One-hot KJT (one id per feature and sample), key-major as TorchRec expects."""
+    n = dense.shape[0]
+    kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=torch.ones(n * len(keys), dtype=torch.int32), stride=n)
+    return Batch(dense_features=dense, sparse_features=kjt, labels=labels)
 
 
 def rows_to_batch(rows: Sequence[CriteoRow], keys: List[str], to_id: Callable[[int, Optional[int]], int]) -> Batch:
-    """One-hot KJT (one id per feature and sample), key-major as TorchRec expects."""
-    n = len(rows)
     dense = torch.tensor([r.dense for r in rows], dtype=torch.float32)
     labels = torch.tensor([r.label if r.label is not None else 0 for r in rows], dtype=torch.float32)
     values = torch.tensor([to_id(f, r.sparse[f]) for f in range(len(keys)) for r in rows], dtype=torch.long)
-    kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=torch.ones(n * len(keys), dtype=torch.int32), stride=n)
-    return Batch(dense_features=dense, sparse_features=kjt, labels=labels)
+    return _batch(dense, labels, values, keys)
+
+
+def lines_to_batch(
+    lines: Sequence[Tuple[Path, int, bytes]], keys: List[str], to_id: IdMapping, labeled: bool = True
+) -> Tuple[Optional[Batch], List[str]]:
+    """Parses (path, line number, raw line) triples into one batch: all at once when they are plain
+    Criteo, else line by line. Returns the batch (None if no line is good) and the errors of the
+    bad lines, which are left out."""
+    block = parse_block([raw for _, _, raw in lines], labeled)
+    if block is not None:
+        ids = np.stack([to_id.map_array(f, block.sparse[:, f], block.missing[:, f]) for f in range(len(keys))])
+        return _batch(torch.from_numpy(block.dense), torch.from_numpy(block.labels), torch.from_numpy(ids.reshape(-1)), keys), []
+    rows, bad = [], []
+    for path, lineno, raw in lines:
+        try:
+            rows.append(parse_raw(raw, path, lineno, labeled))
+        except CriteoFormatError as e:
+            bad.append(str(e))
+    return (rows_to_batch(rows, keys, to_id) if rows else None), bad
 
 
 def batches(
@@ -30,3 +56,13 @@ def batches(
             buf = []
     if buf and not drop_last:
         yield rows_to_batch(buf, keys, to_id)
+
+
+def check_finite(batch: Batch, where: Callable[[int], str]) -> Batch:
+    """Rejects NaN or inf dense features, on the CPU before the batch goes to the device (no sync
+    in the training step); ``where(row)`` names the row's file and index for the error."""
+    finite = torch.isfinite(batch.dense_features).all(dim=1)
+    if not bool(finite.all()):
+        row = int((~finite).nonzero()[0])
+        raise CriteoFormatError(f"{where(row)}: dense features are not finite (NaN or inf): {batch.dense_features[row].tolist()}")
+    return batch

@@ -6,12 +6,17 @@ line, never loaded whole; every error names the file and line.
 """
 
 import gzip
+import io
+import itertools
 import math
 import os
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import BinaryIO, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import numpy as np
 
 NUM_DENSE = 13
 NUM_SPARSE = 26
@@ -24,6 +29,34 @@ class CriteoFormatError(ValueError):
     """A line or file that is not in the Criteo TSV layout; the message gives file and line."""
 
 
+class BadLineWarning(UserWarning):
+    """A bad line was skipped (``data.skip_bad_lines``)."""
+
+
+class BadLines:
+    """Accounting of skipped bad lines: up to ``limit`` are counted and skipped (0: the first one
+    stops the run with its error), the first ``warn_first`` with a warning; one more stops the
+    run with an error naming the last one and the count."""
+
+    def __init__(self, limit: int = 0, warn_first: int = 5) -> None:
+        if limit < 0:
+            raise ValueError(f"data.skip_bad_lines must be >= 0, got {limit}")
+        self.limit, self.warn_first = limit, warn_first
+        self.count = 0
+
+    def add(self, error: str) -> None:
+        """Counts one bad line (``error`` names file and line), or raises CriteoFormatError."""
+        if self.limit == 0:
+            raise CriteoFormatError(error)
+        self.count += 1
+        if self.count > self.limit:
+            raise CriteoFormatError(
+                f"{self.count} bad lines, more than data.skip_bad_lines={self.limit}; the last: {error}"
+            )
+        if self.count <= self.warn_first:
+            warnings.warn(f"skipped bad line ({self.count} so far): {error}", BadLineWarning, stacklevel=2)
+
+
 @dataclass
 class CriteoRow:
     """One parsed sample: label (None for unlabeled files), transformed dense features, raw
@@ -34,30 +67,107 @@ class CriteoRow:
     sparse: List[Optional[int]]
 
 
-def _open(path: Path):
+_EMPTY = (b"\n", b"\r\n", b"\r")  # blank lines: skipped, not counted
+
+
+def _open(path: Path) -> BinaryIO:
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="ascii", newline="\n")
-    return open(path, "rt", encoding="ascii", newline="\n")
+        return io.BufferedReader(gzip.GzipFile(path, "rb"), buffer_size=1 << 20)
+    return open(path, "rb", buffering=1 << 20)
 
 
-def iter_lines(paths: Sequence[PathLike]) -> Iterator[tuple]:
-    """Yields (path, line number from 1, line without newline) for every line of every file."""
-    for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise CriteoFormatError(f"{path}: no such file")
-        lineno = 0
+class LineStream:
+    """The non-blank lines of several files in order, numbered across files from 0 (``position``).
+
+    ``skip(n)`` passes over n lines without decoding them (how a rank passes other ranks'
+    batches); ``take(n)`` returns the next n as (path, line number in the file, text). A truncated
+    or corrupt ``.gz`` raises CriteoFormatError after the lines before it; with
+    ``tolerate_corrupt`` it ends that file instead and is recorded in ``corrupt`` as
+    (position, error) for the caller to report.
+    """
+
+    def __init__(self, paths: Sequence[PathLike], tolerate_corrupt: bool = False) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.tolerate_corrupt = tolerate_corrupt
+        self.position = 0
+        self.corrupt: List[Tuple[int, CriteoFormatError]] = []
+        self._next_path = 0
+        self._file: Optional[BinaryIO] = None
+        self._path = Path()
+        self._lineno = 0  # lines (blank ones included) read from the current file
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _current(self) -> Optional[BinaryIO]:
+        """The open file, opening the next one when needed; None after the last."""
+        if self._file is None:
+            if self._next_path == len(self.paths):
+                return None
+            self._path = self.paths[self._next_path]
+            self._next_path += 1
+            if not self._path.is_file():
+                raise CriteoFormatError(f"{self._path}: no such file")
+            self._file, self._lineno = _open(self._path), 0
+        return self._file
+
+    def _read(self, n: int) -> List[bytes]:
+        """Up to n raw lines of the current file ([] at its end), with corruption handled."""
+        f = self._current()
+        if f is None:
+            return []
+        chunk: List[bytes] = []
         try:
-            with _open(path) as f:
-                for lineno, line in enumerate(f, start=1):
-                    yield path, lineno, line.rstrip("\n").rstrip("\r")
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise CriteoFormatError(
-                f"{path}: truncated or corrupt gzip after line {lineno} ({e}); the lines before "
-                "it were read"
-            ) from None
-        except UnicodeDecodeError as e:
-            raise CriteoFormatError(f"{path}:{lineno + 1}: not ASCII text ({e.reason})") from None
+            chunk.extend(itertools.islice(f, n))  # keeps the lines read before an error
+        except (EOFError, OSError, zlib.error) as e:
+            error = CriteoFormatError(
+                f"{self._path}: truncated or corrupt gzip after line {self._lineno + len(chunk)} ({e}); "
+                "the lines before it were read"
+            )
+            if not self.tolerate_corrupt:
+                raise error from None
+            self.corrupt.append((self.position + len(chunk) - _count_blank(chunk), error))
+            self.close()
+            if not chunk:
+                return self._read(n)
+            return chunk
+        if not chunk:
+            self.close()
+            return self._read(n)
+        return chunk
+
+    def skip(self, n: int) -> int:
+        """Passes over up to n lines without decoding them; returns how many (fewer at the end)."""
+        done = 0
+        while done < n:
+            chunk = self._read(min(n - done, 1 << 16))
+            if not chunk:
+                break
+            self._lineno += len(chunk)
+            kept = len(chunk) - _count_blank(chunk)
+            done += kept
+            self.position += kept
+        return done
+
+    def take(self, n: int) -> List[Tuple[Path, int, bytes]]:
+        """The next n lines (fewer at the end) as (path, line number from 1, raw bytes)."""
+        out: List[Tuple[Path, int, bytes]] = []
+        while len(out) < n:
+            chunk = self._read(n - len(out))
+            if not chunk:
+                break
+            for line in chunk:
+                self._lineno += 1
+                if line not in _EMPTY:
+                    out.append((self._path, self._lineno, line))
+                    self.position += 1
+        return out
+
+
+def _count_blank(lines: List[bytes]) -> int:
+    return sum(lines.count(e) for e in _EMPTY)
 
 
 def transform_dense(x: int) -> float:
@@ -90,6 +200,8 @@ def parse_line(line: str, path: PathLike, lineno: int, labeled: bool = True) -> 
             dense.append(transform_dense(int(v)))
         except ValueError:
             raise CriteoFormatError(f"{path}:{lineno}: integer feature I{i + 1} is not an integer: {v!r}") from None
+        except OverflowError:
+            raise CriteoFormatError(f"{path}:{lineno}: integer feature I{i + 1} is too large: {v[:20]!r}...") from None
     sparse: List[Optional[int]] = []
     for i, v in enumerate(fields[NUM_DENSE:]):
         if v == "":
@@ -104,9 +216,75 @@ def parse_line(line: str, path: PathLike, lineno: int, labeled: bool = True) -> 
     return CriteoRow(label=label, dense=dense, sparse=sparse)
 
 
-def read_rows(paths: Sequence[PathLike], labeled: bool = True) -> Iterator[CriteoRow]:
-    """Streams the parsed rows of the files, in order."""
-    for path, lineno, line in iter_lines(paths):
-        if line == "":
-            continue
-        yield parse_line(line, path, lineno, labeled)
+def parse_raw(raw: bytes, path: PathLike, lineno: int, labeled: bool = True) -> CriteoRow:
+    """Parses one line as read from the file (bytes, newline included)."""
+    try:
+        line = raw.rstrip(b"\n").rstrip(b"\r").decode("ascii")
+    except UnicodeDecodeError as e:
+        raise CriteoFormatError(f"{path}:{lineno}: not ASCII text ({e.reason})") from None
+    return parse_line(line, path, lineno, labeled)
+
+
+class ParsedBlock(NamedTuple):
+    """Many lines parsed at once: labels [n] (0 when unlabeled), transformed dense [n, 13],
+    categorical values [n, 26] and where they are missing [n, 26]."""
+
+    labels: np.ndarray
+    dense: np.ndarray
+    sparse: np.ndarray
+    missing: np.ndarray
+
+
+def parse_block(lines: Sequence[bytes], labeled: bool = True) -> Optional[ParsedBlock]:
+    """Vectorized parse of lines as read from a file, the same values as ``parse_line`` row by row;
+    None when any line is not plain Criteo (a bad line, or a categorical value that is not 8 hex
+    digits): parse those line by line, which names what is wrong."""
+    n, cols = len(lines), 1 + NUM_DENSE + NUM_SPARSE if labeled else NUM_DENSE + NUM_SPARSE
+    stripped = [line.rstrip(b"\n").rstrip(b"\r") for line in lines]
+    if any(line.count(b"\t") != cols - 1 for line in stripped):
+        return None
+    fields = np.array(b"\t".join(stripped).split(b"\t"), dtype="S").reshape(n, cols)
+    labels = np.zeros(n, dtype=np.float32)
+    if labeled:
+        if not np.isin(fields[:, 0], [b"0", b"1"]).all():
+            return None
+        labels = (fields[:, 0] == b"1").astype(np.float32)
+        fields = fields[:, 1:]
+    try:
+        ints = np.where(fields[:, :NUM_DENSE] == b"", b"0", fields[:, :NUM_DENSE]).astype(np.int64)
+        missing = fields[:, NUM_DENSE:] == b""
+        hex8 = np.where(missing, b"00000000", fields[:, NUM_DENSE:])
+        if not (np.char.str_len(hex8) == 8).all():
+            return None
+        raw = bytes.fromhex(b"".join(hex8.ravel()).decode("ascii"))
+    except (ValueError, OverflowError, UnicodeDecodeError):
+        return None
+    if len(raw) != 4 * n * NUM_SPARSE:  # whitespace inside a value
+        return None
+    sparse = np.frombuffer(raw, dtype=">u4").astype(np.int64).reshape(n, NUM_SPARSE)
+    dense = np.log1p(np.maximum(ints, 0).astype(np.float64)).astype(np.float32)
+    return ParsedBlock(labels, dense, sparse, missing)
+
+
+def read_rows(paths: Sequence[PathLike], labeled: bool = True, bad_lines: Optional[BadLines] = None) -> Iterator[CriteoRow]:
+    """Streams the parsed rows of the files, in order; a bad line raises, or is skipped and
+    counted by ``bad_lines`` when that allows it."""
+    bad = bad_lines if bad_lines is not None else BadLines()
+    stream = LineStream(paths, tolerate_corrupt=bad.limit > 0)
+    try:
+        while True:
+            lines = stream.take(4096)
+            for _, error in stream.corrupt:
+                bad.add(str(error))
+            stream.corrupt.clear()
+            if not lines:
+                return
+            for path, lineno, raw in lines:
+                try:
+                    row = parse_raw(raw, path, lineno, labeled)
+                except CriteoFormatError as e:
+                    bad.add(str(e))
+                    continue
+                yield row
+    finally:
+        stream.close()

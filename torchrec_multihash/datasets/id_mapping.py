@@ -3,9 +3,19 @@
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Protocol, Sequence
+
+import numpy as np
 
 from torchrec_multihash.datasets.criteo_tsv import CriteoRow
+
+
+class IdMapping(Protocol):
+    """Raw categorical value of a feature -> table id, one at a time or many at once."""
+
+    def __call__(self, feature: int, value: Optional[int]) -> int: ...
+
+    def map_array(self, feature: int, values: np.ndarray, missing: np.ndarray) -> np.ndarray: ...
 
 
 class HashingIds:
@@ -16,6 +26,10 @@ class HashingIds:
 
     def __call__(self, feature: int, value: Optional[int]) -> int:
         return 0 if value is None else value % self.num_embeddings_per_feature[feature]
+
+    def map_array(self, feature: int, values: np.ndarray, missing: np.ndarray) -> np.ndarray:
+        """Many values of one feature at once (``missing`` marks the missing ones)."""
+        return np.where(missing, 0, values % self.num_embeddings_per_feature[feature])
 
 
 class Vocabulary:
@@ -47,6 +61,11 @@ class Vocabulary:
 
     def __call__(self, feature: int, value: Optional[int]) -> int:
         return self.OOV if value is None else self.ids[feature].get(value, self.OOV)
+
+    def map_array(self, feature: int, values: np.ndarray, missing: np.ndarray) -> np.ndarray:
+        """Many values of one feature at once (``missing`` marks the missing ones)."""
+        get = self.ids[feature].get
+        return np.where(missing, self.OOV, np.array([get(v, self.OOV) for v in values.tolist()], dtype=np.int64))
 
     def save(self, path: Path) -> None:
         data = {"min_count": self.min_count, "features": [[f"{v:x}" for v in sorted(m, key=m.get)] for m in self.ids]}
