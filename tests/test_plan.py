@@ -98,3 +98,17 @@ def test_plan_command_errors(args, message):
     r = run_cli("--config", CONFIG, *args)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_plan_of_learned_tables_counts_the_mapping_on_every_rank():
+    c = load_config(CONFIG)
+    c.embeddings.strategy = "learned"
+    model = build_model(c, device=torch.device("meta"))
+    constraints = build_constraints(c, build_tables(c))
+    topo = Topology(world_size=16, local_world_size=8, compute_device="cuda", hbm_cap=80 * 1024**3)
+    report = describe_plan(plan_model(model, topo, constraints, batch_size=8192), model, topo)
+    ebc = model.sparse_arch.embedding_bag_collection
+    mapping = sum(b.numel() * b.element_size() for m in ebc.learned_mappings().values() for b in m.buffers())
+    assert report.mapping_bytes == mapping > 0
+    replicated = sum(s.bytes for s in report.shards if s.sharding_type == "data_parallel")
+    assert sum(report.bytes_per_rank) == ebc.memory_bytes() + 15 * (replicated + mapping)

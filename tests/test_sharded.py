@@ -35,9 +35,11 @@ def _worker(rank, world_size, sharding_type):
     ref = sm.build_model(seed=0)
     model = sm.build_model(seed=1)  # another init: the copy below must set every weight
     ebc = model.model.sparse_arch.embedding_bag_collection
+    unsharded_bytes = ebc.memory_bytes()
     dmp, plan, constraints = shard_with(
         model, sharding_type, world_size, {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR}
     )
+    assert ebc.memory_bytes() == unsharded_bytes  # sharded modules' own buffers are not counted
 
     # every sub-table was placed, with the requested type (mult sub-tables: the closest an
     # EmbeddingCollection has, see constraints.py)

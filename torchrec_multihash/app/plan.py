@@ -122,7 +122,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"\n{'table':10s} {'sub-table':14s} {'sharding':18s} {'ranks':>10s} {'bytes':>12s}")
     for s in report.shards:
         print(f"{s.logical_table:10s} {s.table:14s} {s.sharding_type:18s} {_fmt_ranks(s.ranks):>10s} {_fmt_bytes(s.bytes):>12s}")
-    print("\nEmbedding weights per rank (replicated tables counted on every rank):")
+    if report.mapping_bytes:
+        print(f"\nLearned mappings: {_fmt_bytes(report.mapping_bytes)}, held whole by every rank")
+    print("\nEmbedding weights per rank (replicated tables and learned mappings counted on every rank):")
     full_per_rank = full_report.bytes_per_rank if full_report else None
     print(f"{'rank':>6s} {'multi-hash':>12s} {'uncompressed':>14s}")
     for r, b in enumerate(report.bytes_per_rank):

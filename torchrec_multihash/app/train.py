@@ -2,7 +2,7 @@
 TrainPipelineSparseDist. One process when run directly; one rank per process under torchrun or
 TorchX (it reads RANK, WORLD_SIZE, LOCAL_WORLD_SIZE)."""
 
-import argparse
+import copy
 import itertools
 import json
 import logging
@@ -28,13 +28,15 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
-from torchrec_multihash.app.config import Config, ConfigError, load_config
+from torchrec_multihash.app.config import Config, ConfigError, config_parser, load_config
 from torchrec_multihash.app.data import make_data
 from torchrec_multihash.app.data_timing import DataWait
 from torchrec_multihash.app.model import build_constraints, build_model, multihash_module
 from torchrec_multihash.datasets.criteo_tsv import CriteoFormatError
 from torchrec_multihash.distributed.checkpoint import load_checkpoint, save_checkpoint
 from torchrec_multihash.distributed.sharders import sharders
+from torchrec_multihash.learned.fit import MAPPING_FILE, apply_mappings, load_mappings
+from torchrec_multihash.modules.config import MultiHashConfigError
 from torchrec_multihash.modules.id_transform import InvalidInputError
 
 REPORT_EVERY = 50  # steps between progress reports (bar postfix, or a log line off a terminal)
@@ -84,6 +86,21 @@ def _synchronized(batches: Iterator[Batch], device: torch.device) -> Iterator[Ba
         if code == 0:
             return
         yield b
+
+
+def _mapping_dir(cfg: Config, rank: int, out_dir: Path) -> Path:
+    """The learned tables' mapping: ``embeddings.mapping``, or one fitted now by rank 0 into the
+    run's directory (reused when the run is resumed)."""
+    if cfg.embeddings.mapping:
+        return Path(cfg.embeddings.mapping)
+    path = out_dir / "mapping"
+    if rank == 0 and not (path / MAPPING_FILE).is_file():
+        from torchrec_multihash.app.fit_hash import fit_for_config
+
+        print(f"No embeddings.mapping given: fitting the learned tables' mapping into {path}", flush=True)
+        fit_for_config(copy.deepcopy(cfg), path, show_progress=True)
+    dist.barrier()
+    return path
 
 
 def lr_factor(step: int, cfg: Config) -> float:
@@ -137,6 +154,8 @@ def train(cfg: Config, metrics_out: Optional[Path] = None, resume: bool = False)
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=cfg.train.batch_size, constraints=build_constraints(cfg, ebc.multihash_configs()))
     plan = planner.collective_plan(model, shard, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(model, env=None, device=device, plan=plan, sharders=shard)
+    if ebc.learned_mappings():
+        apply_mappings(ebc, load_mappings(_mapping_dir(cfg, rank, out_dir)))
 
     dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     if cfg.train.dense_optimizer == "adagrad":
@@ -272,9 +291,7 @@ def train(cfg: Config, metrics_out: Optional[Path] = None, resume: bool = False)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="torchrec-multihash train", description=__doc__)
-    p.add_argument("--config", default=None, help="YAML config (defaults if omitted)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.batch_size=512")
+    p = config_parser("torchrec-multihash train", __doc__)
     p.add_argument("--metrics-out", type=Path, default=None, help="write the final metrics as one JSON object")
     p.add_argument("--resume", action="store_true", help="continue from train.output_dir/checkpoint (model, optimizer, data position)")
     args = p.parse_args(argv)
@@ -286,7 +303,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         cfg = load_config(args.config, args.set)
         train(cfg, args.metrics_out, resume=args.resume)
-    except (ConfigError, CriteoFormatError, InvalidInputError) as e:
+    except (ConfigError, CriteoFormatError, InvalidInputError, MultiHashConfigError) as e:
         print(f"torchrec-multihash train: {e}", file=sys.stderr)
         return 2
     finally:

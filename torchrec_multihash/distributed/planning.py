@@ -36,6 +36,7 @@ class PlanReport:
     bytes_per_rank: List[int]
     embedding_bytes: int  # memory_bytes() of the multi-hash modules
     full_embedding_bytes: int  # the same logical tables uncompressed
+    mapping_bytes: int = 0  # learned mappings, held whole by every rank (in bytes_per_rank)
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -62,17 +63,18 @@ def describe_plan(plan: ShardingPlan, model: nn.Module, topology: Topology) -> P
     """Where every sub-table of every MultiHashEmbeddingBagCollection in ``model`` went."""
     logical: Dict[str, str] = {}  # sub-table -> logical table
     subs: Dict[str, BaseEmbeddingConfig] = {}  # sub-table -> its config, in module order
-    embedding_bytes = full_bytes = 0
+    embedding_bytes = full_bytes = mapping_bytes = 0
     for mod in model.modules():
         if isinstance(mod, MultiHashEmbeddingBagCollection):
             embedding_bytes += mod.memory_bytes()
             full_bytes += mod.full_memory_bytes()
+            mapping_bytes += sum(b.numel() * b.element_size() for m in mod.learned_mappings().values() for b in m.buffers())
             for t in mod.multihash_configs():
                 for suffix in t.partition_suffixes():
                     logical[t.name + suffix] = t.name
             subs.update((c.name, c) for c in mod.sub_table_configs())
     world = topology.world_size
-    per_rank = [0] * world
+    per_rank = [mapping_bytes] * world
     shards: List[ShardReport] = []
     for module_fqn, module_plan in plan.plan.items():
         for table, ps in module_plan.items():  # type: ignore[union-attr]
@@ -110,4 +112,5 @@ def describe_plan(plan: ShardingPlan, model: nn.Module, topology: Topology) -> P
         bytes_per_rank=per_rank,
         embedding_bytes=embedding_bytes,
         full_embedding_bytes=full_bytes,
+        mapping_bytes=mapping_bytes,
     )

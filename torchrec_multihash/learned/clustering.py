@@ -20,16 +20,17 @@ def balanced_clusters(x: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Te
         raise ValueError(f"k must be >= 1, got {k}")
     if n == 0:
         return torch.zeros(0, dtype=torch.long)
-    x = x.double()
+    x = x.float()  # coordinates in float32 (memory); weights and their sums in float64 (precision)
     w = weight.double().clamp(min=1e-12)
     seg = torch.zeros(n, dtype=torch.long)  # the cell of each point
     cell_k = torch.tensor([k], dtype=torch.long)  # clusters each cell must still produce
     while bool((cell_k > 1).any()):
         cells = cell_k.numel()
         total = torch.zeros(cells, dtype=torch.float64).index_add_(0, seg, w)
-        mean = torch.zeros(cells, x.shape[1], dtype=torch.float64).index_add_(0, seg, x * w[:, None])
-        mean /= total.clamp(min=1e-12)[:, None]
-        var = torch.zeros_like(mean).index_add_(0, seg, (x - mean[seg]) ** 2 * w[:, None])
+        wf = w.float()[:, None]
+        mean = torch.zeros(cells, x.shape[1]).index_add_(0, seg, x * wf)
+        mean /= total.float().clamp(min=1e-12)[:, None]
+        var = torch.zeros_like(mean).index_add_(0, seg, (x - mean[seg]) ** 2 * wf)
         value = x.gather(1, var.argmax(1)[seg][:, None]).squeeze(1)
         # order points by (cell, value along the cell's widest dimension)
         order = torch.argsort(value, stable=True)

@@ -75,7 +75,7 @@ def _hot_count(sorted_counts: torch.Tensor, rows: int) -> int:
 def _standardize(x: torch.Tensor) -> torch.Tensor:
     """Centred and scaled by one overall std, so that dimensions with more spread (more signal)
     keep it and get split more often."""
-    x = x.double()
+    x = x.float()
     if x.shape[0] < 2:
         return x * 0
     x = x - x.mean(0)
@@ -95,10 +95,10 @@ def assign_rows(
     rest = seen[hot:]
     features = []
     if options.learn_vectors and vectors.numel():
-        n = counts[rest].double()[:, None]
+        n = counts[rest].float()[:, None]
         shrink = torch.where(n >= options.vector_min_count, n / (n + options.vector_min_count), torch.zeros_like(n))
-        features.append(_standardize(vectors[rest].double() * shrink))
-    features.append(options.frequency_weight * _standardize(torch.log1p(counts[rest].double()))[:, None])
+        features.append(_standardize(vectors[rest].float() * shrink))
+    features.append(options.frequency_weight * _standardize(torch.log1p(counts[rest].float()))[:, None])
     cells = balanced_clusters(torch.cat(features, 1), counts[rest], rows_for_known - hot)
     rows = torch.cat([torch.arange(hot), hot + cells])
     total = max(int(counts.sum()), 1)

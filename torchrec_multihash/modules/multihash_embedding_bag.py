@@ -216,13 +216,16 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return self._device
 
     def memory_bytes(self) -> int:
-        """Bytes of all sub-tables and buffers, learned mappings included (exact; independent of
-        device or sharding)."""
+        """Bytes of all sub-tables and of the learned mappings (exact; independent of device or
+        sharding)."""
         table_bytes = sum(
             c.num_embeddings * c.embedding_dim * DATA_TYPE_NUM_BITS[c.data_type] // 8
             for c in self._sub_table_configs
         )
-        buffer_bytes = sum(b.numel() * b.element_size() for b in self.buffers())
+        # our own buffers (the learned mappings), not those a sharded inner module may add
+        buffer_bytes = sum(
+            b.numel() * b.element_size() for m in self.learned_mappings().values() for b in m.buffers()
+        )
         return table_bytes + buffer_bytes
 
     def full_memory_bytes(self) -> int:
