@@ -154,3 +154,15 @@ def test_fit_hash_command_then_train_with_the_mapping(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "table 't_C1'" in r.stderr and "fit again" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_train_on_two_processes_fits_the_mapping_first(tmp_path):
+    from tests.test_train import SMALL, train
+
+    r, m = train(tmp_path, *SMALL, "--set", "embeddings.strategy=learned", nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "fitting the learned tables' mapping" in r.stdout
+    assert (tmp_path / "run" / "mapping" / "mapping.pt").is_file()
+    assert m["world_size"] == 2 and m["auc"] > 0.55
+    report = json.loads((tmp_path / "run" / "mapping" / "mapping.json").read_text())
+    assert report["tables"]["t_C1"]["own_rows"] > 0 and report["tables"]["t_C1"]["shared_rows"] > 0
