@@ -88,3 +88,92 @@ def test_block_parse_equals_line_parse(change, vectorized, labeled):
     for to_id in (TO_ID, Vocabulary.build(rows[:1], 26)):
         batch, bad = lines_to_batch([("f", i + 1, r) for i, r in enumerate(raw)], DEFAULT_SPARSE_NAMES, to_id, labeled)
         assert bad == [] and same(batch, rows_to_batch(rows, DEFAULT_SPARSE_NAMES, to_id))
+
+
+@pytest.fixture
+def bad_file(shared_data, tmp_path):
+    """Kaggle rows with 3 bad lines: 71 and 72 in global batch 1 of 64 (rank 1 of 2), 151 in batch 2 (rank 0)."""
+    lines = (shared_data / "criteo_kaggle_900" / "train.txt").read_text().splitlines(keepends=True)
+    lines[70] = "garbage\n"
+    lines[71] = lines[71].replace("\t", "\tzz", 1)
+    lines[150] = "2" + lines[150][1:]
+    (tmp_path / "bad.txt").write_text("".join(lines))
+    return tmp_path / "bad.txt"
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_bad_lines_are_skipped_counted_per_rank_and_limited(bad_file, num_workers):
+    from torchrec_multihash.datasets.criteo_tsv import BadLineWarning
+
+    def run(rank, limit):
+        bad = BadLines(limit)
+        ds = CriteoBatchDataset([bad_file], 64, DEFAULT_SPARSE_NAMES, TO_ID, rank, 2, drop_last=True, tolerate_corrupt=limit > 0)
+        return [b.labels.numel() for b in criteo_batches(ds, bad, num_workers)], bad.count
+
+    with pytest.warns(BadLineWarning, match=r"skipped bad line \(2 so far\): .*bad.txt:72: integer feature I1 is not an integer: 'zz4'"):
+        sizes1, count1 = run(1, 3)
+    sizes0, count0 = run(0, 3)
+    assert (count0, count1) == (1, 2)  # each rank counts the bad lines of its own batches
+    assert sizes1 == [62] + [64] * 6 and sizes0 == [64, 63] + [64] * 5
+    with pytest.raises(CriteoFormatError, match=r"2 bad lines, more than data.skip_bad_lines=1; the last: .*bad.txt:72"):
+        run(1, 1)
+    with pytest.raises(CriteoFormatError, match=r"bad.txt:71: expected 40 tab-separated columns .* found 1$"):
+        run(1, 0)
+
+
+def test_truncated_gz_ends_its_file_when_skipping(shared_data, tmp_path):
+    from torchrec_multihash.datasets.criteo_tsv import BadLineWarning, LineStream
+
+    lines = (shared_data / "criteo_kaggle_900" / "train.txt").read_bytes()
+    data = gzip.compress(lines)
+    (tmp_path / "cut.gz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "next.txt").write_bytes(lines)
+    files = [tmp_path / "cut.gz", tmp_path / "next.txt"]
+    readable = LineStream(files[:1], tolerate_corrupt=True).skip(10**6)
+    assert 0 < readable < 900
+    # no skipping: the batches before the cut are used, then the run stops
+    got = []
+    with pytest.raises(CriteoFormatError, match=rf"cut.gz: truncated or corrupt gzip after line {readable} "):
+        for b in criteo_batches(CriteoBatchDataset(files, 32, DEFAULT_SPARSE_NAMES, TO_ID), BadLines()):
+            got.append(b)
+    assert len(got) == readable // 32
+    # skipping: the file ends there, reported once over the ranks, and the next file is read
+    counts, samples = [], 0
+    for rank in (0, 1):
+        bad = BadLines(5)
+        with pytest.warns(BadLineWarning, match="cut.gz: truncated") if rank == (readable // 32) % 2 else _no_warning():
+            samples += sum(b.labels.numel() for b in criteo_batches(CriteoBatchDataset(files, 32, DEFAULT_SPARSE_NAMES, TO_ID, rank, 2, tolerate_corrupt=True), bad))
+        counts.append(bad.count)
+    assert sum(counts) == 1 and samples == readable + 900
+    rows = BadLines(5)
+    assert len(list(read_rows(files, bad_lines=rows))) == readable + 900 and rows.count == 1
+
+
+def _no_warning():
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def check():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            yield
+
+    return check()
+
+
+def test_train_two_ranks_with_bad_lines(bad_file, tmp_path):
+    """End to end on 2 ranks: skipped lines are summed over the ranks; without skipping the rank
+    that meets the bad line stops with its file:line and the other stops too (no hang)."""
+    from tests.test_train import train
+
+    common = ["--set", f"data.train={bad_file}", "--set", f"data.test={bad_file}", "--set", "train.batch_size=64"]
+    r, m = train(tmp_path / "skip", *common, "--set", "data.skip_bad_lines=5", "--set", "data.ids=vocabulary",
+                 nproc=2, config="configs/criteo_kaggle_qr.yaml")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert m["skipped_lines"] == 3 and m["skipped_test_lines"] == 3 and m["steps"] == 7
+    assert "bad lines skipped: 3 in training" in r.stdout
+    # (torchrun ends the other rank as soon as one fails: it may not get to print its own line)
+    r, _ = train(tmp_path / "stop", *common, nproc=2, config="configs/criteo_kaggle_qr.yaml")
+    assert r.returncode != 0
+    assert "torchrec-multihash train: " + str(bad_file) + ":71: expected 40 tab-separated columns" in r.stderr

@@ -62,6 +62,8 @@ class DataConfig:
     test_samples: int = 20_000  # synthetic
     num_clusters: int = 64  # synthetic: hidden clusters per feature
     num_workers: int = 0  # criteo_tsv: DataLoader workers parsing this rank's batches (0: in the training process)
+    skip_bad_lines: int = 0  # criteo_tsv: bad lines each rank may skip (counted, reported); 0: the first one stops the run
+    max_vocab_size: int = 1_000_000  # vocabulary: ids per feature at most (counting memory is bounded by it, not by the data)
 
 
 @dataclass

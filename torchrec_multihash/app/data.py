@@ -124,12 +124,17 @@ def make_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunD
             num_dense=NUM_DENSE,
         )
     # criteo_tsv
+    for key, least in (("num_workers", 0), ("skip_bad_lines", 0), ("max_vocab_size", 1)):
+        if getattr(d, key) < least:
+            raise ConfigError(f"data.{key} must be >= {least}, got {getattr(d, key)}")
     if d.ids == "vocabulary":
         vocab_path = output_dir / "vocabulary.json"
         if vocab_path.is_file():
             vocab = Vocabulary.load(vocab_path)
         else:
-            vocab = Vocabulary.build(read_rows(train_paths), len(keys), min_count=d.min_count)
+            # its bad lines are counted (and warned about) in training
+            rows = read_rows(train_paths, bad_lines=BadLines(d.skip_bad_lines, warn_first=0))
+            vocab = Vocabulary.build(rows, len(keys), min_count=d.min_count, max_size=d.max_vocab_size)
             if rank == 0:
                 output_dir.mkdir(parents=True, exist_ok=True)
                 vocab.save(vocab_path)
@@ -141,14 +146,14 @@ def make_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunD
         to_id = HashingIds(sizes)
     else:
         raise ConfigError(f"data.ids must be hashing or vocabulary, got {d.ids!r}")
-    train_bad, test_bad = BadLines(), [BadLines()]
+    train_bad, test_bad = BadLines(d.skip_bad_lines), [BadLines(d.skip_bad_lines)]
 
     def tsv(paths: List[str], skip: int, drop_last: bool, bad: BadLines) -> Iterator[Batch]:
         dataset = CriteoBatchDataset(paths, bs, keys, to_id, rank, world_size, skip, drop_last, tolerate_corrupt=bad.limit > 0)
         return criteo_batches(dataset, bad, d.num_workers)
 
     def test() -> Iterator[Batch]:
-        test_bad[0] = BadLines(train_bad.limit)
+        test_bad[0] = BadLines(d.skip_bad_lines)
         # with several ranks every batch must be full (the sharded lookups exchange whole batches)
         return tsv(test_paths, 0, world_size > 1, test_bad[0])
 

@@ -1,13 +1,14 @@
 """Raw categorical values -> table ids: TorchRec-style hashing, or a frequency-ordered vocabulary."""
 
+import itertools
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Protocol, Sequence
 
 import numpy as np
 
 from torchrec_multihash.datasets.criteo_tsv import CriteoRow
+from torchrec_multihash.datasets.heavy_hitters import HeavyHitters
 
 
 class IdMapping(Protocol):
@@ -43,16 +44,18 @@ class Vocabulary:
         self.min_count = min_count
 
     @classmethod
-    def build(cls, rows: Iterable[CriteoRow], num_features: int, min_count: int = 1) -> "Vocabulary":
-        counts = [Counter() for _ in range(num_features)]
-        for row in rows:
-            for f, v in enumerate(row.sparse):
-                if v is not None:
-                    counts[f][v] += 1
-        ids = []
-        for c in counts:
-            kept = sorted((v for v, n in c.items() if n >= min_count), key=lambda v: (-c[v], v))
-            ids.append({v: i + 1 for i, v in enumerate(kept)})
+    def build(
+        cls, rows: Iterable[CriteoRow], num_features: int, min_count: int = 1, max_size: int = 1_000_000, chunk: int = 4096
+    ) -> "Vocabulary":
+        """Counts each feature's values in bounded memory (HeavyHitters of capacity ``max_size``:
+        exact while a feature has at most ``2 * max_size`` distinct values) and keeps the
+        ``max_size`` most frequent seen at least ``min_count`` times."""
+        counters = [HeavyHitters(max_size) for _ in range(num_features)]
+        it = iter(rows)
+        for part in iter(lambda: list(itertools.islice(it, chunk)), []):
+            for f, counter in enumerate(counters):
+                counter.update([v for v in (r.sparse[f] for r in part) if v is not None])
+        ids = [{v: i + 1 for i, (v, _) in enumerate(c.most_common(max_size, min_count))} for c in counters]
         return cls(ids, min_count)
 
     def sizes(self) -> List[int]:
