@@ -13,6 +13,7 @@ COMMANDS = {
     "demo": "train a small DLRM with full and with multi-hash tables on a synthetic task and compare",
     "train": "train a sharded DLRM with multi-hash tables (one process, or one rank per process under torchrun/TorchX)",
     "fit-hash": "fit the learned id -> row mappings of a config's learned tables on its training data",
+    "bench": "training step time and memory of every strategy vs TorchRec's EBC and a naive Q-R; scaling; reader speed",
     "quality": "test AUC and log loss against embedding bytes for several strategies, compressions and seeds",
     "plan": "show where TorchRec's planner puts each sub-table for a topology (need not exist)",
 }
@@ -43,6 +44,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from torchrec_multihash.app.fit_hash import main as fit_main
 
         return fit_main(argv[1:])
+    if args.command == "bench":
+        from torchrec_multihash.bench.bench import main as bench_main
+
+        return bench_main(argv[1:])
     if args.command == "quality":
         from torchrec_multihash.bench.quality import main as quality_main
 

@@ -8,6 +8,7 @@ itself and the dense features). Ids of one cluster behave alike, so a learned ha
 to find that a random hash destroys.
 """
 
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
 
@@ -97,3 +98,22 @@ class SyntheticCriteo:
         """Batches start, start + step, ... (a rank r of W takes start=r, step=W)."""
         for i in range(num_batches):
             yield self.batch(batch_size, start + i * step)
+
+
+def write_criteo_tsv(path: Path, lines: int, seed: int = 0, vocab: int = 1_000_000) -> None:
+    """Writes ``lines`` synthetic samples in the Criteo TSV layout (label, 13 integer counts, 26
+    hex categoricals; one in 20 fields empty), e.g. to measure the reader on a file of any size."""
+    syn = SyntheticCriteo([vocab] * 26, num_dense=NUM_DENSE, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with open(path, "w") as f:
+        for start in range(0, lines, 4096):
+            b = syn.batch(min(4096, lines - start), start)
+            n = b.labels.numel()
+            ints = torch.expm1(b.dense_features).round().long().tolist()
+            cats = (b.sparse_features.values().view(26, n).t() * 2654435761 % 2**32).tolist()
+            empty = (torch.rand(n, 39, generator=g) < 0.05).tolist()
+            for i in range(n):
+                fields = [str(int(b.labels[i]))]
+                fields += ["" if empty[i][j] else str(v) for j, v in enumerate(ints[i])]
+                fields += ["" if empty[i][13 + j] else f"{v:08x}" for j, v in enumerate(cats[i])]
+                f.write("\t".join(fields) + "\n")

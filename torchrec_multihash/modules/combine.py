@@ -1,7 +1,7 @@
 """The parameter-free module that composes sub-table lookups into one pooled embedding per feature."""
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -45,6 +45,25 @@ class Combine(nn.Module):
         self._dims = [o.dim for o in outputs]
         self._needs_features = any(o.per_id or o.pooling == PoolingType.MEAN for o in outputs)
 
+    def _per_id_pooled(
+        self, outputs: List[OutputSpec], by_key: Dict[str, JaggedTensor], rows_by_sub: Dict[str, JaggedTensor], batch_size: int
+    ) -> List[torch.Tensor]:
+        """Sum-pooled per-id products of ``outputs`` (one per-id group, one dim): the parts of all
+        features are multiplied in one go and pooled with one ``index_add`` into [features x bags]."""
+        num_parts = len(outputs[0].sub_features)
+        parts = [torch.cat([rows_by_sub[o.sub_features[k]].values() for o in outputs]).float() for k in range(num_parts)]
+        rows = parts[0]
+        for p in parts[1:]:
+            rows = rows * p
+        if self._is_weighted:
+            rows = rows * torch.cat([by_key[o.feature].weights() for o in outputs]).unsqueeze(1)
+        lengths = torch.cat([by_key[o.feature].lengths() for o in outputs])
+        bag = torch.repeat_interleave(
+            torch.arange(lengths.numel(), device=rows.device), lengths, output_size=rows.size(0)
+        )
+        pooled = torch.zeros(lengths.numel(), rows.size(1), dtype=rows.dtype, device=rows.device).index_add(0, bag, rows)
+        return list(pooled.view(len(outputs), batch_size, -1).unbind(0))
+
     def forward(
         self,
         features: KeyedJaggedTensor,
@@ -54,24 +73,16 @@ class Combine(nn.Module):
         batch_size = features.stride()
         by_key: Dict[str, JaggedTensor] = features.to_dict() if self._needs_features else {}
         pooled_parts: Dict[str, Dict[str, torch.Tensor]] = {g: kt.to_dict() for g, kt in pooled.items()}
+        per_id_out: Dict[str, torch.Tensor] = {}
+        for group, rows_by_sub in per_id.items():
+            # features of one group with the same number of parts are composed together
+            for k in sorted({len(o.sub_features) for o in self._outputs if o.per_id and o.group == group}):
+                outs = [o for o in self._outputs if o.per_id and o.group == group and len(o.sub_features) == k]
+                per_id_out.update(zip([o.name for o in outs], self._per_id_pooled(outs, by_key, rows_by_sub, batch_size)))
         results: List[torch.Tensor] = []
         for o in self._outputs:
-            lengths: Optional[torch.Tensor] = None
             if o.per_id:
-                jt = by_key[o.feature]
-                lengths = jt.lengths()
-                parts = [per_id[o.group][s].values().float() for s in o.sub_features]
-                rows = parts[0]
-                for p in parts[1:]:
-                    rows = rows * p
-                if self._is_weighted:
-                    rows = rows * jt.weights().unsqueeze(1)
-                bag = torch.repeat_interleave(
-                    torch.arange(batch_size, device=rows.device), lengths, output_size=rows.size(0)
-                )
-                out = torch.zeros(batch_size, o.dim, dtype=rows.dtype, device=rows.device).index_add(
-                    0, bag, rows
-                )
+                out = per_id_out[o.name]
             else:
                 parts = [pooled_parts[o.group][s] for s in o.sub_features]
                 if len(parts) == 1:
@@ -81,8 +92,7 @@ class Combine(nn.Module):
                 else:  # add
                     out = torch.stack(parts).sum(0)
             if o.pooling == PoolingType.MEAN:
-                if lengths is None:
-                    lengths = by_key[o.feature].lengths()
+                lengths = by_key[o.feature].lengths()
                 out = out / lengths.clamp(min=1).unsqueeze(1).to(out.dtype)
             results.append(out)
         return KeyedTensor(

@@ -1,0 +1,155 @@
+"""One benchmark method's training step time and memory, in its own process (a rank under
+torchrun for the scaling runs). Run by ``torchrec-multihash bench``; prints one JSON object."""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torch import nn
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_multihash.bench.naive_qr import NaiveQREmbeddingBags
+from torchrec_multihash.bench.workload import BenchSpec
+from torchrec_multihash.convert import to_multihash_configs
+from torchrec_multihash.distributed.sharders import sharders
+from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
+
+LR = 0.05
+# method -> (strategy, operation) of a MultiHashEmbeddingBagCollection; the others are baselines
+METHODS: Dict[str, Optional[tuple]] = {
+    "torchrec_ebc": None,  # TorchRec's EmbeddingBagCollection, full tables
+    "naive_qr": None,  # two torch.nn.EmbeddingBag per table, torch.optim.Adagrad (sparse)
+    "full": ("full", "mult"),
+    "hash": ("hash", "mult"),
+    "qr_add": ("qr", "add"),
+    "qr_mult": ("qr", "mult"),
+    "qr_concat": ("qr", "concat"),
+    "generalized_qr": ("generalized_qr", "mult"),
+    "learned": ("learned", "mult"),
+}
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build(method: str, spec: BenchSpec, device: torch.device) -> nn.Module:
+    tables = spec.tables()
+    if method == "torchrec_ebc":
+        return EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+    if method == "naive_qr":
+        return NaiveQREmbeddingBags(tables, collisions=int(spec.compression)).to(device)
+    strategy, operation = METHODS[method]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tables too small to shrink stay as they are
+        configs = to_multihash_configs(tables, 1.0 if strategy == "full" else spec.compression, strategy=strategy, operation=operation,
+                                       num_partitions=3 if strategy == "generalized_qr" else None)
+    return MultiHashEmbeddingBagCollection(configs, device=torch.device("meta"))
+
+
+def shard(module: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedModelParallel with TorchRec's planner and a fused row-wise Adagrad."""
+    shard_ = sharders(fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": LR, "eps": 1e-8})
+    world = dist.get_world_size()
+    topo = Topology(world_size=world, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)), compute_device=device.type)
+    plan = EmbeddingShardingPlanner(topology=topo).collective_plan(module, shard_, dist.GroupMember.WORLD)
+    return DistributedModelParallel(module, device=device, plan=plan, sharders=shard_)
+
+
+def fit_learned(module: nn.Module, batches: List[KeyedJaggedTensor]) -> None:
+    """A frequency-only mapping from the benchmark's batches (step time does not depend on it)."""
+    from torchrec.datasets.utils import Batch
+
+    from torchrec_multihash.learned.fit import FitOptions, apply_mappings, fit_mappings
+
+    ebc = next(m for m in module.modules() if isinstance(m, MultiHashEmbeddingBagCollection))
+    as_batches = [Batch(dense_features=torch.zeros(k.stride(), 1), sparse_features=k, labels=torch.zeros(k.stride())) for k in batches]
+    apply_mappings(ebc, fit_mappings(ebc.multihash_configs(), lambda: as_batches, 1, FitOptions(learn_vectors=False)))
+
+
+def run(method: str, spec: BenchSpec) -> Dict[str, object]:
+    from torchrec_multihash.app.train import setup_distributed
+
+    device = setup_distributed()
+    batches = [b.to(device) for b in spec.batches()]
+    rss_before = _rss_mib()
+    module = build(method, spec, device)
+    if method == "naive_qr":
+        model, opt = module, torch.optim.Adagrad(module.parameters(), lr=LR)
+        if dist.get_world_size() > 1:
+            raise SystemExit("naive_qr runs on one process only")
+    else:
+        model, opt = shard(module, device), None
+        if method == "learned":
+            fit_learned(model, batches)
+    upstream = torch.randn(spec.batch_size, spec.dim * len(spec.rows), generator=torch.Generator().manual_seed(1)).to(device)
+    times: List[float] = []
+    for i, kjt in enumerate(batches):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model(kjt)
+        loss = (out.values() * upstream).sum()
+        if opt is not None:
+            opt.zero_grad()
+        loss.backward()  # the fused optimizer updates the sharded tables here
+        if opt is not None:
+            opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= spec.warmup:
+            times.append(time.perf_counter() - t0)
+    world = dist.get_world_size()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, statistics.median(times))
+    step = max(gathered)  # a step ends when the slowest rank's does
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+    return {
+        "method": method,
+        "world_size": world,
+        "device": str(device.type),
+        "step_ms": 1000 * step,
+        "step_ms_p90": 1000 * sorted(times)[int(0.9 * (len(times) - 1))],
+        "samples_per_s": world * spec.batch_size / step,
+        "peak_mib": _peak_mib(device),
+        "rss_before_mib": rss_before,
+        "weights_bytes_rank0": weights,
+    }
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--method", choices=sorted(METHODS), required=True)
+    p.add_argument("--spec", required=True, help="BenchSpec as JSON")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*autograd kernel was not registered.*")
+    spec = BenchSpec(**json.loads(args.spec))
+    result = run(args.method, spec)
+    if dist.get_rank() == 0:
+        print("BENCH " + json.dumps(result), flush=True)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

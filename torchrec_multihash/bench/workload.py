@@ -1,0 +1,69 @@
+"""The benchmark's tables and batches: Criteo-like, the same for every method."""
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+# Criteo Kaggle's 26 vocabulary sizes (the DLRM reference's), capped by ``BenchSpec.max_rows``
+CRITEO_KAGGLE_ROWS = [
+    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
+    5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
+]
+
+
+@dataclass
+class BenchSpec:
+    """26 Criteo-like tables (sizes capped at ``max_rows``), ``multi_hot`` of the features with
+    bags of 1..``max_bag`` ids, the rest one-hot; ids follow a power law (P(x) ~ 1/x), scattered."""
+
+    dim: int = 64
+    max_rows: int = 2_000_000
+    batch_size: int = 4096
+    multi_hot: int = 3
+    max_bag: int = 20
+    steps: int = 30
+    warmup: int = 5
+    compression: float = 8.0
+    seed: int = 0
+    rows: List[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.rows:
+            self.rows = [min(n, self.max_rows) for n in CRITEO_KAGGLE_ROWS]
+
+    @classmethod
+    def quick(cls) -> "BenchSpec":
+        return cls(dim=16, max_rows=200_000, batch_size=1024, steps=20, warmup=3)
+
+    def to_dict(self) -> Dict[str, object]:
+        return asdict(self)
+
+    def features(self) -> List[str]:
+        return [f"C{i + 1}" for i in range(len(self.rows))]
+
+    def tables(self) -> List[EmbeddingBagConfig]:
+        return [
+            EmbeddingBagConfig(name=f"t_{f}", num_embeddings=n, embedding_dim=self.dim, feature_names=[f])
+            for f, n in zip(self.features(), self.rows)
+        ]
+
+    def batches(self) -> List[KeyedJaggedTensor]:
+        """``warmup + steps`` KJTs, deterministic from ``seed``."""
+        g = torch.Generator().manual_seed(self.seed)
+        out = []
+        for _ in range(self.warmup + self.steps):
+            values, lengths = [], []
+            for i, n in enumerate(self.rows):
+                if i < self.multi_hot:
+                    lens = torch.randint(1, self.max_bag + 1, (self.batch_size,), generator=g)
+                else:
+                    lens = torch.ones(self.batch_size, dtype=torch.long)
+                raw = torch.floor(torch.exp(torch.rand(int(lens.sum()), generator=g, dtype=torch.float64) * math.log(n))).long() - 1
+                values.append((raw * 2654435761) % n)  # hot ids scattered over the table
+                lengths.append(lens)
+            out.append(KeyedJaggedTensor(keys=self.features(), values=torch.cat(values), lengths=torch.cat(lengths).int()))
+        return out
