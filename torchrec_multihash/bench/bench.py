@@ -125,8 +125,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {list(METHODS)}")
     p.add_argument("--scaling", default="1,2,4", help="process counts for the scaling runs ('' to skip)")
     p.add_argument("--loader-lines", type=int, default=None, help="lines of the generated Criteo TSV (0 to skip)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per method (default: 30, --quick 20)")
     args = p.parse_args(argv)
     spec = BenchSpec.quick() if args.quick else BenchSpec()
+    if args.steps:
+        spec.steps = args.steps
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

@@ -1,0 +1,63 @@
+"""The bench and quality commands run end to end, and the naive Q-R baseline computes what the
+original DLRM code does."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_multihash import MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig
+from torchrec_multihash.bench.naive_qr import NaiveQREmbeddingBags
+from torchrec_multihash.bench.quality import markdown, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_naive_qr_equals_the_module_on_one_hot_bags_and_pools_first_on_multi_hot():
+    plain = [EmbeddingBagConfig(name="t", num_embeddings=100, embedding_dim=4, feature_names=["f"])]
+    naive = NaiveQREmbeddingBags(plain, collisions=8)
+    ebc = MultiHashEmbeddingBagCollection([MultiHashEmbeddingBagConfig(name="t", num_embeddings=100, embedding_dim=4, feature_names=["f"], num_collisions=8)])
+    with torch.no_grad():
+        w = ebc.sub_table_weights()
+        naive.q[0].weight.copy_(w["t__q"])
+        naive.r[0].weight.copy_(w["t__r"])
+    one_hot = KeyedJaggedTensor(keys=["f"], values=torch.tensor([3, 99, 42]), lengths=torch.tensor([1, 1, 1]))
+    torch.testing.assert_close(naive(one_hot).values(), ebc(one_hot).values())
+    bag = KeyedJaggedTensor(keys=["f"], values=torch.tensor([3, 99]), lengths=torch.tensor([2]))
+    q, r = w["t__q"], w["t__r"]
+    pooled_first = (q[0] + q[12]) * (r[3] + r[3])  # 3 = 0*8+3, 99 = 12*8+3
+    torch.testing.assert_close(naive(bag).values()[0], pooled_first.detach())
+
+
+def test_bench_quick_writes_ratios_tables_and_plots(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "torchrec_multihash.cli", "bench", "--quick", "--steps", "3", "--methods", "qr_mult,naive_qr",
+         "--scaling", "", "--loader-lines", "3000", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [m["method"] for m in res["methods"]] == ["torchrec_ebc", "qr_mult", "naive_qr"]
+    by = {m["method"]: m for m in res["methods"]}
+    assert by["qr_mult"]["weights_bytes_rank0"] * 7 < by["torchrec_ebc"]["weights_bytes_rank0"]  # 8x smaller tables
+    assert all(m["step_ms"] > 0 and m["peak_mib"] > 0 for m in res["methods"])
+    assert res["loader"] and res["loader"][0]["samples"] > 0
+    md = (tmp_path / "results.md").read_text()
+    assert "| qr_mult |" in md and "vs torchrec_ebc" in md
+    assert (tmp_path / "step_time.png").stat().st_size > 1000 and (tmp_path / "memory.png").stat().st_size > 1000
+
+
+def test_quality_summary_pairs_seeds_against_hash():
+    rows = [
+        {"strategy": s, "compression": 4.0, "seed": seed, "auc": auc, "logloss": 0.5, "embedding_bytes": 100, "full_embedding_bytes": 400}
+        for s, seed, auc in [("hash", 0, 0.70), ("hash", 1, 0.60), ("learned", 0, 0.72), ("learned", 1, 0.61)]
+    ]
+    summary = {s["strategy"]: s for s in summarize(rows)}
+    lo, mean, hi = summary["learned"]["auc_vs_hash"]
+    assert (round(lo, 4), round(mean, 4), round(hi, 4)) == (0.01, 0.015, 0.02)
+    assert summary["hash"]["auc_vs_hash"] is None and summary["learned"]["reduction"] == 4.0
+    assert "+0.0150 [+0.0100, +0.0200]" in markdown(summarize(rows), "t")
