@@ -177,3 +177,25 @@ def test_train_two_ranks_with_bad_lines(bad_file, tmp_path):
     r, _ = train(tmp_path / "stop", *common, nproc=2, config="configs/criteo_kaggle_qr.yaml")
     assert r.returncode != 0
     assert "torchrec-multihash train: " + str(bad_file) + ":71: expected 40 tab-separated columns" in r.stderr
+
+
+def test_data_wait_and_measure_loader(shared_data, tmp_path):
+    import time
+
+    from torchrec_multihash.app.config import load_config
+    from torchrec_multihash.app.data_timing import DataWait, measure_loader
+
+    def slow():
+        for x in (1, None, 3):
+            time.sleep(0.05)
+            yield x
+
+    wait = DataWait()
+    assert list(wait.timed(slow())) == [1, None, 3]
+    assert 0.15 <= wait.seconds < 1.0
+    path = shared_data / "criteo_kaggle_900" / "train.txt"
+    cfg = load_config("configs/criteo_kaggle_qr.yaml", [f"data.train={path}", f"data.test={path}", "train.batch_size=128",
+                                                         f"train.output_dir={tmp_path}"])
+    m = measure_loader(cfg, batches=3, rank=1, world_size=2)
+    assert m["samples"] == 3 * 128 and m["samples_per_s"] > 0
+    assert measure_loader(cfg, batches=100, rank=1, world_size=2)["samples"] == 3 * 128  # 7 batches: rank 1 has 3

@@ -79,7 +79,7 @@ class LineStream:
     """The non-blank lines of several files in order, numbered across files from 0 (``position``).
 
     ``skip(n)`` passes over n lines without decoding them (how a rank passes other ranks'
-    batches); ``take(n)`` returns the next n as (path, line number in the file, text). A truncated
+    batches); ``take(n)`` returns the next n as (path, line number in the file, raw bytes). A truncated
     or corrupt ``.gz`` raises CriteoFormatError after the lines before it; with
     ``tolerate_corrupt`` it ends that file instead and is recorded in ``corrupt`` as
     (position, error) for the caller to report.
