@@ -1,8 +1,10 @@
-"""Drop-in: DLRM and DLRM_DCN built with MultiHashEmbeddingBagCollection learn a synthetic task."""
+"""Drop-in: DLRM, DLRM_DCN and DLRM_Projection built with MultiHashEmbeddingBagCollection learn a synthetic task."""
+
+from pathlib import Path
 
 import pytest
 import torch
-from torchrec.models.dlrm import DLRM, DLRM_DCN
+from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRM_Projection
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_multihash import MultiHashEmbeddingBagCollection, to_multihash_configs
@@ -21,6 +23,8 @@ def build(arch, strategy, operation):
     kw = dict(embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[16, DIM], over_arch_layer_sizes=[16, 1])
     if arch == "dcn":
         return DLRM_DCN(dcn_num_layers=2, dcn_low_rank_dim=4, **kw), ebc
+    if arch == "projection":
+        return DLRM_Projection(interaction_branch1_layer_sizes=[32, 2 * DIM], interaction_branch2_layer_sizes=[32, 2 * DIM], **kw), ebc
     return DLRM(**kw), ebc
 
 
@@ -34,6 +38,7 @@ def build(arch, strategy, operation):
         ("dlrm", "crt", "concat"),
         ("dcn", "qr", "mult"),
         ("dcn", "hash", "mult"),
+        ("projection", "qr", "mult"),
     ],
 )
 def test_dlrm_learns(arch, strategy, operation):
@@ -64,3 +69,15 @@ def test_dlrm_learns(arch, strategy, operation):
     # (measured: full 0.44, qr-mult 0.49, hash 0.59, qr-add 0.61; base rate 0.69, true model 0.34)
     assert end < base - 0.2 * (base - bayes), (start, end, base, bayes)
     assert end < start - 0.05
+
+
+def test_app_builds_the_projection_variant_and_checks_its_branches():
+    from torchrec_multihash.app.config import ConfigError, load_config
+    from torchrec_multihash.app.model import build_model
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/quickstart.yaml", ["model.arch=projection", "model.interaction_branch1_layer_sizes=[64,32]",
+                                                   "model.interaction_branch2_layer_sizes=[64,48]"])
+    assert isinstance(build_model(cfg, device=torch.device("meta")), DLRM_Projection)
+    cfg.model.interaction_branch2_layer_sizes = [64, 40]
+    with pytest.raises(ConfigError, match="interaction_branch2_layer_sizes must end with a multiple of model.embedding_dim=16"):
+        build_model(cfg, device=torch.device("meta"))

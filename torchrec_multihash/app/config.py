@@ -21,13 +21,16 @@ class ConfigError(ValueError):
 class ModelConfig:
     """The dense part of the model (TorchRec's DLRM family)."""
 
-    arch: str = "dlrm"  # dlrm | dcn
+    arch: str = "dlrm"  # dlrm | dcn | projection
     embedding_dim: int = 64
     dense_in_features: int = 13
     dense_arch_layer_sizes: List[int] = field(default_factory=lambda: [512, 256, 64])
     over_arch_layer_sizes: List[int] = field(default_factory=lambda: [512, 512, 256, 1])
     dcn_num_layers: int = 3
     dcn_low_rank_dim: int = 512
+    # projection: the two interaction-branch MLPs (each ending in a multiple of embedding_dim)
+    interaction_branch1_layer_sizes: List[int] = field(default_factory=lambda: [2048, 2048])
+    interaction_branch2_layer_sizes: List[int] = field(default_factory=lambda: [2048, 2048])
 
 
 @dataclass

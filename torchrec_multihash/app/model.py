@@ -5,7 +5,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.models.dlrm import DLRM, DLRM_DCN
+from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRM_Projection
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_multihash.app.config import Config, ConfigError, EmbeddingsConfig
@@ -14,7 +14,7 @@ from torchrec_multihash.distributed.constraints import sub_table_constraints
 from torchrec_multihash.modules.config import MultiHashConfigError, MultiHashEmbeddingBagConfig
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
 
-ARCHS = ("dlrm", "dcn")
+ARCHS = ("dlrm", "dcn", "projection")
 
 
 def feature_names(emb: EmbeddingsConfig) -> List[str]:
@@ -69,7 +69,7 @@ def multihash_module(model: nn.Module) -> MultiHashEmbeddingBagCollection:
 
 
 def build_model(cfg: Config, device: Optional[torch.device] = None) -> nn.Module:
-    """The DLRM (or DLRM_DCN) of the config, its tables a MultiHashEmbeddingBagCollection."""
+    """The DLRM (DLRM_DCN, DLRM_Projection) of the config, its tables a MultiHashEmbeddingBagCollection."""
     m = cfg.model
     if m.arch not in ARCHS:
         raise ConfigError(f"model.arch must be one of {ARCHS}, got {m.arch!r}")
@@ -90,4 +90,13 @@ def build_model(cfg: Config, device: Optional[torch.device] = None) -> nn.Module
     )
     if m.arch == "dcn":
         return DLRM_DCN(dcn_num_layers=m.dcn_num_layers, dcn_low_rank_dim=m.dcn_low_rank_dim, **kw)
+    if m.arch == "projection":
+        for name in ("interaction_branch1_layer_sizes", "interaction_branch2_layer_sizes"):
+            sizes = getattr(m, name)
+            if not sizes or sizes[-1] % m.embedding_dim:
+                raise ConfigError(f"model.{name} must end with a multiple of model.embedding_dim={m.embedding_dim}, got {sizes}")
+        return DLRM_Projection(
+            interaction_branch1_layer_sizes=m.interaction_branch1_layer_sizes,
+            interaction_branch2_layer_sizes=m.interaction_branch2_layer_sizes, **kw,
+        )
     return DLRM(**kw)
