@@ -4,11 +4,14 @@ from typing import Dict, Iterable, List
 
 import torch
 from torchrec.datasets.utils import Batch
+from tqdm import tqdm
 
 from torchrec_multihash.modules.config import MultiHashEmbeddingBagConfig
 
 
-def count_ids(tables: List[MultiHashEmbeddingBagConfig], batches: Iterable[Batch]) -> Dict[str, torch.Tensor]:
+def count_ids(
+    tables: List[MultiHashEmbeddingBagConfig], batches: Iterable[Batch], show_progress: bool = False
+) -> Dict[str, torch.Tensor]:
     """Per table, how often each id in [0, num_embeddings) occurs over all its features.
 
     Memory is one int64 counter per id of the table (bounded by the config, not by the data);
@@ -16,7 +19,7 @@ def count_ids(tables: List[MultiHashEmbeddingBagConfig], batches: Iterable[Batch
     """
     counts = {t.name: torch.zeros(t.num_embeddings, dtype=torch.int64) for t in tables}
     features = {f: t for t in tables for f in t.feature_names}
-    for batch in batches:
+    for batch in tqdm(batches, desc="fit-hash: counting ids", unit="batch", disable=not show_progress):
         jts = batch.sparse_features.to_dict()
         for f, t in features.items():
             if f not in jts:
@@ -25,5 +28,6 @@ def count_ids(tables: List[MultiHashEmbeddingBagConfig], batches: Iterable[Batch
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= t.num_embeddings):
                 bad = ids[(ids < 0) | (ids >= t.num_embeddings)][0].item()
                 raise ValueError(f"feature '{f}' (table '{t.name}'): id {bad} is outside [0, {t.num_embeddings})")
-            counts[t.name] += torch.bincount(ids, minlength=t.num_embeddings)
+            # index_add costs O(ids); a bincount over the whole table would cost O(table) per batch
+            counts[t.name].index_add_(0, ids, torch.ones_like(ids))
     return counts

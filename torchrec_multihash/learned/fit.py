@@ -124,7 +124,7 @@ def fit_mappings(
     if not learned:
         return {}
     t0 = time.perf_counter()
-    counts = count_ids(learned, batches())
+    counts = count_ids(learned, batches(), show_progress)
     t1 = time.perf_counter()
     if options.learn_vectors:
         vectors = learn_id_vectors(learned, batches(), num_dense, VectorOptions(options.dim, options.lr, options.seed), show_progress)

@@ -74,7 +74,7 @@ def learn_id_vectors(
     sparse_opt = dense_opt = None
     # torch's sparse Adagrad notes on every step that it skips sparse-tensor invariant checks
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
-    for batch in tqdm(batches, desc="fit-hash: id vectors", unit="batch", disable=not show_progress):
+    for batch in tqdm(batches, desc="fit-hash: id vectors (FM)", unit="batch", disable=not show_progress):
         if model is None:  # the features come from the first batch
             rows = {f: (fitted[f].num_embeddings if f in fitted else CONTEXT_ROWS) for f in batch.sparse_features.keys()}
             model = FactorizationMachine(rows, num_dense, options.dim)
