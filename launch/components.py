@@ -24,6 +24,7 @@ def dlrm(
     image: str = "",
     name: str = "torchrec-multihash",
     max_retries: int = 0,
+    max_restarts: int = 0,
     env: Optional[Dict[str, str]] = None,
     mounts: Optional[List[str]] = None,
     rdzv_port: int = 29500,
@@ -41,12 +42,16 @@ def dlrm(
         h: a named resource (e.g. a cloud instance type) instead of cpu/gpu/memMB
         image: the image (a folder for local_cwd; a container image on kubernetes)
         name: job name
-        max_retries: restarts of the job after a failure (with checkpoints, it resumes)
+        max_retries: scheduler retries of the whole job after a failure (Slurm, Kubernetes; the
+            local schedulers do not retry)
+        max_restarts: torchrun restarts of all ranks after one fails, on any scheduler (local too)
         env: extra environment variables
         mounts: mounts (kubernetes: type=bind,src=...,dst=...)
         rdzv_port: rendezvous port on the first node
     """
     args = ["train", "--config", config]
+    if max_retries or max_restarts:
+        args += ["--resume", "auto"]  # a retried or restarted job continues from its last checkpoint
     for o in overrides:
         if "=" not in o:
             raise ValueError(f"override {o!r} is not key=value (e.g. train.batch_size=512)")
@@ -54,10 +59,19 @@ def dlrm(
     if metrics_out:
         args += ["--metrics-out", metrics_out]
     env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    if max_restarts:
+        # torch 2.13 keeps torchrun's rendezvous store across restarts: restarted ranks could read
+        # the dead ranks' addresses (pytorch#135712); this gives every restart a fresh store
+        env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     kwargs = {"image": image} if image else {}
     app = ddp(
         *args, m="torchrec_multihash.cli", name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j,
         env=env, max_retries=max_retries, rdzv_port=rdzv_port, mounts=mounts, **kwargs,
     )
     app.roles[0].name = "trainer"
+    if max_restarts:
+        cmd = app.roles[0].args[-1]
+        if not cmd.startswith("torchrun "):
+            raise RuntimeError(f"unexpected ddp command, cannot add --max_restarts: {cmd[:80]}")
+        app.roles[0].args[-1] = f"torchrun --max_restarts {max_restarts} " + cmd[len("torchrun "):]
     return app

@@ -64,3 +64,139 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="not a checkpoint"):
         load_checkpoint(tmp_path / "nope", sm.build_model())
+
+
+def _ebc(**kw) -> torch.nn.Module:
+    from torchrec_multihash import MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig
+
+    args = kw or {"strategy": "qr", "operation": "mult", "num_collisions": 8}
+    return MultiHashEmbeddingBagCollection([
+        MultiHashEmbeddingBagConfig(name="t_C1", num_embeddings=1000, embedding_dim=16, feature_names=["C1"], **args)
+    ])
+
+
+class _Payload:
+    """Unpickling this touches ``marker``: proof that a loader executed code from the checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_code_payload_in_the_index_is_refused_unexecuted(tmp_path):
+    import pickle
+
+    import pytest
+
+    from torchrec_multihash.distributed import CheckpointError
+
+    path, marker = tmp_path / "ckpt", tmp_path / "ran"
+    save_checkpoint(path, _ebc())
+    (path / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(CheckpointError, match="not a safe DCP checkpoint index: refusing to load io.open"):
+        load_checkpoint(path, _ebc())
+    assert not marker.exists()
+    # stock DCP would have run it
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load({"model": _ebc().state_dict()}, checkpoint_id=str(path))
+    except BaseException:
+        pass
+    assert marker.exists()
+
+
+def test_a_code_payload_in_an_entry_is_refused_unexecuted_plain_data_loads(tmp_path):
+    import pytest
+
+    from torchrec_multihash.distributed import CheckpointError
+
+    path, marker = tmp_path / "ckpt", tmp_path / "ran"
+    # where a tensor is expected (the data position): refused before DCP reads anything
+    save_checkpoint(path, _ebc(), {"progress": _Payload(marker)})
+    with pytest.raises(CheckpointError, match="progress is not a tensor in the checkpoint"):
+        load_checkpoint(path, _ebc(), {"progress": torch.zeros(4, dtype=torch.int64)})
+    # where plain data is expected (a torch optimizer's param_groups, pickled by DCP)
+    save_checkpoint(path, _ebc(), {"opt": {"param_groups": [{"lr": _Payload(marker)}]}})
+    with pytest.raises(CheckpointError, match="opt.param_groups.0.lr is not plain data"):
+        load_checkpoint(path, _ebc(), {"opt": {"param_groups": [{"lr": 0.0}]}})
+    assert not marker.exists()
+
+    m = torch.nn.Linear(2, 2)
+    adam = torch.optim.Adam(m.parameters(), lr=0.123, betas=(0.8, 0.9))
+    m(torch.ones(1, 2)).sum().backward()
+    adam.step()
+    save_checkpoint(path, _ebc(), {"opt": adam.state_dict()})
+    fresh = torch.optim.Adam(m.parameters(), lr=1.0)
+    m(torch.ones(1, 2)).sum().backward()
+    fresh.step()
+    sd = fresh.state_dict()
+    load_checkpoint(path, _ebc(), {"opt": sd})
+    assert sd["param_groups"][0]["lr"] == 0.123 and sd["param_groups"][0]["betas"] == (0.8, 0.9)
+    torch.testing.assert_close(sd["state"][0]["exp_avg"], adam.state_dict()["state"][0]["exp_avg"])
+
+
+def test_a_checkpoint_of_another_config_is_refused_naming_the_table(tmp_path):
+    import pytest
+
+    from torchrec_multihash.distributed import CheckpointError
+
+    path = tmp_path / "ckpt"
+    save_checkpoint(path, _ebc())
+    with pytest.raises(CheckpointError, match=r"table t_C1__q has shape \[125, 16\] in the checkpoint, \[250, 16\] in this model"):
+        load_checkpoint(path, _ebc(strategy="qr", operation="mult", num_collisions=4))
+    with pytest.raises(CheckpointError, match=r"not in the checkpoint: table t_C1 \(its tables: t_C1__q, t_C1__r\)"):
+        load_checkpoint(path, _ebc(strategy="full"))
+    load_checkpoint(path, _ebc())  # the same config loads
+
+
+CRASH_IN_SAVE = """
+import os, sys, torch
+from torch.distributed.checkpoint import FileSystemWriter
+from torchrec_multihash.distributed import save_checkpoint
+from tests.test_checkpoint import _ebc
+
+torch.manual_seed(1)
+save_checkpoint(sys.argv[1], _ebc())
+def die(self, *a, **k):  # the data files are written; the index is next
+    os._exit(3)
+FileSystemWriter.finish = die
+torch.manual_seed(2)
+save_checkpoint(sys.argv[1], _ebc())
+"""
+
+
+def test_a_crash_mid_save_leaves_the_previous_checkpoint_and_the_next_save_cleans_up(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from torchrec_multihash.distributed import find_checkpoint
+
+    path = tmp_path / "ckpt"
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", CRASH_IN_SAVE, str(path)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3, r.stderr[-2000:]
+    (left,) = [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt.tmp-")]
+    assert list(left.glob("*.distcp")) and not (left / ".metadata").exists()  # killed mid-save
+
+    torch.manual_seed(1)
+    first = _ebc().state_dict()
+    m = _ebc()
+    load_checkpoint(path, m)
+    assert not torch.equal(next(iter(m.state_dict().values())), next(iter(_ebc().state_dict().values())))
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v, first[k], atol=0, rtol=0)
+
+    # a crash between save's two renames: only the previous copy, under its old name
+    path.rename(tmp_path / ".ckpt.old")
+    assert find_checkpoint(path) == tmp_path / ".ckpt.old"
+    m = _ebc()
+    load_checkpoint(path, m)
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v, first[k], atol=0, rtol=0)
+
+    save_checkpoint(path, _ebc())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

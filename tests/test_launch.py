@@ -17,26 +17,53 @@ def torchx(*args, timeout=600):
     return subprocess.run([str(BIN / "torchx"), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def local_run(tmp_path, j):
+def local_run(tmp_path, j, *options, overrides=()):
     out = tmp_path / "metrics.json"
     r = torchx(
-        "run", "-s", "local_cwd", "launch/components.py:dlrm", "-j", j, "--config", "configs/quickstart.yaml",
+        "run", "-s", "local_cwd", "launch/components.py:dlrm", "-j", j, *options, "--config", "configs/quickstart.yaml",
         "--metrics_out", str(out), "data.train_samples=30000", "data.test_samples=4096", "train.batch_size=512",
-        f"train.output_dir={tmp_path / 'run'}",
+        f"train.output_dir={tmp_path / 'run'}", *overrides,
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "SUCCEEDED" in r.stderr + r.stdout
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()), r.stdout + r.stderr
 
 
 def test_local_one_node_two_processes(tmp_path):
-    m = local_run(tmp_path, "1x2")
+    m, _ = local_run(tmp_path, "1x2")
     assert m["world_size"] == 2 and m["steps"] == 29 and 0 < m["auc"] < 1
 
 
 def test_local_two_emulated_nodes(tmp_path):
-    m = local_run(tmp_path, "2x1")
+    m, _ = local_run(tmp_path, "2x1")
     assert m["world_size"] == 2 and m["steps"] == 29
+
+
+def test_local_rank_killed_mid_epoch_restarts_and_finishes(tmp_path):
+    """--max_restarts 1: rank 1 dies after step 15 of 29; torchrun restarts both ranks, which
+    continue from the step-10 checkpoint (tests/test_train.py shows the result equals an
+    uninterrupted run)."""
+    fault = "MULTIHASH_FAULT_AT_STEP=15,MULTIHASH_FAULT_RANK=1"
+    m, log = local_run(tmp_path, "1x2", "--max_restarts", "1", "--env", fault, overrides=["train.checkpoint_every=10"])
+    assert "rank 1 exits after step 15" in log and "Resumed from" in log and "step 10 (restart 1)" in log
+    assert m["world_size"] == 2 and m["steps"] == 29
+
+
+def test_component_restarts_and_retries_resume_automatically():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("components", ROOT / "launch" / "components.py")
+    components = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(components)
+    dlrm = components.dlrm
+    role = dlrm("train.epochs=2", max_restarts=2).roles[0]
+    assert role.args[-1].startswith("torchrun --max_restarts 2 --rdzv_backend c10d ")
+    assert "train --config configs/quickstart.yaml --resume auto --set train.epochs=2" in role.args[-1]
+    assert role.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    role = dlrm(max_retries=3).roles[0]
+    assert role.max_retries == 3 and "--resume auto" in role.args[-1] and "--max_restarts" not in role.args[-1]
+    role = dlrm().roles[0]
+    assert role.max_retries == 0 and "--resume" not in role.args[-1] and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in role.env
 
 
 def test_slurm_dryrun_script():

@@ -7,21 +7,27 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from torchrec_multihash.distributed.checkpoint import read_index
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 KEYS = {"auc", "logloss", "ne", "embedding_bytes", "full_embedding_bytes", "train_samples_per_s", "steps", "world_size"}
 
 
-def train(tmp_path, *args, nproc=1, config="configs/quickstart.yaml"):
+def train(tmp_path, *args, nproc=1, config="configs/quickstart.yaml", torchrun=(), env=None, python=("-m", "torchrec_multihash.cli")):
     out = tmp_path / "metrics.json"
     common = ["--config", config, "--metrics-out", str(out), "--set", f"train.output_dir={tmp_path / 'run'}", *args]
     tmp_path.mkdir(parents=True, exist_ok=True)
     if nproc == 1:
-        cmd = [sys.executable, "-m", "torchrec_multihash.cli", "train", *common]
+        cmd = [sys.executable, *python, "train", *common]
     else:
-        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "-m", "torchrec_multihash.cli", "train", *common]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        cmd = [str(BIN / "torchrun"), *torchrun, "--nproc_per_node", str(nproc), "-m", "torchrec_multihash.cli", "train", *common]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     return r, (json.loads(out.read_text()) if out.exists() else None)
 
 
@@ -95,6 +101,13 @@ def test_checkpoint_then_resume_continues_where_it_stopped(tmp_path):
     r, first = train(tmp_path / "a", *common, "--set", "train.max_steps=20", "--set", f"train.output_dir={tmp_path / 'run'}", nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert first["steps"] == 20 and (tmp_path / "run" / "checkpoint" / ".metadata").is_file()
+    # only tensors: DCP pickles nothing into it (torchrec's optimizers leave out param_groups)
+    entries = read_index(tmp_path / "run" / "checkpoint").state_dict_metadata
+    assert len(entries) > 50 and all(isinstance(e, TensorStorageMetadata) for e in entries.values())
+    assert any(k.startswith("optimizer.state.") for k in entries) and "progress" in entries
+    # the data position is per rank: 1 rank cannot continue what 2 started
+    r, _ = train(tmp_path / "one", *common, "--set", f"train.output_dir={tmp_path / 'run'}", "--resume")
+    assert r.returncode == 2 and "written by 2 ranks, this job has 1" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     r, resumed = train(tmp_path / "b", *common, "--set", f"train.output_dir={tmp_path / 'run'}", "--resume", nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Resumed from" in r.stdout and "step 20" in r.stdout
@@ -108,3 +121,82 @@ def test_checkpoint_then_resume_continues_where_it_stopped(tmp_path):
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     r, _ = train(tmp_path, *SMALL, "--resume")
     assert r.returncode == 2 and "--resume: no checkpoint in" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resume_of_another_config_is_a_clear_error(tmp_path):
+    common = [*SMALL, "--set", "train.checkpoint_every=5", "--set", "train.max_steps=5", "--set", f"train.output_dir={tmp_path / 'run'}"]
+    r, _ = train(tmp_path / "a", *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r, _ = train(tmp_path / "b", *common, "--set", "embeddings.compression=4", "--resume")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "--resume: checkpoint" in r.stderr and "was written for another configuration: table " in r.stderr
+    assert "table t_C1__q has shape [125000, 16] in the checkpoint, [250000, 16] in this model" in r.stderr
+
+
+CRASH_IN_SECOND_SAVE = """
+import os, sys
+from torch.distributed.checkpoint import FileSystemWriter
+from torchrec_multihash.cli import main
+
+finish, saves = FileSystemWriter.finish, []
+def finish_or_die(self, *a, **k):  # the second save dies once its data files are written
+    saves.append(1)
+    if len(saves) == 2:
+        os._exit(3)
+    return finish(self, *a, **k)
+FileSystemWriter.finish = finish_or_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_crash_mid_save_leaves_the_previous_checkpoint_to_resume_from(tmp_path):
+    run = tmp_path / "run"
+    common = [*SMALL, "--set", "train.checkpoint_every=10", "--set", "train.max_steps=30", "--set", f"train.output_dir={run}"]
+    r, _ = train(tmp_path / "a", *common, python=("-c", CRASH_IN_SECOND_SAVE))
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert [p.name for p in run.glob(".checkpoint.tmp-*")]  # what the crash left
+    r, resumed = train(tmp_path / "b", *common, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Resumed from" in r.stdout and "step 10" in r.stdout and resumed["steps"] == 30
+    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint"]
+
+
+def _checkpoint_tensors(path: Path, tmp: Path) -> dict:
+    dcp_to_torch_save(path, tmp)
+    flat = {}
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            walk(v, f"{prefix}{k}.") if isinstance(v, dict) else flat.__setitem__(prefix + k, v)
+
+    walk(torch.load(tmp, weights_only=True))
+    return flat
+
+
+def test_a_rank_killed_mid_epoch_restarts_from_the_checkpoint_and_ends_as_an_uninterrupted_run(tmp_path):
+    """2 ranks under ``torchrun --max-restarts=1``, a checkpoint every 20 steps, ``--resume auto``;
+    rank 1 dies after step 25 of the 58 of epoch 0 (first attempt only). torchrun restarts both
+    ranks, they resume from step 20 and redo steps 21-25 on the same batches. The job ends with
+    exactly (bit for bit) the weights, optimizer state and data position (epoch, steps, samples) of
+    the same command run without the fault: nothing random is drawn during training, the CPU
+    kernels are deterministic and a 2-rank gloo sum does not depend on order.
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 works around pytorch#135712 (torch 2.13 keeps the
+    rendezvous store across restarts: restarted ranks can read the dead ranks' addresses)."""
+    restarts = ["--standalone", "--max-restarts=1"]
+    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    common = [*SMALL, "--set", "train.checkpoint_every=20", "--resume", "auto"]
+    r, straight = train(tmp_path / "a", *common, nproc=2, torchrun=restarts, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--resume auto: no checkpoint" in r.stdout
+    fault = {**env, "MULTIHASH_FAULT_AT_STEP": "25", "MULTIHASH_FAULT_RANK": "1"}
+    r, restarted = train(tmp_path / "b", *common, nproc=2, torchrun=restarts, env=fault)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rank 1 exits after step 25" in r.stderr
+    assert "Resumed from" in r.stdout and "step 20 (restart 1)" in r.stdout
+    assert restarted["steps"] == straight["steps"] == 58
+    assert restarted["logloss"] == straight["logloss"] and restarted["auc"] == straight["auc"]
+    a = _checkpoint_tensors(tmp_path / "a" / "run" / "checkpoint", tmp_path / "a.pt")
+    b = _checkpoint_tensors(tmp_path / "b" / "run" / "checkpoint", tmp_path / "b.pt")
+    assert a.keys() == b.keys() and len(a) > 50
+    assert a["progress"].tolist() == b["progress"].tolist() == [1, 0, 58, 58 * 1024, 2]
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []

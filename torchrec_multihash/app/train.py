@@ -13,7 +13,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,7 @@ from torchrec_multihash.app.data import make_data
 from torchrec_multihash.app.data_timing import DataWait
 from torchrec_multihash.app.model import build_constraints, build_model, multihash_module
 from torchrec_multihash.datasets.criteo_tsv import CriteoFormatError
-from torchrec_multihash.distributed.checkpoint import load_checkpoint, save_checkpoint
+from torchrec_multihash.distributed.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, load_entries, save_checkpoint
 from torchrec_multihash.distributed.sharders import sharders
 from torchrec_multihash.learned.fit import MAPPING_FILE, apply_mappings, load_mappings
 from torchrec_multihash.modules.config import MultiHashConfigError
@@ -103,6 +103,16 @@ def _mapping_dir(cfg: Config, rank: int, out_dir: Path) -> Path:
     return path
 
 
+def _fault_for_tests(steps: int, rank: int) -> None:
+    """Test hook: with ``MULTIHASH_FAULT_AT_STEP=M`` the rank ``MULTIHASH_FAULT_RANK`` (default 0)
+    dies right after step M, on the job's first attempt only (TORCHELASTIC_RESTART_COUNT 0)."""
+    at = os.environ.get("MULTIHASH_FAULT_AT_STEP")
+    if (at and steps == int(at) and rank == int(os.environ.get("MULTIHASH_FAULT_RANK", "0"))
+            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+        print(f"MULTIHASH_FAULT_AT_STEP: rank {rank} exits after step {steps}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
 def lr_factor(step: int, cfg: Config) -> float:
     """Warm-up then polynomial decay, as the DLRM reference's LRPolicyScheduler."""
     t = cfg.train
@@ -137,7 +147,9 @@ def evaluate(dmp: torch.nn.Module, batches: Iterator[Batch], device: torch.devic
     return {"auc": float(auroc.compute()), "logloss": logloss, "ne": logloss / base, "test_samples": int(n)}
 
 
-def train(cfg: Config, metrics_out: Optional[Path] = None, resume: bool = False) -> Dict[str, float]:
+def train(cfg: Config, metrics_out: Optional[Path] = None, resume: Union[bool, str] = False) -> Dict[str, float]:
+    """Trains and evaluates; ``resume``: True continues from ``output_dir/checkpoint`` (which must
+    exist), ``"auto"`` continues from it if there is one (what a restarted job runs)."""
     device = setup_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.train.seed)
@@ -191,6 +203,7 @@ def train(cfg: Config, metrics_out: Optional[Path] = None, resume: bool = False)
             steps += 1
             ran += 1
             samples += cfg.train.batch_size * world
+            _fault_for_tests(steps, rank)
             if rank == 0:
                 bar.update(1)
                 # reading the loss syncs with the device: only when it is shown
@@ -204,23 +217,37 @@ def train(cfg: Config, metrics_out: Optional[Path] = None, resume: bool = False)
 
     t = cfg.train
     ckpt_dir = out_dir / "checkpoint"
-    # epoch, batches of this rank done in that epoch, steps, samples: where a resumed run continues
-    progress = torch.zeros(4, dtype=torch.int64)
+    # epoch, batches of each rank done in that epoch, steps, samples, world size: where a resumed run continues
+    progress = torch.tensor([0, 0, 0, 0, world], dtype=torch.int64)
 
     def checkpoint_state() -> Dict[str, object]:
         return {"optimizer": opt.state_dict(), "progress": progress}
 
-    if resume:
-        if not (ckpt_dir / ".metadata").is_file():
-            raise ConfigError(f"--resume: no checkpoint in {ckpt_dir} (set train.checkpoint_every to write one)")
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    found = find_checkpoint(ckpt_dir) if resume else None
+    if resume is True and found is None:
+        raise ConfigError(f"--resume: no checkpoint in {ckpt_dir} (set train.checkpoint_every to write one)")
+    if found is not None:
         opt.init_state()
         extra = checkpoint_state()
-        load_checkpoint(ckpt_dir, dmp, extra)
+        try:
+            load_entries(ckpt_dir, {"progress": progress})
+            if int(progress[4]) != world:  # the data position and the plan (so the optimizer state) depend on it
+                raise ConfigError(f"--resume: the checkpoint in {ckpt_dir} was written by {int(progress[4])} ranks, this job "
+                                  f"has {world}; resume on {int(progress[4])} (the data position is per rank)")
+            load_checkpoint(ckpt_dir, dmp, extra)
+        except CheckpointError as e:
+            raise ConfigError(f"--resume: {e}") from None
         opt.load_state_dict(extra["optimizer"])
         progress = extra["progress"]
         steps, samples = int(progress[2]), int(progress[3])
         if rank == 0:
-            print(f"Resumed from {ckpt_dir}: epoch {int(progress[0])}, step {steps}", flush=True)
+            print(f"Resumed from {ckpt_dir}: epoch {int(progress[0])}, step {steps}"
+                  f"{f' (restart {restart})' if restart else ''}", flush=True)
+    elif rank == 0 and resume:
+        print(f"--resume auto: no checkpoint in {ckpt_dir} yet, starting from scratch", flush=True)
+    elif rank == 0 and restart:
+        print(f"Restart {restart}: starting from scratch (--resume auto would continue from the last checkpoint)", flush=True)
 
     def until_next_stop() -> int:
         stops = [2**62]
@@ -241,13 +268,14 @@ def train(cfg: Config, metrics_out: Optional[Path] = None, resume: bool = False)
             finished_epoch = ran < size
             if finished_epoch:
                 epoch, done_in_epoch = epoch + 1, 0
-            progress = torch.tensor([epoch, done_in_epoch, steps, samples], dtype=torch.int64)
+            progress = torch.tensor([epoch, done_in_epoch, steps, samples, world], dtype=torch.int64)
             if t.eval_every and ran and steps % t.eval_every == 0:
                 m = evaluate(dmp, data.test(), device)
                 history.append({"step": steps, **m})
                 if rank == 0:
                     print(f"eval at step {steps}: auc {m['auc']:.4f} logloss {m['logloss']:.4f} ne {m['ne']:.4f}", flush=True)
-            if t.checkpoint_every and ran and (steps % t.checkpoint_every == 0 or finished_epoch):
+            last = bool(t.max_steps) and steps >= t.max_steps
+            if t.checkpoint_every and ran and (steps % t.checkpoint_every == 0 or finished_epoch or last):
                 save_checkpoint(ckpt_dir, dmp, checkpoint_state())
             if finished_epoch:
                 break
@@ -293,8 +321,12 @@ def train(cfg: Config, metrics_out: Optional[Path] = None, resume: bool = False)
 def main(argv: Optional[List[str]] = None) -> int:
     p = config_parser("torchrec-multihash train", __doc__)
     p.add_argument("--metrics-out", type=Path, default=None, help="write the final metrics as one JSON object")
-    p.add_argument("--resume", action="store_true", help="continue from train.output_dir/checkpoint (model, optimizer, data position)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="auto",
+                   help="continue from train.output_dir/checkpoint (model, optimizer, data position); "
+                        "'--resume auto': continue if there is one, else start (for restarted jobs)")
     args = p.parse_args(argv)
+    if args.resume not in (True, False, "auto"):
+        p.error(f"--resume takes no value or 'auto', got {args.resume!r}")
     warnings.filterwarnings("ignore", category=FutureWarning)
     # fbgemm's CPU dense kernel (data-parallel tables) warns on every backward; its gradients are
     # checked against the unsharded module in tests/test_sharded.py

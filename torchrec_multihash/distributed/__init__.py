@@ -1,6 +1,12 @@
 """Distributed forms: sharders, constraints and planning for multi-hash tables."""
 
-from torchrec_multihash.distributed.checkpoint import load_checkpoint, save_checkpoint  # noqa: F401
+from torchrec_multihash.distributed.checkpoint import (  # noqa: F401
+    CheckpointError,
+    find_checkpoint,
+    load_checkpoint,
+    load_entries,
+    save_checkpoint,
+)
 from torchrec_multihash.distributed.constraints import sub_table_constraints  # noqa: F401
 from torchrec_multihash.distributed.planning import (  # noqa: F401
     PlanReport,

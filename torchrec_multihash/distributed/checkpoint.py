@@ -2,17 +2,151 @@
 
 Each rank writes only its own shards; loading reshards to whatever plan (or no plan) the loading
 model has: save from 2 ranks table-wise, load on 1 rank unsharded or on 8 ranks row-wise.
+
+Loading unpickles nothing but DCP's own index classes: stock DCP reads the ``.metadata`` index with
+``pickle.load`` and non-tensor entries with ``torch.load(weights_only=False)``, so a crafted checkpoint
+could run code. Here the index goes through an allow-list unpickler and non-tensor entries through
+``torch.load(weights_only=True)``; tensors are read by DCP with ``weights_only=True`` already.
 """
 
+import io
 import os
+import pickle
+import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that this model cannot load: written for another config, or not a safe checkpoint."""
+
+
+# everything a DCP ``.metadata`` index refers to (torch 2.13); anything else is refused unexecuted
+_INDEX_GLOBALS = {
+    *(("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"),  # _get_layout: a lookup by name
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    *(("torch", n) for n, v in vars(torch).items() if isinstance(v, torch.dtype)),
+}
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _INDEX_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_index(path: Union[str, os.PathLike]) -> Metadata:
+    """The ``.metadata`` index of the DCP checkpoint in folder ``path``, unpickled with only DCP's
+    metadata classes allowed (``CheckpointError`` for anything else)."""
+    try:
+        with open(Path(path) / ".metadata", "rb") as f:
+            md = _IndexUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}/.metadata is not a safe DCP checkpoint index: {e}") from None
+    if not isinstance(md, Metadata):
+        raise CheckpointError(f"{path}/.metadata is not a DCP checkpoint index (holds a {type(md).__name__})")
+    return md
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's file reader, with the index read by ``read_index``."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        md = read_index(self.path)
+        md.storage_meta = md.storage_meta or StorageMeta()
+        md.storage_meta.load_id = self.load_id
+        return md
+
+
+class _WeightsOnlyPlanner(DefaultLoadPlanner):
+    """DCP's load planner, reading non-tensor entries (an optimizer's ``lr``, ...) with
+    ``torch.load(weights_only=True)``: plain data and tensors only."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            msg = str(e).strip().splitlines()[0]
+            raise CheckpointError(f"checkpoint entry {read_item.dest_index.fqn} is not plain data: {msg}") from None
+        safe = io.BytesIO()  # DCP's own load_bytes unpickles what we hand it: hand it our re-save
+        torch.save(obj, safe)
+        safe.seek(0)
+        super().load_bytes(read_item, safe)
+
+
+def _tensors(state: Dict[str, Any], prefix: str = "") -> Iterator[Tuple[str, torch.Tensor]]:
+    """(DCP key, tensor) for the tensors of nested dicts (ShardedTensor/DTensor: global size)."""
+    for k, v in state.items():
+        if isinstance(v, dict):
+            yield from _tensors(v, f"{prefix}{k}.")
+        elif isinstance(v, torch.Tensor):
+            yield f"{prefix}{k}", v
+
+
+def _table(key: str) -> Optional[str]:
+    m = re.search(r"\.(?:embeddings|embedding_bags)\.([^.]+)\.weight", key)
+    return m.group(1) if m else None
+
+
+def _describe(key: str) -> str:
+    """``table t_C1__q``, ``momentum1 of table t_C1__q`` (optimizer state), or the key itself."""
+    table = _table(key)
+    if table is None:
+        return key
+    return f"table {table}" if key.endswith(".weight") else f"{key.rsplit('.', 1)[-1]} of table {table}"
+
+
+def _check_fits(path: Path, md: Metadata, state: Dict[str, Any]) -> None:
+    """Refuses a checkpoint of another config: tables missing, or of other shapes."""
+    saved = md.state_dict_metadata
+    missing: List[str] = []
+    wrong: List[str] = []
+    for key, t in _tensors(state):
+        what = _describe(key)
+        entry = saved.get(key)
+        if entry is None:
+            missing.append(what)
+        elif not isinstance(entry, TensorStorageMetadata):
+            wrong.append(f"{what} is not a tensor in the checkpoint")
+        elif tuple(entry.size) != tuple(t.size()):
+            wrong.append(f"{what} has shape {list(entry.size)} in the checkpoint, {list(t.size())} in this model")
+    if not (missing or wrong):
+        return
+    problems = wrong[:3] + ([f"{len(wrong) - 3} more of other shapes"] if len(wrong) > 3 else [])
+    if missing:
+        have = sorted({n for n in map(_table, saved) if n})
+        problems.append(f"not in the checkpoint: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
+                        f"(its tables: {', '.join(have[:8])}{' ...' if len(have) > 8 else ''})")
+    raise CheckpointError(f"checkpoint {path} was written for another configuration: " + "; ".join(problems))
+
+
+def _old(path: Path) -> Path:
+    return path.parent / f".{path.name}.old"
+
+
+def find_checkpoint(path: Union[str, os.PathLike]) -> Optional[Path]:
+    """The complete checkpoint at ``path``; the previous one if a crash cut ``save_checkpoint``'s
+    final swap short; None if there is none."""
+    path = Path(path)
+    for p in (path, _old(path)):
+        if (p / ".metadata").is_file():
+            return p
+    return None
 
 
 def _is_dist() -> bool:
@@ -32,9 +166,14 @@ def save_checkpoint(
 ) -> Path:
     """Saves ``model.state_dict()`` (plus ``extra`` tensors/state dicts, e.g. an optimizer's) to the
     folder ``path``, atomically: all ranks write into a temporary folder that rank 0 renames into
-    place once every rank has finished, so a crash mid-save leaves the previous checkpoint intact.
-    Call it on every rank."""
+    place once every rank has finished, so a crash mid-save leaves the previous checkpoint intact;
+    the next save removes what the crash left. Call it on every rank."""
     path = Path(path)
+    if not _is_dist() or dist.get_rank() == 0:  # before the broadcast, so before any rank writes
+        if not path.exists() and find_checkpoint(path):
+            _old(path).rename(path)  # a crash between the two renames below
+        for left in path.parent.glob(f".{path.name}.tmp-*"):  # a crash mid-save
+            shutil.rmtree(left, ignore_errors=True)
     tmp = Path(_broadcast_str(str(path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")))
     state: Dict[str, Any] = {"model": model.state_dict()}
     if extra:
@@ -58,12 +197,28 @@ def load_checkpoint(
     path: Union[str, os.PathLike], model: nn.Module, extra: Optional[Dict[str, Any]] = None
 ) -> None:
     """Loads a checkpoint written by ``save_checkpoint`` into ``model`` (sharded by any plan, or
-    not sharded) and into the state dicts in ``extra`` (in place). Call it on every rank."""
-    path = Path(path)
-    if not (path / ".metadata").is_file():
-        raise FileNotFoundError(f"{path} is not a checkpoint written by save_checkpoint (no .metadata)")
+    not sharded) and into the state dicts in ``extra`` (in place), unpickling no arbitrary objects.
+    ``CheckpointError`` if it was written for another config (tables missing or of other shapes).
+    Call it on every rank."""
     state: Dict[str, Any] = {"model": model.state_dict()}
     if extra:
         state.update(extra)
-    dcp.load(state, checkpoint_id=str(path))
+    load_entries(path, state)
     model.load_state_dict(state["model"])
+
+
+def load_entries(path: Union[str, os.PathLike], state: Dict[str, Any]) -> None:
+    """Loads the entries named in ``state`` (tensors, state dicts; in place) from the checkpoint at
+    ``path``, e.g. ``{"progress": tensor}`` alone; ``load_checkpoint`` without the model."""
+    found = find_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"{path} is not a checkpoint written by save_checkpoint (no .metadata)")
+    reader = _SafeReader(found)
+    _check_fits(Path(path), reader.read_metadata(), state)
+    try:
+        dcp.load(state, storage_reader=reader, planner=_WeightsOnlyPlanner())
+    except CheckpointException as e:  # DCP gathers every rank's failure: show ours plainly
+        for err, _ in e.failures.values():
+            if isinstance(err, CheckpointError):
+                raise err from None
+        raise
