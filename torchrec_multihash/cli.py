@@ -1,6 +1,7 @@
 """The ``torchrec-multihash`` command."""
 
 import argparse
+import importlib
 import logging
 import sys
 from typing import List, Optional
@@ -9,13 +10,14 @@ from typing import List, Optional
 # it says nothing to a user of this tool and every rank of a job prints it.
 logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
+# command -> (module whose main(argv) runs it, imported on use; what it does)
 COMMANDS = {
-    "demo": "train a small DLRM with full and with multi-hash tables on a synthetic task and compare",
-    "train": "train a sharded DLRM with multi-hash tables (one process, or one rank per process under torchrun/TorchX)",
-    "fit-hash": "fit the learned id -> row mappings of a config's learned tables on its training data",
-    "bench": "training step time and memory of every strategy vs TorchRec's EBC and a naive Q-R; scaling; reader speed",
-    "quality": "test AUC and log loss against embedding bytes for several strategies, compressions and seeds",
-    "plan": "show where TorchRec's planner puts each sub-table for a topology (need not exist)",
+    "demo": ("torchrec_multihash.demo", "train a small DLRM with full and with multi-hash tables on a synthetic task and compare"),
+    "train": ("torchrec_multihash.app.train", "train a sharded DLRM with multi-hash tables (one process, or one rank per process under torchrun/TorchX)"),
+    "fit-hash": ("torchrec_multihash.app.fit_hash", "fit the learned id -> row mappings of a config's learned tables on its training data"),
+    "bench": ("torchrec_multihash.bench.bench", "training step time and memory of every strategy vs TorchRec's EBC and a naive Q-R; scaling; reader speed"),
+    "quality": ("torchrec_multihash.bench.quality", "test AUC and log loss against embedding bytes for several strategies, compressions and seeds"),
+    "plan": ("torchrec_multihash.app.plan", "show where TorchRec's planner puts each sub-table for a topology (need not exist)"),
 }
 
 
@@ -24,39 +26,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="torchrec-multihash",
         description="Compositional (multi-hash) embedding tables for TorchRec / DLRM.",
-        epilog="\n".join(f"  {k:8s} {v}" for k, v in COMMANDS.items()),
+        epilog="\n".join(f"  {k:8s} {help_}" for k, (_, help_) in COMMANDS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("command", choices=sorted(COMMANDS), help="see below; COMMAND --help for its options")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
-    args, rest = parser.parse_known_args(argv[:1])
-    if args.command == "demo":
-        from torchrec_multihash.demo import main as demo_main
-
-        return demo_main(argv[1:])
-    if args.command == "train":
-        from torchrec_multihash.app.train import main as train_main
-
-        return train_main(argv[1:])
-    if args.command == "fit-hash":
-        from torchrec_multihash.app.fit_hash import main as fit_main
-
-        return fit_main(argv[1:])
-    if args.command == "bench":
-        from torchrec_multihash.bench.bench import main as bench_main
-
-        return bench_main(argv[1:])
-    if args.command == "quality":
-        from torchrec_multihash.bench.quality import main as quality_main
-
-        return quality_main(argv[1:])
-    if args.command == "plan":
-        from torchrec_multihash.app.plan import main as plan_main
-
-        return plan_main(argv[1:])
-    return 2
+    args, _ = parser.parse_known_args(argv[:1])
+    return importlib.import_module(COMMANDS[args.command][0]).main(argv[1:])
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 
 from tqdm import tqdm
 
+from torchrec_multihash.bench import python_command
 from torchrec_multihash.bench.step_time import METHODS
 from torchrec_multihash.bench.workload import BenchSpec
 
@@ -26,10 +27,7 @@ NAIVE = "naive_qr"
 
 def run_method(method: str, spec: BenchSpec, nproc: int = 1) -> Dict[str, object]:
     args = ["-m", "torchrec_multihash.bench.step_time", "--method", method, "--spec", json.dumps(spec.to_dict())]
-    if nproc == 1:
-        cmd = [sys.executable, *args]
-    else:
-        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc), *args]
+    cmd = python_command(args, nproc)
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     for line in r.stdout.splitlines():
         if line.startswith("BENCH "):

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 from tqdm import tqdm
 
 from torchrec_multihash.app.config import config_parser
+from torchrec_multihash.bench import python_command
 
 METRICS = ("auc", "logloss", "ne", "embedding_bytes", "full_embedding_bytes")
 BASELINE = "hash"  # AUC differences are reported against the hashing trick, seed by seed
@@ -33,10 +34,7 @@ def run_one(config: Optional[str], overrides: Sequence[str], run_dir: Path, npro
         args += ["--config", config]
     for o in overrides:
         args += ["--set", o]
-    if nproc == 1:
-        cmd = [sys.executable, *args]
-    else:
-        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc), *args]
+    cmd = python_command(args, nproc)
     log = run_dir / "train.log"
     with open(log, "w") as out:
         r = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -204,11 +204,3 @@ def describe(fitted: Dict[str, FittedMapping]) -> List[Tuple[str, str]]:
         )))
     return lines
 
-
-def mapping_bytes_per_id(config: MultiHashEmbeddingBagConfig) -> float:
-    """Bytes the learned mapping of a table costs per logical id (for budgeting)."""
-    if config.learned_ids() == config.num_embeddings:
-        return 2.0 if config.mapped_rows() <= 2**15 - 1 else 4.0
-    return 8.0 * config.learned_ids() / config.num_embeddings * (1.5 if config.num_embeddings > 2**31 - 1 else 1.0)
-
-

@@ -44,6 +44,13 @@ class Combine(nn.Module):
         self._keys = [o.name for o in outputs]
         self._dims = [o.dim for o in outputs]
         self._needs_features = any(o.per_id or o.pooling == PoolingType.MEAN for o in outputs)
+        # per-id outputs composed together: same group (one dim) and number of parts; fixed at
+        # construction so the forward only looks them up
+        batches: Dict[tuple, List[OutputSpec]] = {}
+        for o in outputs:
+            if o.per_id:
+                batches.setdefault((o.group, len(o.sub_features)), []).append(o)
+        self._per_id_batches = list(batches.items())
 
     def _per_id_pooled(
         self, outputs: List[OutputSpec], by_key: Dict[str, JaggedTensor], rows_by_sub: Dict[str, JaggedTensor], batch_size: int
@@ -74,11 +81,8 @@ class Combine(nn.Module):
         by_key: Dict[str, JaggedTensor] = features.to_dict() if self._needs_features else {}
         pooled_parts: Dict[str, Dict[str, torch.Tensor]] = {g: kt.to_dict() for g, kt in pooled.items()}
         per_id_out: Dict[str, torch.Tensor] = {}
-        for group, rows_by_sub in per_id.items():
-            # features of one group with the same number of parts are composed together
-            for k in sorted({len(o.sub_features) for o in self._outputs if o.per_id and o.group == group}):
-                outs = [o for o in self._outputs if o.per_id and o.group == group and len(o.sub_features) == k]
-                per_id_out.update(zip([o.name for o in outs], self._per_id_pooled(outs, by_key, rows_by_sub, batch_size)))
+        for (group, _), outs in self._per_id_batches:
+            per_id_out.update(zip([o.name for o in outs], self._per_id_pooled(outs, by_key, per_id[group], batch_size)))
         results: List[torch.Tensor] = []
         for o in self._outputs:
             if o.per_id:
