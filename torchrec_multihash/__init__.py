@@ -2,6 +2,7 @@
 
 from torchrec.modules.embedding_configs import PoolingType  # noqa: F401  re-exported for configs
 
+from torchrec_multihash.errors import MultiHashError  # noqa: F401
 from torchrec_multihash.modules import (  # noqa: F401
     InvalidInputError,
     MultiHashConfigError,

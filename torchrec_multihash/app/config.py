@@ -12,8 +12,10 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import yaml
 
+from torchrec_multihash.errors import MultiHashError
 
-class ConfigError(ValueError):
+
+class ConfigError(MultiHashError, ValueError):
     """A configuration file or override that cannot be used; the message says where and why."""
 
 

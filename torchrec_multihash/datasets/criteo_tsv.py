@@ -17,6 +17,8 @@ from typing import BinaryIO, Iterator, List, NamedTuple, Optional, Sequence, Tup
 
 import numpy as np
 
+from torchrec_multihash.errors import MultiHashError
+
 NUM_DENSE = 13
 NUM_SPARSE = 26
 DEFAULT_SPARSE_NAMES = [f"C{i + 1}" for i in range(NUM_SPARSE)]
@@ -24,7 +26,7 @@ DEFAULT_SPARSE_NAMES = [f"C{i + 1}" for i in range(NUM_SPARSE)]
 PathLike = Union[str, os.PathLike]
 
 
-class CriteoFormatError(ValueError):
+class CriteoFormatError(MultiHashError, ValueError):
     """A line or file that is not in the Criteo TSV layout; the message gives file and line."""
 
 

@@ -26,8 +26,10 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
+from torchrec_multihash.errors import MultiHashError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(MultiHashError, ValueError):
     """A checkpoint that this model cannot load: written for another config, or not a safe checkpoint."""
 
 

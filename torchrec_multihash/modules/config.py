@@ -6,6 +6,8 @@ from typing import List, Optional
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
+from torchrec_multihash.errors import MultiHashError
+
 STRATEGIES = ("full", "hash", "qr", "generalized_qr", "crt", "learned")
 PARTITIONS_AFTER_MAPPING = ("qr", "generalized_qr", "crt")  # may follow a learned mapping
 OPERATIONS = ("add", "mult", "concat")
@@ -13,7 +15,7 @@ POOLINGS = (PoolingType.SUM, PoolingType.MEAN)
 DEFAULT_NUM_COLLISIONS = 4  # as the original DLRM code's --qr-collisions
 
 
-class MultiHashConfigError(ValueError):
+class MultiHashConfigError(MultiHashError, ValueError):
     """A multi-hash table configuration that cannot work; the message names the table."""
 
 

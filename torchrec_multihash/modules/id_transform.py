@@ -14,9 +14,10 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from torchrec_multihash.modules.learned_mapping import LearnedMapping
 from torchrec_multihash.modules.partition import Partitioner
+from torchrec_multihash.errors import MultiHashError
 
 
-class InvalidInputError(ValueError):
+class InvalidInputError(MultiHashError, ValueError):
     """An input KJT that the module cannot look up; the message names feature, table and id."""
 
 

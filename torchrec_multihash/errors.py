@@ -1,0 +1,6 @@
+"""The base of every error this package raises for a user's mistake (config, data, checkpoint)."""
+
+
+class MultiHashError(Exception):
+    """A problem with what the user gave (a config, input data, a checkpoint or a mapping); the
+    message names the table, feature, file or key. Catch this to handle any of them."""
