@@ -14,20 +14,20 @@ def learned_row(cfg: MultiHashEmbeddingBagConfig, mapping: Dict[int, int], x: in
     """A learned table's row: the mapping's, or the fallback hash into the last rows."""
     if x in mapping:
         return mapping[x]
-    fallback = cfg.learned_fallback_rows()
-    return cfg.mapped_rows() - fallback + x % fallback
+    fallback = cfg.fallback_rows
+    return cfg.mapping_rows - fallback + x % fallback
 
 
 def partition_rows(cfg: MultiHashEmbeddingBagConfig, x: int, mapping: Optional[Dict[int, int]] = None) -> List[int]:
     """Row of each sub-table for id x, computed with Python integers."""
-    if cfg.is_learned():
+    if cfg.has_mapping():
         x = learned_row(cfg, mapping or {}, x)
     if cfg.strategy in ("full", "learned"):
         return [x]
     if cfg.strategy == "hash":
-        return [x % math.ceil(cfg.num_embeddings / cfg.collisions())]
+        return [x % math.ceil(cfg.num_embeddings / cfg.num_collisions)]
     if cfg.strategy == "qr":
-        m = cfg.collisions()
+        m = cfg.num_collisions
         return [x // m, x % m]
     if cfg.strategy == "generalized_qr":
         digits = []
@@ -52,7 +52,7 @@ def reference_forward(
     features = kjt.to_dict()
     batch = kjt.stride()
     for cfg in cfgs:
-        suffixes = cfg.partition_suffixes()
+        suffixes = [s.suffix for s in cfg.strategy_impl().sub_tables()]
         for f in cfg.feature_names:
             jt = features[f]
             vals = jt.values().tolist()

@@ -35,9 +35,9 @@ def assign_mappings(ebc: MultiHashEmbeddingBagCollection, seed: int) -> None:
     """A random learned mapping per learned table (a different one for every seed)."""
     g = torch.Generator().manual_seed(1000 + seed)
     for c in ebc.multihash_configs():
-        if c.is_learned():
-            known = torch.randperm(c.num_embeddings, generator=g)[: c.learned_ids()]
-            rows = torch.randint(0, c.mapped_rows() - c.learned_fallback_rows(), (known.numel(),), generator=g)
+        if c.has_mapping():
+            known = torch.randperm(c.num_embeddings, generator=g)[: c.mapping_ids]
+            rows = torch.randint(0, c.mapping_rows - c.fallback_rows, (known.numel(),), generator=g)
             ebc.learned_mappings()[c.name].assign(known, rows)
 
 

@@ -53,14 +53,14 @@ def test_each_large_table_shrinks_by_the_factor(strategy, operation, compression
 def test_overrides_and_threshold():
     out = to_multihash_configs(tables(), 4, threshold=10_000, overrides={"t5": {"strategy": "hash", "num_collisions": 2}})
     assert [c.strategy for c in out] == ["full"] * 4 + ["qr", "hash"]
-    assert out[5].partition_sizes() == [16_881_289]
+    assert out[5].strategy_impl().sizes() == [16_881_289]
 
 
 def test_deeprec_entry_point():
     v = get_multihash_variable("item", num_embeddings=10_000, dims=[16], operation="mul")
-    assert (v.strategy, v.operation, v.embedding_dim, v.partition_sizes()) == ("qr", "mult", 16, [100, 100])
+    assert (v.strategy, v.operation, v.embedding_dim, v.strategy_impl().sizes()) == ("qr", "mult", 16, [100, 100])
     c = get_multihash_variable("user", num_embeddings=1000, dims=[10, 6], operation="concat", feature_names=["u"])
-    assert c.partition_dims() == [10, 6] and c.partition_sizes() == [32, 32]
+    assert c.strategy_impl().dims() == [10, 6] and c.strategy_impl().sizes() == [32, 32]
     ebc = MultiHashEmbeddingBagCollection([v, c])
     kjt = KeyedJaggedTensor(keys=["item", "u"], values=torch.tensor([9999, 0, 5, 999]), lengths=torch.tensor([2, 0, 1, 1]))
     got = ebc(kjt).to_dict()

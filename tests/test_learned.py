@@ -74,7 +74,7 @@ def test_fitted_mapping_groups_ids_that_behave_alike():
         mean = torch.zeros(r, dtype=torch.float64).index_add(0, rows, w * score) / torch.zeros(r, dtype=torch.float64).index_add(0, rows, w).clamp(min=1e-12)
         return float((w * (score - mean[rows]) ** 2).sum() / (w * (score - (w * score).sum() / w.sum()) ** 2).sum())
 
-    learned_u, hashed_u = unexplained(f.rows.long()), unexplained(torch.remainder(f.ids, tables[0].mapped_rows()))
+    learned_u, hashed_u = unexplained(f.rows.long()), unexplained(torch.remainder(f.ids, tables[0].mapping_rows))
     assert learned_u < 0.75 * hashed_u, (learned_u, hashed_u)
 
 

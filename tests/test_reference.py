@@ -97,7 +97,7 @@ def test_concat_default_dims_split_evenly():
         name="t", num_embeddings=100, embedding_dim=7, feature_names=["f"],
         strategy="generalized_qr", moduli=[5, 5, 4], operation="concat",
     )
-    assert cfg.partition_dims() == [3, 2, 2]
+    assert cfg.strategy_impl().dims() == [3, 2, 2]
     ebc = MultiHashEmbeddingBagCollection([cfg])
     kjt = KeyedJaggedTensor(keys=["f"], values=torch.tensor([0, 99, 42]), lengths=torch.tensor([1, 2]))
     ref = reference_forward([cfg], ebc.sub_table_weights(), kjt)
@@ -155,8 +155,8 @@ def test_learned_mapping_matches_reference(strategy, args, operation):
     mappings = {}
     for c in cfgs:
         # a random mapping of some ids; the rest take the fallback rows
-        known = torch.randperm(c.num_embeddings, generator=g)[: min(c.learned_ids() - 1, 2 * c.num_embeddings // 3)]
-        rows = torch.randint(0, c.mapped_rows() - c.learned_fallback_rows(), (known.numel(),), generator=g)
+        known = torch.randperm(c.num_embeddings, generator=g)[: min(c.mapping_ids - 1, 2 * c.num_embeddings // 3)]
+        rows = torch.randint(0, c.mapping_rows - c.fallback_rows, (known.numel(),), generator=g)
         ebc.learned_mappings()[c.name].assign(known, rows)
         mappings[c.name] = dict(zip(known.tolist(), rows.tolist()))
     kjt = make_kjt(cfgs, weighted=True, batch=8)
@@ -173,5 +173,5 @@ def test_learned_mapping_matches_reference(strategy, args, operation):
     # the mapping is counted in memory_bytes: sparse, 4-byte ids and 4-byte rows per stored id;
     # dense, a 2-byte row per id
     table_bytes = sum(c.num_embeddings * c.embedding_dim * 4 for c in ebc.sub_table_configs())
-    per_id = 2 if cfgs[0].learned_ids() == cfgs[0].num_embeddings else 8
-    assert ebc.memory_bytes() == table_bytes + sum(per_id * c.learned_ids() + 32 for c in cfgs)
+    per_id = 2 if cfgs[0].mapping_ids == cfgs[0].num_embeddings else 8
+    assert ebc.memory_bytes() == table_bytes + sum(per_id * c.mapping_ids + 32 for c in cfgs)

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from torchrec_multihash import MultiHashConfigError, MultiHashEmbeddingBagConfig
-from torchrec_multihash.modules.partition import Partitioner
 from tests.reference import partition_rows
 
 
@@ -13,8 +12,8 @@ def cfg(n, strategy, **kw):
 
 
 def tuples(c, ids):
-    parts = Partitioner(c)(ids)
-    for p, size in zip(parts, c.partition_sizes()):
+    parts = c.strategy_impl().partition(ids)
+    for p, size in zip(parts, c.strategy_impl().sizes()):
         assert int(p.min()) >= 0 and int(p.max()) < size, "row outside its sub-table"
     return torch.stack(parts, dim=1)
 
@@ -29,7 +28,7 @@ SMALL = [
 ]
 
 
-@pytest.mark.parametrize("c", SMALL, ids=lambda c: f"{c.strategy}-{c.partition_sizes()}")
+@pytest.mark.parametrize("c", SMALL, ids=lambda c: f"{c.strategy}-{c.strategy_impl().sizes()}")
 def test_exhaustive_small(c):
     ids = torch.arange(c.num_embeddings)
     t = tuples(c, ids)
@@ -46,13 +45,13 @@ LARGE = [
 ]
 
 
-@pytest.mark.parametrize("c", LARGE, ids=lambda c: f"{c.strategy}-{c.partition_sizes()}")
+@pytest.mark.parametrize("c", LARGE, ids=lambda c: f"{c.strategy}-{c.strategy_impl().sizes()}")
 def test_sampled_large(c):
     g = torch.Generator().manual_seed(0)
     n = c.num_embeddings
     ids = torch.randint(0, n, (200_000,), generator=g, dtype=torch.int64)
     # adversarial neighbours: ids that share one partition's row with a sampled id
-    shifts = [s for s in c.partition_sizes() if s < n] + [1]
+    shifts = [s for s in c.strategy_impl().sizes() if s < n] + [1]
     near = torch.cat([(ids + s) % n for s in shifts] + [torch.tensor([0, n - 1])])
     ids = torch.unique(torch.cat([ids, near]))
     t = tuples(c, ids)
@@ -65,7 +64,7 @@ def test_qr_uses_integer_division_for_large_ids():
     # float division (the original DLRM code's (ids / m).long()) gets these wrong
     c = cfg(2**62, "qr", num_collisions=3)
     x = 2**60 + 1
-    q, r = Partitioner(c)(torch.tensor([x]))
+    q, r = c.strategy_impl().partition(torch.tensor([x]))
     assert (int(q), int(r)) == divmod(x, 3)
 
 

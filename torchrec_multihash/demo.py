@@ -85,7 +85,7 @@ def main(argv: List[str]) -> int:
           f"{args.steps} steps of {args.batch_size}")
     print(f"Compressed tables ({args.strategy}, {args.operation}):")
     for c in compressed.multihash_configs():
-        print(f"  {c.name:8s} N={c.num_embeddings:>7,d} -> {c.strategy:14s} sub-table rows {c.partition_sizes()}")
+        print(f"  {c.name:8s} N={c.num_embeddings:>7,d} -> {c.strategy:14s} sub-table rows {c.strategy_impl().sizes()}")
 
     results = {}
     for name, ebc in [("full", full), (args.strategy, compressed)]:

@@ -7,12 +7,16 @@ import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import yaml
 
+from torchrec_multihash.convert import DEFAULT_THRESHOLD
+from torchrec_multihash.distributed.constraints import DEFAULT_SMALL_TABLE_ROWS
 from torchrec_multihash.errors import MultiHashError
+from torchrec_multihash.modules.strategies import StrategyName
 
 
 class ConfigError(MultiHashError, ValueError):
@@ -41,14 +45,14 @@ class EmbeddingsConfig:
 
     num_embeddings_per_feature: List[int] = field(default_factory=list)
     feature_names: Optional[List[str]] = None  # default C1..Cn
-    strategy: str = "qr"  # full | hash | qr | generalized_qr | crt | learned
+    strategy: StrategyName = StrategyName.QR  # full | hash | qr | generalized_qr | crt | learned
     operation: str = "mult"  # add | mult | concat
     compression: float = 4.0  # memory reduction of each table over `threshold` rows
-    threshold: int = 200
+    threshold: int = DEFAULT_THRESHOLD  # tables this small stay full
     num_partitions: Optional[int] = None  # generalized_qr / crt (default 3 / 2)
     overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # table -> config fields
     constraints: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # table -> ParameterConstraints fields
-    small_table_rows: int = 10_000  # sub-tables this small are kept whole or replicated
+    small_table_rows: int = DEFAULT_SMALL_TABLE_ROWS  # sub-tables this small are kept whole or replicated
     validate_ids: bool = True
     mapping: Optional[str] = None  # learned: a directory written by fit-hash (default: fit before training)
     fit: Dict[str, Any] = field(default_factory=dict)  # learned: FitOptions fields (dim, lr, seed, ...)
@@ -127,6 +131,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return {str(k): _convert(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected one of {[str(m.value) for m in tp]}, got {value!r}") from None
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool):

@@ -32,7 +32,7 @@ def fit_for_config(cfg: Config, out: Path, show_progress: bool = True) -> Dict[s
     data = make_data(cfg, 0, 1, Path(cfg.train.output_dir))
     cfg.embeddings.num_embeddings_per_feature = data.num_embeddings_per_feature
     tables = build_tables(cfg)
-    if not any(t.is_learned() for t in tables):
+    if not any(t.has_mapping() for t in tables):
         raise ConfigError("fit-hash: the config has no learned table (set embeddings.strategy=learned)")
     options = fit_options(cfg)
     t0 = time.perf_counter()

@@ -60,7 +60,7 @@ def sub_table_constraints(
     - Sharding types an EmbeddingCollection lacks (mult tables) map to the closest it has.
     """
     constraints = dict(constraints or {})
-    by_sub = {t.name + s: t for t in tables for s in t.partition_suffixes()}
+    by_sub = {s.name: t for t in tables for s in t.strategy_impl().sub_tables()}
     unknown = set(constraints) - {t.name for t in tables} - set(by_sub)
     if unknown:
         raise ValueError(
@@ -69,16 +69,17 @@ def sub_table_constraints(
         )
     out: Dict[str, ParameterConstraints] = {}
     for t in tables:
-        for suffix, rows in zip(t.partition_suffixes(), t.partition_sizes()):
-            sub = t.name + suffix
+        impl = t.strategy_impl()
+        for sub_table in impl.sub_tables():
+            sub = sub_table.name
             if sub in constraints and sub != t.name:
                 out[sub] = constraints[sub]
                 continue
             c = replace(constraints[t.name]) if t.name in constraints else None
-            if small_table_sharding_types is not None and t.is_composed() and rows <= small_table_rows:
+            if small_table_sharding_types is not None and impl.is_composed() and sub_table.num_embeddings <= small_table_rows:
                 c = c or ParameterConstraints()
                 c.sharding_types = list(small_table_sharding_types)
-            if t.looks_up_per_id():
+            if impl.looks_up_per_id():
                 c = c or ParameterConstraints(sharding_types=list(_PER_ID_TYPES))
                 c.sharding_types = _fit_per_id(list(c.sharding_types or _PER_ID_TYPES), f"table '{t.name}'")
             if c is not None:

@@ -54,11 +54,6 @@ def plan_model(
     return planner.plan(model, sharders or default_sharders())
 
 
-def _rank_of(placement: str) -> int:
-    # "rank:3/cuda:3"
-    return int(str(placement).split("/")[0].split(":")[1])
-
-
 def describe_plan(plan: ShardingPlan, model: nn.Module, topology: Topology) -> PlanReport:
     """Where every sub-table of every MultiHashEmbeddingBagCollection in ``model`` went."""
     logical: Dict[str, str] = {}  # sub-table -> logical table
@@ -68,10 +63,10 @@ def describe_plan(plan: ShardingPlan, model: nn.Module, topology: Topology) -> P
         if isinstance(mod, MultiHashEmbeddingBagCollection):
             embedding_bytes += mod.memory_bytes()
             full_bytes += mod.full_memory_bytes()
-            mapping_bytes += sum(b.numel() * b.element_size() for m in mod.learned_mappings().values() for b in m.buffers())
             for t in mod.multihash_configs():
-                for suffix in t.partition_suffixes():
-                    logical[t.name + suffix] = t.name
+                shape = t.mapping_shape()
+                mapping_bytes += shape.nbytes() if shape is not None else 0
+                logical.update((s.name, t.name) for s in t.strategy_impl().sub_tables())
             subs.update((c.name, c) for c in mod.sub_table_configs())
     world = topology.world_size
     per_rank = [mapping_bytes] * world
@@ -84,7 +79,7 @@ def describe_plan(plan: ShardingPlan, model: nn.Module, topology: Topology) -> P
             on_rank: Dict[int, int] = {}
             if ps.sharding_spec is not None:
                 for shard in ps.sharding_spec.shards:  # type: ignore[attr-defined]
-                    r = _rank_of(shard.placement)
+                    r = shard.placement.rank()
                     on_rank[r] = on_rank.get(r, 0) + shard.shard_sizes[0] * shard.shard_sizes[1] * elem
             else:  # data parallel: a full replica on every rank
                 on_rank = {r: nbytes for r in (ps.ranks or range(world))}

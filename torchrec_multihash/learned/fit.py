@@ -23,7 +23,7 @@ from torchrec_multihash.learned.clustering import balanced_clusters
 from torchrec_multihash.learned.counting import count_ids
 from torchrec_multihash.learned.id_vectors import VectorOptions, learn_id_vectors
 from torchrec_multihash.modules.config import MultiHashConfigError, MultiHashEmbeddingBagConfig
-from torchrec_multihash.modules.learned_mapping import MappingShape
+from torchrec_multihash.modules.mapping_shape import MappingShape
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
 
 MAPPING_FILE = "mapping.pt"
@@ -86,10 +86,11 @@ def assign_rows(
     config: MultiHashEmbeddingBagConfig, counts: torch.Tensor, vectors: torch.Tensor, options: FitOptions
 ) -> FittedMapping:
     """The mapping of one table from its id counts and id vectors (steps 3-5 above)."""
-    shape = MappingShape.of(config)
+    shape = config.mapping_shape()
+    assert shape is not None, f"table {config.name} has no learned mapping"
     rows_for_known = shape.rows - shape.fallback_rows
     seen = torch.nonzero(counts).squeeze(1)
-    seen = seen[torch.argsort(counts[seen], descending=True, stable=True)][: shape.capacity]
+    seen = seen[torch.argsort(counts[seen], descending=True, stable=True)][: shape.mapping_ids]
     c = counts[seen]
     hot = _hot_count(c, rows_for_known)
     rest = seen[hot:]
@@ -120,7 +121,7 @@ def fit_mappings(
 ) -> Dict[str, FittedMapping]:
     """Fits every learned table of ``tables`` on the batches ``batches()`` yields (called twice:
     one pass to count, one to learn the id vectors)."""
-    learned = [t for t in tables if t.is_learned()]
+    learned = [t for t in tables if t.has_mapping()]
     if not learned:
         return {}
     t0 = time.perf_counter()

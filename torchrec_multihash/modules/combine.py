@@ -102,5 +102,5 @@ class Combine(nn.Module):
         return KeyedTensor(
             keys=self._keys,
             length_per_key=self._dims,
-            values=torch.cat(results, dim=1) if results else torch.zeros(batch_size, 0),
+            values=torch.cat(results, dim=1),
         )

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from torchrec_multihash.modules.learned_mapping import LearnedMapping
-from torchrec_multihash.modules.partition import Partitioner
 from torchrec_multihash.errors import MultiHashError
+from torchrec_multihash.modules.learned_mapping import LearnedMapping
+from torchrec_multihash.modules.strategies import Strategy
 
 
 class InvalidInputError(MultiHashError, ValueError):
@@ -28,7 +28,7 @@ class FeatureLookup:
     feature: str
     table: str
     num_embeddings: int
-    partitioner: Partitioner
+    strategy: Strategy  # the table's id -> rows partition
     sub_features: List[str]
     mapping: Optional[LearnedMapping] = None  # learned id -> row, applied before the partitions
 
@@ -62,7 +62,7 @@ def check_id_ranges(lookups: Sequence[FeatureLookup], jts: Sequence[JaggedTensor
     One host sync for all features: their min and max are gathered and read together.
     """
     checked = [
-        (lk, jt.values()) for lk, jt in zip(lookups, jts) if lk.partitioner.checks_range
+        (lk, jt.values()) for lk, jt in zip(lookups, jts) if not lk.strategy.accepts_any_id
     ]
     checked = [(lk, v) for lk, v in checked if v.numel() > 0]
     if not checked:
@@ -107,9 +107,6 @@ class IdTransform(nn.Module):
         self._required = sorted({lk.feature for lk in lookups})
         self.mappings = nn.ModuleDict({lk.table: lk.mapping for lk in lookups if lk.mapping is not None})
 
-    def output_keys(self) -> List[str]:
-        return [s for lk in self._lookups for s in lk.sub_features]
-
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         check_feature_keys(features.keys(), self._required, self._known_features)
         if self._is_weighted and features.weights_or_none() is None:
@@ -129,7 +126,7 @@ class IdTransform(nn.Module):
             ids = jt.values().long()
             if lk.mapping is not None:
                 ids = lk.mapping(ids)
-            for sub, part in zip(lk.sub_features, lk.partitioner(ids)):
+            for sub, part in zip(lk.sub_features, lk.strategy.partition(ids)):
                 keys.append(sub)
                 values.append(part)
                 lengths.append(jt.lengths())

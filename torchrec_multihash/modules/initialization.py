@@ -17,30 +17,22 @@ author advises a standard init).
 import math
 from typing import List, Tuple
 
-from torchrec_multihash.modules.config import MultiHashEmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 
-def logical_init_range(config: MultiHashEmbeddingBagConfig) -> Tuple[float, float]:
+def logical_init_range(config: EmbeddingBagConfig) -> Tuple[float, float]:
     """The [min, max] a standard TorchRec table of this config would draw its weights from."""
-    bound = math.sqrt(1.0 / config.num_embeddings)
-    lo = config.weight_init_min if config.weight_init_min is not None else -bound
-    hi = config.weight_init_max if config.weight_init_max is not None else bound
-    if hi < lo:
-        raise ValueError(
-            f"table '{config.name}': weight_init_max={hi} is below weight_init_min={lo}"
-        )
-    return lo, hi
+    return config.get_weight_init_min(), config.get_weight_init_max()
 
 
-def partition_init_ranges(config: MultiHashEmbeddingBagConfig) -> List[Tuple[float, float]]:
-    """Uniform [min, max] of each sub-table, in partition order."""
+def composed_init_ranges(config: EmbeddingBagConfig, k: int, operation: str) -> List[Tuple[float, float]]:
+    """Uniform [min, max] of each of ``k`` sub-tables combined by ``operation``."""
     lo, hi = logical_init_range(config)
-    k = config.num_partitions()
-    if k == 1 or config.operation == "concat":
+    if k == 1 or operation == "concat":
         return [(lo, hi)] * k
     mu = (lo + hi) / 2.0
     sigma2 = (hi - lo) ** 2 / 12.0
-    if config.operation == "add":
+    if operation == "add":
         half = math.sqrt(3.0 * sigma2 / k)
         return [(mu / k - half, mu / k + half)] * k
     # mult

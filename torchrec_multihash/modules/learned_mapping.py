@@ -9,61 +9,35 @@ buffers are part of the state dict (and of distributed checkpoints), and a mappi
 shape is refused on load.
 """
 
-from dataclasses import dataclass
 from typing import Any, Dict, List
 
 import torch
 from torch import nn
 
 from torchrec_multihash.modules.config import MultiHashConfigError, MultiHashEmbeddingBagConfig
-
-INT32_MAX = 2**31 - 1
-INT16_MAX = 2**15 - 1
-
-
-@dataclass
-class MappingShape:
-    """What a mapping must agree on to be loaded into a table."""
-
-    num_embeddings: int
-    rows: int
-    fallback_rows: int
-    capacity: int
-
-    @classmethod
-    def of(cls, config: MultiHashEmbeddingBagConfig) -> "MappingShape":
-        return cls(config.num_embeddings, config.mapped_rows(), config.learned_fallback_rows(), config.learned_ids())
-
-    def as_list(self) -> List[int]:
-        return [self.num_embeddings, self.rows, self.fallback_rows, self.capacity]
-
-    def describe(self) -> str:
-        return (
-            f"num_embeddings={self.num_embeddings}, rows={self.rows}, "
-            f"fallback_rows={self.fallback_rows}, mapping_ids={self.capacity}"
-        )
-
+from torchrec_multihash.modules.mapping_shape import MappingShape
 
 class LearnedMapping(nn.Module):
     """Maps ids in [0, num_embeddings) to rows in [0, rows).
 
     Buffers: ``ids`` (sparse layout: the stored ids, sorted, unused slots hold ``num_embeddings``;
     empty in the dense layout), ``rows`` (the row of each stored id; dense: of every id) and
-    ``shape`` (num_embeddings, rows, fallback_rows, capacity). A new mapping sends every id through
+    ``shape`` (num_embeddings, rows, fallback_rows, mapping_ids). A new mapping sends every id through
     the fallback hash, so a table works (as a hashing trick) before a fitted mapping is loaded.
     """
 
     def __init__(self, config: MultiHashEmbeddingBagConfig, device: torch.device = torch.device("cpu")) -> None:
         super().__init__()
+        shape = config.mapping_shape()
+        if shape is None:
+            config.fail("has no learned mapping (strategy 'learned', or mapping_rows on a partitioned strategy)")
+        assert shape is not None
         self.table = config.name
-        self.expected = MappingShape.of(config)
-        s = self.expected
-        self.dense = s.capacity == s.num_embeddings
+        self.expected = s = shape
+        self.dense = s.dense
         self.fallback_start = s.rows - s.fallback_rows
-        id_dtype = torch.int32 if s.num_embeddings <= INT32_MAX else torch.int64
-        row_dtype = torch.int16 if self.dense and s.rows <= INT16_MAX else torch.int32
-        self.register_buffer("ids", torch.full((0 if self.dense else s.capacity,), s.num_embeddings, dtype=id_dtype, device=device))
-        self.register_buffer("rows", torch.zeros(s.capacity, dtype=row_dtype, device=device))
+        self.register_buffer("ids", torch.full((s.stored_ids(),), s.num_embeddings, dtype=s.id_dtype, device=device))
+        self.register_buffer("rows", torch.zeros(s.mapping_ids, dtype=s.row_dtype, device=device))
         self.register_buffer("shape", torch.tensor(s.as_list(), dtype=torch.int64, device=device))
         with torch.no_grad():
             self.assign(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
@@ -86,10 +60,10 @@ class LearnedMapping(nn.Module):
         s = self.expected
         if ids.shape != rows.shape or ids.dim() != 1:
             raise MultiHashConfigError(f"table '{self.table}': ids and rows must be 1-d tensors of one length")
-        if ids.numel() > s.capacity:
+        if ids.numel() > s.mapping_ids:
             raise MultiHashConfigError(
                 f"table '{self.table}': the mapping has {ids.numel()} ids but the table stores at most "
-                f"mapping_ids={s.capacity}"
+                f"mapping_ids={s.mapping_ids}"
             )
         if ids.numel():
             if int(ids.min()) < 0 or int(ids.max()) >= s.num_embeddings:

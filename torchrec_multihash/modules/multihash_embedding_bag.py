@@ -1,7 +1,8 @@
 """MultiHashEmbeddingBagCollection: a drop-in EmbeddingBagCollection built from small sub-tables."""
 
 from collections import Counter
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -22,15 +23,78 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 from torchrec_multihash.modules.combine import Combine, OutputSpec
 from torchrec_multihash.modules.config import MultiHashConfigError, MultiHashEmbeddingBagConfig
 from torchrec_multihash.modules.id_transform import FeatureLookup, IdTransform
-from torchrec_multihash.modules.initialization import partition_init_ranges
 from torchrec_multihash.modules.learned_mapping import LearnedMapping
-from torchrec_multihash.modules.partition import Partitioner
+from torchrec_multihash.modules.strategies import SubTable, sub_feature_name
 
 POOLED_GROUP = "pooled"
 
 
 def _per_id_group(dim: int) -> str:
     return f"per_id_d{dim}"
+
+
+@dataclass
+class _LookupGroups:
+    """The sub-tables, features and outputs of every lookup group, as the tables are added."""
+
+    configs: Dict[str, List[Union[EmbeddingBagConfig, EmbeddingConfig]]] = field(default_factory=dict)
+    in_table_order: List[Union[EmbeddingBagConfig, EmbeddingConfig]] = field(default_factory=list)
+    lookups: Dict[str, List[FeatureLookup]] = field(default_factory=dict)
+    outputs: List[OutputSpec] = field(default_factory=list)
+
+
+def _check_tables(tables: List[MultiHashEmbeddingBagConfig]) -> None:
+    if not tables:
+        raise MultiHashConfigError("MultiHashEmbeddingBagCollection needs at least one table")
+    for t in tables:
+        if not isinstance(t, MultiHashEmbeddingBagConfig):
+            raise MultiHashConfigError(
+                f"table {getattr(t, 'name', t)!r} is a {type(t).__name__}, not a "
+                "MultiHashEmbeddingBagConfig; convert TorchRec configs with "
+                "torchrec_multihash.to_multihash_configs"
+            )
+        t.validate()
+    dup = [n for n, c in Counter(t.name for t in tables).items() if c > 1]
+    if dup:
+        raise MultiHashConfigError(f"table names must be unique; repeated: {dup}")
+
+
+def _inner_config(t: MultiHashEmbeddingBagConfig, sub: SubTable, features: List[str], per_id: bool) -> Union[EmbeddingBagConfig, EmbeddingConfig]:
+    """The stock TorchRec config of one sub-table: unpooled for per-id lookups, else SUM-pooled."""
+    kwargs = dict(
+        name=sub.name, num_embeddings=sub.num_embeddings, embedding_dim=sub.embedding_dim,
+        feature_names=features, data_type=t.data_type, weight_init_min=sub.init_range[0],
+        weight_init_max=sub.init_range[1], init_fn=t.init_fn,
+    )
+    return EmbeddingConfig(**kwargs) if per_id else EmbeddingBagConfig(pooling=PoolingType.SUM, **kwargs)
+
+
+def _group_tables(tables: List[MultiHashEmbeddingBagConfig], device: torch.device) -> _LookupGroups:
+    """Sorts every table's sub-tables into lookup groups: pooled (add, concat, one partition) or
+    per id (mult), and records how each feature is looked up and combined."""
+    groups = _LookupGroups()
+    feature_tables = Counter(f for t in tables for f in t.feature_names)
+    for t, names in zip(tables, get_embedding_names_by_table(tables)):
+        impl = t.strategy_impl()
+        per_id = impl.looks_up_per_id()
+        group = _per_id_group(t.embedding_dim) if per_id else POOLED_GROUP
+        subs = impl.sub_tables()
+        mapping = LearnedMapping(t, device=device) if t.has_mapping() else None
+        # a feature looked up by several tables gets the table in its sub-features' names
+        sub_features = {
+            f: [sub_feature_name(f, s.suffix, t.name if feature_tables[f] > 1 else None) for s in subs]
+            for f in t.feature_names
+        }
+        for i, sub in enumerate(subs):
+            features = [sub_features[f][i] for f in t.feature_names]
+            inner = _inner_config(t, sub, features, per_id)
+            groups.configs.setdefault(group, []).append(inner)
+            groups.in_table_order.append(inner)
+        for f, name in zip(t.feature_names, names):
+            lookup = FeatureLookup(f, t.name, t.num_embeddings, impl, sub_features[f], mapping)
+            groups.lookups.setdefault(group, []).append(lookup)
+            groups.outputs.append(OutputSpec(name, f, group, per_id, sub_features[f], t.operation, t.pooling, t.embedding_dim))
+    return groups
 
 
 class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -67,97 +131,32 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     ) -> None:
         super().__init__()
         torch._C._log_api_usage_once("torchrec_multihash.MultiHashEmbeddingBagCollection")
-        if not tables:
-            raise MultiHashConfigError("MultiHashEmbeddingBagCollection needs at least one table")
-        for t in tables:
-            if not isinstance(t, MultiHashEmbeddingBagConfig):
-                raise MultiHashConfigError(
-                    f"table {getattr(t, 'name', t)!r} is a {type(t).__name__}, not a "
-                    "MultiHashEmbeddingBagConfig; convert TorchRec configs with "
-                    "torchrec_multihash.to_multihash_configs"
-                )
-            t.validate()
-        dup = [n for n, c in Counter(t.name for t in tables).items() if c > 1]
-        if dup:
-            raise MultiHashConfigError(f"table names must be unique; repeated: {dup}")
+        _check_tables(tables)
         self._configs = list(tables)
         self._is_weighted = is_weighted
         self._device = torch.device(device) if device is not None else torch.device("cpu")
-
-        feature_tables = Counter(f for t in tables for f in t.feature_names)
-        output_names = get_embedding_names_by_table(self.embedding_bag_configs())
-        self._embedding_names: List[str] = [n for names in output_names for n in names]
-        all_features = sorted(feature_tables)
-
-        group_lookups: Dict[str, List[FeatureLookup]] = {}
-        group_configs: Dict[str, list] = {}
-        outputs: List[OutputSpec] = []
-        self._sub_table_configs: List[EmbeddingBagConfig] = []
-        for t, names in zip(tables, output_names):
-            per_id = t.looks_up_per_id()
-            group = _per_id_group(t.embedding_dim) if per_id else POOLED_GROUP
-            suffixes = t.partition_suffixes()
-            dims = t.partition_dims()
-            ranges = partition_init_ranges(t)
-            sizes = t.partition_sizes()
-            partitioner = Partitioner(t)
-            mapping = LearnedMapping(t, device=self._device) if t.is_learned() else None
-
-            def sub_feature(f: str, suffix: str) -> str:
-                # A feature looked up by several tables gets the table in its sub-feature names.
-                base = f if feature_tables[f] == 1 else f"{f}@{t.name}"
-                return base + suffix
-
-            for suffix, rows, dim, (lo, hi) in zip(suffixes, sizes, dims, ranges):
-                kwargs = dict(
-                    name=t.name + suffix,
-                    num_embeddings=rows,
-                    embedding_dim=dim,
-                    feature_names=[sub_feature(f, suffix) for f in t.feature_names],
-                    data_type=t.data_type,
-                    weight_init_min=lo,
-                    weight_init_max=hi,
-                    init_fn=t.init_fn,
-                )
-                cfg = EmbeddingConfig(**kwargs) if per_id else EmbeddingBagConfig(
-                    pooling=PoolingType.SUM, **kwargs
-                )
-                group_configs.setdefault(group, []).append(cfg)
-                self._sub_table_configs.append(cfg)
-            for f, name in zip(t.feature_names, names):
-                subs = [sub_feature(f, s) for s in suffixes]
-                group_lookups.setdefault(group, []).append(
-                    FeatureLookup(f, t.name, t.num_embeddings, partitioner, subs, mapping)
-                )
-                outputs.append(
-                    OutputSpec(name, f, group, per_id, subs, t.operation, t.pooling, t.embedding_dim)
-                )
-
-        self._groups: List[str] = list(group_configs)
+        groups = _group_tables(self._configs, self._device)
+        self._sub_table_configs = groups.in_table_order
+        self._groups: List[str] = list(groups.configs)
+        all_features = sorted({f for t in tables for f in t.feature_names})
         # Each id transform is a direct child (``transform_pooled``, ``transform_per_id_d16``):
         # TrainPipelineSparseDist's tracer treats a child without sharded modules as a leaf, so a
         # transform must not sit inside a ModuleDict to be found and pipelined.
         self.lookups = nn.ModuleDict()
         for i, group in enumerate(self._groups):
             transform = IdTransform(
-                group_lookups[group],
-                is_weighted=is_weighted,
-                validate_ids=validate_ids,
+                groups.lookups[group], is_weighted=is_weighted, validate_ids=validate_ids,
                 # one transform checks for unknown keys; the rest need not repeat it
                 known_features=all_features if (strict_features and i == 0) else None,
             )
             self.add_module(f"transform_{group}", transform)
             if group == POOLED_GROUP:
-                self.lookups[group] = EmbeddingBagCollection(
-                    tables=group_configs[group], is_weighted=is_weighted, device=self._device
-                )
+                self.lookups[group] = EmbeddingBagCollection(tables=groups.configs[group], is_weighted=is_weighted, device=self._device)
             else:
-                self.lookups[group] = EmbeddingCollection(
-                    tables=group_configs[group], device=self._device
-                )
+                self.lookups[group] = EmbeddingCollection(tables=groups.configs[group], device=self._device)
         self._pooled_groups = [g for g in self._groups if g == POOLED_GROUP]
         self._per_id_groups = [g for g in self._groups if g != POOLED_GROUP]
-        self.combine = Combine(outputs, is_weighted=is_weighted)
+        self.combine = Combine(groups.outputs, is_weighted=is_weighted)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Looks up and pools every feature; returns ``[B, sum of embedding dims]`` keyed by feature."""
@@ -189,7 +188,7 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """The configs this module was built from."""
         return list(self._configs)
 
-    def sub_table_configs(self) -> List[EmbeddingBagConfig]:
+    def sub_table_configs(self) -> List[Union[EmbeddingBagConfig, EmbeddingConfig]]:
         """The physical sub-tables (``t_C1__q``, ``t_C1__r``, ...) the planner sees."""
         return list(self._sub_table_configs)
 
@@ -216,17 +215,8 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return self._device
 
     def memory_bytes(self) -> int:
-        """Bytes of all sub-tables and of the learned mappings (exact; independent of device or
-        sharding)."""
-        table_bytes = sum(
-            c.num_embeddings * c.embedding_dim * DATA_TYPE_NUM_BITS[c.data_type] // 8
-            for c in self._sub_table_configs
-        )
-        # our own buffers (the learned mappings), not those a sharded inner module may add
-        buffer_bytes = sum(
-            b.numel() * b.element_size() for m in self.learned_mappings().values() for b in m.buffers()
-        )
-        return table_bytes + buffer_bytes
+        """Bytes of all sub-tables and learned mappings (exact; independent of device or sharding)."""
+        return sum(t.strategy_impl().memory_bytes() for t in self._configs)
 
     def full_memory_bytes(self) -> int:
         """Bytes the same logical tables would take uncompressed (N x D each)."""

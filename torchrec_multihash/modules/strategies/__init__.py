@@ -1,0 +1,26 @@
+"""Strategies: how a logical table is stored as sub-tables, one class per kind.
+
+Every module of this package is imported here, so a new strategy is one new file holding one
+``Strategy`` subclass decorated with ``@register(StrategyName.X)`` (and its name in ``names.py``).
+"""
+
+import importlib
+import pkgutil
+
+from torchrec_multihash.modules.strategies.base import (  # noqa: F401
+    TOLERANCE,
+    Sizing,
+    Strategy,
+    SubTable,
+    sub_feature_name,
+    sub_table_name,
+)
+from torchrec_multihash.modules.strategies.names import StrategyName  # noqa: F401
+from torchrec_multihash.modules.strategies.registry import (  # noqa: F401
+    parse_strategy,
+    register,
+    strategy_class,
+)
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

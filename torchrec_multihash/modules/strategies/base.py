@@ -1,0 +1,160 @@
+"""The interface every strategy implements: how a logical table is stored as sub-tables and how
+an id finds its row in each."""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Tuple
+
+import torch
+from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS
+
+from torchrec_multihash.modules.strategies.names import StrategyName
+
+if TYPE_CHECKING:
+    from torchrec_multihash.modules.config import MultiHashEmbeddingBagConfig
+
+# a table may miss a converter's target factor by this much (Q-R with m = 4 is ~4x, not 5x)
+TOLERANCE = 0.02
+
+
+def sub_table_name(table: str, suffix: str) -> str:
+    """The name of a sub-table (``t_C1`` + ``__q``): what the planner and checkpoints see."""
+    return table + suffix
+
+
+def sub_feature_name(feature: str, suffix: str, table: Optional[str] = None) -> str:
+    """The KJT key a sub-table is looked up with (``C1`` + ``__q``); ``table`` is given for a
+    feature that several tables look up (``C1@t_a__q``)."""
+    return (feature if table is None else f"{feature}@{table}") + suffix
+
+
+@dataclass(frozen=True)
+class SubTable:
+    """One physical sub-table of a logical table."""
+
+    name: str  # the sub-table's name, e.g. t_C1__q
+    suffix: str  # what it appends to the table's and features' names, e.g. __q
+    num_embeddings: int
+    embedding_dim: int
+    init_range: Tuple[float, float]  # uniform [min, max] of its initial weights
+
+
+@dataclass
+class Sizing:
+    """Config fields a strategy chose to shrink a table, and the reduction they give."""
+
+    fields: Dict[str, Any] = field(default_factory=dict)
+    factor: float = 1.0
+
+
+class Strategy(ABC):
+    """How one logical table (a ``MultiHashEmbeddingBagConfig``) is split into sub-tables.
+
+    A subclass gives the sub-table sizes and names and the id -> row partition; the rest (dims,
+    init ranges, bytes, per-id lookups) follows from them and the table's operation. Register a
+    subclass with ``@register`` (``strategies/registry.py``) under a ``StrategyName``.
+    """
+
+    name: ClassVar[StrategyName]
+    uses: ClassVar[Tuple[str, ...]] = ()  # the size fields it reads: "num_collisions", "moduli"
+    accepts_any_id: ClassVar[bool] = False  # True: any int64 id is valid, not only [0, N)
+    follows_mapping: ClassVar[bool] = False  # a learned mapping may come first (mapping_rows)
+    default_partitions: ClassVar[int] = 1  # for the converter
+
+    def __init__(self, config: "MultiHashEmbeddingBagConfig") -> None:
+        self.config = config
+
+    @property
+    def domain(self) -> int:
+        """The index space the partitions split: a learned table's mapped rows, else its ids."""
+        c = self.config
+        return c.mapping_rows if c.mapping_rows is not None else c.num_embeddings
+
+    @abstractmethod
+    def sizes(self) -> List[int]:
+        """Rows of each sub-table, in partition order."""
+
+    @abstractmethod
+    def suffixes(self) -> List[str]:
+        """Suffix of each sub-table's and sub-feature's name (``__q``, ``__r``)."""
+
+    @abstractmethod
+    def partition(self, ids: torch.Tensor) -> List[torch.Tensor]:
+        """Row of each sub-table for int64 ``ids`` (integer arithmetic only)."""
+
+    @classmethod
+    @abstractmethod
+    def sized_for(cls, num_embeddings: int, dim: int, compression: float, operation: str, num_partitions: int) -> Sizing:
+        """The smallest configuration within ``1 / compression`` of ``N x dim`` (``TOLERANCE``
+        allowed), or the smallest it has when none is (its ``factor`` says what it reaches)."""
+
+    @classmethod
+    def check_num_partitions(cls, k: int) -> None:
+        """Raises ValueError if the strategy cannot have ``k`` partitions (single-table
+        strategies ignore ``k``)."""
+
+    def validate(self) -> None:
+        """Checks the strategy's own fields; ``self.config.fail(msg)`` on a problem."""
+
+    def num_partitions(self) -> int:
+        return len(self.sizes())
+
+    def is_composed(self) -> bool:
+        """True when an id's embedding is built from several sub-table rows."""
+        return self.num_partitions() > 1
+
+    def looks_up_per_id(self) -> bool:
+        """True for mult of several partitions: the product is taken per id, before pooling, so
+        the sub-tables are looked up unpooled (an EmbeddingCollection)."""
+        return self.is_composed() and self.config.operation == "mult"
+
+    def dims(self) -> List[int]:
+        """Embedding dim of each sub-table: the table's, or its split for concat."""
+        c, k = self.config, self.num_partitions()
+        if k > 1 and c.operation == "concat" and c.dims is not None:
+            return list(c.dims)
+        dims = split_dims(c.embedding_dim, k, c.operation)
+        if min(dims) == 0:
+            c.fail(f"embedding_dim={c.embedding_dim} is too small to concat {k} partitions")
+        return dims
+
+    def init_ranges(self) -> List[Tuple[float, float]]:
+        """Uniform [min, max] of each sub-table, chosen so that composed embeddings have the mean
+        and variance of a standard table of N rows (see ``initialization.py``)."""
+        from torchrec_multihash.modules.initialization import composed_init_ranges
+
+        return composed_init_ranges(self.config, self.num_partitions(), self.config.operation)
+
+    def sub_tables(self) -> List[SubTable]:
+        """The physical sub-tables, in partition order."""
+        c = self.config
+        return [
+            SubTable(sub_table_name(c.name, s), s, rows, dim, r)
+            for s, rows, dim, r in zip(self.suffixes(), self.sizes(), self.dims(), self.init_ranges())
+        ]
+
+    def memory_bytes(self) -> int:
+        """Bytes of the sub-tables' weights and of the learned mapping in front of them, if any."""
+        c = self.config
+        bits = DATA_TYPE_NUM_BITS[c.data_type]
+        tables = sum(rows * dim * bits // 8 for rows, dim in zip(self.sizes(), self.dims()))
+        shape = c.mapping_shape()
+        return tables + (shape.nbytes() if shape is not None else 0)
+
+
+def split_dims(dim: int, k: int, operation: str) -> List[int]:
+    """The sub-table dims of ``k`` partitions of width ``dim`` (as ``Strategy.dims`` defaults)."""
+    if k == 1 or operation != "concat":
+        return [dim] * k
+    base, extra = divmod(dim, k)
+    return [base + (1 if i < extra else 0) for i in range(k)]
+
+
+def within_budget(cost: float, full: float, compression: float) -> bool:
+    """Whether ``cost`` of ``full`` counts as a ``compression``-fold reduction."""
+    return cost <= full / compression * (1 + TOLERANCE)
+
+
+def ceil_div(a: int, b: int) -> int:
+    """``ceil(a / b)`` of positive ints, exact at any size."""
+    return -(-a // b)
