@@ -1,4 +1,5 @@
-"""The baseline of the original DLRM code (``QREmbeddingBag`` in dlrm_s_pytorch.py): per table,
+"""The baseline of the original DLRM code (facebookresearch/dlrm, not part of this repository: the
+``QREmbeddingBag`` of its tricks/qr_embedding_bag.py, as its dlrm_s_pytorch.py uses it): per table,
 two ``torch.nn.EmbeddingBag`` (quotient and remainder) with sparse gradients, combined per id by
 element-wise product, trained with a standard sparse optimizer."""
 
