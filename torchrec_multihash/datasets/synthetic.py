@@ -86,6 +86,7 @@ class SyntheticCriteo:
         ]
         logits = self.true_logits(dense, ids)
         labels = torch.bernoulli(torch.sigmoid(logits), generator=g)
+        assert self.feature_names is not None  # set by __post_init__
         kjt = KeyedJaggedTensor(
             keys=list(self.feature_names),
             values=torch.cat(ids),
