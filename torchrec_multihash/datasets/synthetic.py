@@ -8,8 +8,8 @@ itself and the dense features). Ids of one cluster behave alike, so a learned ha
 to find that a random hash destroys.
 """
 
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, List, Optional
 
 import torch
