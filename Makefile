@@ -1,5 +1,5 @@
-# The two commands of the README. Each creates .venv/ on first use (scripts/bootstrap.sh).
-.PHONY: quickstart demo test venv
+# The commands of the README. Each creates .venv/ on first use (scripts/bootstrap.sh).
+.PHONY: quickstart demo test lint typecheck venv
 
 venv:
 	@bash scripts/bootstrap.sh
@@ -13,3 +13,11 @@ demo: venv
 
 test: venv
 	.venv/bin/python -m pytest -q tests
+
+# Static checks: ruff (pyproject.toml's [tool.ruff]) on the repository, then mypy (setup.cfg's [mypy]) on the package.
+lint: venv
+	.venv/bin/python -m ruff check .
+	.venv/bin/python -m mypy torchrec_multihash
+
+typecheck: venv
+	.venv/bin/python -m mypy torchrec_multihash

@@ -112,7 +112,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping of {_type_name(tp)} fields, got {value!r}")
         return _from_dict(tp, value, where)
     if origin is Union:
         if value is None and type(None) in args:

@@ -1,6 +1,7 @@
 """The train and test batches of a run, per rank, from the configured source."""
 
 import bisect
+import functools
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +14,8 @@ from torchrec_multihash.app.config import Config, ConfigError
 from torchrec_multihash.app.model import feature_names
 from torchrec_multihash.datasets.batching import check_finite
 from torchrec_multihash.datasets.criteo_loader import CriteoBatchDataset, criteo_batches
-from torchrec_multihash.datasets.criteo_tsv import (
-    DEFAULT_SPARSE_NAMES, NUM_DENSE, NUM_SPARSE, BadLines, read_rows,
-)
-from torchrec_multihash.datasets.id_mapping import HashingIds, Vocabulary
+from torchrec_multihash.datasets.criteo_tsv import DEFAULT_SPARSE_NAMES, NUM_DENSE, NUM_SPARSE, BadLines, read_rows
+from torchrec_multihash.datasets.id_mapping import HashingIds, IdMapping, Vocabulary
 from torchrec_multihash.datasets.synthetic import SyntheticCriteo
 
 FORMATS = ("synthetic", "criteo_tsv", "criteo_npy")
@@ -79,7 +78,7 @@ def _npy_batches(paths: List[str], cfg: Config, rank: int, world_size: int, keys
         return f"{triplets[f][0]} row {start + row - file_starts[f]}"
 
     for i, b in enumerate(pipe):
-        check_finite(b, lambda row: where(i, row))
+        check_finite(b, functools.partial(where, i))
         kjt = b.sparse_features  # keyed cat_0..cat_25: rename to the model's features
         yield Batch(
             dense_features=b.dense_features,
@@ -102,7 +101,7 @@ def make_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunD
         per_rank_test = max(1, d.test_samples // (bs * world_size))
         # epochs see the same samples (as a file would); the test set lives far away in index space
         return RunData(
-            train=lambda epoch, skip=0: syn.batches(bs, per_rank_train - skip, start=rank + skip * world_size, step=world_size),
+            train=lambda epoch, skip: syn.batches(bs, per_rank_train - skip, start=rank + skip * world_size, step=world_size),
             test=lambda: syn.batches(bs, per_rank_test, start=10**9 + rank, step=world_size),
             num_embeddings_per_feature=cfg.embeddings.num_embeddings_per_feature,
             num_dense=cfg.model.dense_in_features,
@@ -118,7 +117,7 @@ def make_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunD
         if len(sizes) != NUM_SPARSE:
             raise ConfigError("criteo_npy: embeddings.num_embeddings_per_feature needs 26 sizes (ids are hashed mod them)")
         return RunData(
-            train=lambda epoch, skip=0: itertools.islice(_npy_batches(train_paths, cfg, rank, world_size, keys, True), skip, None),
+            train=lambda epoch, skip: itertools.islice(_npy_batches(train_paths, cfg, rank, world_size, keys, True), skip, None),
             test=lambda: _npy_batches(test_paths, cfg, rank, world_size, keys, world_size > 1),
             num_embeddings_per_feature=sizes,
             num_dense=NUM_DENSE,
@@ -127,6 +126,7 @@ def make_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunD
     for key, least in (("num_workers", 0), ("skip_bad_lines", 0), ("max_vocab_size", 1)):
         if getattr(d, key) < least:
             raise ConfigError(f"data.{key} must be >= {least}, got {getattr(d, key)}")
+    to_id: IdMapping
     if d.ids == "vocabulary":
         vocab_path = output_dir / "vocabulary.json"
         if vocab_path.is_file():
@@ -158,7 +158,7 @@ def make_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunD
         return tsv(test_paths, 0, world_size > 1, test_bad[0])
 
     return RunData(
-        train=lambda epoch, skip=0: tsv(train_paths, skip, True, train_bad),
+        train=lambda epoch, skip: tsv(train_paths, skip, True, train_bad),
         test=test,
         num_embeddings_per_feature=sizes,
         num_dense=NUM_DENSE,

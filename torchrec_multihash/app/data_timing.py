@@ -8,7 +8,6 @@ from torchrec_multihash.app.config import Config
 from torchrec_multihash.app.data import make_data
 
 T = TypeVar("T")
-_END = object()
 
 
 class DataWait:
@@ -22,10 +21,12 @@ class DataWait:
         it = iter(batches)
         while True:
             t0 = time.perf_counter()
-            b = next(it, _END)
-            self.seconds += time.perf_counter() - t0
-            if b is _END:
+            try:
+                b = next(it)
+            except StopIteration:
                 return
+            finally:
+                self.seconds += time.perf_counter() - t0
             yield b
 
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, TypedDict
 
 from tqdm import tqdm
 
@@ -24,8 +24,19 @@ from torchrec_multihash.bench.workload import BenchSpec
 BASELINE = "torchrec_ebc"
 NAIVE = "naive_qr"
 
+Record = Dict[str, Any]  # one JSON object: a method's measurement (``bench.step_time``) or a reader's
 
-def run_method(method: str, spec: BenchSpec, nproc: int = 1) -> Dict[str, object]:
+
+class Results(TypedDict):
+    """``results.json``: the workload, one record per method, the scaling runs, the reader runs."""
+
+    spec: Dict[str, Any]
+    methods: List[Record]
+    scaling: List[Record]
+    loader: List[Record]
+
+
+def run_method(method: str, spec: BenchSpec, nproc: int = 1) -> Record:
     args = ["-m", "torchrec_multihash.bench.step_time", "--method", method, "--spec", json.dumps(spec.to_dict())]
     cmd = python_command(args, nproc)
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -35,13 +46,13 @@ def run_method(method: str, spec: BenchSpec, nproc: int = 1) -> Dict[str, object
     raise RuntimeError(f"{method} on {nproc} process(es) failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
 
 
-def loader_throughput(spec: BenchSpec, lines: int) -> List[Dict[str, object]]:
+def loader_throughput(spec: BenchSpec, lines: int) -> List[Record]:
     """The Criteo TSV reader (hashing ids) on a generated file, in-process and with one worker."""
     from torchrec_multihash.app.config import load_config
     from torchrec_multihash.app.data_timing import measure_loader
     from torchrec_multihash.datasets.synthetic import write_criteo_tsv
 
-    out = []
+    out: List[Record] = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train.txt"
         write_criteo_tsv(path, lines, seed=spec.seed)
@@ -56,7 +67,7 @@ def loader_throughput(spec: BenchSpec, lines: int) -> List[Dict[str, object]]:
     return out
 
 
-def markdown(results: Dict[str, object]) -> str:
+def markdown(results: Results) -> str:
     spec = results["spec"]
     rows = results["methods"]
     base = next(r for r in rows if r["method"] == BASELINE)
@@ -82,7 +93,8 @@ def markdown(results: Dict[str, object]) -> str:
             pts = [s for s in results["scaling"] if s["method"] == method]
             one = next(s for s in pts if s["world_size"] == 1)
             for s in pts:
-                lines.append(f"| {method} | {s['world_size']} | {s['step_ms']:.1f} | {s['samples_per_s']:,.0f} | {s['samples_per_s'] / one['samples_per_s']:.2f}x |")
+                speedup = s["samples_per_s"] / one["samples_per_s"]
+                lines.append(f"| {method} | {s['world_size']} | {s['step_ms']:.1f} | {s['samples_per_s']:,.0f} | {speedup:.2f}x |")
     if results.get("loader"):
         consumer = next((r for r in rows if r["method"] == "qr_mult"), base)
         trainer = consumer["samples_per_s"]
@@ -93,7 +105,7 @@ def markdown(results: Dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(results: Dict[str, object], out: Path) -> None:
+def plots(results: Results, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,7 +148,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for needed in (BASELINE,):
         if needed not in methods:
             methods.insert(0, needed)
-    results: Dict[str, object] = {"spec": spec.to_dict(), "methods": [], "scaling": [], "loader": []}
+    results = Results(spec=spec.to_dict(), methods=[], scaling=[], loader=[])
     try:
         for m in tqdm(methods, desc="bench: methods", unit="method"):
             results["methods"].append(run_method(m, spec))

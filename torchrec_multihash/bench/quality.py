@@ -12,15 +12,42 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple, TypedDict
 
 from tqdm import tqdm
 
 from torchrec_multihash.app.config import config_parser
 from torchrec_multihash.bench import python_command
 
-METRICS = ("auc", "logloss", "ne", "embedding_bytes", "full_embedding_bytes")
 BASELINE = "hash"  # AUC differences are reported against the hashing trick, seed by seed
+
+
+class Run(TypedDict):
+    """One training run of the study: what it ran and its test metrics (``results.json``'s runs)."""
+
+    strategy: str
+    compression: float
+    seed: int
+    auc: float
+    logloss: float
+    ne: float
+    embedding_bytes: float
+    full_embedding_bytes: float
+
+
+class Summary(TypedDict):
+    """One strategy at one compression, over its seeds (``results.json``'s summary)."""
+
+    strategy: str
+    compression: float
+    seeds: int
+    auc: float
+    auc_std: float
+    logloss: float
+    logloss_std: float
+    auc_vs_hash: Optional[Tuple[float, float, float]]  # min, mean, max over seeds; None for the baseline
+    embedding_bytes: float
+    reduction: float
 
 
 def run_one(config: Optional[str], overrides: Sequence[str], run_dir: Path, nproc: int = 1) -> Dict[str, float]:
@@ -43,29 +70,34 @@ def run_one(config: Optional[str], overrides: Sequence[str], run_dir: Path, npro
     return json.loads(metrics.read_text())
 
 
-def summarize(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
+def summarize(rows: List[Run]) -> List[Summary]:
     """Mean and standard deviation over seeds, per strategy and compression."""
-    groups: Dict[tuple, List[Dict[str, object]]] = {}
+    groups: Dict[Tuple[str, float], List[Run]] = {}
     for r in rows:
         groups.setdefault((r["strategy"], r["compression"]), []).append(r)
-    out = []
+    out: List[Summary] = []
     for (strategy, compression), rs in groups.items():
-        s: Dict[str, object] = {"strategy": strategy, "compression": compression, "seeds": len(rs)}
-        for k in ("auc", "logloss"):
-            vals = [float(r[k]) for r in rs]
-            s[k] = statistics.mean(vals)
-            s[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        auc = [float(r["auc"]) for r in rs]
+        logloss = [float(r["logloss"]) for r in rs]
         # paired by seed (a seed fixes the data order and init; on synthetic data, the data too)
         base = {r["seed"]: r for r in groups.get((BASELINE, compression), [])}
         paired = [float(r["auc"]) - float(base[r["seed"]]["auc"]) for r in rs if r["seed"] in base]
-        s["auc_vs_hash"] = (min(paired), statistics.mean(paired), max(paired)) if paired and strategy != BASELINE else None
-        s["embedding_bytes"] = statistics.mean(float(r["embedding_bytes"]) for r in rs)
-        s["reduction"] = float(rs[0]["full_embedding_bytes"]) / s["embedding_bytes"]
-        out.append(s)
-    return sorted(out, key=lambda s: (float(s["compression"]), str(s["strategy"])))
+        embedding_bytes = statistics.mean(float(r["embedding_bytes"]) for r in rs)
+        out.append(Summary(
+            strategy=strategy, compression=compression, seeds=len(rs),
+            auc=statistics.mean(auc), auc_std=_std(auc), logloss=statistics.mean(logloss), logloss_std=_std(logloss),
+            auc_vs_hash=(min(paired), statistics.mean(paired), max(paired)) if paired and strategy != BASELINE else None,
+            embedding_bytes=embedding_bytes,
+            reduction=float(rs[0]["full_embedding_bytes"]) / embedding_bytes,
+        ))
+    return sorted(out, key=lambda s: (s["compression"], s["strategy"]))
 
 
-def markdown(summary: List[Dict[str, object]], title: str) -> str:
+def _std(vals: List[float]) -> float:
+    return statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def markdown(summary: List[Summary], title: str) -> str:
     lines = [f"### {title}", "", "| strategy | target | actual reduction | embedding bytes | test AUC | test log loss | "
              f"AUC - {BASELINE} (same seed: mean [min, max]) | seeds |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in summary:
@@ -78,7 +110,7 @@ def markdown(summary: List[Dict[str, object]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: List[Dict[str, object]], path: Path, title: str) -> None:
+def plot(summary: List[Summary], path: Path, title: str) -> None:
     """AUC against embedding bytes, one line per strategy (error bars: std over seeds)."""
     import matplotlib
 
@@ -115,7 +147,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     title = args.title or (Path(args.config).stem if args.config else "defaults")
     jobs = [(s, c, seed) for s in strategies for c in ([1.0] if s == "full" else compressions) for seed in seeds]
-    rows: List[Dict[str, object]] = []
+    rows: List[Run] = []
     for strategy, compression, seed in tqdm(jobs, desc="quality", unit="run"):
         name = f"{strategy}_{compression:g}x_seed{seed}"
         overrides = [*args.set, f"embeddings.strategy={strategy}", f"embeddings.compression={compression:g}", f"train.seed={seed}"]
@@ -124,7 +156,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         except RuntimeError as e:
             print(f"torchrec-multihash quality: {name}: {e}", file=sys.stderr)
             return 1
-        rows.append({"strategy": strategy, "compression": compression, "seed": seed, **{k: m[k] for k in METRICS}})
+        rows.append(Run(
+            strategy=strategy, compression=compression, seed=seed, auc=m["auc"], logloss=m["logloss"], ne=m["ne"],
+            embedding_bytes=m["embedding_bytes"], full_embedding_bytes=m["full_embedding_bytes"],
+        ))
     summary = summarize(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"config": args.config, "overrides": args.set, "runs": rows, "summary": summary}, indent=2))

@@ -71,7 +71,10 @@ class CriteoRow:
 _EMPTY = (b"\n", b"\r\n", b"\r")  # blank lines: skipped, not counted
 
 
-def _open(path: Path) -> BinaryIO:
+_File = Union[gzip.GzipFile, BinaryIO]  # what _open returns (the stubs of gzip.open and open share no file type)
+
+
+def _open(path: Path) -> _File:
     if path.suffix == ".gz":  # (a larger read buffer would lose the lines before a truncation)
         return gzip.open(path, "rb")
     return open(path, "rb", buffering=1 << 20)
@@ -93,7 +96,7 @@ class LineStream:
         self.position = 0
         self.corrupt: List[Tuple[int, CriteoFormatError]] = []
         self._next_path = 0
-        self._file: Optional[BinaryIO] = None
+        self._file: Optional[_File] = None
         self._path = Path()
         self._lineno = 0  # lines (blank ones included) read from the current file
 
@@ -102,7 +105,7 @@ class LineStream:
             self._file.close()
             self._file = None
 
-    def _current(self) -> Optional[BinaryIO]:
+    def _current(self) -> Optional[_File]:
         """The open file, opening the next one when needed; None after the last."""
         if self._file is None:
             if self._next_path == len(self.paths):

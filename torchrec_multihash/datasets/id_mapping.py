@@ -50,7 +50,7 @@ class Vocabulary:
         """Counts each feature's values in bounded memory (HeavyHitters of capacity ``max_size``:
         exact while a feature has at most ``2 * max_size`` distinct values) and keeps the
         ``max_size`` most frequent seen at least ``min_count`` times."""
-        counters = [HeavyHitters(max_size) for _ in range(num_features)]
+        counters: List[HeavyHitters[int]] = [HeavyHitters(max_size) for _ in range(num_features)]
         it = iter(rows)
         for part in iter(lambda: list(itertools.islice(it, chunk)), []):
             for f, counter in enumerate(counters):
@@ -71,7 +71,7 @@ class Vocabulary:
         return np.where(missing, self.OOV, np.array([get(v, self.OOV) for v in values.tolist()], dtype=np.int64))
 
     def save(self, path: Path) -> None:
-        data = {"min_count": self.min_count, "features": [[f"{v:x}" for v in sorted(m, key=m.get)] for m in self.ids]}
+        data = {"min_count": self.min_count, "features": [[f"{v:x}" for v in sorted(m, key=m.__getitem__)] for m in self.ids]}
         Path(path).write_text(json.dumps(data))
 
     @classmethod

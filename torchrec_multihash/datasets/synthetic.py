@@ -8,8 +8,8 @@ itself and the dense features). Ids of one cluster behave alike, so a learned ha
 to find that a random hash destroys.
 """
 
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, List, Optional
 
 import torch
@@ -86,6 +86,7 @@ class SyntheticCriteo:
         ]
         logits = self.true_logits(dense, ids)
         labels = torch.bernoulli(torch.sigmoid(logits), generator=g)
+        assert self.feature_names is not None  # set by __post_init__
         kjt = KeyedJaggedTensor(
             keys=list(self.feature_names),
             values=torch.cat(ids),

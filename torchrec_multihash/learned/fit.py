@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torchrec.datasets.utils import Batch
@@ -117,10 +117,11 @@ def assign_rows(
 
 def fit_mappings(
     tables: List[MultiHashEmbeddingBagConfig], batches: Callable[[], Iterable[Batch]], num_dense: int,
-    options: FitOptions = FitOptions(), show_progress: bool = False,
+    options: Optional[FitOptions] = None, show_progress: bool = False,
 ) -> Dict[str, FittedMapping]:
     """Fits every learned table of ``tables`` on the batches ``batches()`` yields (called twice:
-    one pass to count, one to learn the id vectors)."""
+    one pass to count, one to learn the id vectors); ``options`` default to ``FitOptions()``."""
+    options = options if options is not None else FitOptions()
     learned = [t for t in tables if t.has_mapping()]
     if not learned:
         return {}

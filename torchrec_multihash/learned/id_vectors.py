@@ -11,7 +11,7 @@ that is one number, blind to *which* users or items an id goes with.
 
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -32,6 +32,8 @@ class VectorOptions:
 
 class FactorizationMachine(nn.Module):
     """FM over jagged features; one sparse table of all features' rows, column 0 the linear term."""
+
+    bases: torch.Tensor  # a buffer: each feature's first row in ``table``
 
     def __init__(self, rows_per_feature: Dict[str, int], num_dense: int, dim: int) -> None:
         super().__init__()
@@ -70,23 +72,25 @@ def learn_id_vectors(
     2 x (dim + 1) floats per id (weights and Adagrad state)."""
     torch.manual_seed(options.seed)
     fitted = {f: t for t in tables for f in t.feature_names}
-    model = None
-    sparse_opt = dense_opt = None
+    model: Optional[FactorizationMachine] = None
+    optimizers: List[torch.optim.Optimizer] = []  # sparse (the table), dense
     # torch's sparse Adagrad notes on every step that it skips sparse-tensor invariant checks
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
     for batch in tqdm(batches, desc="fit-hash: id vectors (FM)", unit="batch", disable=not show_progress):
         if model is None:  # the features come from the first batch
             rows = {f: (fitted[f].num_embeddings if f in fitted else CONTEXT_ROWS) for f in batch.sparse_features.keys()}
             model = FactorizationMachine(rows, num_dense, options.dim)
-            sparse_opt = torch.optim.Adagrad([model.table.weight], lr=options.lr)
-            dense_opt = torch.optim.Adagrad(model.dense.parameters(), lr=options.lr)
+            optimizers = [
+                torch.optim.Adagrad([model.table.weight], lr=options.lr),
+                torch.optim.Adagrad(model.dense.parameters(), lr=options.lr),
+            ]
         logit = model(batch)
         loss = nn.functional.binary_cross_entropy_with_logits(logit, batch.labels.float())
-        sparse_opt.zero_grad()
-        dense_opt.zero_grad()
+        for opt in optimizers:
+            opt.zero_grad()
         loss.backward()
-        sparse_opt.step()
-        dense_opt.step()
+        for opt in optimizers:
+            opt.step()
     vectors: Dict[str, torch.Tensor] = {}
     for t in tables:
         parts = []
