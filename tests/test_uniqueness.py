@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from torchrec_multihash import MultiHashConfigError, MultiHashEmbeddingBagConfig
+
 from tests.reference import partition_rows
 
 

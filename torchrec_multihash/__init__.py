@@ -2,6 +2,9 @@
 
 from torchrec.modules.embedding_configs import PoolingType  # noqa: F401  re-exported for configs
 
+from torchrec_multihash.convert import to_multihash_configs  # noqa: F401
+from torchrec_multihash.deeprec import get_multihash_variable  # noqa: F401
+from torchrec_multihash.distributed import sharders, sub_table_constraints  # noqa: F401
 from torchrec_multihash.errors import MultiHashError  # noqa: F401
 from torchrec_multihash.modules import (  # noqa: F401
     InvalidInputError,
@@ -9,9 +12,5 @@ from torchrec_multihash.modules import (  # noqa: F401
     MultiHashEmbeddingBagCollection,
     MultiHashEmbeddingBagConfig,
 )
-
-from torchrec_multihash.convert import to_multihash_configs  # noqa: F401
-from torchrec_multihash.distributed import sharders, sub_table_constraints  # noqa: F401
-from torchrec_multihash.deeprec import get_multihash_variable  # noqa: F401
 
 __version__ = "0.1.0"

@@ -62,9 +62,9 @@ def build_constraints(cfg: Config, tables: List[MultiHashEmbeddingBagConfig]) ->
 
 def multihash_module(model: nn.Module) -> MultiHashEmbeddingBagCollection:
     """The MultiHashEmbeddingBagCollection of a model built by ``build_model`` (or its DLRMTrain)."""
-    dlrm = getattr(model, "model", model)
-    ebc = dlrm.sparse_arch.embedding_bag_collection
-    assert isinstance(ebc, MultiHashEmbeddingBagCollection)
+    ebc = next((m for m in model.modules() if isinstance(m, MultiHashEmbeddingBagCollection)), None)
+    if ebc is None:
+        raise ConfigError(f"the model ({type(model).__name__}) holds no MultiHashEmbeddingBagCollection")
     return ebc
 
 

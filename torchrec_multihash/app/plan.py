@@ -16,6 +16,7 @@ from torchrec.distributed.planner.types import PlannerError
 from torchrec_multihash.app.config import Config, ConfigError, load_config
 from torchrec_multihash.app.model import build_constraints, build_model, multihash_module
 from torchrec_multihash.distributed.planning import PlanReport, describe_plan, plan_model
+from torchrec_multihash.modules.strategies import StrategyName
 
 
 def _fmt_bytes(n: float) -> str:
@@ -63,7 +64,7 @@ def make_topology(args: argparse.Namespace) -> Topology:
 def uncompressed_config(cfg: Config) -> Config:
     """The same model with full tables (sub-table overrides and constraints dropped)."""
     emb = dataclasses.replace(
-        cfg.embeddings, strategy="full", overrides={},
+        cfg.embeddings, strategy=StrategyName.FULL, overrides={},
         constraints={k: v for k, v in cfg.embeddings.constraints.items() if "__" not in k},
     )
     return dataclasses.replace(cfg, embeddings=emb)

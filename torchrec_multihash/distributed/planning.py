@@ -72,13 +72,13 @@ def describe_plan(plan: ShardingPlan, model: nn.Module, topology: Topology) -> P
     per_rank = [mapping_bytes] * world
     shards: List[ShardReport] = []
     for module_fqn, module_plan in plan.plan.items():
-        for table, ps in module_plan.items():  # type: ignore[union-attr]
+        for table, ps in module_plan.items():
             c = subs.get(table)
             elem = DATA_TYPE_NUM_BITS[c.data_type] // 8 if c else 4
             nbytes = c.num_embeddings * c.embedding_dim * elem if c else 0
             on_rank: Dict[int, int] = {}
             if ps.sharding_spec is not None:
-                for shard in ps.sharding_spec.shards:  # type: ignore[attr-defined]
+                for shard in ps.sharding_spec.shards:
                     r = shard.placement.rank()
                     on_rank[r] = on_rank.get(r, 0) + shard.shard_sizes[0] * shard.shard_sizes[1] * elem
             else:  # data parallel: a full replica on every rank

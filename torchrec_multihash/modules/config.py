@@ -1,7 +1,7 @@
 """Configuration of one logical multi-hash embedding table."""
 
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import List, Optional, Type, Union
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
@@ -135,7 +135,7 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
         if self.num_collisions is not None and not _positive_int(self.num_collisions):
             self.fail(f"num_collisions must be an int >= 1, got {self.num_collisions!r}")
 
-    def _validate_mapping_fields(self, cls: type) -> None:
+    def _validate_mapping_fields(self, cls: Type[Strategy]) -> None:
         for key in MAPPING_FIELDS:
             v = getattr(self, key)
             if v is not None and not _positive_int(v):
@@ -144,7 +144,7 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
         if used and not self.has_mapping():
             follow = [str(n) for n in StrategyName if strategy_class(n).follows_mapping]
             self.fail(f"{used} only apply to a learned mapping: use strategy 'learned', or set mapping_rows on one of {follow}")
-        if self.mapping_rows is not None and self.strategy != StrategyName.LEARNED and not getattr(cls, "follows_mapping"):
+        if self.mapping_rows is not None and self.strategy != StrategyName.LEARNED and not cls.follows_mapping:
             self.fail(f"mapping_rows cannot be combined with strategy '{self.strategy}'")
 
     def _fill_defaults(self, uses: tuple) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 from torchrec_multihash.modules.config import MultiHashConfigError, MultiHashEmbeddingBagConfig
 from torchrec_multihash.modules.mapping_shape import MappingShape
 
+
 class LearnedMapping(nn.Module):
     """Maps ids in [0, num_embeddings) to rows in [0, rows).
 
@@ -25,6 +26,10 @@ class LearnedMapping(nn.Module):
     ``shape`` (num_embeddings, rows, fallback_rows, mapping_ids). A new mapping sends every id through
     the fallback hash, so a table works (as a hashing trick) before a fitted mapping is loaded.
     """
+
+    ids: torch.Tensor
+    rows: torch.Tensor
+    shape: torch.Tensor
 
     def __init__(self, config: MultiHashEmbeddingBagConfig, device: torch.device = torch.device("cpu")) -> None:
         super().__init__()

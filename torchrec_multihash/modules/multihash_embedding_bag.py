@@ -2,7 +2,7 @@
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Union, cast
 
 import torch
 from torch import nn
@@ -196,7 +196,7 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """Weight of every sub-table by name (unsharded module)."""
         weights: Dict[str, torch.Tensor] = {}
         for lookup in self.lookups.values():
-            tables = getattr(lookup, "embedding_bags", None) or getattr(lookup, "embeddings")
+            tables = lookup.embedding_bags if isinstance(lookup, EmbeddingBagCollection) else lookup.embeddings
             for name, table in tables.items():
                 weights[name] = table.weight
         return weights
@@ -204,7 +204,9 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def learned_mappings(self) -> Dict[str, LearnedMapping]:
         """The learned id -> row mapping of each learned table, by table name."""
         return {
-            name: m for module in self.modules() if isinstance(module, IdTransform) for name, m in module.mappings.items()
+            name: cast(LearnedMapping, m)
+            for module in self.modules() if isinstance(module, IdTransform)
+            for name, m in module.mappings.items()
         }
 
     def is_weighted(self) -> bool:

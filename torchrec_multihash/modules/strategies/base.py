@@ -92,9 +92,11 @@ class Strategy(ABC):
     def check_num_partitions(cls, k: int) -> None:
         """Raises ValueError if the strategy cannot have ``k`` partitions (single-table
         strategies ignore ``k``)."""
+        return None
 
     def validate(self) -> None:
         """Checks the strategy's own fields; ``self.config.fail(msg)`` on a problem."""
+        return None
 
     def num_partitions(self) -> int:
         return len(self.sizes())

@@ -14,5 +14,8 @@ class StrategyName(str, Enum):
     CRT = "crt"
     LEARNED = "learned"
 
-    __str__ = str.__str__  # "qr", not "StrategyName.QR", in messages and f-strings
-    __format__ = str.__format__
+    def __str__(self) -> str:  # "qr", not "StrategyName.QR", in messages and f-strings
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
