@@ -7,7 +7,13 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
 from torchrec_multihash.errors import MultiHashError
 from torchrec_multihash.modules.mapping_shape import MappingShape
-from torchrec_multihash.modules.strategies import Strategy, StrategyName, parse_strategy, strategy_class
+from torchrec_multihash.modules.strategies import (
+    Strategy,
+    StrategyName,
+    parse_strategy,
+    registered_strategies,
+    strategy_class,
+)
 
 OPERATIONS = ("add", "mult", "concat")
 POOLINGS = (PoolingType.SUM, PoolingType.MEAN)
@@ -40,7 +46,8 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
             ``x // m`` and remainder ``x % m``), "generalized_qr" (mixed-radix digits with radices
             ``moduli``), "crt" (``x mod m_j`` for pairwise coprime ``moduli``) or "learned" (a
             mapping learned from data, see ``torchrec-multihash fit-hash``, sends each id to one of
-            ``mapping_rows`` rows; ids it does not know hash into ``fallback_rows`` reserved rows).
+            ``mapping_rows`` rows; ids it does not know hash into ``fallback_rows`` reserved rows),
+            or the name of a strategy you registered (docs/strategies.md).
         operation: how the per-partition rows of one id are combined: "add", "mult" (element-wise)
             or "concat". Ignored by single-table strategies (full, hash, learned).
         num_collisions: qr: m, the rows of the remainder table; hash and learned: N / rows (default 4).
@@ -130,7 +137,7 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
     def _validate_size_fields(self, uses: tuple) -> None:
         for key in SIZE_FIELDS:
             if getattr(self, key) is not None and key not in uses:
-                takers = [str(n) for n in StrategyName if key in strategy_class(n).uses]
+                takers = [n for n in registered_strategies() if key in strategy_class(n).uses]
                 self.fail(f"{key} is not used by strategy '{self.strategy}' (it is for {', '.join(takers)}); remove it")
         if self.num_collisions is not None and not _positive_int(self.num_collisions):
             self.fail(f"num_collisions must be an int >= 1, got {self.num_collisions!r}")
@@ -142,7 +149,7 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
                 self.fail(f"{key} must be a positive int, got {v!r}")
         used = [k for k in MAPPING_FIELDS if getattr(self, k) is not None]
         if used and not self.has_mapping():
-            follow = [str(n) for n in StrategyName if strategy_class(n).follows_mapping]
+            follow = [n for n in registered_strategies() if strategy_class(n).follows_mapping]
             self.fail(f"{used} only apply to a learned mapping: use strategy 'learned', or set mapping_rows on one of {follow}")
         if self.mapping_rows is not None and self.strategy != StrategyName.LEARNED and not cls.follows_mapping:
             self.fail(f"mapping_rows cannot be combined with strategy '{self.strategy}'")

@@ -38,22 +38,17 @@ def check_feature_keys(
 ) -> None:
     """Raises InvalidInputError for features the module needs but the KJT lacks, or (if ``known``
     is given) KJT keys that no table of the module looks up."""
-    present = set(keys)
-    missing = [f for f in required if f not in present]
+    missing = sorted(set(required) - set(keys))
     if missing:
+        msg = f"the KJT has no feature(s) {missing}, which the module's tables look up; its keys are {list(keys)}"
+        raise InvalidInputError(msg)
+    known_set = set(known) if known is not None else None
+    unknown = [k for k in keys if k not in known_set] if known_set is not None else []
+    if unknown:
         raise InvalidInputError(
-            f"the KJT has no feature(s) {missing}, which the module's tables look up; "
-            f"its keys are {list(keys)}"
+            f"the KJT has feature(s) {unknown} that no table of this MultiHashEmbeddingBagCollection "
+            f"looks up (known: {list(known or [])}); pass strict_features=False to ignore extra features"
         )
-    if known is not None:
-        known_set = set(known)
-        unknown = [k for k in keys if k not in known_set]
-        if unknown:
-            raise InvalidInputError(
-                f"the KJT has feature(s) {unknown} that no table of this "
-                f"MultiHashEmbeddingBagCollection looks up (known: {list(known)}); "
-                "pass strict_features=False to ignore extra features"
-            )
 
 
 def check_id_ranges(lookups: Sequence[FeatureLookup], jts: Sequence[JaggedTensor]) -> None:

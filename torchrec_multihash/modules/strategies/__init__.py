@@ -1,7 +1,7 @@
 """Strategies: how a logical table is stored as sub-tables, one class per kind.
 
 Every module of this package is imported here, so a new strategy is one new file holding one
-``Strategy`` subclass decorated with ``@register(StrategyName.X)`` (and its name in ``names.py``).
+``Strategy`` subclass decorated with ``@register("its_name")`` (see docs/strategies.md).
 """
 
 import importlib
@@ -19,6 +19,7 @@ from torchrec_multihash.modules.strategies.names import StrategyName  # noqa: F4
 from torchrec_multihash.modules.strategies.registry import (  # noqa: F401
     parse_strategy,
     register,
+    registered_strategies,
     strategy_class,
 )
 

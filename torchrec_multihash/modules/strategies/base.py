@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Tuple
 import torch
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS
 
-from torchrec_multihash.modules.strategies.names import StrategyName
 
 if TYPE_CHECKING:
     from torchrec_multihash.modules.config import MultiHashEmbeddingBagConfig
@@ -52,10 +51,10 @@ class Strategy(ABC):
 
     A subclass gives the sub-table sizes and names and the id -> row partition; the rest (dims,
     init ranges, bytes, per-id lookups) follows from them and the table's operation. Register a
-    subclass with ``@register`` (``strategies/registry.py``) under a ``StrategyName``.
+    subclass with ``@register(name)`` (``strategies/registry.py``).
     """
 
-    name: ClassVar[StrategyName]
+    name: ClassVar[str]  # set by ``@register``
     uses: ClassVar[Tuple[str, ...]] = ()  # the size fields it reads: "num_collisions", "moduli"
     accepts_any_id: ClassVar[bool] = False  # True: any int64 id is valid, not only [0, N)
     follows_mapping: ClassVar[bool] = False  # a learned mapping may come first (mapping_rows)

@@ -4,8 +4,9 @@ from enum import Enum
 
 
 class StrategyName(str, Enum):
-    """A strategy's name in configs (YAML ``embeddings.strategy: qr``); a ``str``, so it compares
-    equal to its value. Each has one class registered under it (``registry.py``)."""
+    """The built-in strategies' names (YAML ``embeddings.strategy: qr``); a ``str``, so it compares
+    equal to its value. Each has one class registered under it (``registry.py``); a strategy of
+    your own is registered under a new name."""
 
     FULL = "full"
     HASH = "hash"
