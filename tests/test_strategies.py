@@ -11,8 +11,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_multihash import MultiHashConfigError, MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig, to_multihash_configs
-from torchrec_multihash.modules.strategies import StrategyName, registered_strategies, strategy_class
-from torchrec_multihash.modules.strategies import registry
+from torchrec_multihash.modules.strategies import StrategyName, registered_strategies, registry, strategy_class
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "strategies.md"
 N, DIM = 10_007, 8

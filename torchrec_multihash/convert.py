@@ -13,7 +13,7 @@ from torchrec_multihash.modules.strategies import TOLERANCE, StrategyName, parse
 DEFAULT_THRESHOLD = 200
 
 
-def _check_arguments(strategy: Union[str, StrategyName], operation: str, compression: float) -> StrategyName:
+def _check_arguments(strategy: Union[str, StrategyName], operation: str, compression: float) -> Union[StrategyName, str]:
     try:
         name = parse_strategy(strategy)
     except MultiHashError as e:

@@ -197,8 +197,8 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         weights: Dict[str, torch.Tensor] = {}
         for lookup in self.lookups.values():
             tables = lookup.embedding_bags if isinstance(lookup, EmbeddingBagCollection) else lookup.embeddings
-            for name, table in tables.items():
-                weights[name] = table.weight
+            for name, table in cast(nn.ModuleDict, tables).items():
+                weights[name] = cast(torch.Tensor, table.weight)
         return weights
 
     def learned_mappings(self) -> Dict[str, LearnedMapping]:

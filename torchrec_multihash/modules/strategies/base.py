@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Tuple
 import torch
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS
 
-
 if TYPE_CHECKING:
     from torchrec_multihash.modules.config import MultiHashEmbeddingBagConfig
 
