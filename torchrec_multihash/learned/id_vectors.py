@@ -35,7 +35,7 @@ class FactorizationMachine(nn.Module):
 
     bases: torch.Tensor  # a buffer: each feature's first row in ``table``
 
-    def __init__(self, rows_per_feature: Dict[str, int], num_dense: int, dim: int) -> None:
+    def __init__(self, rows_per_feature: Dict[str, int], num_dense: int, dim: int, generator: torch.Generator) -> None:
         super().__init__()
         self.features = list(rows_per_feature)
         self.rows = rows_per_feature
@@ -45,8 +45,11 @@ class FactorizationMachine(nn.Module):
             total += rows_per_feature[f]
         self.register_buffer("bases", torch.tensor(bases, dtype=torch.long))
         self.table = nn.EmbeddingBag(total, dim + 1, mode="sum", sparse=True)
-        nn.init.normal_(self.table.weight, std=0.01)
+        nn.init.normal_(self.table.weight, std=0.01, generator=generator)
         self.dense = nn.Linear(num_dense, 1)
+        bound = 1 / num_dense**0.5  # nn.Linear's default range, drawn from ``generator``
+        for p in self.dense.parameters():
+            nn.init.uniform_(p, -bound, bound, generator=generator)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         kjt = batch.sparse_features
@@ -63,23 +66,17 @@ class FactorizationMachine(nn.Module):
         return self.dense(batch.dense_features).squeeze(-1) + linear + pairs
 
 
-def learn_id_vectors(
-    tables: List[MultiHashEmbeddingBagConfig], batches: Iterable[Batch], num_dense: int, options: VectorOptions,
-    show_progress: bool = False,
-) -> Dict[str, torch.Tensor]:
-    """One pass of an FM over ``batches``; returns each table's id vectors ([num_embeddings, dim + 1]:
-    the id's linear weight, then its factors; the mean over the table's features). Memory:
-    2 x (dim + 1) floats per id (weights and Adagrad state)."""
-    torch.manual_seed(options.seed)
-    fitted = {f: t for t in tables for f in t.feature_names}
+def _train_fm(
+    fitted: Dict[str, MultiHashEmbeddingBagConfig], batches: Iterable[Batch], num_dense: int, options: VectorOptions,
+    generator: torch.Generator, show_progress: bool,
+) -> Optional[FactorizationMachine]:
+    """One pass of an FM over ``batches`` (None if there are none); sparse Adagrad on the table."""
     model: Optional[FactorizationMachine] = None
     optimizers: List[torch.optim.Optimizer] = []  # sparse (the table), dense
-    # torch's sparse Adagrad notes on every step that it skips sparse-tensor invariant checks
-    warnings.filterwarnings("ignore", message="Sparse invariant checks")
     for batch in tqdm(batches, desc="fit-hash: id vectors (FM)", unit="batch", disable=not show_progress):
         if model is None:  # the features come from the first batch
             rows = {f: (fitted[f].num_embeddings if f in fitted else CONTEXT_ROWS) for f in batch.sparse_features.keys()}
-            model = FactorizationMachine(rows, num_dense, options.dim)
+            model = FactorizationMachine(rows, num_dense, options.dim, generator)
             optimizers = [
                 torch.optim.Adagrad([model.table.weight], lr=options.lr),
                 torch.optim.Adagrad(model.dense.parameters(), lr=options.lr),
@@ -91,6 +88,22 @@ def learn_id_vectors(
         loss.backward()
         for opt in optimizers:
             opt.step()
+    return model
+
+
+def learn_id_vectors(
+    tables: List[MultiHashEmbeddingBagConfig], batches: Iterable[Batch], num_dense: int, options: VectorOptions,
+    show_progress: bool = False,
+) -> Dict[str, torch.Tensor]:
+    """One pass of an FM over ``batches``; returns each table's id vectors ([num_embeddings, dim + 1]:
+    the id's linear weight, then its factors; the mean over the table's features). Memory:
+    2 x (dim + 1) floats per id (weights and Adagrad state)."""
+    generator = torch.Generator().manual_seed(options.seed)
+    fitted = {f: t for t in tables for f in t.feature_names}
+    with warnings.catch_warnings():
+        # torch's sparse Adagrad notes on every step that it skips sparse-tensor invariant checks
+        warnings.filterwarnings("ignore", message="Sparse invariant checks")
+        model = _train_fm(fitted, batches, num_dense, options, generator, show_progress)
     vectors: Dict[str, torch.Tensor] = {}
     for t in tables:
         parts = []
