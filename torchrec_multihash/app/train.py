@@ -34,7 +34,7 @@ from torchrec_multihash.app.data_timing import DataWait
 from torchrec_multihash.app.model import build_constraints, build_model, multihash_module
 from torchrec_multihash.datasets.criteo_tsv import CriteoFormatError
 from torchrec_multihash.distributed.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, load_entries, save_checkpoint
-from torchrec_multihash.distributed.sharders import sharders
+from torchrec_multihash.distributed.sharding import sharders
 from torchrec_multihash.learned.fit import MAPPING_FILE, apply_mappings, load_mappings
 from torchrec_multihash.modules.config import MultiHashConfigError
 from torchrec_multihash.modules.id_transform import InvalidInputError
