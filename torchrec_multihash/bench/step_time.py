@@ -17,6 +17,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_multihash.app.quiet import quiet_warnings
 from torchrec_multihash.bench.naive_qr import NaiveQREmbeddingBags
 from torchrec_multihash.bench.workload import BenchSpec
 from torchrec_multihash.convert import to_multihash_configs
@@ -137,13 +138,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--method", choices=sorted(METHODS), required=True)
     p.add_argument("--spec", required=True, help="BenchSpec as JSON")
     args = p.parse_args(argv)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*autograd kernel was not registered.*")
-    spec = BenchSpec(**json.loads(args.spec))
-    result = run(args.method, spec)
-    if dist.get_rank() == 0:
-        print("BENCH " + json.dumps(result), flush=True)
-    dist.destroy_process_group()
+    with quiet_warnings():
+        result = run(args.method, BenchSpec(**json.loads(args.spec)))
+        if dist.get_rank() == 0:
+            print("BENCH " + json.dumps(result), flush=True)
+        dist.destroy_process_group()
     return 0
 
 
