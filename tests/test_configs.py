@@ -1,4 +1,5 @@
-"""Every shipped config loads, and its model builds (on the meta device: no memory)."""
+"""Every shipped config loads, and its model builds (on the meta device: no memory); the learning-rate
+schedule (train.warmup_steps, decay_start, decay_steps) reaches every optimizer."""
 
 from pathlib import Path
 
@@ -30,12 +31,78 @@ def test_real_vocabulary_sizes():
     assert len(tb) == 26 and max(tb) == 48_937_457
 
 
-def test_learning_rate_schedule_warms_up_then_decays():
+# the schedule's factor at some steps with warmup_steps 4, decay_start 10, decay_steps 10
+FACTORS = {0: 0.25, 1: 0.5, 3: 1.0, 4: 1.0, 9: 1.0, 10: 1.0, 12: 0.64, 15: 0.25, 20: 0.0, 30: 0.0}
+
+
+def _schedule_config(tmp: str):
     from torchrec_multihash.app.config import Config
-    from torchrec_multihash.app.train import lr_factor
 
     cfg = Config()
-    assert [lr_factor(s, cfg) for s in (0, 10**6)] == [1.0, 1.0]
-    cfg.train.warmup_steps, cfg.train.decay_start, cfg.train.decay_steps = 4, 10, 10
-    got = [round(lr_factor(s, cfg), 4) for s in (0, 3, 4, 9, 10, 15, 20, 30)]
-    assert got == [0.25, 1.0, 1.0, 1.0, 1.0, 0.25, 0.0, 0.0]
+    cfg.model.embedding_dim, cfg.model.dense_arch_layer_sizes, cfg.model.over_arch_layer_sizes = 8, [16, 8], [16, 1]
+    cfg.embeddings.num_embeddings_per_feature = [50_000, 100]
+    cfg.data.train_samples, cfg.data.test_samples = 32 * 31, 64
+    t = cfg.train
+    t.batch_size, t.embedding_lr, t.dense_lr, t.output_dir = 32, 0.05, 0.01, tmp
+    t.warmup_steps, t.decay_start, t.decay_steps = 4, 10, 10
+    return cfg
+
+
+def _kernels(opt):
+    """The tables' TBE kernels, under TorchRec's fused optimizers (which hand them their rate)."""
+    for _, inner in getattr(opt, "optimizers", []):
+        yield from _kernels(inner)
+    if hasattr(opt, "_emb_module"):
+        yield opt._emb_module
+
+
+def _train_recording_lrs(rank, world_size, tmp):
+    from torchrec_multihash.app.train import train
+
+    seen = []
+
+    def record(run, loss):  # after each step: the rates it used
+        fused, dense = (opt for _, opt in run.opt.optimizers)
+        kernels = [k.get_learning_rate() for k in _kernels(fused)]
+        seen.append(([g["lr"] for g in fused.param_groups], kernels, [g["lr"] for g in dense.param_groups]))
+
+    train(_schedule_config(tmp), on_step=[record])
+    assert len(seen) == 31
+    for step, factor in FACTORS.items():
+        fused, kernels, dense = seen[step]
+        assert kernels and fused and dense, seen[step]
+        assert fused == pytest.approx([0.05 * factor] * len(fused)), (step, fused)
+        assert kernels == pytest.approx([0.05 * factor] * len(kernels)), (step, kernels)  # what the tables were updated with
+        assert dense == pytest.approx([0.01 * factor] * len(dense)), (step, dense)
+
+
+def test_learning_rate_schedule_reaches_the_tables_and_the_dense_layers(tmp_path):
+    """Warm-up then squared decay of every rate: the fused embedding optimizer's (and so the
+    tables' kernels') and the dense optimizer's, through TorchRec's optimizers in a real run."""
+    from tests.dist_util import run_multiprocess
+
+    run_multiprocess(_train_recording_lrs, 1, str(tmp_path))
+
+
+def test_learning_rate_schedule_resumes_at_its_step():
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+
+    from torchrec_multihash.app.train import lr_schedule
+
+    def rates(t, start, steps):
+        w = torch.nn.Parameter(torch.zeros(2))
+        opt = CombinedOptimizer([KeyedOptimizerWrapper({"w": w}, lambda p: torch.optim.Adagrad(p, lr=0.01))])
+        schedule, got = lr_schedule(opt, t, start), []
+        for _ in range(steps):
+            got.append(opt.param_groups[0]["lr"])
+            opt.step()
+            schedule.step()
+        return got
+
+    t = _schedule_config("unused").train
+    straight = rates(t, 0, 31)
+    assert [round(straight[s] / 0.01, 4) for s in FACTORS] == list(FACTORS.values())
+    assert rates(t, 15, 16) == straight[15:]  # a resumed run continues the schedule
+    no_schedule = _schedule_config("unused").train
+    no_schedule.warmup_steps = no_schedule.decay_steps = 0
+    assert rates(no_schedule, 0, 3) == rates(no_schedule, 10**6, 3) == [0.01] * 3

@@ -6,9 +6,7 @@ import logging
 import sys
 from typing import List, Optional
 
-# torch warns once per process, on importing torchrec, that is_fx_tracing covers torch.export too;
-# it says nothing to a user of this tool and every rank of a job prints it.
-logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+from torchrec_multihash.app.quiet import FX_TRACING_LOGGER, loggers_at
 
 # command -> (module whose main(argv) runs it, imported on use; what it does)
 COMMANDS = {
@@ -34,7 +32,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     args, _ = parser.parse_known_args(argv[:1])
-    return importlib.import_module(COMMANDS[args.command][0]).main(argv[1:])
+    # torch's note that is_fx_tracing covers torch.export too says nothing to a user of this tool,
+    # and every rank of a job would print it
+    with loggers_at(logging.ERROR, [FX_TRACING_LOGGER]):
+        return importlib.import_module(COMMANDS[args.command][0]).main(argv[1:])
 
 
 if __name__ == "__main__":

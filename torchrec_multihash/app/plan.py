@@ -1,12 +1,9 @@
 """``torchrec-multihash plan``: where TorchRec's planner puts each sub-table, for any topology."""
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import logging
 import sys
-import warnings
 from typing import List, Optional
 
 import torch
@@ -15,6 +12,7 @@ from torchrec.distributed.planner.types import PlannerError
 
 from torchrec_multihash.app.config import Config, ConfigError, load_config
 from torchrec_multihash.app.model import build_constraints, build_model, multihash_module
+from torchrec_multihash.app.quiet import quiet
 from torchrec_multihash.distributed.planning import PlanReport, describe_plan, plan_model
 from torchrec_multihash.modules.strategies import StrategyName
 
@@ -77,23 +75,9 @@ def plan_config(cfg: Config, topology: Topology, batch_size: Optional[int]) -> P
     return describe_plan(plan, model, topology)
 
 
-@contextlib.contextmanager
-def _quiet_planner():
-    """The planner logs warnings meant for live jobs (dry-run estimates, replicated tables)."""
-    root = logging.getLogger()
-    old = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        root.setLevel(old)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    with _quiet_planner():
+    with quiet(all_warnings=True):  # the planner warns and logs for live jobs (dry-run estimates)
         try:
             cfg = load_config(args.config, args.set)
             topology = make_topology(args)

@@ -13,18 +13,16 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
-from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_multihash.app.quiet import quiet_warnings
 from torchrec_multihash.bench.naive_qr import NaiveQREmbeddingBags
 from torchrec_multihash.bench.workload import BenchSpec
 from torchrec_multihash.convert import to_multihash_configs
 from torchrec_multihash.distributed.constraints import sub_table_constraints
-from torchrec_multihash.distributed.sharders import sharders
+from torchrec_multihash.distributed.sharding import shard_model
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
 
 LR = 0.05
@@ -68,15 +66,10 @@ def build(method: str, spec: BenchSpec, device: torch.device) -> nn.Module:
 
 
 def shard(module: nn.Module, device: torch.device) -> nn.Module:
-    """DistributedModelParallel with TorchRec's planner (and the app's sub-table constraints) and
-    a fused row-wise Adagrad, as ``train`` shards its model."""
-    shard_ = sharders(fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": LR, "eps": 1e-8})
-    world = dist.get_world_size()
-    topo = Topology(world_size=world, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)), compute_device=device.type)
-    # the app's constraints (small sub-tables whole; per-id sub-tables never data-parallel)
+    """``module`` sharded as ``train`` shards its model, with the app's sub-table constraints
+    (small sub-tables whole; per-id sub-tables never data-parallel)."""
     constraints = sub_table_constraints(module.multihash_configs()) if isinstance(module, MultiHashEmbeddingBagCollection) else None
-    plan = EmbeddingShardingPlanner(topology=topo, constraints=constraints).collective_plan(module, shard_, dist.GroupMember.WORLD)
-    return DistributedModelParallel(module, device=device, plan=plan, sharders=shard_)
+    return shard_model(module, device, embedding_lr=LR, constraints=constraints)
 
 
 def fit_learned(module: nn.Module, batches: List[KeyedJaggedTensor]) -> None:
@@ -145,13 +138,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--method", choices=sorted(METHODS), required=True)
     p.add_argument("--spec", required=True, help="BenchSpec as JSON")
     args = p.parse_args(argv)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*autograd kernel was not registered.*")
-    spec = BenchSpec(**json.loads(args.spec))
-    result = run(args.method, spec)
-    if dist.get_rank() == 0:
-        print("BENCH " + json.dumps(result), flush=True)
-    dist.destroy_process_group()
+    with quiet_warnings():
+        result = run(args.method, BenchSpec(**json.loads(args.spec)))
+        if dist.get_rank() == 0:
+            print("BENCH " + json.dumps(result), flush=True)
+        dist.destroy_process_group()
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Distributed forms: sharders, constraints and planning for multi-hash tables."""
+"""Distributed forms: sharding, constraints, planning and checkpoints for multi-hash tables."""
 
 from torchrec_multihash.distributed.checkpoint import (  # noqa: F401
     CheckpointError,
@@ -13,4 +13,4 @@ from torchrec_multihash.distributed.planning import (  # noqa: F401
     describe_plan,
     plan_model,
 )
-from torchrec_multihash.distributed.sharders import sharders  # noqa: F401
+from torchrec_multihash.distributed.sharding import shard_model, sharders  # noqa: F401

@@ -211,7 +211,7 @@ def load_checkpoint(
 
 def load_entries(path: Union[str, os.PathLike], state: Dict[str, Any]) -> None:
     """Loads the entries named in ``state`` (tensors, state dicts; in place) from the checkpoint at
-    ``path``, e.g. ``{"progress": tensor}`` alone; ``load_checkpoint`` without the model."""
+    ``path``, e.g. ``{"train_state": {...}}`` alone; ``load_checkpoint`` without the model."""
     found = find_checkpoint(path)
     if found is None:
         raise FileNotFoundError(f"{path} is not a checkpoint written by save_checkpoint (no .metadata)")

@@ -9,7 +9,7 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, BaseEmbeddingConfig
 
-from torchrec_multihash.distributed.sharders import sharders as default_sharders
+from torchrec_multihash.distributed.sharding import sharders as default_sharders
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
 
 
