@@ -11,9 +11,9 @@ from torchrec_multihash.app.quiet import FX_TRACING_LOGGER, loggers_at
 # command -> (module whose main(argv) runs it, imported on use; what it does)
 COMMANDS = {
     "demo": ("torchrec_multihash.demo", "train a small DLRM with full and with multi-hash tables on a synthetic task and compare"),
-    "train": ("torchrec_multihash.app.train", "train a sharded DLRM with multi-hash tables (one process, or one rank per process under torchrun/TorchX)"),
+    "train": ("torchrec_multihash.app.train", "train a sharded DLRM with multi-hash tables (one process, or a rank per process: torchrun/TorchX)"),
     "fit-hash": ("torchrec_multihash.app.fit_hash", "fit the learned id -> row mappings of a config's learned tables on its training data"),
-    "bench": ("torchrec_multihash.bench.bench", "training step time and memory of every strategy vs TorchRec's EBC and a naive Q-R; scaling; reader speed"),
+    "bench": ("torchrec_multihash.bench.bench", "step time and memory of every strategy vs TorchRec's EBC and a naive Q-R; scaling; reader speed"),
     "quality": ("torchrec_multihash.bench.quality", "test AUC and log loss against embedding bytes for several strategies, compressions and seeds"),
     "plan": ("torchrec_multihash.app.plan", "show where TorchRec's planner puts each sub-table for a topology (need not exist)"),
 }

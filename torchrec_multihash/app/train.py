@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -413,9 +413,9 @@ def train_epochs(run: TrainRun) -> None:
         train_epoch(run)
 
 
-def final_metrics(run: TrainRun) -> Dict[str, float]:
+def final_metrics(run: TrainRun) -> Dict[str, Any]:
     """The last evaluation, with the run's data, memory and speed figures (over all ranks)."""
-    metrics = evaluate(run.dmp, run.data.test(), run.device)
+    metrics: Dict[str, Any] = dict(evaluate(run.dmp, run.data.test(), run.device))
     skipped = torch.tensor(run.data.skipped_lines(), dtype=torch.int64, device=run.device)
     dist.all_reduce(skipped)
     wait = torch.tensor([run.data_wait.seconds / max(run.step_seconds, 1e-9)], dtype=torch.float64, device=run.device)
@@ -434,7 +434,7 @@ def final_metrics(run: TrainRun) -> Dict[str, float]:
     return metrics
 
 
-def print_summary(metrics: Dict[str, float], out_dir: Path, metrics_out: Optional[Path]) -> None:
+def print_summary(metrics: Dict[str, Any], out_dir: Path, metrics_out: Optional[Path]) -> None:
     """Rank 0's last words: the test metrics, data and memory; the metrics as JSON in ``metrics_out``."""
     print(
         f"\nTest AUC {metrics['auc']:.4f}, log loss {metrics['logloss']:.4f}, NE {metrics['ne']:.4f} "
@@ -457,7 +457,7 @@ def print_summary(metrics: Dict[str, float], out_dir: Path, metrics_out: Optiona
 
 def train(
     cfg: Config, metrics_out: Optional[Path] = None, resume: Union[bool, str] = False, on_step: Sequence[StepCallback] = ()
-) -> Dict[str, float]:
+) -> Dict[str, Any]:
     """Trains and evaluates; ``resume``: True continues from ``output_dir/checkpoint`` (which must
     exist), ``"auto"`` continues from it if there is one (what a restarted job runs); ``on_step``:
     callbacks after every training step."""

@@ -9,7 +9,7 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -27,7 +27,7 @@ from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddin
 
 LR = 0.05
 # method -> (strategy, operation) of a MultiHashEmbeddingBagCollection; the others are baselines
-METHODS: Dict[str, Optional[tuple]] = {
+METHODS: Dict[str, Optional[Tuple[str, str]]] = {
     "torchrec_ebc": None,  # TorchRec's EmbeddingBagCollection, full tables
     "naive_qr": None,  # two torch.nn.EmbeddingBag per table, torch.optim.Adagrad (sparse)
     "full": ("full", "mult"),
@@ -57,7 +57,9 @@ def build(method: str, spec: BenchSpec, device: torch.device) -> nn.Module:
         return EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
     if method == "naive_qr":
         return NaiveQREmbeddingBags(tables, collisions=int(spec.compression)).to(device)
-    strategy, operation = METHODS[method]
+    method_spec = METHODS[method]
+    assert method_spec is not None, f"{method} is a baseline, not a multi-hash method"
+    strategy, operation = method_spec
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tables too small to shrink stay as they are
         configs = to_multihash_configs(tables, 1.0 if strategy == "full" else spec.compression, strategy=strategy, operation=operation,
@@ -116,7 +118,7 @@ def run(method: str, spec: BenchSpec) -> Dict[str, object]:
         if i >= spec.warmup:
             times.append(time.perf_counter() - t0)
     world = dist.get_world_size()
-    gathered = [None] * world
+    gathered: List[float] = [0.0] * world
     dist.all_gather_object(gathered, statistics.median(times))
     step = max(gathered)  # a step ends when the slowest rank's does
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
