@@ -87,7 +87,7 @@ def test_learning_rate_schedule_reaches_the_tables_and_the_dense_layers(tmp_path
 def test_learning_rate_schedule_resumes_at_its_step():
     from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
-    from torchrec_multihash.app.train import lr_schedule
+    from torchrec_multihash.app.optim import lr_schedule
 
     def rates(t, start, steps):
         w = torch.nn.Parameter(torch.zeros(2))

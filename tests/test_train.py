@@ -12,7 +12,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from torchrec_multihash.app.train import TrainState
+from torchrec_multihash.app.train_state import TrainState
 from torchrec_multihash.distributed.checkpoint import read_index
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -86,7 +86,7 @@ def fit_learned(module: nn.Module, batches: List[KeyedJaggedTensor]) -> None:
 
 
 def run(method: str, spec: BenchSpec) -> Dict[str, object]:
-    from torchrec_multihash.app.train import setup_distributed
+    from torchrec_multihash.app.process_group import setup_distributed
 
     device = setup_distributed()
     batches = [b.to(device) for b in spec.batches()]
