@@ -9,7 +9,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRM, DLRMTrain
 
 from torchrec_multihash import MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig, PoolingType
-from torchrec_multihash.toy_task import ToyCTRTask
+from torchrec_multihash.datasets.synthetic import SyntheticCriteo
 
 DIM = 16
 VOCAB = [300, 200, 120, 50, 500, 400, 600]
@@ -50,7 +50,7 @@ def build_model(seed: int = 0, device: torch.device = torch.device("cpu")) -> DL
 
 def batches(rank: int, world_size: int, n: int, batch_size: int = 8) -> Iterator[Batch]:
     """Rank ``rank``'s share of ``n`` global batches."""
-    task = ToyCTRTask(num_embeddings=VOCAB, seed=3, max_bag=3)
+    task = SyntheticCriteo.toy(VOCAB, seed=3, max_bag=3)
     for i in range(n):
         yield task.batch(batch_size, i * world_size + rank)
 
