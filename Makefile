@@ -1,5 +1,5 @@
 # The two commands of the README. Each creates .venv/ on first use (scripts/bootstrap.sh).
-.PHONY: quickstart demo test venv
+.PHONY: quickstart demo test test-fast venv
 
 venv:
 	@bash scripts/bootstrap.sh
@@ -13,3 +13,7 @@ demo: venv
 
 test: venv
 	.venv/bin/python -m pytest -q tests
+
+# the tests not marked slow (no trainings in subprocesses, no multi-process runs): about a minute
+test-fast: venv
+	.venv/bin/python -m pytest -q -m "not slow" tests
