@@ -64,7 +64,7 @@ class SyntheticCriteo:
         num_clusters: hidden clusters per feature.
         skew: exponent of the ``"power"`` id distribution.
         id_distribution: ``"power"`` or ``"zipf"``.
-        scatter: spread the hot ids over the table instead of putting them first.
+        scatter: spread the hot ids over the table instead of putting them first (id 0 stays).
         multi_hot_features: indices of the features with bags of 1..``max_bag`` ids.
         cluster_weight / id_weight / dense_weight / bias: scale of each part of the true logit.
         feature_names: the KJT keys (default C1, C2, ...).
