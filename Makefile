@@ -1,5 +1,5 @@
 # The commands of the README. Each creates .venv/ on first use (scripts/bootstrap.sh).
-.PHONY: quickstart demo test lint typecheck venv
+.PHONY: quickstart demo test test-fast lint typecheck venv
 
 venv:
 	@bash scripts/bootstrap.sh
@@ -13,6 +13,10 @@ demo: venv
 
 test: venv
 	.venv/bin/python -m pytest -q tests
+
+# the tests not marked slow (no trainings in subprocesses, no multi-process runs): about a minute
+test-fast: venv
+	.venv/bin/python -m pytest -q -m "not slow" tests
 
 # Static checks: ruff (pyproject.toml's [tool.ruff]) on the repository, then mypy (setup.cfg's [mypy]) on the package.
 lint: venv

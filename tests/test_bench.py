@@ -2,10 +2,8 @@
 original DLRM code does."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
+import pytest
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -14,7 +12,7 @@ from torchrec_multihash import MultiHashEmbeddingBagCollection, MultiHashEmbeddi
 from torchrec_multihash.bench.naive_qr import NaiveQREmbeddingBags
 from torchrec_multihash.bench.quality import markdown, summarize
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.cli import run_cli
 
 
 def test_naive_qr_equals_the_module_on_one_hot_bags_and_pools_first_on_multi_hot():
@@ -33,12 +31,9 @@ def test_naive_qr_equals_the_module_on_one_hot_bags_and_pools_first_on_multi_hot
     torch.testing.assert_close(naive(bag).values()[0], pooled_first.detach())
 
 
+@pytest.mark.slow
 def test_bench_quick_writes_ratios_tables_and_plots(tmp_path):
-    r = subprocess.run(
-        [sys.executable, "-m", "torchrec_multihash.cli", "bench", "--quick", "--steps", "3", "--methods", "naive_qr",
-         "--scaling", "", "--loader-lines", "3000", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
+    r = run_cli("bench", "--quick", "--steps", "3", "--methods", "naive_qr", "--scaling", "", "--loader-lines", "3000", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
     assert [m["method"] for m in res["methods"]] == ["torchrec_ebc", "naive_qr"]  # the baseline always runs

@@ -1,20 +1,23 @@
 """Distributed checkpoints: save from 2 ranks, load on 1 rank (unsharded) and on 2 ranks with
 another plan; every table equals what was saved."""
 
+import pytest
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
 from torchrec_multihash.distributed import load_checkpoint, save_checkpoint
-from tests import sharded_model as sm
-from tests.dist_util import run_multiprocess
-from tests.test_sharded import shard_with
+
+from tests.helpers import ROOT
+from tests.helpers import sharded_model as sm
+from tests.helpers.distributed import run_multiprocess
+from tests.helpers.modules import one_table_ebc
 
 FUSED = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.1}
 
 
 def _save(rank, world_size, path):
     saved = sm.build_model(seed=0)
-    dmp, _, _ = shard_with(sm.build_model(seed=1), "table_wise", world_size, FUSED)
+    dmp, _, _ = sm.shard_with(sm.build_model(seed=1), "table_wise", world_size, FUSED)
     state = dmp.state_dict()
     sm.copy_into_sharded(state, saved.state_dict())
     dmp.load_state_dict(state)
@@ -22,13 +25,15 @@ def _save(rank, world_size, path):
 
 
 def _load_other_plan(rank, world_size, path):
-    dmp, plan, _ = shard_with(sm.build_model(seed=2), "column_wise", world_size, FUSED)
+    dmp, plan, _ = sm.shard_with(sm.build_model(seed=2), "column_wise", world_size, FUSED)
     assert {ps.sharding_type for mod in plan.plan.values() for ps in mod.values()} == {"column_wise"}
     load_checkpoint(path, dmp)
     n = sm.assert_state_equal(dmp.state_dict(), sm.build_model(seed=0).state_dict(), atol=0)
     assert n > 10
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_save_on_two_ranks_load_on_one_and_on_two_with_another_plan(tmp_path):
     path = tmp_path / "ckpt"
     run_multiprocess(_save, 2, path)
@@ -60,19 +65,8 @@ def test_overwriting_a_checkpoint_keeps_one_valid_copy(tmp_path):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    import pytest
-
     with pytest.raises(FileNotFoundError, match="not a checkpoint"):
         load_checkpoint(tmp_path / "nope", sm.build_model())
-
-
-def _ebc(**kw) -> torch.nn.Module:
-    from torchrec_multihash import MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig
-
-    args = kw or {"strategy": "qr", "operation": "mult", "num_collisions": 8}
-    return MultiHashEmbeddingBagCollection([
-        MultiHashEmbeddingBagConfig(name="t_C1", num_embeddings=1000, embedding_dim=16, feature_names=["C1"], **args)
-    ])
 
 
 class _Payload:
@@ -88,115 +82,107 @@ class _Payload:
 def test_a_code_payload_in_the_index_is_refused_unexecuted(tmp_path):
     import pickle
 
-    import pytest
-
     from torchrec_multihash.distributed import CheckpointError
 
     path, marker = tmp_path / "ckpt", tmp_path / "ran"
-    save_checkpoint(path, _ebc())
+    save_checkpoint(path, one_table_ebc())
     (path / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
     with pytest.raises(CheckpointError, match="not a safe DCP checkpoint index: refusing to load io.open"):
-        load_checkpoint(path, _ebc())
+        load_checkpoint(path, one_table_ebc())
     assert not marker.exists()
     # stock DCP would have run it
     import torch.distributed.checkpoint as dcp
 
     try:
-        dcp.load({"model": _ebc().state_dict()}, checkpoint_id=str(path))
+        dcp.load({"model": one_table_ebc().state_dict()}, checkpoint_id=str(path))
     except BaseException:
         pass
     assert marker.exists()
 
 
 def test_a_code_payload_in_an_entry_is_refused_unexecuted_plain_data_loads(tmp_path):
-    import pytest
-
     from torchrec_multihash.distributed import CheckpointError
 
     path, marker = tmp_path / "ckpt", tmp_path / "ran"
     # where a tensor is expected (the data position): refused before DCP reads anything
-    save_checkpoint(path, _ebc(), {"progress": _Payload(marker)})
+    save_checkpoint(path, one_table_ebc(), {"progress": _Payload(marker)})
     with pytest.raises(CheckpointError, match="progress is not a tensor in the checkpoint"):
-        load_checkpoint(path, _ebc(), {"progress": torch.zeros(4, dtype=torch.int64)})
+        load_checkpoint(path, one_table_ebc(), {"progress": torch.zeros(4, dtype=torch.int64)})
     # where plain data is expected (a torch optimizer's param_groups, pickled by DCP)
-    save_checkpoint(path, _ebc(), {"opt": {"param_groups": [{"lr": _Payload(marker)}]}})
+    save_checkpoint(path, one_table_ebc(), {"opt": {"param_groups": [{"lr": _Payload(marker)}]}})
     with pytest.raises(CheckpointError, match="opt.param_groups.0.lr is not plain data"):
-        load_checkpoint(path, _ebc(), {"opt": {"param_groups": [{"lr": 0.0}]}})
+        load_checkpoint(path, one_table_ebc(), {"opt": {"param_groups": [{"lr": 0.0}]}})
     assert not marker.exists()
 
     m = torch.nn.Linear(2, 2)
     adam = torch.optim.Adam(m.parameters(), lr=0.123, betas=(0.8, 0.9))
     m(torch.ones(1, 2)).sum().backward()
     adam.step()
-    save_checkpoint(path, _ebc(), {"opt": adam.state_dict()})
+    save_checkpoint(path, one_table_ebc(), {"opt": adam.state_dict()})
     fresh = torch.optim.Adam(m.parameters(), lr=1.0)
     m(torch.ones(1, 2)).sum().backward()
     fresh.step()
     sd = fresh.state_dict()
-    load_checkpoint(path, _ebc(), {"opt": sd})
+    load_checkpoint(path, one_table_ebc(), {"opt": sd})
     assert sd["param_groups"][0]["lr"] == 0.123 and sd["param_groups"][0]["betas"] == (0.8, 0.9)
     torch.testing.assert_close(sd["state"][0]["exp_avg"], adam.state_dict()["state"][0]["exp_avg"])
 
 
 def test_a_checkpoint_of_another_config_is_refused_naming_the_table(tmp_path):
-    import pytest
-
     from torchrec_multihash.distributed import CheckpointError
 
     path = tmp_path / "ckpt"
-    save_checkpoint(path, _ebc())
+    save_checkpoint(path, one_table_ebc())
     with pytest.raises(CheckpointError, match=r"table t_C1__q has shape \[125, 16\] in the checkpoint, \[250, 16\] in this model"):
-        load_checkpoint(path, _ebc(strategy="qr", operation="mult", num_collisions=4))
+        load_checkpoint(path, one_table_ebc(strategy="qr", operation="mult", num_collisions=4))
     with pytest.raises(CheckpointError, match=r"not in the checkpoint: table t_C1 \(its tables: t_C1__q, t_C1__r\)"):
-        load_checkpoint(path, _ebc(strategy="full"))
-    load_checkpoint(path, _ebc())  # the same config loads
+        load_checkpoint(path, one_table_ebc(strategy="full"))
+    load_checkpoint(path, one_table_ebc())  # the same config loads
 
 
 CRASH_IN_SAVE = """
 import os, sys, torch
 from torch.distributed.checkpoint import FileSystemWriter
 from torchrec_multihash.distributed import save_checkpoint
-from tests.test_checkpoint import _ebc
+from tests.helpers.modules import one_table_ebc
 
 torch.manual_seed(1)
-save_checkpoint(sys.argv[1], _ebc())
+save_checkpoint(sys.argv[1], one_table_ebc())
 def die(self, *a, **k):  # the data files are written; the index is next
     os._exit(3)
 FileSystemWriter.finish = die
 torch.manual_seed(2)
-save_checkpoint(sys.argv[1], _ebc())
+save_checkpoint(sys.argv[1], one_table_ebc())
 """
 
 
 def test_a_crash_mid_save_leaves_the_previous_checkpoint_and_the_next_save_cleans_up(tmp_path):
     import subprocess
     import sys
-    from pathlib import Path
 
     from torchrec_multihash.distributed import find_checkpoint
 
     path = tmp_path / "ckpt"
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-c", CRASH_IN_SAVE, str(path)], cwd=root, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", CRASH_IN_SAVE, str(path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 3, r.stderr[-2000:]
     (left,) = [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt.tmp-")]
     assert list(left.glob("*.distcp")) and not (left / ".metadata").exists()  # killed mid-save
 
     torch.manual_seed(1)
-    first = _ebc().state_dict()
-    m = _ebc()
+    first = one_table_ebc().state_dict()
+    m = one_table_ebc()
     load_checkpoint(path, m)
-    assert not torch.equal(next(iter(m.state_dict().values())), next(iter(_ebc().state_dict().values())))
+    assert not torch.equal(next(iter(m.state_dict().values())), next(iter(one_table_ebc().state_dict().values())))
     for k, v in m.state_dict().items():
         torch.testing.assert_close(v, first[k], atol=0, rtol=0)
 
     # a crash between save's two renames: only the previous copy, under its old name
     path.rename(tmp_path / ".ckpt.old")
     assert find_checkpoint(path) == tmp_path / ".ckpt.old"
-    m = _ebc()
+    m = one_table_ebc()
     load_checkpoint(path, m)
     for k, v in m.state_dict().items():
         torch.testing.assert_close(v, first[k], atol=0, rtol=0)
 
-    save_checkpoint(path, _ebc())
+    save_checkpoint(path, one_table_ebc())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

@@ -1,26 +1,38 @@
-"""The console script: help, and the demo end to end."""
+"""The console script: its commands, and the demo end to end."""
 
 import re
-import subprocess
-import sys
+
+import pytest
+
+from torchrec_multihash.cli import COMMANDS, main
+
+from tests.helpers.cli import run_cli
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "torchrec_multihash.cli", *args], capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_in_the_help_dispatches_to_its_own_parser(command, capsys):
+    """The top-level help lists the command, and ``COMMAND --help`` reaches that command's own
+    options (its module imports, has a main, and names itself in its usage line)."""
+    assert main(["--help"]) == 0
+    listed = re.findall(r"^  (\S+) ", capsys.readouterr().out, flags=re.M)
+    assert command in listed
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    usage = capsys.readouterr().out
+    assert usage.startswith(f"usage: torchrec-multihash {command} ") and "--" in usage.split("options:")[1]
 
 
-def test_help_lists_commands():
-    r = run("--help")
-    assert r.returncode == 0 and "demo" in r.stdout
+def test_no_command_and_an_unknown_command_are_errors(capsys):
+    assert main([]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["frobnicate"])
+    assert e.value.code == 2 and "invalid choice: 'frobnicate'" in capsys.readouterr().err
 
 
-def test_unknown_command_is_an_error():
-    r = run("frobnicate")
-    assert r.returncode == 2 and "invalid choice" in r.stderr
-
-
+@pytest.mark.slow
 def test_demo_runs_and_reports_memory_and_auc():
-    r = run("demo", "--steps", "60", "--batch-size", "128")
+    r = run_cli("demo", "--steps", "60", "--batch-size", "128")
     assert r.returncode == 0, r.stderr[-2000:]
     assert re.search(r"qr tables take [0-9.]+x less than the full tables", r.stdout)
     assert "test AUC" in r.stdout

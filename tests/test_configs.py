@@ -79,7 +79,7 @@ def _train_recording_lrs(rank, world_size, tmp):
 def test_learning_rate_schedule_reaches_the_tables_and_the_dense_layers(tmp_path):
     """Warm-up then squared decay of every rate: the fused embedding optimizer's (and so the
     tables' kernels') and the dense optimizer's, through TorchRec's optimizers in a real run."""
-    from tests.dist_util import run_multiprocess
+    from tests.helpers.distributed import run_multiprocess
 
     run_multiprocess(_train_recording_lrs, 1, str(tmp_path))
 

@@ -14,7 +14,7 @@ from torchrec_multihash import (
     to_multihash_configs,
 )
 
-from tests.reference import reference_forward
+from tests.helpers.reference import reference_forward
 
 SIZES = [150, 200, 201, 5_000, 1_000_000, 33_762_577]
 

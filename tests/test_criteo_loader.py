@@ -6,10 +6,12 @@ import gzip
 import pytest
 import torch
 
-from torchrec_multihash.datasets.batching import batches
 from torchrec_multihash.datasets.criteo_loader import CriteoBatchDataset, criteo_batches
 from torchrec_multihash.datasets.criteo_tsv import DEFAULT_SPARSE_NAMES, BadLines, CriteoFormatError, read_rows
 from torchrec_multihash.datasets.id_mapping import HashingIds
+
+from tests.helpers.cli import train
+from tests.helpers.criteo import batches
 
 TO_ID = HashingIds([1000] * 26)
 
@@ -162,11 +164,11 @@ def _no_warning():
     return check()
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_train_two_ranks_with_bad_lines(bad_file, tmp_path):
     """End to end on 2 ranks: skipped lines are summed over the ranks; without skipping the rank
     that meets the bad line stops with its file:line and the other stops too (no hang)."""
-    from tests.test_train import train
-
     common = ["--set", f"data.train={bad_file}", "--set", f"data.test={bad_file}", "--set", "train.batch_size=64"]
     r, m = train(tmp_path / "skip", *common, "--set", "data.skip_bad_lines=5", "--set", "data.ids=vocabulary",
                  nproc=2, config="configs/criteo_kaggle_qr.yaml")

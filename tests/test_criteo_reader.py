@@ -5,13 +5,15 @@ import math
 
 import pytest
 import torch
+from torchrec import EmbeddingBagConfig
 
 from torchrec_multihash import MultiHashEmbeddingBagCollection
 from torchrec_multihash.convert import to_multihash_configs
-from torchrec_multihash.datasets.batching import batches
 from torchrec_multihash.datasets.criteo_tsv import DEFAULT_SPARSE_NAMES, CriteoFormatError, read_rows
 from torchrec_multihash.datasets.id_mapping import HashingIds, Vocabulary
-from torchrec import EmbeddingBagConfig
+
+from tests.helpers.cli import train
+from tests.helpers.criteo import batches
 
 
 @pytest.fixture
@@ -119,33 +121,20 @@ def test_batches_feed_the_module(kaggle):
     assert torch.equal(b.sparse_features["C3"].values()[:1], torch.tensor([int(first_line(kaggle / "train.txt")[16], 16) % 10_000]))
 
 
+@pytest.mark.slow
 def test_train_on_torchrec_npy_layout(kaggle, tmp_path):
     """TorchRec's preprocessed .npy layout (what torchrec.datasets.criteo reads) trains too."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from torchrec.datasets.criteo import BinaryCriteoUtils
 
     prefix = tmp_path / "day_0"
     BinaryCriteoUtils.tsv_to_npys(str(kaggle / "train.txt"), f"{prefix}_dense.npy", f"{prefix}_sparse.npy", f"{prefix}_labels.npy")
-    out = tmp_path / "m.json"
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run(
-        [sys.executable, "-m", "torchrec_multihash.cli", "train", "--config", "configs/criteo_kaggle_qr.yaml",
-         "--set", "data.format=criteo_npy", "--set", f"data.train={prefix}_dense.npy", "--set", f"data.test={prefix}_dense.npy",
-         "--set", "train.batch_size=128", "--set", f"train.output_dir={tmp_path / 'run'}", "--metrics-out", str(out)],
-        cwd=root, capture_output=True, text=True, timeout=600,
-    )
+    npy = ["--set", "data.format=criteo_npy", "--set", "train.batch_size=128"]
+    r, m = train(tmp_path / "npy", *npy, "--set", f"data.train={prefix}_dense.npy", "--set", f"data.test={prefix}_dense.npy",
+                 config="configs/criteo_kaggle_qr.yaml")
     assert r.returncode == 0, r.stderr[-3000:]
-    m = json.loads(out.read_text())
     assert m["steps"] == 900 // 128 and m["test_samples"] == 900
-    r = subprocess.run(
-        [sys.executable, "-m", "torchrec_multihash.cli", "train", "--config", "configs/criteo_kaggle_qr.yaml",
-         "--set", "data.format=criteo_npy", "--set", f"data.train={kaggle / 'train.txt'}", "--set", f"data.test={kaggle / 'train.txt'}"],
-        cwd=root, capture_output=True, text=True, timeout=600,
-    )
+    r, _ = train(tmp_path / "tsv", *npy, "--set", f"data.train={kaggle / 'train.txt'}", "--set", f"data.test={kaggle / 'train.txt'}",
+                 config="configs/criteo_kaggle_qr.yaml")
     assert r.returncode == 2 and "is not a *_dense.npy file" in r.stderr
 
 
@@ -163,9 +152,9 @@ def npy_days(kaggle, tmp_path, split=500):
     return dense
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_npy_two_processes_train(kaggle, tmp_path):
-    from tests.test_train import train
-
     days = npy_days(kaggle, tmp_path)
     r, m = train(tmp_path, "--set", "data.format=criteo_npy", "--set", f"data.train={days}", "--set", f"data.test={days}",
                  "--set", "train.batch_size=64", nproc=2, config="configs/criteo_kaggle_qr.yaml")

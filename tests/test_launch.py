@@ -2,19 +2,16 @@
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
+import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from tests.helpers import ROOT
+from tests.helpers.cli import BIN, run
 
 
-def torchx(*args, timeout=600):
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    return subprocess.run([str(BIN / "torchx"), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+def torchx(*args):
+    return run([str(BIN / "torchx"), *args], env={"PATH": f"{BIN}:{os.environ['PATH']}"})
 
 
 def local_run(tmp_path, j, *options, overrides=()):
@@ -29,16 +26,22 @@ def local_run(tmp_path, j, *options, overrides=()):
     return json.loads(out.read_text()), r.stdout + r.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_local_one_node_two_processes(tmp_path):
     m, _ = local_run(tmp_path, "1x2")
     assert m["world_size"] == 2 and m["steps"] == 29 and 0 < m["auc"] < 1
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_local_two_emulated_nodes(tmp_path):
     m, _ = local_run(tmp_path, "2x1")
     assert m["world_size"] == 2 and m["steps"] == 29
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_local_rank_killed_mid_epoch_restarts_and_finishes(tmp_path):
     """--max_restarts 1: rank 1 dies after step 15 of 29; torchrun restarts both ranks, which
     continue from the step-10 checkpoint (tests/test_train.py shows the result equals an

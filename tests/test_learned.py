@@ -1,9 +1,6 @@
 """Learned hash functions: the mapping module, clustering, fitting from data, saving and loading."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ from torchrec_multihash.learned.clustering import balanced_clusters
 from torchrec_multihash.learned.counting import count_ids
 from torchrec_multihash.learned.fit import FitOptions, apply_mappings, assign_rows, fit_mappings, load_mappings, save_mappings
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.cli import SMALL, run_cli, train
 
 
 def learned(name="t", n=1000, **kw):
@@ -80,7 +77,7 @@ def test_fitted_mapping_groups_ids_that_behave_alike():
 
 def test_mapping_travels_in_the_state_dict_and_refuses_another_shape():
     a = MultiHashEmbeddingBagCollection([learned(), learned("u", n=500, mapping_ids=100)])
-    for name, m in a.learned_mappings().items():
+    for _name, m in a.learned_mappings().items():
         n = m.expected.num_embeddings
         m.assign(torch.arange(0, n, 7)[:90], torch.arange(min(90, len(range(0, n, 7)))) % 20)
     b = MultiHashEmbeddingBagCollection([learned(), learned("u", n=500, mapping_ids=100)])
@@ -133,16 +130,15 @@ def test_bad_learned_configs(kw, match):
         MultiHashEmbeddingBagConfig(name="t", num_embeddings=1000, embedding_dim=8, feature_names=["f"], **kw)
 
 
+@pytest.mark.slow
 def test_fit_hash_command_then_train_with_the_mapping(tmp_path):
     small = ["--config", "configs/quickstart.yaml", "--set", "embeddings.strategy=learned", "--set", "data.train_samples=30000",
              "--set", "data.test_samples=4096", "--set", "train.batch_size=512", "--set", f"train.output_dir={tmp_path / 'run'}"]
-    cli = [sys.executable, "-m", "torchrec_multihash.cli"]
-    r = subprocess.run([*cli, "fit-hash", *small, "--out", str(tmp_path / "map")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = run_cli("fit-hash", *small, "--out", str(tmp_path / "map"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "t_C1:" in r.stdout and (tmp_path / "map" / "mapping.pt").is_file()
     out = tmp_path / "m.json"
-    r = subprocess.run([*cli, "train", *small, "--set", f"embeddings.mapping={tmp_path / 'map'}", "--metrics-out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = run_cli("train", *small, "--set", f"embeddings.mapping={tmp_path / 'map'}", "--metrics-out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(out.read_text())
     # the mapping is paid for out of the 8x budget (t_C2 lands at 10x: 32,767 rows is the most that
@@ -150,15 +146,14 @@ def test_fit_hash_command_then_train_with_the_mapping(tmp_path):
     assert 7.8 < m["full_embedding_bytes"] / m["embedding_bytes"] < 8.5
     assert m["auc"] > 0.55
     # a mapping fitted for another compression is refused, naming the table
-    r = subprocess.run([*cli, "train", *small, "--set", "embeddings.compression=4", "--set", f"embeddings.mapping={tmp_path / 'map'}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = run_cli("train", *small, "--set", "embeddings.compression=4", "--set", f"embeddings.mapping={tmp_path / 'map'}")
     assert r.returncode == 2 and "table 't_C1'" in r.stderr and "fit again" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_train_on_two_processes_fits_the_mapping_first(tmp_path):
-    from tests.test_train import SMALL, train
-
     r, m = train(tmp_path, *SMALL, "--set", "embeddings.strategy=learned", nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "fitting the learned tables' mapping" in r.stdout

@@ -1,22 +1,22 @@
 """TrainPipelineSparseDist pipelines the sub-tables' input dist, id transforms included, and
 trains exactly as the plain loop does (2 processes, gloo)."""
 
+import pytest
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from tests import sharded_model as sm
-from tests.dist_util import run_multiprocess
-from tests.test_sharded import shard_with
+from tests.helpers import sharded_model as sm
+from tests.helpers.distributed import run_multiprocess
 
 STEPS = 6
 
 
 def _train(rank, world_size, pipelined):
     model = sm.build_model(seed=0)
-    dmp, _, _ = shard_with(model, "table_wise", world_size, {"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": 0.1})
+    dmp, _, _ = sm.shard_with(model, "table_wise", world_size, {"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": 0.1})
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda p: torch.optim.Adagrad(p, lr=0.1))
     opt = CombinedOptimizer([dmp.fused_optimizer, dense])
     data = list(sm.batches(rank, world_size, STEPS))
@@ -53,8 +53,10 @@ def _worker(rank, world_size):
     b = list(sm.local_shards(plain.state_dict()))
     assert [(k, o) for k, _, o in a] == [(k, o) for k, _, o in b]
     for (key, x, _), (_, y, _) in zip(a, b):
-        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_pipeline_overlaps_input_dist_and_trains_like_the_plain_loop():
     run_multiprocess(_worker, 2)

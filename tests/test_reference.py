@@ -8,7 +8,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_multihash import MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig, PoolingType
 
-from tests.reference import reference_forward
+from tests.helpers.reference import reference_forward
 
 N = 50
 D = 8

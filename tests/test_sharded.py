@@ -3,32 +3,15 @@ weights after SGD steps, for every sharding type TorchRec offers on CPU (2 proce
 
 import pytest
 import torch
-import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from torchrec_multihash import sharders, sub_table_constraints
-from tests import sharded_model as sm
-from tests.dist_util import run_multiprocess
+from tests.helpers import sharded_model as sm
+from tests.helpers.distributed import run_multiprocess
 
 LR = 0.1
 STEPS = 3
-
-
-def shard_with(model, sharding_type, world_size, fused_params):
-    constraints = sub_table_constraints(
-        sm.tables(),
-        {t.name: ParameterConstraints(sharding_types=[sharding_type], min_partition=8) for t in sm.tables()},
-        small_table_sharding_types=None,
-    )
-    shard = sharders(fused_params=fused_params)
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device="cpu"), constraints=constraints)
-    plan = planner.collective_plan(model, shard, dist.GroupMember.WORLD)
-    return DistributedModelParallel(model, plan=plan, sharders=shard, device=torch.device("cpu")), plan, constraints
 
 
 def _worker(rank, world_size, sharding_type):
@@ -36,7 +19,7 @@ def _worker(rank, world_size, sharding_type):
     model = sm.build_model(seed=1)  # another init: the copy below must set every weight
     ebc = model.model.sparse_arch.embedding_bag_collection
     unsharded_bytes = ebc.memory_bytes()
-    dmp, plan, constraints = shard_with(
+    dmp, plan, constraints = sm.shard_with(
         model, sharding_type, world_size, {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR}
     )
     assert ebc.memory_bytes() == unsharded_bytes  # sharded modules' own buffers are not counted
@@ -80,6 +63,8 @@ def _worker(rank, world_size, sharding_type):
     assert compared >= len(types) / world_size
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("sharding_type", ["data_parallel", "table_wise", "column_wise", "table_column_wise"])
 def test_sharded_equals_unsharded(sharding_type):
     run_multiprocess(_worker, 2, sharding_type)

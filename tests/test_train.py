@@ -1,9 +1,6 @@
-"""The training app end to end: synthetic data on 1 and 2 processes, real MovieLens CTR data."""
+"""The training app end to end: synthetic data on 1 and 2 processes, real MovieLens CTR data;
+checkpoints, resuming and restarts."""
 
-import json
-import os
-import subprocess
-import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -15,41 +12,12 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torchrec_multihash.app.train_state import TrainState
 from torchrec_multihash.distributed.checkpoint import read_index
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from tests.helpers.cli import SMALL, train
+
 KEYS = {"auc", "logloss", "ne", "embedding_bytes", "full_embedding_bytes", "train_samples_per_s", "steps", "world_size"}
 
 
-def train(tmp_path, *args, nproc=1, config="configs/quickstart.yaml", torchrun=(), env=None, python=("-m", "torchrec_multihash.cli")):
-    out = tmp_path / "metrics.json"
-    common = ["--config", config, "--metrics-out", str(out), "--set", f"train.output_dir={tmp_path / 'run'}", *args]
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    if nproc == 1:
-        cmd = [sys.executable, *python, "train", *common]
-    else:
-        cmd = [str(BIN / "torchrun"), *torchrun, "--nproc_per_node", str(nproc), "-m", "torchrec_multihash.cli", "train", *common]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    return r, (json.loads(out.read_text()) if out.exists() else None)
-
-
-SMALL = ["--set", "data.train_samples=60000", "--set", "data.test_samples=8192", "--set", "train.batch_size=512"]
-
-
-def test_synthetic_data_is_deterministic_and_finite():
-    import torch
-    from torchrec_multihash.datasets.synthetic import SyntheticCriteo
-
-    a, b = SyntheticCriteo([10**6, 100], seed=3), SyntheticCriteo([10**6, 100], seed=3)
-    for i in range(200):  # enough draws that a log(0) would have shown up
-        x, y = a.batch(2048, i), b.batch(2048, i)
-        assert torch.isfinite(x.dense_features).all()
-        assert torch.equal(x.sparse_features.values(), y.sparse_features.values()) and torch.equal(x.labels, y.labels)
-    ids = torch.arange(10**6)
-    # the hidden clusters are a function of the id alone, and all are used
-    assert torch.equal(a.clusters(0, ids), b.clusters(0, ids)) and a.clusters(0, ids).unique().numel() == 64
-
-
+@pytest.mark.slow
 def test_synthetic_one_process_learns_and_writes_metrics(tmp_path):
     r, m = train(tmp_path, *SMALL, "--set", "train.eval_every=50")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -61,6 +29,8 @@ def test_synthetic_one_process_learns_and_writes_metrics(tmp_path):
     assert "Test AUC" in r.stdout and "Run outputs in" in r.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_synthetic_two_processes(tmp_path):
     # evaluation in the middle of training must not collide with batches in flight
     r, m = train(tmp_path, *SMALL, "--set", "train.eval_every=25", nproc=2)
@@ -70,6 +40,7 @@ def test_synthetic_two_processes(tmp_path):
     assert m["auc"] > 0.55
 
 
+@pytest.mark.slow
 def test_movielens_full_and_qr(tmp_path, shared_data):
     cfg = "configs/movielens_100k_ctr_full.yaml"
     data = ["--set", f"data.train={shared_data / 'movielens_100k_ctr/train.txt'}", "--set", f"data.test={shared_data / 'movielens_100k_ctr/test.txt'}"]
@@ -97,6 +68,8 @@ def test_bad_config_is_a_clear_error(tmp_path, args, message):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_checkpoint_then_resume_continues_where_it_stopped(tmp_path):
     """2 ranks: 20 steps and a checkpoint, then --resume to the end == one uninterrupted run."""
     common = [*SMALL, "--set", "train.checkpoint_every=20"]
@@ -126,6 +99,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "--resume: no checkpoint in" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_resume_of_another_config_is_a_clear_error(tmp_path):
     common = [*SMALL, "--set", "train.checkpoint_every=5", "--set", "train.max_steps=5", "--set", f"train.output_dir={tmp_path / 'run'}"]
     r, _ = train(tmp_path / "a", *common)
@@ -152,6 +126,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_a_crash_mid_save_leaves_the_previous_checkpoint_to_resume_from(tmp_path):
     run = tmp_path / "run"
     common = [*SMALL, "--set", "train.checkpoint_every=10", "--set", "train.max_steps=30", "--set", f"train.output_dir={run}"]
@@ -180,6 +155,8 @@ def _train_state(flat: dict) -> TrainState:
     return TrainState.from_state_dict({f.name: flat[f"train_state.{f.name}"] for f in fields(TrainState)})
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_a_rank_killed_mid_epoch_restarts_from_the_checkpoint_and_ends_as_an_uninterrupted_run(tmp_path):
     """2 ranks under ``torchrun --max-restarts=1``, a checkpoint every 20 steps, ``--resume auto``;
     rank 1 dies after step 25 of the 58 of epoch 0 (first attempt only). torchrun restarts both

@@ -5,7 +5,7 @@ import torch
 
 from torchrec_multihash import MultiHashConfigError, MultiHashEmbeddingBagConfig
 
-from tests.reference import partition_rows
+from tests.helpers.reference import partition_rows
 
 
 def cfg(n, strategy, **kw):

@@ -12,8 +12,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from tqdm import tqdm
 
 from torchrec_multihash.convert import to_multihash_configs
+from torchrec_multihash.datasets.synthetic import SyntheticCriteo
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
-from torchrec_multihash.toy_task import ToyCTRTask
 
 
 def build_dlrm(ebc: torch.nn.Module, num_dense: int, dim: int) -> DLRM:
@@ -26,7 +26,7 @@ def build_dlrm(ebc: torch.nn.Module, num_dense: int, dim: int) -> DLRM:
 
 
 def train_and_eval(
-    model: DLRM, task: ToyCTRTask, steps: int, batch_size: int, lr: float, desc: str
+    model: DLRM, task: SyntheticCriteo, steps: int, batch_size: int, lr: float, desc: str
 ) -> Dict[str, float]:
     """Trains with Adagrad on ``steps`` batches, evaluates AUC and log loss on 20 held-out ones."""
     opt = torch.optim.Adagrad(model.parameters(), lr=lr)
@@ -72,7 +72,7 @@ def main(argv: List[str]) -> int:
 
     torch.manual_seed(args.seed)
     vocab = [50_000, 20_000, 5_000, 100, 30_000]
-    task = ToyCTRTask(num_embeddings=vocab, seed=args.seed)
+    task = SyntheticCriteo.toy(vocab, seed=args.seed)
     tables = [
         EmbeddingBagConfig(name=f"t_{f}", num_embeddings=n, embedding_dim=args.dim, feature_names=[f])
         for f, n in zip(task.feature_names, vocab)

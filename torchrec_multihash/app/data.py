@@ -5,7 +5,7 @@ import functools
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 from torchrec.datasets.utils import Batch
@@ -87,80 +87,123 @@ def _npy_batches(paths: List[str], cfg: Config, rank: int, world_size: int, keys
         )
 
 
-def make_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunData:
+def _synthetic_data(cfg: Config, rank: int, world_size: int) -> RunData:
+    """Batches of ``SyntheticCriteo``: epochs see the same samples (as a file would); the test set
+    lives far away in index space."""
     d, bs = cfg.data, cfg.train.batch_size
-    if d.format not in FORMATS:
-        raise ConfigError(f"data.format must be one of {FORMATS}, got {d.format!r}")
-    if d.format == "synthetic":
-        keys = feature_names(cfg.embeddings)
-        syn = SyntheticCriteo(
-            cfg.embeddings.num_embeddings_per_feature, num_dense=cfg.model.dense_in_features,
-            num_clusters=d.num_clusters, seed=cfg.train.seed, feature_names=keys,
-        )
-        per_rank_train = d.train_samples // (bs * world_size)
-        per_rank_test = max(1, d.test_samples // (bs * world_size))
-        # epochs see the same samples (as a file would); the test set lives far away in index space
-        return RunData(
-            train=lambda epoch, skip: syn.batches(bs, per_rank_train - skip, start=rank + skip * world_size, step=world_size),
-            test=lambda: syn.batches(bs, per_rank_test, start=10**9 + rank, step=world_size),
-            num_embeddings_per_feature=cfg.embeddings.num_embeddings_per_feature,
-            num_dense=cfg.model.dense_in_features,
-        )
+    syn = SyntheticCriteo(
+        cfg.embeddings.num_embeddings_per_feature, num_dense=cfg.model.dense_in_features,
+        num_clusters=d.num_clusters, seed=cfg.train.seed, feature_names=feature_names(cfg.embeddings),
+    )
+    per_rank_train = d.train_samples // (bs * world_size)
+    per_rank_test = max(1, d.test_samples // (bs * world_size))
+    return RunData(
+        train=lambda epoch, skip: syn.batches(bs, per_rank_train - skip, start=rank + skip * world_size, step=world_size),
+        test=lambda: syn.batches(bs, per_rank_test, start=10**9 + rank, step=world_size),
+        num_embeddings_per_feature=cfg.embeddings.num_embeddings_per_feature,
+        num_dense=cfg.model.dense_in_features,
+    )
+
+
+def _criteo_keys(cfg: Config) -> List[str]:
     if cfg.model.dense_in_features != NUM_DENSE:
         raise ConfigError(f"model.dense_in_features must be {NUM_DENSE} for Criteo data")
-    train_paths, test_paths = _paths(d.train, "train"), _paths(d.test, "test")
-    sizes = list(cfg.embeddings.num_embeddings_per_feature)
     keys = cfg.embeddings.feature_names or list(DEFAULT_SPARSE_NAMES)
     if len(keys) != NUM_SPARSE:
         raise ConfigError(f"Criteo data has {NUM_SPARSE} categorical features; embeddings.feature_names has {len(keys)}")
-    if d.format == "criteo_npy":
-        if len(sizes) != NUM_SPARSE:
-            raise ConfigError("criteo_npy: embeddings.num_embeddings_per_feature needs 26 sizes (ids are hashed mod them)")
-        return RunData(
-            train=lambda epoch, skip: itertools.islice(_npy_batches(train_paths, cfg, rank, world_size, keys, True), skip, None),
-            test=lambda: _npy_batches(test_paths, cfg, rank, world_size, keys, world_size > 1),
-            num_embeddings_per_feature=sizes,
-            num_dense=NUM_DENSE,
+    return keys
+
+
+def _npy_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunData:
+    keys, sizes = _criteo_keys(cfg), list(cfg.embeddings.num_embeddings_per_feature)
+    train_paths, test_paths = _paths(cfg.data.train, "train"), _paths(cfg.data.test, "test")
+    if len(sizes) != NUM_SPARSE:
+        raise ConfigError("criteo_npy: embeddings.num_embeddings_per_feature needs 26 sizes (ids are hashed mod them)")
+    return RunData(
+        train=lambda epoch, skip: itertools.islice(_npy_batches(train_paths, cfg, rank, world_size, keys, True), skip, None),
+        test=lambda: _npy_batches(test_paths, cfg, rank, world_size, keys, world_size > 1),
+        num_embeddings_per_feature=sizes,
+        num_dense=NUM_DENSE,
+    )
+
+
+def _id_mapping(cfg: Config, keys: List[str], train_paths: List[str], rank: int, output_dir: Path) -> IdMapping:
+    """How raw Criteo values become ids: hashing mod the configured sizes, or a vocabulary built
+    from the training files (saved in ``output_dir``, reused when it is there)."""
+    d, sizes = cfg.data, list(cfg.embeddings.num_embeddings_per_feature)
+    if d.ids == "hashing":
+        if len(sizes) != len(keys) or not sizes:
+            raise ConfigError("embeddings.num_embeddings_per_feature needs one size per categorical feature for hashing")
+        return HashingIds(sizes)
+    if d.ids != "vocabulary":
+        raise ConfigError(f"data.ids must be hashing or vocabulary, got {d.ids!r}")
+    vocab_path = output_dir / "vocabulary.json"
+    if vocab_path.is_file():
+        return Vocabulary.load(vocab_path)
+    # its bad lines are counted (and warned about) in training
+    rows = read_rows(train_paths, bad_lines=BadLines(d.skip_bad_lines, warn_first=0))
+    vocab = Vocabulary.build(rows, len(keys), min_count=d.min_count, max_size=d.max_vocab_size)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        vocab.save(vocab_path)
+    return vocab
+
+
+@dataclass
+class _TsvSource:
+    """This rank's Criteo TSV batches, with the bad lines skipped in training and in the latest
+    test pass."""
+
+    cfg: Config
+    keys: List[str]
+    to_id: IdMapping
+    rank: int
+    world_size: int
+    train_bad: BadLines
+    test_bad: BadLines
+
+    def batches(self, paths: Optional[List[str]], skip: int, drop_last: bool, bad: BadLines) -> Iterator[Batch]:
+        dataset = CriteoBatchDataset(
+            list(paths or []), self.cfg.train.batch_size, self.keys, self.to_id, self.rank, self.world_size, skip,
+            drop_last, tolerate_corrupt=bad.limit > 0,
         )
-    # criteo_tsv
+        return criteo_batches(dataset, bad, self.cfg.data.num_workers)
+
+    def train(self, epoch: int, skip: int) -> Iterator[Batch]:
+        return self.batches(self.cfg.data.train, skip, True, self.train_bad)
+
+    def test(self) -> Iterator[Batch]:
+        self.test_bad = BadLines(self.cfg.data.skip_bad_lines)
+        # with several ranks every batch must be full (the sharded lookups exchange whole batches)
+        return self.batches(self.cfg.data.test, 0, self.world_size > 1, self.test_bad)
+
+    def skipped_lines(self) -> Tuple[int, int]:
+        return self.train_bad.count, self.test_bad.count
+
+
+def _tsv_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunData:
+    d, keys = cfg.data, _criteo_keys(cfg)
+    train_paths = _paths(d.train, "train")
+    _paths(d.test, "test")
     for key, least in (("num_workers", 0), ("skip_bad_lines", 0), ("max_vocab_size", 1)):
         if getattr(d, key) < least:
             raise ConfigError(f"data.{key} must be >= {least}, got {getattr(d, key)}")
-    to_id: IdMapping
-    if d.ids == "vocabulary":
-        vocab_path = output_dir / "vocabulary.json"
-        if vocab_path.is_file():
-            vocab = Vocabulary.load(vocab_path)
-        else:
-            # its bad lines are counted (and warned about) in training
-            rows = read_rows(train_paths, bad_lines=BadLines(d.skip_bad_lines, warn_first=0))
-            vocab = Vocabulary.build(rows, len(keys), min_count=d.min_count, max_size=d.max_vocab_size)
-            if rank == 0:
-                output_dir.mkdir(parents=True, exist_ok=True)
-                vocab.save(vocab_path)
-        to_id = vocab
-        sizes = vocab.sizes()
-    elif d.ids == "hashing":
-        if len(sizes) != len(keys) or not sizes:
-            raise ConfigError("embeddings.num_embeddings_per_feature needs one size per categorical feature for hashing")
-        to_id = HashingIds(sizes)
-    else:
-        raise ConfigError(f"data.ids must be hashing or vocabulary, got {d.ids!r}")
-    train_bad, test_bad = BadLines(d.skip_bad_lines), [BadLines(d.skip_bad_lines)]
+    to_id = _id_mapping(cfg, keys, train_paths, rank, output_dir)
+    source = _TsvSource(cfg, keys, to_id, rank, world_size, BadLines(d.skip_bad_lines), BadLines(d.skip_bad_lines))
+    return RunData(source.train, source.test, to_id.sizes(), NUM_DENSE, source.skipped_lines)
 
-    def tsv(paths: List[str], skip: int, drop_last: bool, bad: BadLines) -> Iterator[Batch]:
-        dataset = CriteoBatchDataset(paths, bs, keys, to_id, rank, world_size, skip, drop_last, tolerate_corrupt=bad.limit > 0)
-        return criteo_batches(dataset, bad, d.num_workers)
 
-    def test() -> Iterator[Batch]:
-        test_bad[0] = BadLines(d.skip_bad_lines)
-        # with several ranks every batch must be full (the sharded lookups exchange whole batches)
-        return tsv(test_paths, 0, world_size > 1, test_bad[0])
+_BUILDERS: Dict[str, Callable[[Config, int, int, Path], RunData]] = {
+    "synthetic": lambda cfg, rank, world, _: _synthetic_data(cfg, rank, world),
+    "criteo_tsv": _tsv_data,
+    "criteo_npy": _npy_data,
+}
 
-    return RunData(
-        train=lambda epoch, skip: tsv(train_paths, skip, True, train_bad),
-        test=test,
-        num_embeddings_per_feature=sizes,
-        num_dense=NUM_DENSE,
-        skipped_lines=lambda: (train_bad.count, test_bad[0].count),
-    )
+
+def make_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunData:
+    """This rank's train and test batches of ``data.format`` (``output_dir``: where a vocabulary
+    is kept)."""
+    build = _BUILDERS.get(cfg.data.format)
+    if build is None:
+        raise ConfigError(f"data.format must be one of {FORMATS}, got {cfg.data.format!r}")
+    return build(cfg, rank, world_size, output_dir)

@@ -1,12 +1,13 @@
-"""The benchmark's tables and batches: Criteo-like, the same for every method."""
+"""The benchmark's tables and run parameters; its batches come from the synthetic data generator,
+the same for every method."""
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List
 
-import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_multihash.datasets.synthetic import SyntheticCriteo
 
 # Criteo Kaggle's 26 vocabulary sizes (the DLRM reference's), capped by ``BenchSpec.max_rows``
 CRITEO_KAGGLE_ROWS = [
@@ -51,19 +52,15 @@ class BenchSpec:
             for f, n in zip(self.features(), self.rows)
         ]
 
+    def data(self) -> SyntheticCriteo:
+        """Power-law ids (P(x) ~ 1/x) scattered over each table; the first ``multi_hot`` features
+        with bags of 1..``max_bag`` ids."""
+        return SyntheticCriteo(
+            self.rows, id_distribution="zipf", scatter=True, multi_hot_features=range(self.multi_hot),
+            max_bag=self.max_bag, seed=self.seed, feature_names=self.features(),
+        )
+
     def batches(self) -> List[KeyedJaggedTensor]:
         """``warmup + steps`` KJTs, deterministic from ``seed``."""
-        g = torch.Generator().manual_seed(self.seed)
-        out = []
-        for _ in range(self.warmup + self.steps):
-            values, lengths = [], []
-            for i, n in enumerate(self.rows):
-                if i < self.multi_hot:
-                    lens = torch.randint(1, self.max_bag + 1, (self.batch_size,), generator=g)
-                else:
-                    lens = torch.ones(self.batch_size, dtype=torch.long)
-                raw = torch.floor(torch.exp(torch.rand(int(lens.sum()), generator=g, dtype=torch.float64) * math.log(n))).long() - 1
-                values.append((raw * 2654435761) % n)  # hot ids scattered over the table
-                lengths.append(lens)
-            out.append(KeyedJaggedTensor(keys=self.features(), values=torch.cat(values), lengths=torch.cat(lengths).int()))
-        return out
+        data = self.data()
+        return [data.batch(self.batch_size, i).sparse_features for i in range(self.warmup + self.steps)]

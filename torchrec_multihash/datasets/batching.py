@@ -1,7 +1,7 @@
 """Groups parsed rows into TorchRec ``Batch``es (dense, KJT, labels)."""
 
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -43,19 +43,6 @@ def lines_to_batch(
         except CriteoFormatError as e:
             bad.append(str(e))
     return (rows_to_batch(rows, keys, to_id) if rows else None), bad
-
-
-def batches(
-    rows: Iterable[CriteoRow], batch_size: int, keys: List[str], to_id: Callable[[int, Optional[int]], int], drop_last: bool = False
-) -> Iterator[Batch]:
-    buf: List[CriteoRow] = []
-    for row in rows:
-        buf.append(row)
-        if len(buf) == batch_size:
-            yield rows_to_batch(buf, keys, to_id)
-            buf = []
-    if buf and not drop_last:
-        yield rows_to_batch(buf, keys, to_id)
 
 
 def check_finite(batch: Batch, where: Callable[[int], str]) -> Batch:

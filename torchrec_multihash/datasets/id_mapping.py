@@ -18,12 +18,18 @@ class IdMapping(Protocol):
 
     def map_array(self, feature: int, values: np.ndarray, missing: np.ndarray) -> np.ndarray: ...
 
+    def sizes(self) -> List[int]: ...
+
 
 class HashingIds:
     """``value % N`` per feature (TorchRec's Criteo preprocessing); a missing value is id 0."""
 
     def __init__(self, num_embeddings_per_feature: Sequence[int]) -> None:
         self.num_embeddings_per_feature = list(num_embeddings_per_feature)
+
+    def sizes(self) -> List[int]:
+        """Table rows of each feature: the configured sizes."""
+        return list(self.num_embeddings_per_feature)
 
     def __call__(self, feature: int, value: Optional[int]) -> int:
         return 0 if value is None else value % self.num_embeddings_per_feature[feature]

@@ -1,15 +1,26 @@
-"""A small DLRM over every kind of multi-hash table, and helpers to compare it sharded and not."""
+"""A small DLRM over every kind of multi-hash table, sharded with TorchRec's planner, and helpers to
+compare it sharded and not."""
 
 from typing import Dict, Iterator, List, Tuple
 
 import torch
+import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 from torchrec.datasets.utils import Batch
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.models.dlrm import DLRM, DLRMTrain
 
-from torchrec_multihash import MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig, PoolingType
-from torchrec_multihash.toy_task import ToyCTRTask
+from torchrec_multihash import (
+    MultiHashEmbeddingBagCollection,
+    MultiHashEmbeddingBagConfig,
+    PoolingType,
+    sharders,
+    sub_table_constraints,
+)
+from torchrec_multihash.datasets.synthetic import SyntheticCriteo
 
 DIM = 16
 VOCAB = [300, 200, 120, 50, 500, 400, 600]
@@ -50,9 +61,23 @@ def build_model(seed: int = 0, device: torch.device = torch.device("cpu")) -> DL
 
 def batches(rank: int, world_size: int, n: int, batch_size: int = 8) -> Iterator[Batch]:
     """Rank ``rank``'s share of ``n`` global batches."""
-    task = ToyCTRTask(num_embeddings=VOCAB, seed=3, max_bag=3)
+    task = SyntheticCriteo.toy(VOCAB, seed=3, max_bag=3)
     for i in range(n):
         yield task.batch(batch_size, i * world_size + rank)
+
+
+def shard_with(model, sharding_type, world_size, fused_params):
+    """``model`` under DistributedModelParallel, every sub-table sharded with ``sharding_type`` where
+    TorchRec offers it (the app's sub-table constraints); returns (model, plan, constraints)."""
+    constraints = sub_table_constraints(
+        tables(),
+        {t.name: ParameterConstraints(sharding_types=[sharding_type], min_partition=8) for t in tables()},
+        small_table_sharding_types=None,
+    )
+    shard = sharders(fused_params=fused_params)
+    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device="cpu"), constraints=constraints)
+    plan = planner.collective_plan(model, shard, dist.GroupMember.WORLD)
+    return DistributedModelParallel(model, plan=plan, sharders=shard, device=torch.device("cpu")), plan, constraints
 
 
 def local_shards(state: Dict[str, object]) -> Iterator[Tuple[str, torch.Tensor, Tuple[int, ...]]]:
@@ -90,6 +115,6 @@ def assert_state_equal(sharded_state: Dict[str, object], full_state: Dict[str, t
     for key, local, offsets in local_shards(sharded_state):
         if local.numel() == 0:
             continue
-        torch.testing.assert_close(local, slice_at(full_state[key], local, offsets), atol=atol, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(local, slice_at(full_state[key], local, offsets), atol=atol, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
         n += 1
     return n
