@@ -1,5 +1,5 @@
 # The commands of the README. Each creates .venv/ on first use (scripts/bootstrap.sh).
-.PHONY: quickstart demo test test-fast lint typecheck venv
+.PHONY: quickstart demo test test-fast lint format typecheck venv
 
 venv:
 	@bash scripts/bootstrap.sh
@@ -18,10 +18,16 @@ test: venv
 test-fast: venv
 	.venv/bin/python -m pytest -q -m "not slow" tests
 
-# Static checks: ruff (pyproject.toml's [tool.ruff]) on the repository, then mypy (setup.cfg's [mypy]) on the package.
+# Static checks: ruff's formatter and linter (pyproject.toml's [tool.ruff]) on the repository, then mypy
+# (setup.cfg's [mypy]) on the package; `make format` applies the formatter.
 lint: venv
+	.venv/bin/python -m ruff format --check .
 	.venv/bin/python -m ruff check .
 	.venv/bin/python -m mypy torchrec_multihash
+
+format: venv
+	.venv/bin/python -m ruff format .
+	.venv/bin/python -m ruff check --fix .
 
 typecheck: venv
 	.venv/bin/python -m mypy torchrec_multihash

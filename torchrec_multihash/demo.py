@@ -12,6 +12,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from tqdm import tqdm
 
 from torchrec_multihash.convert import to_multihash_configs
+from torchrec_multihash.modules.strategies import registered_strategies
 from torchrec_multihash.datasets.synthetic import SyntheticCriteo
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
 
@@ -60,7 +61,8 @@ def train_and_eval(
 
 def main(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="torchrec-multihash demo", description=__doc__)
-    p.add_argument("--strategy", default="qr", choices=["hash", "qr", "generalized_qr", "crt"])
+    # every strategy that needs no fitting (learned needs a mapping: see the train command)
+    p.add_argument("--strategy", default="qr", choices=[n for n in registered_strategies() if n not in ("full", "learned")])
     p.add_argument("--operation", default="mult", choices=["add", "mult", "concat"])
     p.add_argument("--compression", type=float, default=8.0)
     p.add_argument("--steps", type=int, default=400)
@@ -70,7 +72,13 @@ def main(argv: List[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    torch.manual_seed(args.seed)
+    with torch.random.fork_rng():  # the seeded draws stay inside the demo
+        torch.manual_seed(args.seed)
+        return _compare(args)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """Trains the full and the compressed DLRM on the same task and prints both."""
     vocab = [50_000, 20_000, 5_000, 100, 30_000]
     task = SyntheticCriteo.toy(vocab, seed=args.seed)
     tables = [
