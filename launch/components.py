@@ -65,13 +65,24 @@ def dlrm(
         env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     kwargs = {"image": image} if image else {}
     app = ddp(
-        *args, m="torchrec_multihash.cli", name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j,
-        env=env, max_retries=max_retries, rdzv_port=rdzv_port, mounts=mounts, **kwargs,
+        *args,
+        m="torchrec_multihash.cli",
+        name=name,
+        h=h,
+        cpu=cpu,
+        gpu=gpu,
+        memMB=memMB,
+        j=j,
+        env=env,
+        max_retries=max_retries,
+        rdzv_port=rdzv_port,
+        mounts=mounts,
+        **kwargs,
     )
     app.roles[0].name = "trainer"
     if max_restarts:
         cmd = app.roles[0].args[-1]
         if not cmd.startswith("torchrun "):
             raise RuntimeError(f"unexpected ddp command, cannot add --max_restarts: {cmd[:80]}")
-        app.roles[0].args[-1] = f"torchrun --max_restarts {max_restarts} " + cmd[len("torchrun "):]
+        app.roles[0].args[-1] = f"torchrun --max_restarts {max_restarts} " + cmd[len("torchrun ") :]
     return app

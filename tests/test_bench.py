@@ -18,7 +18,9 @@ from tests.helpers.cli import run_cli
 def test_naive_qr_equals_the_module_on_one_hot_bags_and_pools_first_on_multi_hot():
     plain = [EmbeddingBagConfig(name="t", num_embeddings=100, embedding_dim=4, feature_names=["f"])]
     naive = NaiveQREmbeddingBags(plain, collisions=8)
-    ebc = MultiHashEmbeddingBagCollection([MultiHashEmbeddingBagConfig(name="t", num_embeddings=100, embedding_dim=4, feature_names=["f"], num_collisions=8)])
+    ebc = MultiHashEmbeddingBagCollection(
+        [MultiHashEmbeddingBagConfig(name="t", num_embeddings=100, embedding_dim=4, feature_names=["f"], num_collisions=8)]
+    )
     with torch.no_grad():
         w = ebc.sub_table_weights()
         naive.q[0].weight.copy_(w["t__q"])

@@ -30,7 +30,8 @@ def files(shared_data, tmp_path):
 
 def same(a, b):
     return (
-        torch.equal(a.dense_features, b.dense_features) and torch.equal(a.labels, b.labels)
+        torch.equal(a.dense_features, b.dense_features)
+        and torch.equal(a.labels, b.labels)
         and a.sparse_features.keys() == b.sparse_features.keys()
         and torch.equal(a.sparse_features.values(), b.sparse_features.values())
         and torch.equal(a.sparse_features.lengths(), b.sparse_features.lengths())
@@ -83,7 +84,7 @@ def test_block_parse_equals_line_parse(change, vectorized, labeled):
     from torchrec_multihash.datasets.id_mapping import Vocabulary
 
     fields = [change.get(i, v) for i, v in enumerate(GOOD)]
-    text = ["\t".join(fields[0 if labeled else 1:]), "\t".join(GOOD[0 if labeled else 1:])]
+    text = ["\t".join(fields[0 if labeled else 1 :]), "\t".join(GOOD[0 if labeled else 1 :])]
     raw = [(t + "\r\n").encode() for t in text]
     assert (parse_block(raw, labeled) is not None) == vectorized
     rows = [parse_line(t, "f", i + 1, labeled) for i, t in enumerate(text)]
@@ -144,7 +145,10 @@ def test_truncated_gz_ends_its_file_when_skipping(shared_data, tmp_path):
     for rank in (0, 1):
         bad = BadLines(5)
         with pytest.warns(BadLineWarning, match="cut.gz: truncated") if rank == (readable // 32) % 2 else _no_warning():
-            samples += sum(b.labels.numel() for b in criteo_batches(CriteoBatchDataset(files, 32, DEFAULT_SPARSE_NAMES, TO_ID, rank, 2, tolerate_corrupt=True), bad))
+            samples += sum(
+                b.labels.numel()
+                for b in criteo_batches(CriteoBatchDataset(files, 32, DEFAULT_SPARSE_NAMES, TO_ID, rank, 2, tolerate_corrupt=True), bad)
+            )
         counts.append(bad.count)
     assert sum(counts) == 1 and samples == readable + 900
     rows = BadLines(5)
@@ -170,8 +174,9 @@ def test_train_two_ranks_with_bad_lines(bad_file, tmp_path):
     """End to end on 2 ranks: skipped lines are summed over the ranks; without skipping the rank
     that meets the bad line stops with its file:line and the other stops too (no hang)."""
     common = ["--set", f"data.train={bad_file}", "--set", f"data.test={bad_file}", "--set", "train.batch_size=64"]
-    r, m = train(tmp_path / "skip", *common, "--set", "data.skip_bad_lines=5", "--set", "data.ids=vocabulary",
-                 nproc=2, config="configs/criteo_kaggle_qr.yaml")
+    r, m = train(
+        tmp_path / "skip", *common, "--set", "data.skip_bad_lines=5", "--set", "data.ids=vocabulary", nproc=2, config="configs/criteo_kaggle_qr.yaml"
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert m["skipped_lines"] == 3 and m["skipped_test_lines"] == 3 and m["steps"] == 7
     assert "bad lines skipped: 3 in training" in r.stdout
@@ -196,8 +201,9 @@ def test_data_wait_and_measure_loader(shared_data, tmp_path):
     assert list(wait.timed(slow())) == [1, None, 3]
     assert 0.15 <= wait.seconds < 1.0
     path = shared_data / "criteo_kaggle_900" / "train.txt"
-    cfg = load_config("configs/criteo_kaggle_qr.yaml", [f"data.train={path}", f"data.test={path}", "train.batch_size=128",
-                                                         f"train.output_dir={tmp_path}"])
+    cfg = load_config(
+        "configs/criteo_kaggle_qr.yaml", [f"data.train={path}", f"data.test={path}", "train.batch_size=128", f"train.output_dir={tmp_path}"]
+    )
     m = measure_loader(cfg, batches=3, rank=1, world_size=2)
     assert m["samples"] == 3 * 128 and m["samples_per_s"] > 0
     assert measure_loader(cfg, batches=100, rank=1, world_size=2)["samples"] == 3 * 128  # 7 batches: rank 1 has 3

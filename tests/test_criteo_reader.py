@@ -111,7 +111,9 @@ def test_hashing_and_vocabulary_ids(kaggle, tmp_path):
 def test_batches_feed_the_module(kaggle):
     rows = read_rows([kaggle / "train.txt"])
     vocab_sizes = [10_000] * 26
-    tables = [EmbeddingBagConfig(name=f"t_{f}", num_embeddings=n, embedding_dim=8, feature_names=[f]) for f, n in zip(DEFAULT_SPARSE_NAMES, vocab_sizes)]
+    tables = [
+        EmbeddingBagConfig(name=f"t_{f}", num_embeddings=n, embedding_dim=8, feature_names=[f]) for f, n in zip(DEFAULT_SPARSE_NAMES, vocab_sizes)
+    ]
     ebc = MultiHashEmbeddingBagCollection(to_multihash_configs(tables, 4))
     got = list(batches(rows, 256, DEFAULT_SPARSE_NAMES, HashingIds(vocab_sizes)))
     assert [b.labels.numel() for b in got] == [256, 256, 256, 132]
@@ -129,12 +131,26 @@ def test_train_on_torchrec_npy_layout(kaggle, tmp_path):
     prefix = tmp_path / "day_0"
     BinaryCriteoUtils.tsv_to_npys(str(kaggle / "train.txt"), f"{prefix}_dense.npy", f"{prefix}_sparse.npy", f"{prefix}_labels.npy")
     npy = ["--set", "data.format=criteo_npy", "--set", "train.batch_size=128"]
-    r, m = train(tmp_path / "npy", *npy, "--set", f"data.train={prefix}_dense.npy", "--set", f"data.test={prefix}_dense.npy",
-                 config="configs/criteo_kaggle_qr.yaml")
+    r, m = train(
+        tmp_path / "npy",
+        *npy,
+        "--set",
+        f"data.train={prefix}_dense.npy",
+        "--set",
+        f"data.test={prefix}_dense.npy",
+        config="configs/criteo_kaggle_qr.yaml",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert m["steps"] == 900 // 128 and m["test_samples"] == 900
-    r, _ = train(tmp_path / "tsv", *npy, "--set", f"data.train={kaggle / 'train.txt'}", "--set", f"data.test={kaggle / 'train.txt'}",
-                 config="configs/criteo_kaggle_qr.yaml")
+    r, _ = train(
+        tmp_path / "tsv",
+        *npy,
+        "--set",
+        f"data.train={kaggle / 'train.txt'}",
+        "--set",
+        f"data.test={kaggle / 'train.txt'}",
+        config="configs/criteo_kaggle_qr.yaml",
+    )
     assert r.returncode == 2 and "is not a *_dense.npy file" in r.stderr
 
 
@@ -156,8 +172,19 @@ def npy_days(kaggle, tmp_path, split=500):
 @pytest.mark.distributed
 def test_npy_two_processes_train(kaggle, tmp_path):
     days = npy_days(kaggle, tmp_path)
-    r, m = train(tmp_path, "--set", "data.format=criteo_npy", "--set", f"data.train={days}", "--set", f"data.test={days}",
-                 "--set", "train.batch_size=64", nproc=2, config="configs/criteo_kaggle_qr.yaml")
+    r, m = train(
+        tmp_path,
+        "--set",
+        "data.format=criteo_npy",
+        "--set",
+        f"data.train={days}",
+        "--set",
+        f"data.test={days}",
+        "--set",
+        "train.batch_size=64",
+        nproc=2,
+        config="configs/criteo_kaggle_qr.yaml",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     # 14 full global batches of 64, 7 per rank; the test set drops the last partial one too
     assert m["world_size"] == 2 and m["steps"] == 7 and m["test_samples"] == 14 * 64

@@ -15,10 +15,7 @@ DIM = 8
 
 
 def build(arch, strategy, operation):
-    tables = [
-        EmbeddingBagConfig(name=f"t_f{i}", num_embeddings=n, embedding_dim=DIM, feature_names=[f"f{i}"])
-        for i, n in enumerate(VOCAB)
-    ]
+    tables = [EmbeddingBagConfig(name=f"t_f{i}", num_embeddings=n, embedding_dim=DIM, feature_names=[f"f{i}"]) for i, n in enumerate(VOCAB)]
     ebc = MultiHashEmbeddingBagCollection(to_multihash_configs(tables, 4, strategy=strategy, operation=operation))
     kw = dict(embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[16, DIM], over_arch_layer_sizes=[16, 1])
     if arch == "dcn":
@@ -52,10 +49,10 @@ def test_dlrm_learns(arch, strategy, operation):
 
     def eval_loss():
         with torch.no_grad():
-            return sum(
-                float(loss_fn(model(b.dense_features, b.sparse_features).squeeze(1), b.labels))
-                for b in task.batches(512, 4, start=1_000_000)
-            ) / 4
+            return (
+                sum(float(loss_fn(model(b.dense_features, b.sparse_features).squeeze(1), b.labels)) for b in task.batches(512, 4, start=1_000_000))
+                / 4
+            )
 
     start = eval_loss()
     for b in task.batches(256, 300):
@@ -76,8 +73,10 @@ def test_app_builds_the_projection_variant_and_checks_its_branches():
     from torchrec_multihash.app.config import ConfigError, load_config
     from torchrec_multihash.app.model import build_model
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/quickstart.yaml", ["model.arch=projection", "model.interaction_branch1_layer_sizes=[64,32]",
-                                                   "model.interaction_branch2_layer_sizes=[64,48]"])
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "configs/quickstart.yaml",
+        ["model.arch=projection", "model.interaction_branch1_layer_sizes=[64,32]", "model.interaction_branch2_layer_sizes=[64,48]"],
+    )
     assert isinstance(build_model(cfg, device=torch.device("meta")), DLRM_Projection)
     cfg.model.interaction_branch2_layer_sizes = [64, 40]
     with pytest.raises(ConfigError, match="interaction_branch2_layer_sizes must end with a multiple of model.embedding_dim=16"):

@@ -45,9 +45,7 @@ def test_module_rejects_duplicate_names_and_plain_configs():
     with pytest.raises(MultiHashConfigError, match="repeated"):
         MultiHashEmbeddingBagCollection([cfg(), cfg(feature_names=["C2"])])
     with pytest.raises(MultiHashConfigError, match="to_multihash_configs"):
-        MultiHashEmbeddingBagCollection(
-            [EmbeddingBagConfig(name="t", num_embeddings=10, embedding_dim=4, feature_names=["f"])]
-        )
+        MultiHashEmbeddingBagCollection([EmbeddingBagConfig(name="t", num_embeddings=10, embedding_dim=4, feature_names=["f"])])
     with pytest.raises(MultiHashConfigError, match="at least one table"):
         MultiHashEmbeddingBagCollection([])
 

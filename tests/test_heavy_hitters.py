@@ -23,7 +23,7 @@ def test_bounded_and_keeps_the_heavy_hitters():
     heavy, values = stream()
     hh = HeavyHitters(capacity=50)
     for i in range(0, len(values), 1000):
-        hh.update(values[i:i + 1000])
+        hh.update(values[i : i + 1000])
         assert len(hh) <= 2 * 50  # memory bounded by the capacity, not by the 100,020 distinct values
     assert hh.pruned and hh.seen == len(values)
     top = hh.most_common(20)

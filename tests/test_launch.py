@@ -17,9 +17,22 @@ def torchx(*args):
 def local_run(tmp_path, j, *options, overrides=()):
     out = tmp_path / "metrics.json"
     r = torchx(
-        "run", "-s", "local_cwd", "launch/components.py:dlrm", "-j", j, *options, "--config", "configs/quickstart.yaml",
-        "--metrics_out", str(out), "data.train_samples=30000", "data.test_samples=4096", "train.batch_size=512",
-        f"train.output_dir={tmp_path / 'run'}", *overrides,
+        "run",
+        "-s",
+        "local_cwd",
+        "launch/components.py:dlrm",
+        "-j",
+        j,
+        *options,
+        "--config",
+        "configs/quickstart.yaml",
+        "--metrics_out",
+        str(out),
+        "data.train_samples=30000",
+        "data.test_samples=4096",
+        "train.batch_size=512",
+        f"train.output_dir={tmp_path / 'run'}",
+        *overrides,
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "SUCCEEDED" in r.stderr + r.stdout
@@ -70,8 +83,20 @@ def test_component_restarts_and_retries_resume_automatically():
 
 
 def test_slurm_dryrun_script():
-    r = torchx("run", "-s", "slurm", "--dryrun", "launch/components.py:dlrm", "-j", "2x8", "--gpu", "8",
-               "--config", "configs/criteo_1tb_qr.yaml", "train.epochs=2")
+    r = torchx(
+        "run",
+        "-s",
+        "slurm",
+        "--dryrun",
+        "launch/components.py:dlrm",
+        "-j",
+        "2x8",
+        "--gpu",
+        "8",
+        "--config",
+        "configs/criteo_1tb_qr.yaml",
+        "train.epochs=2",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     s = r.stdout
     assert s.count("#SBATCH --job-name=trainer-") == 2 and "--gpus-per-task=8" in s and "hetjob" in s
@@ -81,10 +106,27 @@ def test_slurm_dryrun_script():
 
 
 def test_kubernetes_dryrun_resource():
-    r = torchx("run", "--workspace", "", "-s", "kubernetes", "--dryrun", "launch/components.py:dlrm", "-j", "2x8",
-               "--gpu", "8", "--memMB", "65536", "--image", "ghcr.io/example/tmh:1", "--config", "configs/criteo_1tb_qr.yaml")
+    r = torchx(
+        "run",
+        "--workspace",
+        "",
+        "-s",
+        "kubernetes",
+        "--dryrun",
+        "launch/components.py:dlrm",
+        "-j",
+        "2x8",
+        "--gpu",
+        "8",
+        "--memMB",
+        "65536",
+        "--image",
+        "ghcr.io/example/tmh:1",
+        "--config",
+        "configs/criteo_1tb_qr.yaml",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    spec = yaml.safe_load(r.stdout[r.stdout.index("apiVersion"):])
+    spec = yaml.safe_load(r.stdout[r.stdout.index("apiVersion") :])
     assert spec["kind"] == "Job" and spec["spec"]["queue"] == "default"
     tasks = spec["spec"]["tasks"]
     assert len(tasks) == 2 and all(t["replicas"] == 1 for t in tasks)  # one pod per node

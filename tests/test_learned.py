@@ -59,7 +59,9 @@ def test_fitted_mapping_groups_ids_that_behave_alike():
     have far closer true effects than ids that share a hashed row."""
     sizes = [20000]
     syn = SyntheticCriteo(sizes, num_dense=13, seed=0, feature_names=["C1"])
-    tables = [MultiHashEmbeddingBagConfig(name="t_C1", num_embeddings=20000, embedding_dim=16, feature_names=["C1"], strategy="learned", num_collisions=16)]
+    tables = [
+        MultiHashEmbeddingBagConfig(name="t_C1", num_embeddings=20000, embedding_dim=16, feature_names=["C1"], strategy="learned", num_collisions=16)
+    ]
     fitted = fit_mappings(tables, lambda: syn.batches(1024, 400, start=0, step=1), 13, FitOptions())
     f = fitted["t_C1"]
     counts = count_ids(tables, syn.batches(1024, 400, start=0, step=1))["t_C1"]
@@ -68,7 +70,9 @@ def test_fitted_mapping_groups_ids_that_behave_alike():
         score = syn._cluster_scores[0][syn.clusters(0, f.ids)].double()
         w = counts[f.ids].double()
         r = int(rows.max()) + 1
-        mean = torch.zeros(r, dtype=torch.float64).index_add(0, rows, w * score) / torch.zeros(r, dtype=torch.float64).index_add(0, rows, w).clamp(min=1e-12)
+        mean = torch.zeros(r, dtype=torch.float64).index_add(0, rows, w * score) / torch.zeros(r, dtype=torch.float64).index_add(0, rows, w).clamp(
+            min=1e-12
+        )
         return float((w * (score - mean[rows]) ** 2).sum() / (w * (score - (w * score).sum() / w.sum()) ** 2).sum())
 
     learned_u, hashed_u = unexplained(f.rows.long()), unexplained(torch.remainder(f.ids, tables[0].mapping_rows))
@@ -117,14 +121,17 @@ def test_converter_counts_the_mapping_in_the_budget(compression):
     assert compression * 0.98 < ebc.full_memory_bytes() / ebc.memory_bytes() <= compression * 1.02
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(strategy="hash", mapping_rows=10), "mapping_rows cannot be combined with strategy 'hash'"),
-    (dict(strategy="qr", mapping_ids=10), "only apply to a learned mapping"),
-    (dict(strategy="learned", num_collisions=10, fallback_rows=100), "leaves no row for known ids"),
-    (dict(strategy="learned", mapping_ids=2000), "exceeds num_embeddings"),
-    (dict(strategy="qr", mapping_rows=10, num_collisions=10), "smaller than mapping_rows=10"),
-    (dict(strategy="crt", mapping_rows=100, moduli=[3, 5]), "product 15 < mapping_rows=100"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(strategy="hash", mapping_rows=10), "mapping_rows cannot be combined with strategy 'hash'"),
+        (dict(strategy="qr", mapping_ids=10), "only apply to a learned mapping"),
+        (dict(strategy="learned", num_collisions=10, fallback_rows=100), "leaves no row for known ids"),
+        (dict(strategy="learned", mapping_ids=2000), "exceeds num_embeddings"),
+        (dict(strategy="qr", mapping_rows=10, num_collisions=10), "smaller than mapping_rows=10"),
+        (dict(strategy="crt", mapping_rows=100, moduli=[3, 5]), "product 15 < mapping_rows=100"),
+    ],
+)
 def test_bad_learned_configs(kw, match):
     with pytest.raises(MultiHashConfigError, match=match):
         MultiHashEmbeddingBagConfig(name="t", num_embeddings=1000, embedding_dim=8, feature_names=["f"], **kw)
@@ -132,8 +139,20 @@ def test_bad_learned_configs(kw, match):
 
 @pytest.mark.slow
 def test_fit_hash_command_then_train_with_the_mapping(tmp_path):
-    small = ["--config", "configs/quickstart.yaml", "--set", "embeddings.strategy=learned", "--set", "data.train_samples=30000",
-             "--set", "data.test_samples=4096", "--set", "train.batch_size=512", "--set", f"train.output_dir={tmp_path / 'run'}"]
+    small = [
+        "--config",
+        "configs/quickstart.yaml",
+        "--set",
+        "embeddings.strategy=learned",
+        "--set",
+        "data.train_samples=30000",
+        "--set",
+        "data.test_samples=4096",
+        "--set",
+        "train.batch_size=512",
+        "--set",
+        f"train.output_dir={tmp_path / 'run'}",
+    ]
     r = run_cli("fit-hash", *small, "--out", str(tmp_path / "map"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "t_C1:" in r.stdout and (tmp_path / "map" / "mapping.pt").is_file()

@@ -11,9 +11,7 @@ from torchrec_multihash import MultiHashEmbeddingBagCollection, MultiHashEmbeddi
 
 
 def test_memory_bytes_qr_example_from_the_spec():
-    c = MultiHashEmbeddingBagConfig(
-        name="t", num_embeddings=1_000_000, embedding_dim=16, feature_names=["f"], strategy="qr", num_collisions=8
-    )
+    c = MultiHashEmbeddingBagConfig(name="t", num_embeddings=1_000_000, embedding_dim=16, feature_names=["f"], strategy="qr", num_collisions=8)
     ebc = MultiHashEmbeddingBagCollection([c])
     assert ebc.memory_bytes() == (125_000 + 8) * 16 * 4
     assert ebc.memory_bytes() == sum(p.numel() * p.element_size() for p in ebc.parameters())
@@ -22,7 +20,16 @@ def test_memory_bytes_qr_example_from_the_spec():
 
 def test_memory_bytes_on_meta_device_and_mixed_strategies():
     cfgs = [
-        MultiHashEmbeddingBagConfig(name="a", num_embeddings=10**7, embedding_dim=16, feature_names=["a"], strategy="crt", moduli=[3001, 3333], operation="concat", dims=[10, 6]),
+        MultiHashEmbeddingBagConfig(
+            name="a",
+            num_embeddings=10**7,
+            embedding_dim=16,
+            feature_names=["a"],
+            strategy="crt",
+            moduli=[3001, 3333],
+            operation="concat",
+            dims=[10, 6],
+        ),
         MultiHashEmbeddingBagConfig(name="b", num_embeddings=10**6, embedding_dim=16, feature_names=["b"], strategy="hash", num_collisions=10),
         MultiHashEmbeddingBagConfig(name="c", num_embeddings=1000, embedding_dim=16, feature_names=["c"], strategy="full", data_type=DataType.FP16),
     ]
@@ -60,8 +67,15 @@ def test_composed_embeddings_have_standard_scale(kw):
 
 def test_user_init_range_is_reproduced_for_mult():
     c = MultiHashEmbeddingBagConfig(
-        name="t", num_embeddings=10_000, embedding_dim=16, feature_names=["f"], strategy="qr",
-        num_collisions=100, operation="mult", weight_init_min=0.0, weight_init_max=0.2,
+        name="t",
+        num_embeddings=10_000,
+        embedding_dim=16,
+        feature_names=["f"],
+        strategy="qr",
+        num_collisions=100,
+        operation="mult",
+        weight_init_min=0.0,
+        weight_init_max=0.2,
     )
     mean, std = composed_std(c)
     assert abs(mean - 0.1) < 0.01 and abs(std - 0.2 / math.sqrt(12)) < 0.01 * 0.6

@@ -24,8 +24,14 @@ def cfg(name, **kw):
 
 
 def test_sub_table_constraints():
-    tables = [cfg("t_a", strategy="qr", operation="add", num_collisions=8), cfg("t_b", strategy="qr", operation="mult", num_collisions=8), cfg("t_c", strategy="full")]
-    out = sub_table_constraints(tables, {"t_a": ParameterConstraints(sharding_types=["row_wise"]), "t_c": ParameterConstraints(sharding_types=["column_wise"])})
+    tables = [
+        cfg("t_a", strategy="qr", operation="add", num_collisions=8),
+        cfg("t_b", strategy="qr", operation="mult", num_collisions=8),
+        cfg("t_c", strategy="full"),
+    ]
+    out = sub_table_constraints(
+        tables, {"t_a": ParameterConstraints(sharding_types=["row_wise"]), "t_c": ParameterConstraints(sharding_types=["column_wise"])}
+    )
     assert out["t_a__q"].sharding_types == ["row_wise"]
     assert out["t_a__r"].sharding_types == ["table_wise", "data_parallel"]  # 8 rows: kept whole
     assert out["t_b__q"].sharding_types == ["table_wise", "column_wise", "row_wise"]  # per-id: never DP
@@ -99,11 +105,22 @@ def test_plan_command_errors(args, message, capsys):
 
 
 def test_plan_of_learned_tables_counts_the_mapping_on_every_rank():
-    ebc = MultiHashEmbeddingBagCollection([
-        MultiHashEmbeddingBagConfig(name="t_a", num_embeddings=1000, embedding_dim=8, feature_names=["a"], strategy="learned", num_collisions=10),
-        MultiHashEmbeddingBagConfig(name="t_b", num_embeddings=600, embedding_dim=8, feature_names=["b"], strategy="qr", mapping_rows=100,
-                                    num_collisions=10, mapping_ids=300),
-    ], device=torch.device("meta"))
+    ebc = MultiHashEmbeddingBagCollection(
+        [
+            MultiHashEmbeddingBagConfig(name="t_a", num_embeddings=1000, embedding_dim=8, feature_names=["a"], strategy="learned", num_collisions=10),
+            MultiHashEmbeddingBagConfig(
+                name="t_b",
+                num_embeddings=600,
+                embedding_dim=8,
+                feature_names=["b"],
+                strategy="qr",
+                mapping_rows=100,
+                num_collisions=10,
+                mapping_ids=300,
+            ),
+        ],
+        device=torch.device("meta"),
+    )
     topo = Topology(world_size=2, compute_device="cpu")
     whole = {c.name: ParameterConstraints(sharding_types=["table_wise"]) for c in ebc.sub_table_configs()}
     report = describe_plan(plan_model(ebc, topo, whole), ebc, topo)

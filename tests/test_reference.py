@@ -28,8 +28,14 @@ def make_configs(strategy, operation, pooling, explicit_dims=True):
         if operation == "concat" and strategy in CONCAT_DIMS and explicit_dims:
             args["dims"] = CONCAT_DIMS[strategy]
         return MultiHashEmbeddingBagConfig(
-            name=name, num_embeddings=n, embedding_dim=D, feature_names=features,
-            strategy=strategy, operation=operation, pooling=pooling, **args,
+            name=name,
+            num_embeddings=n,
+            embedding_dim=D,
+            feature_names=features,
+            strategy=strategy,
+            operation=operation,
+            pooling=pooling,
+            **args,
         )
 
     # one single-feature table and one shared table (two features, one set of sub-tables)
@@ -55,16 +61,14 @@ def make_kjt(cfgs, weighted, batch=6, seed=0, hash_ids=False):
             lengths.append(lens)
             weights.append(torch.rand(n, generator=g) + 0.5)
     return KeyedJaggedTensor(
-        keys=keys, values=torch.cat(values), lengths=torch.cat(lengths),
+        keys=keys,
+        values=torch.cat(values),
+        lengths=torch.cat(lengths),
         weights=torch.cat(weights) if weighted else None,
     )
 
 
-CASES = list(
-    itertools.product(
-        STRATEGY_ARGS, ["add", "mult", "concat"], [PoolingType.SUM, PoolingType.MEAN], [False, True]
-    )
-)
+CASES = list(itertools.product(STRATEGY_ARGS, ["add", "mult", "concat"], [PoolingType.SUM, PoolingType.MEAN], [False, True]))
 
 
 @pytest.mark.parametrize("strategy,operation,pooling,weighted", CASES)
@@ -95,8 +99,13 @@ def test_forward_and_grad_match_reference(strategy, operation, pooling, weighted
 
 def test_concat_default_dims_split_evenly():
     cfg = MultiHashEmbeddingBagConfig(
-        name="t", num_embeddings=100, embedding_dim=7, feature_names=["f"],
-        strategy="generalized_qr", moduli=[5, 5, 4], operation="concat",
+        name="t",
+        num_embeddings=100,
+        embedding_dim=7,
+        feature_names=["f"],
+        strategy="generalized_qr",
+        moduli=[5, 5, 4],
+        operation="concat",
     )
     assert cfg.strategy_impl().dims() == [3, 2, 2]
     ebc = MultiHashEmbeddingBagCollection([cfg])
@@ -126,9 +135,7 @@ def test_int32_ids_and_unordered_keys():
     d = kjt.to_dict()
     order = ["c", "a", "b"]
     shuffled = KeyedJaggedTensor.from_jt_dict({k: d[k] for k in order})
-    shuffled = KeyedJaggedTensor(
-        keys=shuffled.keys(), values=shuffled.values().int(), lengths=shuffled.lengths()
-    )
+    shuffled = KeyedJaggedTensor(keys=shuffled.keys(), values=shuffled.values().int(), lengths=shuffled.lengths())
     torch.testing.assert_close(ebc(shuffled).values(), ebc(kjt).values())
 
 
@@ -147,8 +154,9 @@ LEARNED_CASES = [
 def test_learned_mapping_matches_reference(strategy, args, operation):
     torch.manual_seed(1)
     cfgs = [
-        MultiHashEmbeddingBagConfig(name=name, num_embeddings=n, embedding_dim=D, feature_names=fs,
-                                    strategy=strategy, operation=operation, pooling=PoolingType.SUM, **args)
+        MultiHashEmbeddingBagConfig(
+            name=name, num_embeddings=n, embedding_dim=D, feature_names=fs, strategy=strategy, operation=operation, pooling=PoolingType.SUM, **args
+        )
         for name, fs, n in [("t_a", ["a"], N), ("t_bc", ["b", "c"], N - 3)]
     ]
     ebc = MultiHashEmbeddingBagCollection(cfgs, is_weighted=True)

@@ -19,9 +19,7 @@ def _worker(rank, world_size, sharding_type):
     model = sm.build_model(seed=1)  # another init: the copy below must set every weight
     ebc = model.model.sparse_arch.embedding_bag_collection
     unsharded_bytes = ebc.memory_bytes()
-    dmp, plan, constraints = sm.shard_with(
-        model, sharding_type, world_size, {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR}
-    )
+    dmp, plan, constraints = sm.shard_with(model, sharding_type, world_size, {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR})
     assert ebc.memory_bytes() == unsharded_bytes  # sharded modules' own buffers are not counted
 
     # every sub-table was placed, with the requested type (mult sub-tables: the closest an
@@ -36,9 +34,7 @@ def _worker(rank, world_size, sharding_type):
     start = dmp.state_dict()
     sm.copy_into_sharded(start, ref.state_dict())
     dmp.load_state_dict(start)
-    dense_opt = KeyedOptimizerWrapper(
-        dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda p: torch.optim.SGD(p, lr=LR)
-    )
+    dense_opt = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda p: torch.optim.SGD(p, lr=LR))
     opt = CombinedOptimizer([dmp.fused_optimizer, dense_opt])
 
     ref_params = dict(ref.named_parameters())

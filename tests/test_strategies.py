@@ -83,8 +83,9 @@ def docs_example():
 
 def test_docs_example_adds_a_strategy_in_one_class(docs_example):
     m0, m1 = 97, 101
-    cfg = MultiHashEmbeddingBagConfig(name="t_ad", num_embeddings=10**8, embedding_dim=4, feature_names=["ad"],
-                                      strategy="double_hash", moduli=[m0, m1], operation="add")
+    cfg = MultiHashEmbeddingBagConfig(
+        name="t_ad", num_embeddings=10**8, embedding_dim=4, feature_names=["ad"], strategy="double_hash", moduli=[m0, m1], operation="add"
+    )
     assert isinstance(cfg.strategy_impl(), docs_example)
     ebc = MultiHashEmbeddingBagCollection([cfg])
     ids = torch.tensor([5, 10**12, 97 * 101 + 5, 3, 7])  # any int64 id: accepts_any_id

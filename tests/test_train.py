@@ -43,7 +43,12 @@ def test_synthetic_two_processes(tmp_path):
 @pytest.mark.slow
 def test_movielens_full_and_qr(tmp_path, shared_data):
     cfg = "configs/movielens_100k_ctr_full.yaml"
-    data = ["--set", f"data.train={shared_data / 'movielens_100k_ctr/train.txt'}", "--set", f"data.test={shared_data / 'movielens_100k_ctr/test.txt'}"]
+    data = [
+        "--set",
+        f"data.train={shared_data / 'movielens_100k_ctr/train.txt'}",
+        "--set",
+        f"data.test={shared_data / 'movielens_100k_ctr/test.txt'}",
+    ]
     r, full = train(tmp_path / "full", *data, config=cfg)
     assert r.returncode == 0, r.stderr[-3000:]
     assert full["auc"] > 0.775  # reference (shared/data/README.md): about 0.787
@@ -59,7 +64,10 @@ def test_movielens_full_and_qr(tmp_path, shared_data):
     [
         (["--set", "train.batchsize=3"], "unknown key(s) ['train.batchsize']"),
         (["--set", "data.format=parquet"], "data.format must be one of"),
-        (["--set", "data.format=criteo_tsv", "--set", "data.train=/nope.txt", "--set", "data.test=/nope.txt"], "data.train: no such file(s) ['/nope.txt']"),
+        (
+            ["--set", "data.format=criteo_tsv", "--set", "data.train=/nope.txt", "--set", "data.test=/nope.txt"],
+            "data.train: no such file(s) ['/nope.txt']",
+        ),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path, args, message):

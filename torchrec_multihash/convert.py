@@ -27,9 +27,14 @@ def _check_arguments(strategy: Union[str, StrategyName], operation: str, compres
 
 def _logical_fields(c: EmbeddingBagConfig) -> Dict[str, Any]:
     return dict(
-        name=c.name, num_embeddings=c.num_embeddings, embedding_dim=c.embedding_dim,
-        feature_names=list(c.feature_names), pooling=c.pooling, data_type=c.data_type,
-        weight_init_min=c.weight_init_min, weight_init_max=c.weight_init_max,
+        name=c.name,
+        num_embeddings=c.num_embeddings,
+        embedding_dim=c.embedding_dim,
+        feature_names=list(c.feature_names),
+        pooling=c.pooling,
+        data_type=c.data_type,
+        weight_init_min=c.weight_init_min,
+        weight_init_max=c.weight_init_max,
     )
 
 
@@ -74,10 +79,7 @@ def to_multihash_configs(
         fields.update(overrides.get(c.name, {}))
         out.append(MultiHashEmbeddingBagConfig(**_logical_fields(c), **fields))
     if short:
-        msg = (
-            f"strategy '{name}' cannot shrink these tables {compression}x; they use its "
-            f"smallest configuration instead: {', '.join(short)}"
-        )
+        msg = f"strategy '{name}' cannot shrink these tables {compression}x; they use its smallest configuration instead: {', '.join(short)}"
         if strict:
             raise MultiHashConfigError(msg)
         warnings.warn(msg, stacklevel=2)

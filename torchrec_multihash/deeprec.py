@@ -47,9 +47,7 @@ def get_multihash_variable(
     if len(dims) == 1 and op == "concat":
         raise MultiHashConfigError(f"{where}: concat needs one dim per partition, got dims={dims}")
     if len(dims) > 1 and op != "concat":
-        raise MultiHashConfigError(
-            f"{where}: dims={dims} has several entries, which means concat, but operation={operation!r}"
-        )
+        raise MultiHashConfigError(f"{where}: dims={dims} has several entries, which means concat, but operation={operation!r}")
     m = num_collisions if num_collisions is not None else max(2, math.isqrt(num_embeddings - 1) + 1)
     return MultiHashEmbeddingBagConfig(
         name=name,

@@ -12,9 +12,9 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from tqdm import tqdm
 
 from torchrec_multihash.convert import to_multihash_configs
-from torchrec_multihash.modules.strategies import registered_strategies
 from torchrec_multihash.datasets.synthetic import SyntheticCriteo
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
+from torchrec_multihash.modules.strategies import registered_strategies
 
 
 def build_dlrm(ebc: torch.nn.Module, num_dense: int, dim: int) -> DLRM:
@@ -26,9 +26,7 @@ def build_dlrm(ebc: torch.nn.Module, num_dense: int, dim: int) -> DLRM:
     )
 
 
-def train_and_eval(
-    model: DLRM, task: SyntheticCriteo, steps: int, batch_size: int, lr: float, desc: str
-) -> Dict[str, float]:
+def train_and_eval(model: DLRM, task: SyntheticCriteo, steps: int, batch_size: int, lr: float, desc: str) -> Dict[str, float]:
     """Trains with Adagrad on ``steps`` batches, evaluates AUC and log loss on 20 held-out ones."""
     opt = torch.optim.Adagrad(model.parameters(), lr=lr)
     loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -82,15 +80,11 @@ def _compare(args: argparse.Namespace) -> int:
     vocab = [50_000, 20_000, 5_000, 100, 30_000]
     task = SyntheticCriteo.toy(vocab, seed=args.seed)
     tables = [
-        EmbeddingBagConfig(name=f"t_{f}", num_embeddings=n, embedding_dim=args.dim, feature_names=[f])
-        for f, n in zip(task.feature_names, vocab)
+        EmbeddingBagConfig(name=f"t_{f}", num_embeddings=n, embedding_dim=args.dim, feature_names=[f]) for f, n in zip(task.feature_names, vocab)
     ]
     full = MultiHashEmbeddingBagCollection(to_multihash_configs(tables, 1.0, strategy="full"))
-    compressed = MultiHashEmbeddingBagCollection(
-        to_multihash_configs(tables, args.compression, strategy=args.strategy, operation=args.operation)
-    )
-    print(f"Synthetic CTR task: {len(vocab)} sparse features {vocab}, dim {args.dim}, "
-          f"{args.steps} steps of {args.batch_size}")
+    compressed = MultiHashEmbeddingBagCollection(to_multihash_configs(tables, args.compression, strategy=args.strategy, operation=args.operation))
+    print(f"Synthetic CTR task: {len(vocab)} sparse features {vocab}, dim {args.dim}, {args.steps} steps of {args.batch_size}")
     print(f"Compressed tables ({args.strategy}, {args.operation}):")
     for c in compressed.multihash_configs():
         print(f"  {c.name:8s} N={c.num_embeddings:>7,d} -> {c.strategy:14s} sub-table rows {c.strategy_impl().sizes()}")
@@ -106,8 +100,10 @@ def _compare(args: argparse.Namespace) -> int:
     print()
     print(f"{'model':16s} {'emb. bytes':>12s} {'loss start->end':>18s} {'test logloss':>13s} {'test AUC':>9s} {'samples/s':>10s}")
     for name, r in results.items():
-        print(f"{name:16s} {r['embedding_bytes']:>12,d} {r['first_loss']:>8.4f} -> {r['last_loss']:.4f} "
-              f"{r['test_logloss']:>13.4f} {r['test_auc']:>9.4f} {r['samples_per_s']:>10,.0f}")
+        print(
+            f"{name:16s} {r['embedding_bytes']:>12,d} {r['first_loss']:>8.4f} -> {r['last_loss']:.4f} "
+            f"{r['test_logloss']:>13.4f} {r['test_auc']:>9.4f} {r['samples_per_s']:>10,.0f}"
+        )
     print(f"(log loss of the true model {bayes:.4f}; of predicting the base rate {base:.4f})")
     saved = results["full"]["embedding_bytes"] / results[args.strategy]["embedding_bytes"]
     print(f"\nMemory: {args.strategy} tables take {saved:.1f}x less than the full tables.")

@@ -27,8 +27,15 @@ def run_cli(*args: str, python: Sequence[str] = CLI, **kw) -> subprocess.Complet
     return run([sys.executable, *python, *args], **kw)
 
 
-def train(tmp_path: Path, *args: str, nproc: int = 1, config: str = "configs/quickstart.yaml", torchrun: Sequence[str] = (),
-          env: Optional[Dict[str, str]] = None, python: Sequence[str] = CLI) -> Tuple[subprocess.CompletedProcess, Optional[dict]]:
+def train(
+    tmp_path: Path,
+    *args: str,
+    nproc: int = 1,
+    config: str = "configs/quickstart.yaml",
+    torchrun: Sequence[str] = (),
+    env: Optional[Dict[str, str]] = None,
+    python: Sequence[str] = CLI,
+) -> Tuple[subprocess.CompletedProcess, Optional[dict]]:
     """``train --config CONFIG ARGS`` on ``nproc`` processes (torchrun when more than one), its outputs
     in ``tmp_path``; returns the finished process and the metrics it wrote (None if none)."""
     out = tmp_path / "metrics.json"

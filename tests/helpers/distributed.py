@@ -22,8 +22,12 @@ def _free_port() -> int:
 
 def _entry(rank: int, world_size: int, port: int, errors: str, fn: Callable[..., Any], args: tuple) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-        WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
     )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -46,9 +50,7 @@ def run_multiprocess(fn: Callable[..., Any], world_size: int, *args: Any) -> Non
     outlive the call: when it ends early (a failure, or pytest-timeout interrupting a hang), those
     still running are killed."""
     with tempfile.TemporaryDirectory() as errors:
-        context = mp.start_processes(
-            _entry, args=(world_size, _free_port(), errors, fn, args), nprocs=world_size, join=False, start_method="spawn"
-        )
+        context = mp.start_processes(_entry, args=(world_size, _free_port(), errors, fn, args), nprocs=world_size, join=False, start_method="spawn")
         try:
             while not context.join():
                 pass

@@ -29,8 +29,10 @@ VOCAB = [300, 200, 120, 50, 500, 400, 600]
 def tables() -> List[MultiHashEmbeddingBagConfig]:
     """One table per kind of lookup: per-id mult (EC), pooled add / concat / full / hash (EBC),
     learned mappings (alone, pooled; before Q-R mult, per id)."""
+
     def t(i, **kw):
         return MultiHashEmbeddingBagConfig(name=f"t_f{i}", num_embeddings=VOCAB[i], embedding_dim=DIM, feature_names=[f"f{i}"], **kw)
+
     return [
         t(0, strategy="qr", operation="mult", num_collisions=7),
         t(1, strategy="crt", operation="concat", moduli=[13, 17], dims=[8, 8]),
@@ -56,7 +58,9 @@ def build_model(seed: int = 0, device: torch.device = torch.device("cpu")) -> DL
     torch.manual_seed(seed)
     ebc = MultiHashEmbeddingBagCollection(tables(), device=device)
     assign_mappings(ebc, seed)
-    return DLRMTrain(DLRM(embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[8, DIM], over_arch_layer_sizes=[8, 1], dense_device=device))
+    return DLRMTrain(
+        DLRM(embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[8, DIM], over_arch_layer_sizes=[8, 1], dense_device=device)
+    )
 
 
 def batches(rank: int, world_size: int, n: int, batch_size: int = 8) -> Iterator[Batch]:

@@ -150,14 +150,9 @@ def _from_dict(cls: Any, data: Dict[str, Any], where: str) -> Any:
     unknown = [k for k in data if k not in fields]
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ConfigError(
-            f"unknown key(s) {[prefix + str(k) for k in unknown]}; "
-            f"{cls.__name__} has: {sorted(fields)}"
-        )
+        raise ConfigError(f"unknown key(s) {[prefix + str(k) for k in unknown]}; {cls.__name__} has: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
-    kwargs = {
-        k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()
-    }
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
 
 

@@ -62,9 +62,16 @@ def _npy_batches(paths: List[str], cfg: Config, rank: int, world_size: int, keys
     triplets = [_npy_triplet(p, "train/test") for p in paths]
     bs = cfg.train.batch_size
     pipe = InMemoryBinaryCriteoIterDataPipe(
-        "train", [t[0] for t in triplets], [t[1] for t in triplets], [t[2] for t in triplets],
-        batch_size=bs, rank=rank, world_size=world_size, drop_last=drop_last,
-        mmap_mode=True, hashes=list(cfg.embeddings.num_embeddings_per_feature),
+        "train",
+        [t[0] for t in triplets],
+        [t[1] for t in triplets],
+        [t[2] for t in triplets],
+        batch_size=bs,
+        rank=rank,
+        world_size=world_size,
+        drop_last=drop_last,
+        mmap_mode=True,
+        hashes=list(cfg.embeddings.num_embeddings_per_feature),
     )
     file_starts = np.cumsum([0] + pipe.num_rows_per_file).tolist()
     full = pipe.num_full_batches
@@ -92,8 +99,11 @@ def _synthetic_data(cfg: Config, rank: int, world_size: int) -> RunData:
     lives far away in index space."""
     d, bs = cfg.data, cfg.train.batch_size
     syn = SyntheticCriteo(
-        cfg.embeddings.num_embeddings_per_feature, num_dense=cfg.model.dense_in_features,
-        num_clusters=d.num_clusters, seed=cfg.train.seed, feature_names=feature_names(cfg.embeddings),
+        cfg.embeddings.num_embeddings_per_feature,
+        num_dense=cfg.model.dense_in_features,
+        num_clusters=d.num_clusters,
+        seed=cfg.train.seed,
+        feature_names=feature_names(cfg.embeddings),
     )
     per_rank_train = d.train_samples // (bs * world_size)
     per_rank_test = max(1, d.test_samples // (bs * world_size))
@@ -164,8 +174,15 @@ class _TsvSource:
 
     def batches(self, paths: Optional[List[str]], skip: int, drop_last: bool, bad: BadLines) -> Iterator[Batch]:
         dataset = CriteoBatchDataset(
-            list(paths or []), self.cfg.train.batch_size, self.keys, self.to_id, self.rank, self.world_size, skip,
-            drop_last, tolerate_corrupt=bad.limit > 0,
+            list(paths or []),
+            self.cfg.train.batch_size,
+            self.keys,
+            self.to_id,
+            self.rank,
+            self.world_size,
+            skip,
+            drop_last,
+            tolerate_corrupt=bad.limit > 0,
         )
         return criteo_batches(dataset, bad, self.cfg.data.num_workers)
 

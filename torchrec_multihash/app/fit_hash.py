@@ -44,10 +44,17 @@ def fit_for_config(cfg: Config, out: Path, show_progress: bool = True) -> Dict[s
         raise ConfigError(f"fit-hash: {e}") from None
     seconds = time.perf_counter() - t0
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    save_mappings(out, fitted, {
-        "fit_options": dataclasses.asdict(options), "seconds": seconds, "peak_rss_mib": peak_mib,
-        "strategy": cfg.embeddings.strategy, "compression": cfg.embeddings.compression,
-    })
+    save_mappings(
+        out,
+        fitted,
+        {
+            "fit_options": dataclasses.asdict(options),
+            "seconds": seconds,
+            "peak_rss_mib": peak_mib,
+            "strategy": cfg.embeddings.strategy,
+            "compression": cfg.embeddings.compression,
+        },
+    )
     if show_progress:
         for name, line in describe(fitted):
             print(f"  {name}: {line}")

@@ -21,10 +21,7 @@ def feature_names(emb: EmbeddingsConfig) -> List[str]:
     n = len(emb.num_embeddings_per_feature)
     names = emb.feature_names or [f"C{i + 1}" for i in range(n)]
     if len(names) != n:
-        raise ConfigError(
-            f"embeddings.feature_names has {len(names)} names but "
-            f"embeddings.num_embeddings_per_feature has {n} sizes"
-        )
+        raise ConfigError(f"embeddings.feature_names has {len(names)} names but embeddings.num_embeddings_per_feature has {n} sizes")
     return names
 
 
@@ -39,8 +36,13 @@ def build_tables(cfg: Config) -> List[MultiHashEmbeddingBagConfig]:
     ]
     try:
         return to_multihash_configs(
-            plain, emb.compression, strategy=emb.strategy, operation=emb.operation,
-            threshold=emb.threshold, num_partitions=emb.num_partitions, overrides=emb.overrides,
+            plain,
+            emb.compression,
+            strategy=emb.strategy,
+            operation=emb.operation,
+            threshold=emb.threshold,
+            num_partitions=emb.num_partitions,
+            overrides=emb.overrides,
         )
     except (MultiHashConfigError, TypeError) as e:
         raise ConfigError(f"embeddings: {e}") from None
@@ -74,13 +76,8 @@ def build_model(cfg: Config, device: Optional[torch.device] = None) -> nn.Module
     if m.arch not in ARCHS:
         raise ConfigError(f"model.arch must be one of {ARCHS}, got {m.arch!r}")
     if m.dense_arch_layer_sizes[-1] != m.embedding_dim:
-        raise ConfigError(
-            f"model.dense_arch_layer_sizes must end with model.embedding_dim={m.embedding_dim}, "
-            f"got {m.dense_arch_layer_sizes}"
-        )
-    ebc = MultiHashEmbeddingBagCollection(
-        build_tables(cfg), device=device, validate_ids=cfg.embeddings.validate_ids
-    )
+        raise ConfigError(f"model.dense_arch_layer_sizes must end with model.embedding_dim={m.embedding_dim}, got {m.dense_arch_layer_sizes}")
+    ebc = MultiHashEmbeddingBagCollection(build_tables(cfg), device=device, validate_ids=cfg.embeddings.validate_ids)
     kw = dict(
         embedding_bag_collection=ebc,
         dense_in_features=m.dense_in_features,
@@ -97,6 +94,7 @@ def build_model(cfg: Config, device: Optional[torch.device] = None) -> nn.Module
                 raise ConfigError(f"model.{name} must end with a multiple of model.embedding_dim={m.embedding_dim}, got {sizes}")
         return DLRM_Projection(
             interaction_branch1_layer_sizes=m.interaction_branch1_layer_sizes,
-            interaction_branch2_layer_sizes=m.interaction_branch2_layer_sizes, **kw,
+            interaction_branch2_layer_sizes=m.interaction_branch2_layer_sizes,
+            **kw,
         )
     return DLRM(**kw)

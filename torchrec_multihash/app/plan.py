@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-world-size", type=int, default=None, help="ranks per node (default: world size)")
     p.add_argument("--compute-device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument(
-        "--hbm-gib", type=float, default=None,
+        "--hbm-gib",
+        type=float,
+        default=None,
         help="memory per rank for the tables: HBM with cuda, DDR with cpu (default: TorchRec's)",
     )
     p.add_argument("--batch-size", type=int, default=None, help="per-rank batch (default: train.batch_size)")
@@ -50,9 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 def make_topology(args: argparse.Namespace) -> Topology:
     local = args.local_world_size or args.world_size
     if args.world_size < 1 or local < 1 or args.world_size % local:
-        raise ConfigError(
-            f"--world-size {args.world_size} must be a positive multiple of --local-world-size {local}"
-        )
+        raise ConfigError(f"--world-size {args.world_size} must be a positive multiple of --local-world-size {local}")
     kw = {}
     if args.hbm_gib is not None:
         kw["hbm_cap" if args.compute_device == "cuda" else "ddr_cap"] = int(args.hbm_gib * 1024**3)
@@ -62,7 +62,9 @@ def make_topology(args: argparse.Namespace) -> Topology:
 def uncompressed_config(cfg: Config) -> Config:
     """The same model with full tables (sub-table overrides and constraints dropped)."""
     emb = dataclasses.replace(
-        cfg.embeddings, strategy=StrategyName.FULL, overrides={},
+        cfg.embeddings,
+        strategy=StrategyName.FULL,
+        overrides={},
         constraints={k: v for k, v in cfg.embeddings.constraints.items() if "__" not in k},
     )
     return dataclasses.replace(cfg, embeddings=emb)
@@ -93,17 +95,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.json:
         out = report.to_dict()
-        out["uncompressed"] = (
-            {"bytes_per_rank": full_report.bytes_per_rank} if full_report else {"error": full_error}
-        )
+        out["uncompressed"] = {"bytes_per_rank": full_report.bytes_per_rank} if full_report else {"error": full_error}
         print(json.dumps(out, indent=2))
         return 0
 
     nodes = report.world_size // report.local_world_size
-    print(
-        f"Plan for {report.world_size} {report.compute_device} ranks "
-        f"({nodes} node(s) x {report.local_world_size}); config {args.config}"
-    )
+    print(f"Plan for {report.world_size} {report.compute_device} ranks ({nodes} node(s) x {report.local_world_size}); config {args.config}")
     print(f"\n{'table':10s} {'sub-table':14s} {'sharding':18s} {'ranks':>10s} {'bytes':>12s}")
     for s in report.shards:
         print(f"{s.logical_table:10s} {s.table:14s} {s.sharding_type:18s} {_fmt_ranks(s.ranks):>10s} {_fmt_bytes(s.bytes):>12s}")

@@ -227,9 +227,7 @@ def print_summary(metrics: Dict[str, Any], out_dir: Path, metrics_out: Optional[
     print(f"Run outputs in {out_dir.resolve()}")
 
 
-def train(
-    cfg: Config, metrics_out: Optional[Path] = None, resume: Union[bool, str] = False, on_step: Sequence[StepCallback] = ()
-) -> Dict[str, Any]:
+def train(cfg: Config, metrics_out: Optional[Path] = None, resume: Union[bool, str] = False, on_step: Sequence[StepCallback] = ()) -> Dict[str, Any]:
     """Trains and evaluates; ``resume``: True continues from ``output_dir/checkpoint`` (which must
     exist), ``"auto"`` continues from it if there is one (what a restarted job runs); ``on_step``:
     callbacks after every training step."""
@@ -248,9 +246,15 @@ def train(
 def main(argv: Optional[List[str]] = None) -> int:
     p = config_parser("torchrec-multihash train", __doc__)
     p.add_argument("--metrics-out", type=Path, default=None, help="write the final metrics as one JSON object")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="auto",
-                   help="continue from train.output_dir/checkpoint (model, optimizer, data position); "
-                        "'--resume auto': continue if there is one, else start (for restarted jobs)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="auto",
+        help="continue from train.output_dir/checkpoint (model, optimizer, data position); "
+        "'--resume auto': continue if there is one, else start (for restarted jobs)",
+    )
     args = p.parse_args(argv)
     if args.resume not in (True, False, "auto"):
         p.error(f"--resume takes no value or 'auto', got {args.resume!r}")

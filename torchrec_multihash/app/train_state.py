@@ -59,8 +59,10 @@ def load_train_checkpoint(path: Path, dmp: DistributedModelParallel, opt: Combin
         load_entries(path, entries)
         state = TrainState.from_state_dict(entries["train_state"])
         if state.world_size != world:  # the data position and the plan (so the optimizer state) depend on it
-            raise ConfigError(f"--resume: the checkpoint in {path} was written by {state.world_size} ranks, this job "
-                              f"has {world}; resume on {state.world_size} (the data position is per rank)")
+            raise ConfigError(
+                f"--resume: the checkpoint in {path} was written by {state.world_size} ranks, this job "
+                f"has {world}; resume on {state.world_size} (the data position is per rank)"
+            )
         load_checkpoint(path, dmp, extra)
     except CheckpointError as e:
         raise ConfigError(f"--resume: {e}") from None
@@ -81,9 +83,13 @@ def start_state(cfg: Config, dmp: DistributedModelParallel, opt: CombinedOptimiz
         note = f"Resumed from {path}: epoch {state.epoch}, step {state.step}{f' (restart {restart})' if restart else ''}"
     else:
         state = TrainState(seed=cfg.train.seed, world_size=dist.get_world_size())
-        note = (f"--resume auto: no checkpoint in {path} yet, starting from scratch" if resume
-                else f"Restart {restart}: starting from scratch (--resume auto would continue from the last checkpoint)"
-                if restart else "")
+        note = (
+            f"--resume auto: no checkpoint in {path} yet, starting from scratch"
+            if resume
+            else f"Restart {restart}: starting from scratch (--resume auto would continue from the last checkpoint)"
+            if restart
+            else ""
+        )
     if note and dist.get_rank() == 0:
         print(note, flush=True)
     return state

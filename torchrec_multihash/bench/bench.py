@@ -42,7 +42,7 @@ def run_method(method: str, spec: BenchSpec, nproc: int = 1) -> Record:
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     for line in r.stdout.splitlines():
         if line.startswith("BENCH "):
-            return json.loads(line[len("BENCH "):])
+            return json.loads(line[len("BENCH ") :])
     raise RuntimeError(f"{method} on {nproc} process(es) failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
 
 
@@ -57,11 +57,19 @@ def loader_throughput(spec: BenchSpec, lines: int) -> List[Record]:
         path = Path(tmp) / "train.txt"
         write_criteo_tsv(path, lines, seed=spec.seed)
         for workers in (0, 1):
-            cfg = load_config(None, [
-                "data.format=criteo_tsv", f"data.train=[{path}]", f"data.test=[{path}]", "data.ids=hashing",
-                f"data.num_workers={workers}", f"train.batch_size={spec.batch_size}", f"train.output_dir={tmp}/run",
-                f"embeddings.num_embeddings_per_feature=[{','.join(map(str, spec.rows))}]",
-            ])
+            cfg = load_config(
+                None,
+                [
+                    "data.format=criteo_tsv",
+                    f"data.train=[{path}]",
+                    f"data.test=[{path}]",
+                    "data.ids=hashing",
+                    f"data.num_workers={workers}",
+                    f"train.batch_size={spec.batch_size}",
+                    f"train.output_dir={tmp}/run",
+                    f"embeddings.num_embeddings_per_feature=[{','.join(map(str, spec.rows))}]",
+                ],
+            )
             m = measure_loader(cfg, batches=lines // spec.batch_size)
             out.append({"num_workers": workers, **m})
     return out
@@ -87,8 +95,13 @@ def markdown(results: Results) -> str:
             f"{r['samples_per_s']:,.0f} | {r['weights_bytes_rank0'] / 2**20:,.1f} | {r['peak_mib']:,.0f} |"
         )
     if results.get("scaling"):
-        lines += ["", "Scaling over CPU processes (DistributedModelParallel, gloo; per-rank batch fixed):", "",
-                  "| method | processes | step (ms) | samples/s (all ranks) | vs 1 process |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "Scaling over CPU processes (DistributedModelParallel, gloo; per-rank batch fixed):",
+            "",
+            "| method | processes | step (ms) | samples/s (all ranks) | vs 1 process |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for method in sorted({s["method"] for s in results["scaling"]}):
             pts = [s for s in results["scaling"] if s["method"] == method]
             one = next(s for s in pts if s["world_size"] == 1)
@@ -98,8 +111,13 @@ def markdown(results: Results) -> str:
     if results.get("loader"):
         consumer = next((r for r in rows if r["method"] == "qr_mult"), base)
         trainer = consumer["samples_per_s"]
-        lines += ["", f"Criteo TSV reader vs the {consumer['method']} training step ({trainer:,.0f} samples/s, embeddings only):", "",
-                  "| reader workers | samples/s | vs trainer |", "| --- | --- | --- |"]
+        lines += [
+            "",
+            f"Criteo TSV reader vs the {consumer['method']} training step ({trainer:,.0f} samples/s, embeddings only):",
+            "",
+            "| reader workers | samples/s | vs trainer |",
+            "| --- | --- | --- |",
+        ]
         for ld in results["loader"]:
             lines.append(f"| {ld['num_workers']} | {ld['samples_per_s']:,.0f} | {ld['samples_per_s'] / trainer:.2f}x |")
     return "\n".join(lines) + "\n"

@@ -83,13 +83,20 @@ def summarize(rows: List[Run]) -> List[Summary]:
         base = {r["seed"]: r for r in groups.get((BASELINE, compression), [])}
         paired = [float(r["auc"]) - float(base[r["seed"]]["auc"]) for r in rs if r["seed"] in base]
         embedding_bytes = statistics.mean(float(r["embedding_bytes"]) for r in rs)
-        out.append(Summary(
-            strategy=strategy, compression=compression, seeds=len(rs),
-            auc=statistics.mean(auc), auc_std=_std(auc), logloss=statistics.mean(logloss), logloss_std=_std(logloss),
-            auc_vs_hash=(min(paired), statistics.mean(paired), max(paired)) if paired and strategy != BASELINE else None,
-            embedding_bytes=embedding_bytes,
-            reduction=float(rs[0]["full_embedding_bytes"]) / embedding_bytes,
-        ))
+        out.append(
+            Summary(
+                strategy=strategy,
+                compression=compression,
+                seeds=len(rs),
+                auc=statistics.mean(auc),
+                auc_std=_std(auc),
+                logloss=statistics.mean(logloss),
+                logloss_std=_std(logloss),
+                auc_vs_hash=(min(paired), statistics.mean(paired), max(paired)) if paired and strategy != BASELINE else None,
+                embedding_bytes=embedding_bytes,
+                reduction=float(rs[0]["full_embedding_bytes"]) / embedding_bytes,
+            )
+        )
     return sorted(out, key=lambda s: (s["compression"], s["strategy"]))
 
 
@@ -98,8 +105,13 @@ def _std(vals: List[float]) -> float:
 
 
 def markdown(summary: List[Summary], title: str) -> str:
-    lines = [f"### {title}", "", "| strategy | target | actual reduction | embedding bytes | test AUC | test log loss | "
-             f"AUC - {BASELINE} (same seed: mean [min, max]) | seeds |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"### {title}",
+        "",
+        "| strategy | target | actual reduction | embedding bytes | test AUC | test log loss | "
+        f"AUC - {BASELINE} (same seed: mean [min, max]) | seeds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for s in summary:
         d = s["auc_vs_hash"]
         vs = f"{d[1]:+.4f} [{d[0]:+.4f}, {d[2]:+.4f}]" if d else "-"
@@ -120,8 +132,14 @@ def plot(summary: List[Summary], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for strategy in sorted({str(s["strategy"]) for s in summary}):
         pts = sorted((s for s in summary if s["strategy"] == strategy), key=lambda s: float(s["embedding_bytes"]))
-        ax.errorbar([float(p["embedding_bytes"]) for p in pts], [float(p["auc"]) for p in pts],
-                    yerr=[float(p["auc_std"]) for p in pts], marker="o", capsize=3, label=strategy)
+        ax.errorbar(
+            [float(p["embedding_bytes"]) for p in pts],
+            [float(p["auc"]) for p in pts],
+            yerr=[float(p["auc_std"]) for p in pts],
+            marker="o",
+            capsize=3,
+            label=strategy,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("embedding bytes (mappings included)")
     ax.set_ylabel("test AUC")
@@ -156,10 +174,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         except RuntimeError as e:
             print(f"torchrec-multihash quality: {name}: {e}", file=sys.stderr)
             return 1
-        rows.append(Run(
-            strategy=strategy, compression=compression, seed=seed, auc=m["auc"], logloss=m["logloss"], ne=m["ne"],
-            embedding_bytes=m["embedding_bytes"], full_embedding_bytes=m["full_embedding_bytes"],
-        ))
+        rows.append(
+            Run(
+                strategy=strategy,
+                compression=compression,
+                seed=seed,
+                auc=m["auc"],
+                logloss=m["logloss"],
+                ne=m["ne"],
+                embedding_bytes=m["embedding_bytes"],
+                full_embedding_bytes=m["full_embedding_bytes"],
+            )
+        )
     summary = summarize(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"config": args.config, "overrides": args.set, "runs": rows, "summary": summary}, indent=2))

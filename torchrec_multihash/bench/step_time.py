@@ -62,8 +62,13 @@ def build(method: str, spec: BenchSpec, device: torch.device) -> nn.Module:
     strategy, operation = method_spec
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tables too small to shrink stay as they are
-        configs = to_multihash_configs(tables, 1.0 if strategy == "full" else spec.compression, strategy=strategy, operation=operation,
-                                       num_partitions=3 if strategy == "generalized_qr" else None)
+        configs = to_multihash_configs(
+            tables,
+            1.0 if strategy == "full" else spec.compression,
+            strategy=strategy,
+            operation=operation,
+            num_partitions=3 if strategy == "generalized_qr" else None,
+        )
     return MultiHashEmbeddingBagCollection(configs, device=torch.device("meta"))
 
 

@@ -11,8 +11,32 @@ from torchrec_multihash.datasets.synthetic import SyntheticCriteo
 
 # Criteo Kaggle's 26 vocabulary sizes (the DLRM reference's), capped by ``BenchSpec.max_rows``
 CRITEO_KAGGLE_ROWS = [
-    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
-    5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
+    1460,
+    583,
+    10131227,
+    2202608,
+    305,
+    24,
+    12517,
+    633,
+    3,
+    93145,
+    5683,
+    8351593,
+    3194,
+    27,
+    14992,
+    5461306,
+    10,
+    5652,
+    2173,
+    4,
+    7046547,
+    18,
+    15,
+    286181,
+    105,
+    142572,
 ]
 
 
@@ -48,16 +72,20 @@ class BenchSpec:
 
     def tables(self) -> List[EmbeddingBagConfig]:
         return [
-            EmbeddingBagConfig(name=f"t_{f}", num_embeddings=n, embedding_dim=self.dim, feature_names=[f])
-            for f, n in zip(self.features(), self.rows)
+            EmbeddingBagConfig(name=f"t_{f}", num_embeddings=n, embedding_dim=self.dim, feature_names=[f]) for f, n in zip(self.features(), self.rows)
         ]
 
     def data(self) -> SyntheticCriteo:
         """Power-law ids (P(x) ~ 1/x) scattered over each table; the first ``multi_hot`` features
         with bags of 1..``max_bag`` ids."""
         return SyntheticCriteo(
-            self.rows, id_distribution="zipf", scatter=True, multi_hot_features=range(self.multi_hot),
-            max_bag=self.max_bag, seed=self.seed, feature_names=self.features(),
+            self.rows,
+            id_distribution="zipf",
+            scatter=True,
+            multi_hot_features=range(self.multi_hot),
+            max_bag=self.max_bag,
+            seed=self.seed,
+            feature_names=self.features(),
         )
 
     def batches(self) -> List[KeyedJaggedTensor]:

@@ -34,8 +34,17 @@ class CriteoBatchDataset(IterableDataset):
     ``tolerate_corrupt`` a truncated ``.gz`` ends its file and is reported like a bad line."""
 
     def __init__(
-        self, paths: Sequence[PathLike], batch_size: int, keys: List[str], to_id: IdMapping, rank: int = 0,
-        world_size: int = 1, skip: int = 0, drop_last: bool = False, labeled: bool = True, tolerate_corrupt: bool = False,
+        self,
+        paths: Sequence[PathLike],
+        batch_size: int,
+        keys: List[str],
+        to_id: IdMapping,
+        rank: int = 0,
+        world_size: int = 1,
+        skip: int = 0,
+        drop_last: bool = False,
+        labeled: bool = True,
+        tolerate_corrupt: bool = False,
     ) -> None:
         super().__init__()
         self.paths, self.batch_size, self.keys, self.to_id = list(paths), batch_size, keys, to_id

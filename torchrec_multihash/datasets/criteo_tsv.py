@@ -51,9 +51,7 @@ class BadLines:
             raise CriteoFormatError(error)
         self.count += 1
         if self.count > self.limit:
-            raise CriteoFormatError(
-                f"{self.count} bad lines, more than data.skip_bad_lines={self.limit}; the last: {error}"
-            )
+            raise CriteoFormatError(f"{self.count} bad lines, more than data.skip_bad_lines={self.limit}; the last: {error}")
         if self.count <= self.warn_first:
             warnings.warn(f"skipped bad line ({self.count} so far): {error}", BadLineWarning, stacklevel=2)
 
@@ -127,8 +125,7 @@ class LineStream:
             chunk.extend(itertools.islice(f, n))  # keeps the lines read before an error
         except (EOFError, OSError, zlib.error) as e:
             error = CriteoFormatError(
-                f"{self._path}: truncated or corrupt gzip after line {self._lineno + len(chunk)} ({e}); "
-                "the lines before it were read"
+                f"{self._path}: truncated or corrupt gzip after line {self._lineno + len(chunk)} ({e}); the lines before it were read"
             )
             if not self.tolerate_corrupt:
                 raise error from None
@@ -214,9 +211,7 @@ def parse_line(line: str, path: PathLike, lineno: int, labeled: bool = True) -> 
         try:
             sparse.append(int(v, 16))
         except ValueError:
-            raise CriteoFormatError(
-                f"{path}:{lineno}: categorical feature C{i + 1} is not a hex string: {v!r}"
-            ) from None
+            raise CriteoFormatError(f"{path}:{lineno}: categorical feature C{i + 1} is not a hex string: {v!r}") from None
     return CriteoRow(label=label, dense=dense, sparse=sparse)
 
 

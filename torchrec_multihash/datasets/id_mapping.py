@@ -50,9 +50,7 @@ class Vocabulary:
         self.min_count = min_count
 
     @classmethod
-    def build(
-        cls, rows: Iterable[CriteoRow], num_features: int, min_count: int = 1, max_size: int = 1_000_000, chunk: int = 4096
-    ) -> "Vocabulary":
+    def build(cls, rows: Iterable[CriteoRow], num_features: int, min_count: int = 1, max_size: int = 1_000_000, chunk: int = 4096) -> "Vocabulary":
         """Counts each feature's values in bounded memory (HeavyHitters of capacity ``max_size``:
         exact while a feature has at most ``2 * max_size`` distinct values) and keeps the
         ``max_size`` most frequent seen at least ``min_count`` times."""

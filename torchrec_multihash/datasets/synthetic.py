@@ -109,8 +109,15 @@ class SyntheticCriteo:
         the last one multi-hot, milder skew (most ids are seen), strong cluster and id effects
         (the true model's log loss is about half the base rate's)."""
         return cls(
-            num_embeddings_per_feature, num_dense=num_dense, skew=1.5, multi_hot_features=[len(num_embeddings_per_feature) - 1],
-            max_bag=max_bag, cluster_weight=3.0, id_weight=3.0, bias=0.0, seed=seed,
+            num_embeddings_per_feature,
+            num_dense=num_dense,
+            skew=1.5,
+            multi_hot_features=[len(num_embeddings_per_feature) - 1],
+            max_bag=max_bag,
+            cluster_weight=3.0,
+            id_weight=3.0,
+            bias=0.0,
+            seed=seed,
             feature_names=[f"f{i}" for i in range(len(num_embeddings_per_feature))],
         )
 

@@ -35,12 +35,25 @@ class CheckpointError(MultiHashError, ValueError):
 
 # everything a DCP ``.metadata`` index refers to (torch 2.13); anything else is refused unexecuted
 _INDEX_GLOBALS = {
-    *(("torch.distributed.checkpoint.metadata", n) for n in (
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    *(
+        ("torch.distributed.checkpoint.metadata", n)
+        for n in (
+            "Metadata",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "MetadataIndex",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        )
+    ),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"), ("torch.serialization", "_get_layout"),  # _get_layout: a lookup by name
-    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # _get_layout: a lookup by name
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
     *(("torch", n) for n, v in vars(torch).items() if isinstance(v, torch.dtype)),
 }
 
@@ -132,8 +145,10 @@ def _check_fits(path: Path, md: Metadata, state: Dict[str, Any]) -> None:
     problems = wrong[:3] + ([f"{len(wrong) - 3} more of other shapes"] if len(wrong) > 3 else [])
     if missing:
         have = sorted({n for n in map(_table, saved) if n})
-        problems.append(f"not in the checkpoint: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
-                        f"(its tables: {', '.join(have[:8])}{' ...' if len(have) > 8 else ''})")
+        problems.append(
+            f"not in the checkpoint: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
+            f"(its tables: {', '.join(have[:8])}{' ...' if len(have) > 8 else ''})"
+        )
     raise CheckpointError(f"checkpoint {path} was written for another configuration: " + "; ".join(problems))
 
 
@@ -163,9 +178,7 @@ def _broadcast_str(value: str) -> str:
     return box[0]
 
 
-def save_checkpoint(
-    path: Union[str, os.PathLike], model: nn.Module, extra: Optional[Dict[str, Any]] = None
-) -> Path:
+def save_checkpoint(path: Union[str, os.PathLike], model: nn.Module, extra: Optional[Dict[str, Any]] = None) -> Path:
     """Saves ``model.state_dict()`` (plus ``extra`` tensors/state dicts, e.g. an optimizer's) to the
     folder ``path``, atomically: all ranks write into a temporary folder that rank 0 renames into
     place once every rank has finished, so a crash mid-save leaves the previous checkpoint intact;
@@ -195,9 +208,7 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(
-    path: Union[str, os.PathLike], model: nn.Module, extra: Optional[Dict[str, Any]] = None
-) -> None:
+def load_checkpoint(path: Union[str, os.PathLike], model: nn.Module, extra: Optional[Dict[str, Any]] = None) -> None:
     """Loads a checkpoint written by ``save_checkpoint`` into ``model`` (sharded by any plan, or
     not sharded) and into the state dicts in ``extra`` (in place), unpickling no arbitrary objects.
     ``CheckpointError`` if it was written for another config (tables missing or of other shapes).

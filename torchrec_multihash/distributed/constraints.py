@@ -37,8 +37,7 @@ def _fit_per_id(types: List[str], where: str) -> List[str]:
         return kept
     mapped = sorted({_PER_ID_FALLBACK.get(t, ShardingType.TABLE_WISE.value) for t in types})
     warnings.warn(
-        f"{where}: sharding types {types} are not offered for per-id (mult) lookups, which "
-        f"TorchRec's EmbeddingCollection holds; using {mapped}",
+        f"{where}: sharding types {types} are not offered for per-id (mult) lookups, which TorchRec's EmbeddingCollection holds; using {mapped}",
         stacklevel=3,
     )
     return mapped
@@ -64,8 +63,7 @@ def sub_table_constraints(
     unknown = set(constraints) - {t.name for t in tables} - set(by_sub)
     if unknown:
         raise ValueError(
-            f"constraints name unknown table(s) {sorted(unknown)}; known logical tables: "
-            f"{[t.name for t in tables]}, sub-tables: {sorted(by_sub)}"
+            f"constraints name unknown table(s) {sorted(unknown)}; known logical tables: {[t.name for t in tables]}, sub-tables: {sorted(by_sub)}"
         )
     out: Dict[str, ParameterConstraints] = {}
     for t in tables:

@@ -9,9 +9,7 @@ from tqdm import tqdm
 from torchrec_multihash.modules.config import MultiHashEmbeddingBagConfig
 
 
-def count_ids(
-    tables: List[MultiHashEmbeddingBagConfig], batches: Iterable[Batch], show_progress: bool = False
-) -> Dict[str, torch.Tensor]:
+def count_ids(tables: List[MultiHashEmbeddingBagConfig], batches: Iterable[Batch], show_progress: bool = False) -> Dict[str, torch.Tensor]:
     """Per table, how often each id in [0, num_embeddings) occurs over all its features.
 
     Memory is one int64 counter per id of the table (bounded by the config, not by the data);

@@ -82,9 +82,7 @@ def _standardize(x: torch.Tensor) -> torch.Tensor:
     return x / x.std().clamp(min=1e-12)
 
 
-def assign_rows(
-    config: MultiHashEmbeddingBagConfig, counts: torch.Tensor, vectors: torch.Tensor, options: FitOptions
-) -> FittedMapping:
+def assign_rows(config: MultiHashEmbeddingBagConfig, counts: torch.Tensor, vectors: torch.Tensor, options: FitOptions) -> FittedMapping:
     """The mapping of one table from its id counts and id vectors (steps 3-5 above)."""
     shape = config.mapping_shape()
     assert shape is not None, f"table {config.name} has no learned mapping"
@@ -116,8 +114,11 @@ def assign_rows(
 
 
 def fit_mappings(
-    tables: List[MultiHashEmbeddingBagConfig], batches: Callable[[], Iterable[Batch]], num_dense: int,
-    options: Optional[FitOptions] = None, show_progress: bool = False,
+    tables: List[MultiHashEmbeddingBagConfig],
+    batches: Callable[[], Iterable[Batch]],
+    num_dense: int,
+    options: Optional[FitOptions] = None,
+    show_progress: bool = False,
 ) -> Dict[str, FittedMapping]:
     """Fits every learned table of ``tables`` on the batches ``batches()`` yields (called twice:
     one pass to count, one to learn the id vectors); ``options`` default to ``FitOptions()``."""
@@ -199,10 +200,14 @@ def describe(fitted: Dict[str, FittedMapping]) -> List[Tuple[str, str]]:
     lines = []
     for name, f in fitted.items():
         s = f.stats
-        lines.append((name, (
-            f"{s['seen_ids']:,} ids seen, {s['own_rows']:,} own rows "
-            f"({100 * s['traffic_on_own_rows']:.0f}% of accesses), {s['stored_ids'] - s['own_rows']:,} ids "
-            f"in {s['shared_rows']:,} shared rows, {f.shape.fallback_rows:,} fallback rows"
-        )))
+        lines.append(
+            (
+                name,
+                (
+                    f"{s['seen_ids']:,} ids seen, {s['own_rows']:,} own rows "
+                    f"({100 * s['traffic_on_own_rows']:.0f}% of accesses), {s['stored_ids'] - s['own_rows']:,} ids "
+                    f"in {s['shared_rows']:,} shared rows, {f.shape.fallback_rows:,} fallback rows"
+                ),
+            )
+        )
     return lines
-

@@ -67,8 +67,12 @@ class FactorizationMachine(nn.Module):
 
 
 def _train_fm(
-    fitted: Dict[str, MultiHashEmbeddingBagConfig], batches: Iterable[Batch], num_dense: int, options: VectorOptions,
-    generator: torch.Generator, show_progress: bool,
+    fitted: Dict[str, MultiHashEmbeddingBagConfig],
+    batches: Iterable[Batch],
+    num_dense: int,
+    options: VectorOptions,
+    generator: torch.Generator,
+    show_progress: bool,
 ) -> Optional[FactorizationMachine]:
     """One pass of an FM over ``batches`` (None if there are none); sparse Adagrad on the table."""
     model: Optional[FactorizationMachine] = None
@@ -92,7 +96,10 @@ def _train_fm(
 
 
 def learn_id_vectors(
-    tables: List[MultiHashEmbeddingBagConfig], batches: Iterable[Batch], num_dense: int, options: VectorOptions,
+    tables: List[MultiHashEmbeddingBagConfig],
+    batches: Iterable[Batch],
+    num_dense: int,
+    options: VectorOptions,
     show_progress: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """One pass of an FM over ``batches``; returns each table's id vectors ([num_embeddings, dim + 1]:

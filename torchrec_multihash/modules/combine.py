@@ -65,9 +65,7 @@ class Combine(nn.Module):
         if self._is_weighted:
             rows = rows * torch.cat([by_key[o.feature].weights() for o in outputs]).unsqueeze(1)
         lengths = torch.cat([by_key[o.feature].lengths() for o in outputs])
-        bag = torch.repeat_interleave(
-            torch.arange(lengths.numel(), device=rows.device), lengths, output_size=rows.size(0)
-        )
+        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=rows.device), lengths, output_size=rows.size(0))
         pooled = torch.zeros(lengths.numel(), rows.size(1), dtype=rows.dtype, device=rows.device).index_add(0, bag, rows)
         return list(pooled.view(len(outputs), batch_size, -1).unbind(0))
 

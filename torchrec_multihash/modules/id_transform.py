@@ -33,9 +33,7 @@ class FeatureLookup:
     mapping: Optional[LearnedMapping] = None  # learned id -> row, applied before the partitions
 
 
-def check_feature_keys(
-    keys: Sequence[str], required: Sequence[str], known: Optional[Sequence[str]]
-) -> None:
+def check_feature_keys(keys: Sequence[str], required: Sequence[str], known: Optional[Sequence[str]]) -> None:
     """Raises InvalidInputError for features the module needs but the KJT lacks, or (if ``known``
     is given) KJT keys that no table of the module looks up."""
     missing = sorted(set(required) - set(keys))
@@ -56,9 +54,7 @@ def check_id_ranges(lookups: Sequence[FeatureLookup], jts: Sequence[JaggedTensor
 
     One host sync for all features: their min and max are gathered and read together.
     """
-    checked = [
-        (lk, jt.values()) for lk, jt in zip(lookups, jts) if not lk.strategy.accepts_any_id
-    ]
+    checked = [(lk, jt.values()) for lk, jt in zip(lookups, jts) if not lk.strategy.accepts_any_id]
     checked = [(lk, v) for lk, v in checked if v.numel() > 0]
     if not checked:
         return
@@ -105,9 +101,7 @@ class IdTransform(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         check_feature_keys(features.keys(), self._required, self._known_features)
         if self._is_weighted and features.weights_or_none() is None:
-            raise InvalidInputError(
-                "the module is weighted (is_weighted=True) but the KJT has no weights"
-            )
+            raise InvalidInputError("the module is weighted (is_weighted=True) but the KJT has no weights")
         by_key: Dict[str, JaggedTensor] = features.to_dict()
         jts = [by_key[lk.feature] for lk in self._lookups]
         if self._validate_ids:

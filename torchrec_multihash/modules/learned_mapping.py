@@ -67,8 +67,7 @@ class LearnedMapping(nn.Module):
             raise MultiHashConfigError(f"table '{self.table}': ids and rows must be 1-d tensors of one length")
         if ids.numel() > s.mapping_ids:
             raise MultiHashConfigError(
-                f"table '{self.table}': the mapping has {ids.numel()} ids but the table stores at most "
-                f"mapping_ids={s.mapping_ids}"
+                f"table '{self.table}': the mapping has {ids.numel()} ids but the table stores at most mapping_ids={s.mapping_ids}"
             )
         if ids.numel():
             if int(ids.min()) < 0 or int(ids.max()) >= s.num_embeddings:
@@ -94,14 +93,19 @@ class LearnedMapping(nn.Module):
         self.rows[:n] = rows.long()[order].to(self.rows)
 
     def _load_from_state_dict(
-        self, state_dict: Dict[str, Any], prefix: str, local_metadata: Dict[str, Any], strict: bool,
-        missing_keys: List[str], unexpected_keys: List[str], error_msgs: List[str],
+        self,
+        state_dict: Dict[str, Any],
+        prefix: str,
+        local_metadata: Dict[str, Any],
+        strict: bool,
+        missing_keys: List[str],
+        unexpected_keys: List[str],
+        error_msgs: List[str],
     ) -> None:
         shape = state_dict.get(prefix + "shape")
         if shape is not None and shape.tolist() != self.expected.as_list():
             got = MappingShape(*shape.tolist())
             raise MultiHashConfigError(
-                f"table '{self.table}': the learned mapping being loaded was made for "
-                f"{got.describe()}, but this table has {self.expected.describe()}"
+                f"table '{self.table}': the learned mapping being loaded was made for {got.describe()}, but this table has {self.expected.describe()}"
             )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)

@@ -49,7 +49,4 @@ class MappingShape:
         return [self.num_embeddings, self.rows, self.fallback_rows, self.mapping_ids]
 
     def describe(self) -> str:
-        return (
-            f"num_embeddings={self.num_embeddings}, rows={self.rows}, "
-            f"fallback_rows={self.fallback_rows}, mapping_ids={self.mapping_ids}"
-        )
+        return f"num_embeddings={self.num_embeddings}, rows={self.rows}, fallback_rows={self.fallback_rows}, mapping_ids={self.mapping_ids}"

@@ -62,9 +62,14 @@ def _check_tables(tables: List[MultiHashEmbeddingBagConfig]) -> None:
 def _inner_config(t: MultiHashEmbeddingBagConfig, sub: SubTable, features: List[str], per_id: bool) -> Union[EmbeddingBagConfig, EmbeddingConfig]:
     """The stock TorchRec config of one sub-table: unpooled for per-id lookups, else SUM-pooled."""
     kwargs = dict(
-        name=sub.name, num_embeddings=sub.num_embeddings, embedding_dim=sub.embedding_dim,
-        feature_names=features, data_type=t.data_type, weight_init_min=sub.init_range[0],
-        weight_init_max=sub.init_range[1], init_fn=t.init_fn,
+        name=sub.name,
+        num_embeddings=sub.num_embeddings,
+        embedding_dim=sub.embedding_dim,
+        feature_names=features,
+        data_type=t.data_type,
+        weight_init_min=sub.init_range[0],
+        weight_init_max=sub.init_range[1],
+        init_fn=t.init_fn,
     )
     return EmbeddingConfig(**kwargs) if per_id else EmbeddingBagConfig(pooling=PoolingType.SUM, **kwargs)
 
@@ -81,10 +86,7 @@ def _group_tables(tables: List[MultiHashEmbeddingBagConfig], device: torch.devic
         subs = impl.sub_tables()
         mapping = LearnedMapping(t, device=device) if t.has_mapping() else None
         # a feature looked up by several tables gets the table in its sub-features' names
-        sub_features = {
-            f: [sub_feature_name(f, s.suffix, t.name if feature_tables[f] > 1 else None) for s in subs]
-            for f in t.feature_names
-        }
+        sub_features = {f: [sub_feature_name(f, s.suffix, t.name if feature_tables[f] > 1 else None) for s in subs] for f in t.feature_names}
         for i, sub in enumerate(subs):
             features = [sub_features[f][i] for f in t.feature_names]
             inner = _inner_config(t, sub, features, per_id)
@@ -145,7 +147,9 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self.lookups = nn.ModuleDict()
         for i, group in enumerate(self._groups):
             transform = IdTransform(
-                groups.lookups[group], is_weighted=is_weighted, validate_ids=validate_ids,
+                groups.lookups[group],
+                is_weighted=is_weighted,
+                validate_ids=validate_ids,
                 # one transform checks for unknown keys; the rest need not repeat it
                 known_features=all_features if (strict_features and i == 0) else None,
             )
@@ -203,11 +207,7 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def learned_mappings(self) -> Dict[str, LearnedMapping]:
         """The learned id -> row mapping of each learned table, by table name."""
-        return {
-            name: cast(LearnedMapping, m)
-            for module in self.modules() if isinstance(module, IdTransform)
-            for name, m in module.mappings.items()
-        }
+        return {name: cast(LearnedMapping, m) for module in self.modules() if isinstance(module, IdTransform) for name, m in module.mappings.items()}
 
     def is_weighted(self) -> bool:
         return self._is_weighted
@@ -222,7 +222,4 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def full_memory_bytes(self) -> int:
         """Bytes the same logical tables would take uncompressed (N x D each)."""
-        return sum(
-            t.num_embeddings * t.embedding_dim * DATA_TYPE_NUM_BITS[t.data_type] // 8
-            for t in self._configs
-        )
+        return sum(t.num_embeddings * t.embedding_dim * DATA_TYPE_NUM_BITS[t.data_type] // 8 for t in self._configs)

@@ -32,10 +32,7 @@ class QuotientRemainder(PartitionedStrategy):
         c, n = self.config, self.domain
         assert c.num_collisions is not None
         if c.num_collisions >= n > 1:
-            c.fail(
-                f"num_collisions={c.num_collisions} must be smaller than {c.domain_name()}={n}, "
-                "else the quotient table has a single row"
-            )
+            c.fail(f"num_collisions={c.num_collisions} must be smaller than {c.domain_name()}={n}, else the quotient table has a single row")
 
     @classmethod
     def check_num_partitions(cls, k: int) -> None:
