@@ -46,7 +46,7 @@ def test_save_on_two_ranks_load_on_one_and_on_two_with_another_plan(tmp_path):
     before = sm.build_model(seed=3).state_dict()
     for key, value in one.state_dict().items():
         torch.testing.assert_close(value, expected[key], atol=0, rtol=0, msg=key)
-    table = "model.sparse_arch.embedding_bag_collection.lookups.per_id_d16.embeddings.t_f0__q.weight"
+    table = "model.sparse_arch.embedding_bag_collection.per_id.per_id_d16.tables.embeddings.t_f0__q.weight"
     assert not torch.equal(before[table], expected[table])
 
     run_multiprocess(_load_other_plan, 2, path)

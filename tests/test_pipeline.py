@@ -45,7 +45,7 @@ def _worker(rank, world_size):
     pipelined_modules = {type(m).__name__ for m in pipeline._pipelined_modules}
     assert pipelined_modules == {"ShardedEmbeddingBagCollection", "ShardedEmbeddingCollection"}, pipelined_modules
     postprocs = sorted(p._fqn for p in pipeline._pipelined_postprocs)
-    assert postprocs == [f"{prefix}.transform_per_id_d16", f"{prefix}.transform_pooled"], postprocs
+    assert postprocs == [f"{prefix}.per_id.per_id_d16.transform", f"{prefix}.pooled.pooled.transform"], postprocs
 
     assert len(set(plain_losses)) > 1
     torch.testing.assert_close(piped_losses, plain_losses, atol=1e-6, rtol=1e-6)

@@ -10,11 +10,13 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from torchrec_multihash.errors import MultiHashError
 from torchrec_multihash.modules.learned_mapping import LearnedMapping
 from torchrec_multihash.modules.strategies import Strategy
+from torchrec_multihash.modules.strategies.base import partition_rows
 
 
 class InvalidInputError(MultiHashError, ValueError):
@@ -69,12 +71,29 @@ def check_id_ranges(lookups: Sequence[FeatureLookup], jts: Sequence[JaggedTensor
             )
 
 
+@torch.fx.wrap
+def _sub_features(
+    keys: List[str], values: List[torch.Tensor], lengths: List[torch.Tensor], weights: Optional[List[torch.Tensor]], stride: int
+) -> KeyedJaggedTensor:
+    """The KJT of sub-features (a leaf call for fx: a KJT cannot be built from proxies)."""
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=torch.cat(values),
+        lengths=torch.cat(lengths),
+        weights=torch.cat(weights) if weights is not None else None,
+        stride=stride,
+    )
+
+
 class IdTransform(nn.Module):
     """Maps a KJT of logical features to a KJT of sub-features, one per partition.
 
     Feature ``C1`` of a Q-R table becomes ``C1__q`` (ids ``x // m``) and ``C1__r`` (ids ``x % m``),
     with the same lengths and per-sample weights. Tables with a learned mapping first map ids to
     rows; the mappings (buffers, no parameters) are children of the transform, in ``mappings``.
+    The forward reads only plain lists of ints and strings, so it can be fx-traced (TorchRec's
+    tracer) and scripted; the input checks run in eager mode only (not in a traced or scripted
+    model, as TorchRec's own modules check nothing).
 
     Args:
         lookups: the logical features this transform handles.
@@ -82,6 +101,13 @@ class IdTransform(nn.Module):
         validate_ids: check ids lie in [0, num_embeddings) (one host sync per batch).
         known_features: if given, KJT keys outside it are an error.
     """
+
+    _features: List[str]
+    _tables: List[str]
+    _sub_keys: List[str]
+    _source: List[int]
+    _divisors: List[int]
+    _moduli: List[int]
 
     def __init__(
         self,
@@ -97,34 +123,44 @@ class IdTransform(nn.Module):
         self._known_features = known_features
         self._required = sorted({lk.feature for lk in lookups})
         self.mappings = nn.ModuleDict({lk.table: lk.mapping for lk in lookups if lk.mapping is not None})
+        # what the forward reads, as plain lists: per lookup its feature and table; per sub-feature
+        # its key, its lookup and its partition (row = (id // divisor) % modulus)
+        self._features = [lk.feature for lk in lookups]
+        self._tables = [lk.table for lk in lookups]
+        self._sub_keys = [s for lk in lookups for s in lk.sub_features]
+        self._source = [i for i, lk in enumerate(lookups) for _ in lk.sub_features]
+        spec = [p for lk in lookups for p in lk.strategy.partition_spec()]
+        self._divisors = [d for d, _ in spec]
+        self._moduli = [m for _, m in spec]
 
-    def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    @torch.jit.unused
+    def check(self, features: KeyedJaggedTensor) -> None:
+        """Raises InvalidInputError for a KJT the module cannot look up (eager mode only)."""
         check_feature_keys(features.keys(), self._required, self._known_features)
         if self._is_weighted and features.weights_or_none() is None:
             raise InvalidInputError("the module is weighted (is_weighted=True) but the KJT has no weights")
-        by_key: Dict[str, JaggedTensor] = features.to_dict()
-        jts = [by_key[lk.feature] for lk in self._lookups]
         if self._validate_ids:
-            check_id_ranges(self._lookups, jts)
+            by_key = features.to_dict()
+            check_id_ranges(self._lookups, [by_key[lk.feature] for lk in self._lookups])
 
-        keys: List[str] = []
+    def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        if not torch.jit.is_scripting():
+            if not (is_fx_symbolic_tracing() or torch.compiler.is_compiling()):
+                self.check(features)
+        by_key: Dict[str, JaggedTensor] = features.to_dict()
+        ids: List[torch.Tensor] = [by_key[f].values().long() for f in self._features]
+        for table, mapping in self.mappings.items():
+            for i in range(len(self._tables)):
+                if self._tables[i] == table:
+                    ids[i] = mapping(ids[i])
         values: List[torch.Tensor] = []
         lengths: List[torch.Tensor] = []
         weights: List[torch.Tensor] = []
-        for lk, jt in zip(self._lookups, jts):
-            ids = jt.values().long()
-            if lk.mapping is not None:
-                ids = lk.mapping(ids)
-            for sub, part in zip(lk.sub_features, lk.strategy.partition(ids)):
-                keys.append(sub)
-                values.append(part)
-                lengths.append(jt.lengths())
-                if self._is_weighted:
-                    weights.append(jt.weights())
-        return KeyedJaggedTensor(
-            keys=keys,
-            values=torch.cat(values),
-            lengths=torch.cat(lengths),
-            weights=torch.cat(weights) if self._is_weighted else None,
-            stride=features.stride(),
-        )
+        for j in range(len(self._sub_keys)):
+            i = self._source[j]
+            jt = by_key[self._features[i]]
+            values.append(partition_rows(ids[i], self._divisors[j], self._moduli[j]))
+            lengths.append(jt.lengths())
+            if self._is_weighted:
+                weights.append(jt.weights())
+        return _sub_features(self._sub_keys, values, lengths, weights if self._is_weighted else None, features.stride())

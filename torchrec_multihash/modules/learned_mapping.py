@@ -41,6 +41,7 @@ class LearnedMapping(nn.Module):
         self.expected = s = shape
         self.dense = s.dense
         self.fallback_start = s.rows - s.fallback_rows
+        self.fallback_rows = s.fallback_rows
         self.register_buffer("ids", torch.full((s.stored_ids(),), s.num_embeddings, dtype=s.id_dtype, device=device))
         self.register_buffer("rows", torch.zeros(s.mapping_ids, dtype=s.row_dtype, device=device))
         self.register_buffer("shape", torch.tensor(s.as_list(), dtype=torch.int64, device=device))
@@ -54,7 +55,7 @@ class LearnedMapping(nn.Module):
         keys = ids.to(self.ids.dtype)
         pos = torch.searchsorted(self.ids, keys).clamp_(max=self.ids.numel() - 1)
         known = self.ids[pos] == keys
-        fallback = self.fallback_start + torch.remainder(ids, self.expected.fallback_rows)
+        fallback = self.fallback_start + torch.remainder(ids, self.fallback_rows)
         return torch.where(known, self.rows[pos].long(), fallback)
 
     @torch.no_grad()

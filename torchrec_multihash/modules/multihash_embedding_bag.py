@@ -24,6 +24,7 @@ from torchrec_multihash.modules.combine import Combine, OutputSpec
 from torchrec_multihash.modules.config import MultiHashConfigError, MultiHashEmbeddingBagConfig
 from torchrec_multihash.modules.id_transform import FeatureLookup, IdTransform
 from torchrec_multihash.modules.learned_mapping import LearnedMapping
+from torchrec_multihash.modules.lookup_group import PerIdLookup, PooledLookup
 from torchrec_multihash.modules.strategies import SubTable, sub_feature_name
 
 POOLED_GROUP = "pooled"
@@ -110,10 +111,13 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         -> KeyedTensor
 
     Tables with add or concat (and single-table strategies) are looked up pooled in one inner
-    ``EmbeddingBagCollection`` (``lookups["pooled"]``): pooling commutes with them. Tables with
-    mult are looked up per id in an inner ``EmbeddingCollection`` (``lookups["per_id_d{dim}"]``)
-    and multiplied per id before pooling. Both are stock TorchRec modules, so TorchRec's planner
-    and sharders place the sub-tables like any other table.
+    ``EmbeddingBagCollection`` (``pooled["pooled"].tables``): pooling commutes with them. Tables
+    with mult are looked up per id in an inner ``EmbeddingCollection`` (``per_id["per_id_d{dim}"]
+    .tables``) and multiplied per id before pooling. Both are stock TorchRec modules, so
+    TorchRec's planner and sharders place the sub-tables like any other table. The forward is
+    fx-traceable (TorchRec's tracer) and scriptable; state dict keys: ``pooled.pooled.tables.
+    embedding_bags.<sub-table>.weight``, ``per_id.per_id_d<dim>.tables.embeddings.<sub-table>.weight``
+    and, for learned tables, ``<group>.<name>.transform.mappings.<table>.{ids,rows,shape}``.
 
     Args:
         tables: one ``MultiHashEmbeddingBagConfig`` per logical table.
@@ -139,12 +143,11 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._device = torch.device(device) if device is not None else torch.device("cpu")
         groups = _group_tables(self._configs, self._device)
         self._sub_table_configs = groups.in_table_order
-        self._groups: List[str] = list(groups.configs)
+        self._groups = list(groups.configs)
         all_features = sorted({f for t in tables for f in t.feature_names})
-        # Each id transform is a direct child (``transform_pooled``, ``transform_per_id_d16``):
-        # TrainPipelineSparseDist's tracer treats a child without sharded modules as a leaf, so a
-        # transform must not sit inside a ModuleDict to be found and pipelined.
-        self.lookups = nn.ModuleDict()
+        # at most one pooled group; one per-id group per dim (an EmbeddingCollection has one dim)
+        self.pooled = nn.ModuleDict()
+        self.per_id = nn.ModuleDict()
         for i, group in enumerate(self._groups):
             transform = IdTransform(
                 groups.lookups[group],
@@ -153,23 +156,21 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 # one transform checks for unknown keys; the rest need not repeat it
                 known_features=all_features if (strict_features and i == 0) else None,
             )
-            self.add_module(f"transform_{group}", transform)
             if group == POOLED_GROUP:
-                self.lookups[group] = EmbeddingBagCollection(tables=groups.configs[group], is_weighted=is_weighted, device=self._device)
+                ebc = EmbeddingBagCollection(tables=groups.configs[group], is_weighted=is_weighted, device=self._device)
+                self.pooled[group] = PooledLookup(transform, ebc)
             else:
-                self.lookups[group] = EmbeddingCollection(tables=groups.configs[group], device=self._device)
-        self._pooled_groups = [g for g in self._groups if g == POOLED_GROUP]
-        self._per_id_groups = [g for g in self._groups if g != POOLED_GROUP]
+                self.per_id[group] = PerIdLookup(transform, EmbeddingCollection(tables=groups.configs[group], device=self._device))
         self.combine = Combine(groups.outputs, is_weighted=is_weighted)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Looks up and pools every feature; returns ``[B, sum of embedding dims]`` keyed by feature."""
         pooled: Dict[str, KeyedTensor] = {}
+        for group, pooled_lookup in self.pooled.items():
+            pooled[group] = pooled_lookup(features)
         per_id: Dict[str, Dict[str, JaggedTensor]] = {}
-        for group in self._pooled_groups:
-            pooled[group] = self.lookups[group](getattr(self, f"transform_{group}")(features))
-        for group in self._per_id_groups:
-            per_id[group] = self.lookups[group](getattr(self, f"transform_{group}")(features))
+        for group, per_id_lookup in self.per_id.items():
+            per_id[group] = per_id_lookup(features)
         return self.combine(features, pooled, per_id)
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
@@ -199,9 +200,10 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def sub_table_weights(self) -> Dict[str, torch.Tensor]:
         """Weight of every sub-table by name (unsharded module)."""
         weights: Dict[str, torch.Tensor] = {}
-        for lookup in self.lookups.values():
-            tables = lookup.embedding_bags if isinstance(lookup, EmbeddingBagCollection) else lookup.embeddings
-            for name, table in cast(nn.ModuleDict, tables).items():
+        for group in [*self.pooled.values(), *self.per_id.values()]:
+            inner = cast(Union[EmbeddingBagCollection, EmbeddingCollection], group.tables)
+            tables = inner.embedding_bags if isinstance(inner, EmbeddingBagCollection) else inner.embeddings
+            for name, table in tables.items():
                 weights[name] = cast(torch.Tensor, table.weight)
         return weights
 

@@ -77,8 +77,14 @@ class Strategy(ABC):
         """Suffix of each sub-table's and sub-feature's name (``__q``, ``__r``)."""
 
     @abstractmethod
+    def partition_spec(self) -> List[Tuple[int, int]]:
+        """``(divisor, modulus)`` of each sub-table: an id's row is ``(x // divisor) % modulus``
+        (modulus 0: no remainder). Plain integers, so the id transform stays traceable and
+        scriptable."""
+
     def partition(self, ids: torch.Tensor) -> List[torch.Tensor]:
         """Row of each sub-table for int64 ``ids`` (integer arithmetic only)."""
+        return [partition_rows(ids, d, m) for d, m in self.partition_spec()]
 
     @classmethod
     @abstractmethod
@@ -140,6 +146,12 @@ class Strategy(ABC):
         tables = sum(rows * dim * bits // 8 for rows, dim in zip(self.sizes(), self.dims()))
         shape = c.mapping_shape()
         return tables + (shape.nbytes() if shape is not None else 0)
+
+
+def partition_rows(ids: torch.Tensor, divisor: int, modulus: int) -> torch.Tensor:
+    """``(ids // divisor) % modulus`` (floor division; no remainder when ``modulus`` is 0)."""
+    rows = ids if divisor == 1 else torch.div(ids, divisor, rounding_mode="floor")
+    return rows if modulus == 0 else torch.remainder(rows, modulus)
 
 
 def split_dims(dim: int, k: int, operation: str) -> List[int]:

@@ -1,9 +1,7 @@
 """``crt``: Chinese-remainder partitions, ``x mod m_j`` for pairwise coprime ``moduli``."""
 
 import math
-from typing import Iterable, Iterator, List
-
-import torch
+from typing import Iterable, Iterator, List, Tuple
 
 from torchrec_multihash.modules.strategies.base import ceil_div
 from torchrec_multihash.modules.strategies.composed import ModuliStrategy, small_radix_limit
@@ -25,8 +23,8 @@ class ChineseRemainder(ModuliStrategy):
 
     default_partitions = 2
 
-    def partition(self, ids: torch.Tensor) -> List[torch.Tensor]:
-        return [torch.remainder(ids, m) for m in self.sizes()]
+    def partition_spec(self) -> List[Tuple[int, int]]:
+        return [(1, m) for m in self.sizes()]
 
     def validate(self) -> None:
         super().validate()

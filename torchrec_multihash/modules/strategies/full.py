@@ -1,8 +1,6 @@
 """``full``: one table of N rows, as TorchRec's own (the baseline, and small tables)."""
 
-from typing import List
-
-import torch
+from typing import List, Tuple
 
 from torchrec_multihash.modules.strategies.base import Sizing, Strategy
 from torchrec_multihash.modules.strategies.names import StrategyName
@@ -19,8 +17,8 @@ class FullTable(Strategy):
     def suffixes(self) -> List[str]:
         return [""]
 
-    def partition(self, ids: torch.Tensor) -> List[torch.Tensor]:
-        return [ids]
+    def partition_spec(self) -> List[Tuple[int, int]]:
+        return [(1, 0)]
 
     @classmethod
     def sized_for(cls, num_embeddings: int, dim: int, compression: float, operation: str, num_partitions: int) -> Sizing:

@@ -1,9 +1,7 @@
 """``generalized_qr``: the mixed-radix digits of ``x`` with radices ``moduli``."""
 
 import math
-from typing import Iterator, List
-
-import torch
+from typing import Iterator, List, Tuple
 
 from torchrec_multihash.modules.strategies.base import ceil_div
 from torchrec_multihash.modules.strategies.composed import ModuliStrategy, small_radix_limit
@@ -15,10 +13,9 @@ from torchrec_multihash.modules.strategies.registry import register
 class GeneralizedQR(ModuliStrategy):
     """Digit j of ``x`` is ``(x // (m_1 ... m_{j-1})) % m_j``; the product of radices covers N."""
 
-    def partition(self, ids: torch.Tensor) -> List[torch.Tensor]:
+    def partition_spec(self) -> List[Tuple[int, int]]:
         sizes = self.sizes()
-        place_values = [math.prod(sizes[:i]) for i in range(len(sizes))]
-        return [torch.remainder(torch.div(ids, p, rounding_mode="floor"), m) for p, m in zip(place_values, sizes)]
+        return [(math.prod(sizes[:i]), m) for i, m in enumerate(sizes)]  # place value, radix
 
     @classmethod
     def candidates(cls, n: int, k: int) -> Iterator[List[int]]:

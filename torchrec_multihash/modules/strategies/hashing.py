@@ -1,8 +1,6 @@
 """``hash``: the hashing trick, ``x mod ceil(N / num_collisions)`` rows."""
 
-from typing import List
-
-import torch
+from typing import List, Tuple
 
 from torchrec_multihash.modules.strategies.base import Sizing, Strategy, ceil_div, within_budget
 from torchrec_multihash.modules.strategies.names import StrategyName
@@ -23,8 +21,8 @@ class HashingTrick(Strategy):
     def suffixes(self) -> List[str]:
         return ["__hash"]
 
-    def partition(self, ids: torch.Tensor) -> List[torch.Tensor]:
-        return [torch.remainder(ids, self.sizes()[0])]
+    def partition_spec(self) -> List[Tuple[int, int]]:
+        return [(1, self.sizes()[0])]
 
     @classmethod
     def sized_for(cls, num_embeddings: int, dim: int, compression: float, operation: str, num_partitions: int) -> Sizing:

@@ -2,9 +2,7 @@
 (Ghaemmaghami et al. 2022); ids it does not know hash into ``fallback_rows`` reserved rows."""
 
 import math
-from typing import List
-
-import torch
+from typing import List, Tuple
 
 from torchrec_multihash.modules.mapping_shape import INT16_MAX, MappingShape
 from torchrec_multihash.modules.strategies.base import TOLERANCE, Sizing, Strategy
@@ -25,8 +23,8 @@ class LearnedHash(Strategy):
     def suffixes(self) -> List[str]:
         return ["__learned"]
 
-    def partition(self, ids: torch.Tensor) -> List[torch.Tensor]:
-        return [ids]  # already mapped to rows
+    def partition_spec(self) -> List[Tuple[int, int]]:
+        return [(1, 0)]  # ids are already mapped to rows
 
     @classmethod
     def sized_for(cls, num_embeddings: int, dim: int, compression: float, operation: str, num_partitions: int) -> Sizing:

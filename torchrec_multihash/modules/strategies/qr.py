@@ -1,8 +1,6 @@
 """``qr``: quotient-remainder, rows ``x // m`` and ``x % m`` (Shi et al., KDD 2020)."""
 
-from typing import Any, Dict, Iterator, List
-
-import torch
+from typing import Any, Dict, Iterator, List, Tuple
 
 from torchrec_multihash.modules.strategies.base import ceil_div
 from torchrec_multihash.modules.strategies.composed import PartitionedStrategy, small_radix_limit
@@ -24,9 +22,9 @@ class QuotientRemainder(PartitionedStrategy):
     def suffixes(self) -> List[str]:
         return ["__q", "__r"]
 
-    def partition(self, ids: torch.Tensor) -> List[torch.Tensor]:
+    def partition_spec(self) -> List[Tuple[int, int]]:
         m = self.sizes()[1]
-        return [torch.div(ids, m, rounding_mode="floor"), torch.remainder(ids, m)]
+        return [(m, 0), (1, m)]
 
     def validate(self) -> None:
         c, n = self.config, self.domain

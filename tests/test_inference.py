@@ -1,0 +1,93 @@
+"""TorchRec's inference path: the module inside DLRM is fx-traced with TorchRec's tracer, scripted
+(traced or not), saved and loaded, with the eager model's outputs, for every strategy."""
+
+import io
+
+import pytest
+import torch
+import torchrec
+from torchrec.models.dlrm import DLRM
+from torchrec.modules.embedding_configs import PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_multihash import InvalidInputError, MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig
+
+N, DIM = 1000, 8
+
+
+def table(name, features, **kw):
+    return MultiHashEmbeddingBagConfig(name=name, num_embeddings=N, embedding_dim=DIM, feature_names=features, **kw)
+
+
+CASES = {
+    "full": [table("a", ["f0"], strategy="full")],
+    "hash": [table("a", ["f0"], strategy="hash", num_collisions=7)],
+    "qr_mult": [table("a", ["f0"], strategy="qr", num_collisions=9)],
+    "qr_add_mean": [table("a", ["f0"], strategy="qr", num_collisions=9, operation="add", pooling=PoolingType.MEAN)],
+    "crt_concat": [table("a", ["f0"], strategy="crt", moduli=[31, 37], operation="concat")],
+    "generalized_qr": [table("a", ["f0"], strategy="generalized_qr", moduli=[5, 7, 29])],
+    "learned_dense": [table("a", ["f0"], strategy="learned", mapping_rows=50)],
+    "learned_sparse_then_qr": [table("a", ["f0"], strategy="qr", num_collisions=5, mapping_rows=60, mapping_ids=100)],
+    "mixed_shared_feature": [
+        table("a", ["f0", "f1"], strategy="qr", num_collisions=9),
+        table("b", ["f1"], strategy="crt", moduli=[31, 37], operation="add"),
+        MultiHashEmbeddingBagConfig(name="c", num_embeddings=N, embedding_dim=4, feature_names=["f0"], strategy="qr", num_collisions=9),
+    ],
+}
+
+
+def features(keys, weighted=False):
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(0, 4, (len(keys) * 3,), generator=g)
+    values = torch.randint(0, N, (int(lengths.sum()),), generator=g)
+    weights = torch.rand(values.numel(), generator=g) if weighted else None
+    return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights)
+
+
+def model_of(tables, weighted=False):
+    torch.manual_seed(0)
+    ebc = MultiHashEmbeddingBagCollection(tables, is_weighted=weighted)
+    g = torch.Generator().manual_seed(1)
+    for m in ebc.learned_mappings().values():  # a fitted mapping: 2/3 of the ids known
+        s = m.expected
+        ids = torch.randperm(N, generator=g)[: min(s.mapping_ids, 2 * N // 3)]
+        m.assign(ids, torch.randint(0, s.rows - s.fallback_rows, (ids.numel(),), generator=g))
+    return (
+        DLRM(embedding_bag_collection=ebc, dense_in_features=3, dense_arch_layer_sizes=[DIM], over_arch_layer_sizes=[4, 1])
+        if all(c.embedding_dim == DIM for c in tables)
+        else ebc
+    )
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_traced_and_scripted_models_give_the_eager_outputs(case, weighted):
+    tables = CASES[case]
+    model = model_of(tables, weighted)
+    keys = sorted({f for t in tables for f in t.feature_names})
+    kjt = features(keys, weighted)
+    args = (kjt,) if isinstance(model, MultiHashEmbeddingBagCollection) else (torch.randn(3, 3), kjt)
+
+    def out(m):
+        y = m(*args)
+        return y.values() if hasattr(y, "values") and not isinstance(y, torch.Tensor) else y
+
+    eager = out(model)
+    traced = torchrec.fx.symbolic_trace(model)
+    assert "check" not in traced.code  # the eager-mode input checks are not part of the graph
+    scripted_trace = torch.jit.script(traced)
+    scripted = torch.jit.script(model)
+    buffer = io.BytesIO()
+    torch.jit.save(scripted_trace, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    for m in (traced, scripted_trace, scripted, loaded):
+        torch.testing.assert_close(out(m), eager, atol=0, rtol=0)
+
+
+def test_tracing_leaves_the_eager_checks_in_place():
+    model = model_of(CASES["qr_mult"])
+    torchrec.fx.symbolic_trace(model)
+    bad = KeyedJaggedTensor(keys=["f0"], values=torch.tensor([N]), lengths=torch.tensor([1, 0, 0]))
+    with pytest.raises(InvalidInputError, match="id 1000"):
+        model(torch.randn(3, 3), bad)
