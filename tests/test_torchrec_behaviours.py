@@ -154,12 +154,32 @@ def test_forward_on_meta(name, strategy):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
+def test_built_under_a_meta_device_context(strategy):
+    # as TorchRec's EBC, the tables (and learned mappings) take the device of the context: a model
+    # built this way allocates no memory
+    layout = LAYOUTS["weighted"]
+    with torch.device("meta"):
+        module = MultiHashEmbeddingBagCollection(configs(layout, strategy), is_weighted=True)
+    assert module.device == META
+    assert {n: t.device for n, t in tensors(module).items()} == {n: META for n in tensors(module)}
+    if strategy == "learned":
+        assert module.learned_mappings()
+    assign_mappings(module)
+    assert_layout(module(kjt(layout.kjt_keys, True).to(META)), layout, META)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_device_property(strategy):
     layout = LAYOUTS["unweighted"]
     assert build(layout, strategy).device == torch.device("cpu")
     module = build(layout, strategy, device=META)
     assert module.device == META
     assert all(t.device == META for t in tensors(module).values())
+    # an explicit device wins over the context's, as in TorchRec
+    with torch.device("meta"):
+        module = MultiHashEmbeddingBagCollection(configs(layout, strategy), device=torch.device("cpu"))
+    assert module.device == torch.device("cpu")
+    assert all(t.device == torch.device("cpu") for t in tensors(module).values())
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
