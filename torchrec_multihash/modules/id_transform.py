@@ -57,7 +57,7 @@ def check_id_ranges(lookups: Sequence[FeatureLookup], jts: Sequence[JaggedTensor
     One host sync for all features: their min and max are gathered and read together.
     """
     checked = [(lk, jt.values()) for lk, jt in zip(lookups, jts) if not lk.strategy.accepts_any_id]
-    checked = [(lk, v) for lk, v in checked if v.numel() > 0]
+    checked = [(lk, v) for lk, v in checked if v.numel() > 0 and v.device.type != "meta"]  # meta has no ids to read
     if not checked:
         return
     bounds = torch.stack([torch.stack(torch.aminmax(v)) for _, v in checked]).tolist()

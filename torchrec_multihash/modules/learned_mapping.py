@@ -46,7 +46,8 @@ class LearnedMapping(nn.Module):
         self.register_buffer("rows", torch.zeros(s.mapping_ids, dtype=s.row_dtype, device=device))
         self.register_buffer("shape", torch.tensor(s.as_list(), dtype=torch.int64, device=device))
         with torch.no_grad():
-            self.assign(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+            none = torch.zeros(0, dtype=torch.long, device=device)  # on the module's device, whatever the context's
+            self.assign(none, none)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows (int64) of ``ids`` (int64, already checked to lie in [0, num_embeddings))."""

@@ -100,6 +100,12 @@ def _group_tables(tables: List[MultiHashEmbeddingBagConfig], device: torch.devic
     return groups
 
 
+def _resolve_device(device: Optional[torch.device]) -> torch.device:
+    """The given device, else the context's (``with torch.device("meta"):``, or
+    ``torch.set_default_device``), as TorchRec's EmbeddingBagCollection takes its tables'."""
+    return torch.device(device) if device is not None else torch.get_default_device()
+
+
 class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     """An ``EmbeddingBagCollection`` whose tables are compositional (multi-hash) embeddings.
 
@@ -122,7 +128,8 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     Args:
         tables: one ``MultiHashEmbeddingBagConfig`` per logical table.
         is_weighted: the KJT carries per-sample weights.
-        device: where the sub-tables live ("meta" for deferred init under DMP).
+        device: where the sub-tables and learned mappings live ("meta" for deferred init under
+            DMP); default: the current default device (``with torch.device(...)``), else the CPU.
         validate_ids: raise on ids outside [0, num_embeddings) (one host sync per batch).
         strict_features: raise on KJT keys that no table looks up (TorchRec's EBC ignores them).
     """
@@ -140,7 +147,7 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         _check_tables(tables)
         self._configs = list(tables)
         self._is_weighted = is_weighted
-        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        self._device = _resolve_device(device)
         groups = _group_tables(self._configs, self._device)
         self._sub_table_configs = groups.in_table_order
         self._groups = list(groups.configs)
