@@ -91,3 +91,30 @@ def test_tracing_leaves_the_eager_checks_in_place():
     bad = KeyedJaggedTensor(keys=["f0"], values=torch.tensor([N]), lengths=torch.tensor([1, 0, 0]))
     with pytest.raises(InvalidInputError, match="id 1000"):
         model(torch.randn(3, 3), bad)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.qint8, 0.02), (torch.quint4x2, 0.15), (torch.float16, 2e-3)], ids=["int8", "int4", "fp16"])
+@pytest.mark.parametrize("case", ["full", "hash", "qr_mult", "qr_add_mean", "crt_concat", "learned_sparse_then_qr", "mixed_shared_feature"])
+def test_quantized_tables_of_every_strategy_trace_script_and_stay_close(case, dtype, tolerance):
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+    from torchrec_multihash.inference import embedding_bytes, quantize_embeddings
+
+    model = model_of(CASES[case])
+    quantized = quantize_embeddings(model, dtype, row_alignment=4)
+    # every inner table is TorchRec's quantized module: the per-id EmbeddingCollection too
+    assert not any(type(m) in (EmbeddingBagCollection, EmbeddingCollection) for m in quantized.modules())
+    # fewer bytes (int4 rows of tiny dims are padded to a float row's size in TorchRec 1.8)
+    assert embedding_bytes(quantized) < embedding_bytes(model) or (dtype == torch.quint4x2 and case == "crt_concat")
+    keys = sorted({f for t in CASES[case] for f in t.feature_names})
+    ebc = lambda m: m if isinstance(m, MultiHashEmbeddingBagCollection) else m.sparse_arch.embedding_bag_collection  # noqa: E731
+    kjt = features(keys)
+    want, got = ebc(model)(kjt).values(), ebc(quantized)(kjt).values()
+    # rows are quantized per row: errors within a fraction of the largest embedding value
+    assert (got - want).abs().max() <= tolerance * want.abs().max(), (got - want).abs().max()
+    args = (kjt,) if isinstance(model, MultiHashEmbeddingBagCollection) else (torch.randn(3, 3), kjt)
+    eager = quantized(*args)
+    eager = eager.values() if not isinstance(eager, torch.Tensor) else eager
+    scripted = torch.jit.script(torchrec.fx.symbolic_trace(quantized))(*args)
+    scripted = scripted.values() if not isinstance(scripted, torch.Tensor) else scripted
+    torch.testing.assert_close(scripted, eager, atol=0, rtol=0)

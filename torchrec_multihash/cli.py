@@ -15,6 +15,7 @@ COMMANDS = {
     "fit-hash": ("torchrec_multihash.app.fit_hash", "fit the learned id -> row mappings of a config's learned tables on its training data"),
     "bench": ("torchrec_multihash.bench.bench", "step time and memory of every strategy vs TorchRec's EBC and a naive Q-R; scaling; reader speed"),
     "quality": ("torchrec_multihash.bench.quality", "test AUC and log loss against embedding bytes for several strategies, compressions and seeds"),
+    "export": ("torchrec_multihash.app.export", "write a trained model as one TorchScript file with quantized tables, for serving"),
     "plan": ("torchrec_multihash.app.plan", "show where TorchRec's planner puts each sub-table for a topology (need not exist)"),
 }
 

@@ -1,0 +1,50 @@
+"""Quantizes every inner table of a model: TorchRec's ``quantize_embeddings`` over the pooled
+``EmbeddingBagCollection`` *and* the per-id ``EmbeddingCollection`` (mult tables), which TorchRec's
+function leaves in float unless told."""
+
+import copy
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+from torchrec.inference.modules import quantize_embeddings as torchrec_quantize_embeddings
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
+from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddingCollection
+from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
+
+# the row formats TorchRec's quantized tables support, by the name the export command takes
+QUANT_DTYPES: Dict[str, torch.dtype] = {"int8": torch.qint8, "int4": torch.quint4x2, "fp16": torch.float16}
+
+
+def quantize_embeddings(model: nn.Module, dtype: torch.dtype = torch.qint8, inplace: bool = False, row_alignment: Optional[int] = None) -> nn.Module:
+    """``model`` with every stock TorchRec table inside it (ours and any other) replaced by
+    TorchRec's quantized module of rows in ``dtype`` (``torch.qint8``, ``torch.quint4x2`` or
+    ``torch.float16``); outputs stay float32. The result runs, traces and scripts as the float model.
+    ``row_alignment``: bytes each stored row is padded to (TorchRec's default 16 suits GPU kernels;
+    4 stores small rows tighter)."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    if row_alignment is not None:
+        quant_prep_customize_row_alignment(model, [EmbeddingBagCollection, EmbeddingCollection], row_alignment)
+    return torchrec_quantize_embeddings(
+        model,
+        dtype,
+        True,
+        additional_qconfig_spec_keys=[EmbeddingCollection],
+        additional_mapping={EmbeddingCollection: QuantEmbeddingCollection},
+    )
+
+
+def embedding_bytes(model: nn.Module) -> int:
+    """Bytes the model's embedding tables take as stored: float weights of TorchRec's modules, or
+    the quantized rows (with their per-row scale and bias) of its quantized modules, plus our
+    learned mappings."""
+    from torchrec_multihash.modules.learned_mapping import LearnedMapping
+
+    tables = (EmbeddingBagCollection, EmbeddingCollection, QuantEmbeddingBagCollection, QuantEmbeddingCollection, LearnedMapping)
+    total = 0
+    for module in model.modules():
+        if isinstance(module, tables):
+            total += sum(t.numel() * t.element_size() for t in module.state_dict().values() if isinstance(t, torch.Tensor))
+    return total
