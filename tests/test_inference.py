@@ -118,3 +118,20 @@ def test_quantized_tables_of_every_strategy_trace_script_and_stay_close(case, dt
     scripted = torch.jit.script(torchrec.fx.symbolic_trace(quantized))(*args)
     scripted = scripted.values() if not isinstance(scripted, torch.Tensor) else scripted
     torch.testing.assert_close(scripted, eager, atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_readme_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's first example: build, forward, DLRM, quantize, trace, script, save, serve."""
+    import re
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    code = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, str(readme), "exec"), namespace)
+    assert namespace["logits"].shape == (2, 1)
+    assert (tmp_path / "model.pt").is_file()
+    # int8 rows of dim 16: 16 bytes + scale and bias, padded to 32 (TorchRec: 16-byte rows) vs 64 in float
+    assert namespace["embedding_bytes"](namespace["quantized"]) <= namespace["ebc"].memory_bytes() / 2
