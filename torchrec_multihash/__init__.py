@@ -6,6 +6,11 @@ from torchrec_multihash.convert import to_multihash_configs  # noqa: F401
 from torchrec_multihash.deeprec import get_multihash_variable  # noqa: F401
 from torchrec_multihash.distributed import sharders, sub_table_constraints  # noqa: F401
 from torchrec_multihash.errors import MultiHashError  # noqa: F401
+from torchrec_multihash.interop import (  # noqa: F401
+    composed_embeddings,
+    from_embedding_bag_collection,
+    to_embedding_bag_collection,
+)
 from torchrec_multihash.modules import (  # noqa: F401
     InvalidInputError,
     MultiHashConfigError,
