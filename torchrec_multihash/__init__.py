@@ -11,6 +11,7 @@ from torchrec_multihash.modules import (  # noqa: F401
     MultiHashConfigError,
     MultiHashEmbeddingBagCollection,
     MultiHashEmbeddingBagConfig,
+    UnfittedMappingError,
 )
 
 __version__ = "0.1.0"
