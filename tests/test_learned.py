@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -12,13 +13,14 @@ from torchrec_multihash import (
     MultiHashEmbeddingBagCollection,
     MultiHashEmbeddingBagConfig,
     UnfittedMappingError,
+    fit_learned_mappings,
 )
 from torchrec_multihash.convert import to_multihash_configs
 from torchrec_multihash.datasets.synthetic import SyntheticCriteo
 from torchrec_multihash.distributed import load_checkpoint, save_checkpoint
 from torchrec_multihash.learned.clustering import balanced_clusters
 from torchrec_multihash.learned.counting import count_ids
-from torchrec_multihash.learned.fit import FitOptions, apply_mappings, assign_rows, fit_mappings, load_mappings, save_mappings
+from torchrec_multihash.learned.fit import FitInputError, FitOptions, apply_mappings, assign_rows, fit_mappings, load_mappings, save_mappings
 
 from tests.helpers import sharded_model as sm
 from tests.helpers.cli import SMALL, run_cli, train
@@ -250,6 +252,40 @@ def test_the_shape_comes_from_the_config_and_a_meta_mapping_cannot_be_set():
     ebc.to(torch.device("meta")).to_empty(device=torch.device("cpu"))
     with pytest.raises(UnfittedMappingError, match="'t_C1'"):
         ebc(kjt_c1_c2())
+
+
+def _fit_data():
+    syn = SyntheticCriteo([1000, 1000], num_dense=13, seed=0, feature_names=["C1", "C2"])
+    return list(syn.batches(256, 12))
+
+
+def test_one_call_fits_and_assigns_like_fit_mappings_then_apply_mappings():
+    batches = _fit_data()
+    options = FitOptions(dim=2)
+    expected = two_learned_tables()
+    apply_mappings(expected, fit_mappings(expected.multihash_configs(), lambda: batches, 13, options))
+    ebc = two_learned_tables()
+    fitted = fit_learned_mappings(ebc, batches, num_dense=13, options=options)
+    assert sorted(fitted) == ["t_C1", "t_C2"]
+    assert all(torch.equal(a, b) for a, b in zip(ebc.buffers(), expected.buffers()))
+    # a DLRM holding the module, batches from a callable
+    model = DLRM(embedding_bag_collection=two_learned_tables(), dense_in_features=13, dense_arch_layer_sizes=[8], over_arch_layer_sizes=[4, 1])
+    fit_learned_mappings(model, lambda: iter(batches), num_dense=13, options=options)
+    assert all(torch.equal(a, b) for a, b in zip(model.sparse_arch.embedding_bag_collection.buffers(), expected.buffers()))
+    assert model(batches[0].dense_features, batches[0].sparse_features).shape == (256, 1)
+
+
+def test_one_call_fit_refuses_batches_it_can_read_only_once():
+    batches = _fit_data()
+    with pytest.raises(FitInputError, match="one-shot iterator.*reads the batches twice.*list, a DataLoader, or a zero-argument callable"):
+        fit_learned_mappings(two_learned_tables(), (b for b in batches), num_dense=13)
+    once = iter(batches)
+    with pytest.raises(FitInputError, match="12 batches on the first pass and 0 on the second"):
+        fit_learned_mappings(two_learned_tables(), lambda: once, num_dense=13)
+    with pytest.raises(FitInputError, match="no batch"):
+        fit_learned_mappings(two_learned_tables(), [], num_dense=13)
+    with pytest.raises(MultiHashConfigError, match="holds no learned table"):
+        fit_learned_mappings(torch.nn.Linear(2, 2), batches, num_dense=13)
 
 
 def _dmp_on_meta_keeps_the_mapping(rank, world_size, path):

@@ -6,6 +6,7 @@ from torchrec_multihash.convert import to_multihash_configs  # noqa: F401
 from torchrec_multihash.deeprec import get_multihash_variable  # noqa: F401
 from torchrec_multihash.distributed import sharders, sub_table_constraints  # noqa: F401
 from torchrec_multihash.errors import MultiHashError  # noqa: F401
+from torchrec_multihash.learned.fit import FitOptions, fit_learned_mappings  # noqa: F401
 from torchrec_multihash.modules import (  # noqa: F401
     InvalidInputError,
     MultiHashConfigError,
