@@ -4,16 +4,27 @@ import json
 
 import pytest
 import torch
+from torchrec.models.dlrm import DLRM
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_multihash import MultiHashConfigError, MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig
+from torchrec_multihash import (
+    MultiHashConfigError,
+    MultiHashEmbeddingBagCollection,
+    MultiHashEmbeddingBagConfig,
+    UnfittedMappingError,
+    fit_learned_mappings,
+)
 from torchrec_multihash.convert import to_multihash_configs
 from torchrec_multihash.datasets.synthetic import SyntheticCriteo
+from torchrec_multihash.distributed import load_checkpoint, save_checkpoint
 from torchrec_multihash.learned.clustering import balanced_clusters
 from torchrec_multihash.learned.counting import count_ids
-from torchrec_multihash.learned.fit import FitOptions, apply_mappings, assign_rows, fit_mappings, load_mappings, save_mappings
+from torchrec_multihash.learned.fit import FitInputError, FitOptions, apply_mappings, assign_rows, fit_mappings, load_mappings, save_mappings
 
+from tests.helpers import sharded_model as sm
 from tests.helpers.cli import SMALL, run_cli, train
+from tests.helpers.distributed import run_multiprocess
 
 
 def learned(name="t", n=1000, **kw):
@@ -180,3 +191,168 @@ def test_train_on_two_processes_fits_the_mapping_first(tmp_path):
     assert m["world_size"] == 2 and m["auc"] > 0.55
     report = json.loads((tmp_path / "run" / "mapping" / "mapping.json").read_text())
     assert report["tables"]["t_C1"]["own_rows"] > 0 and report["tables"]["t_C1"]["shared_rows"] > 0
+
+
+def two_learned_tables(device=None):
+    """The issue's case: a stock config list converted to learned tables, nothing fitted."""
+    plain = [EmbeddingBagConfig(name=f"t_{f}", num_embeddings=1000, embedding_dim=8, feature_names=[f]) for f in ("C1", "C2")]
+    return MultiHashEmbeddingBagCollection(to_multihash_configs(plain, 4, strategy="learned"), device=device)
+
+
+def kjt_c1_c2():
+    return KeyedJaggedTensor.from_lengths_sync(["C1", "C2"], torch.tensor([0, 7, 14, 5, 999, 21]), torch.tensor([2, 1, 2, 1]))
+
+
+def test_an_unfitted_learned_table_refuses_to_look_up_and_says_how_to_fit():
+    ebc = two_learned_tables()
+    with pytest.raises(UnfittedMappingError, match=r"learned table 't_C1' has no mapping yet.*fit-hash.*fit_learned_mappings"):
+        ebc(kjt_c1_c2())
+    # one table set is not enough: the other is named
+    m = ebc.learned_mappings()
+    m["t_C1"].assign(torch.tensor([7, 14]), torch.tensor([0, 1]))
+    with pytest.raises(UnfittedMappingError, match="'t_C2'"):
+        ebc(kjt_c1_c2())
+    m["t_C2"].assign(torch.tensor([5]), torch.tensor([3]))
+    assert ebc(kjt_c1_c2()).values().shape == (2, 16)
+
+
+def test_a_loaded_fitted_mapping_is_set_and_a_state_dict_without_one_sets_nothing():
+    fitted = two_learned_tables()
+    for m in fitted.learned_mappings().values():
+        m.assign(torch.tensor([7, 14, 5]), torch.tensor([0, 1, 2]))
+    b = two_learned_tables()
+    b.load_state_dict(fitted.state_dict())
+    assert torch.equal(b(kjt_c1_c2()).values(), fitted(kjt_c1_c2()).values())
+    # an unfitted module's state dict holds no mapping: its shape entry says so, and loading it
+    # leaves an unfitted module unfitted and a fitted one as it was
+    empty = two_learned_tables().state_dict()
+    assert empty["pooled.pooled.transform.mappings.t_C1.shape"].tolist() == [0, 0, 0, 0]
+    c = two_learned_tables()
+    c.load_state_dict(empty)
+    with pytest.raises(UnfittedMappingError, match="'t_C1'"):
+        c(kjt_c1_c2())
+    b.load_state_dict(empty)  # the weights are the empty module's; the mapping stays
+    for name, m in b.learned_mappings().items():
+        assert torch.equal(m.rows, fitted.learned_mappings()[name].rows)
+    b(kjt_c1_c2())
+
+
+def test_the_shape_comes_from_the_config_and_a_meta_mapping_cannot_be_set():
+    ebc = two_learned_tables()
+    ebc.learned_mappings()["t_C1"].assign(torch.tensor([7]), torch.tensor([0]))
+    key = "pooled.pooled.transform.mappings.t_C1.shape"
+    assert ebc.state_dict()[key].tolist() == ebc.learned_mappings()["t_C1"].expected.as_list()
+    # what DistributedModelParallel does to a module built on meta: zeroed buffers; nothing to zero the shape
+    for b in ebc.buffers():
+        b.zero_()
+    assert ebc.state_dict()[key].tolist() == ebc.learned_mappings()["t_C1"].expected.as_list()
+    # assigned on meta, a mapping would be zeroed by materialisation: refused; moved to meta, it is lost
+    with pytest.raises(MultiHashConfigError, match="table 't_C1': cannot assign a mapping on the meta device"):
+        two_learned_tables(device=torch.device("meta")).learned_mappings()["t_C1"].assign(torch.tensor([7]), torch.tensor([0]))
+    ebc.to(torch.device("meta")).to_empty(device=torch.device("cpu"))
+    with pytest.raises(UnfittedMappingError, match="'t_C1'"):
+        ebc(kjt_c1_c2())
+
+
+def _fit_data():
+    syn = SyntheticCriteo([1000, 1000], num_dense=13, seed=0, feature_names=["C1", "C2"])
+    return list(syn.batches(256, 12))
+
+
+def test_one_call_fits_and_assigns_like_fit_mappings_then_apply_mappings():
+    batches = _fit_data()
+    options = FitOptions(dim=2)
+    expected = two_learned_tables()
+    apply_mappings(expected, fit_mappings(expected.multihash_configs(), lambda: batches, 13, options))
+    ebc = two_learned_tables()
+    fitted = fit_learned_mappings(ebc, batches, num_dense=13, options=options)
+    assert sorted(fitted) == ["t_C1", "t_C2"]
+    assert all(torch.equal(a, b) for a, b in zip(ebc.buffers(), expected.buffers()))
+    # a DLRM holding the module, batches from a callable
+    model = DLRM(embedding_bag_collection=two_learned_tables(), dense_in_features=13, dense_arch_layer_sizes=[8], over_arch_layer_sizes=[4, 1])
+    fit_learned_mappings(model, lambda: iter(batches), num_dense=13, options=options)
+    assert all(torch.equal(a, b) for a, b in zip(model.sparse_arch.embedding_bag_collection.buffers(), expected.buffers()))
+    assert model(batches[0].dense_features, batches[0].sparse_features).shape == (256, 1)
+
+
+def test_one_call_fit_refuses_batches_it_can_read_only_once():
+    batches = _fit_data()
+    with pytest.raises(FitInputError, match="one-shot iterator.*reads the batches twice.*list, a DataLoader, or a zero-argument callable"):
+        fit_learned_mappings(two_learned_tables(), (b for b in batches), num_dense=13)
+    once = iter(batches)
+    with pytest.raises(FitInputError, match="12 batches on the first pass and 0 on the second"):
+        fit_learned_mappings(two_learned_tables(), lambda: once, num_dense=13)
+    with pytest.raises(FitInputError, match="no batch"):
+        fit_learned_mappings(two_learned_tables(), [], num_dense=13)
+    with pytest.raises(MultiHashConfigError, match="holds no learned table"):
+        fit_learned_mappings(torch.nn.Linear(2, 2), batches, num_dense=13)
+
+
+def _dmp_on_meta_keeps_the_mapping(rank, world_size, path):
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+    fused = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.1}
+    reference = sm.build_model(seed=0)  # on the CPU, its mappings assigned
+    batch = next(sm.batches(rank, world_size, 1))
+    dmp, _, _ = sm.shard_with(sm.build_model(seed=0, device=torch.device("meta")), "table_wise", world_size, fused)
+    ebc = next(m for m in dmp.modules() if isinstance(m, MultiHashEmbeddingBagCollection))
+    with pytest.raises(UnfittedMappingError, match="'t_f5'"):  # zeroed by the materialisation: not used
+        dmp(batch)
+    sm.assign_mappings(ebc, seed=0)
+    save_checkpoint(path, dmp)
+    loaded, _, _ = sm.shard_with(sm.build_model(seed=1, device=torch.device("meta")), "column_wise", world_size, fused)
+    load_checkpoint(path, loaded)
+    want = {k: v for k, v in reference.state_dict().items() if ".mappings." in k}
+    assert len(want) == 6 and want["model.sparse_arch.embedding_bag_collection.pooled.pooled.transform.mappings.t_f5.shape"].tolist() == [
+        400,
+        100,
+        20,
+        400,
+    ]
+    for state in (dmp.state_dict(), loaded.state_dict()):
+        for key, value in want.items():
+            assert torch.equal(state[key], value), key
+    torch.testing.assert_close(loaded(batch)[1][1], dmp(batch)[1][1])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_dmp_on_meta_then_assigned_mapping_survives_a_checkpoint(tmp_path):
+    run_multiprocess(_dmp_on_meta_keeps_the_mapping, 2, tmp_path / "ckpt")
+    # and on one process, unsharded: the shape and rows of the fitted mapping
+    one = sm.build_model(seed=2)
+    load_checkpoint(tmp_path / "ckpt", one)
+    for key, value in sm.build_model(seed=0).state_dict().items():
+        if ".mappings." in key:
+            assert torch.equal(one.state_dict()[key], value), key
+
+
+@pytest.mark.slow
+def test_issue_12_learned_training_resumes_from_its_checkpoint(tmp_path, shared_data):
+    data = shared_data / "movielens_100k_ctr"
+    common = [
+        "--config",
+        "configs/movielens_100k_ctr_full.yaml",
+        "--set",
+        "embeddings.strategy=learned",
+        "--set",
+        f"data.train={data / 'train.txt'}",
+        "--set",
+        f"data.test={data / 'test.txt'}",
+    ]
+    r = run_cli("fit-hash", *common, "--out", str(tmp_path / "m"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = [
+        *common,
+        "--set",
+        f"embeddings.mapping={tmp_path / 'm'}",
+        "--set",
+        "train.checkpoint_every=20",
+        "--set",
+        f"train.output_dir={tmp_path / 'r'}",
+    ]
+    r = run_cli("train", *run, "--set", "train.max_steps=60")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("train", *run, "--set", "train.max_steps=80", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Resumed from" in r.stdout and "after 80 steps" in r.stdout, r.stdout[-2000:]

@@ -54,9 +54,9 @@ def test_interface_agrees_with_the_module_it_builds(cfg):
     rows_in = torch.arange(impl.domain)
     for part, s in zip(impl.partition(rows_in), subs):
         assert int(part.min()) >= 0 and int(part.max()) < s.num_embeddings
-    # bytes: the weights plus the mapping's buffers, as allocated
+    # bytes: the weights plus the mapping's state dict entries (its buffers and its shape), as allocated
     allocated = sum(w.numel() * w.element_size() for w in weights.values())
-    allocated += sum(b.numel() * b.element_size() for m in ebc.learned_mappings().values() for b in m.buffers())
+    allocated += sum(b.numel() * b.element_size() for m in ebc.learned_mappings().values() for b in m.state_dict().values())
     assert impl.memory_bytes() == ebc.memory_bytes() == allocated
     assert impl.looks_up_per_id() == (impl.num_partitions() > 1 and cfg.operation == "mult")
 

@@ -59,9 +59,12 @@ def configs(layout: Layout, strategy: str) -> List[MultiHashEmbeddingBagConfig]:
 
 
 def assign_mappings(module: MultiHashEmbeddingBagCollection) -> None:
-    """Gives every learned table a small random mapping (ids 0..N-1 to the rows before the fallback)."""
+    """Gives every learned table a small random mapping (ids 0..N-1 to the rows before the fallback);
+    on meta there is nothing to assign (a meta forward infers shapes without a mapping)."""
     g = torch.Generator().manual_seed(0)
     for mapping in module.learned_mappings().values():
+        if mapping.rows.is_meta:
+            continue
         ids = torch.randperm(NUM_EMBEDDINGS, generator=g)[: NUM_EMBEDDINGS // 2]
         rows = torch.randint(0, mapping.fallback_start, (ids.numel(),), generator=g)
         mapping.assign(ids, rows)

@@ -83,11 +83,10 @@ def fit_learned(module: nn.Module, batches: List[KeyedJaggedTensor]) -> None:
     """A frequency-only mapping from the benchmark's batches (step time does not depend on it)."""
     from torchrec.datasets.utils import Batch
 
-    from torchrec_multihash.learned.fit import FitOptions, apply_mappings, fit_mappings
+    from torchrec_multihash.learned.fit import FitOptions, fit_learned_mappings
 
-    ebc = next(m for m in module.modules() if isinstance(m, MultiHashEmbeddingBagCollection))
     as_batches = [Batch(dense_features=torch.zeros(k.stride(), 1), sparse_features=k, labels=torch.zeros(k.stride())) for k in batches]
-    apply_mappings(ebc, fit_mappings(ebc.multihash_configs(), lambda: as_batches, 1, FitOptions(learn_vectors=False)))
+    fit_learned_mappings(module, as_batches, 1, FitOptions(learn_vectors=False))
 
 
 def run(method: str, spec: BenchSpec) -> Dict[str, object]:

@@ -1,3 +1,11 @@
 """Fitting learned hash functions (id -> row mappings) from data."""
 
-from torchrec_multihash.learned.fit import FitOptions, fit_mappings, load_mappings, save_mappings  # noqa: F401
+from torchrec_multihash.learned.fit import (  # noqa: F401
+    FitInputError,
+    FitOptions,
+    apply_mappings,
+    fit_learned_mappings,
+    fit_mappings,
+    load_mappings,
+    save_mappings,
+)

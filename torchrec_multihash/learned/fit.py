@@ -14,11 +14,13 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
+from torch import nn
 from torchrec.datasets.utils import Batch
 
+from torchrec_multihash.errors import MultiHashError
 from torchrec_multihash.learned.clustering import balanced_clusters
 from torchrec_multihash.learned.counting import count_ids
 from torchrec_multihash.learned.id_vectors import VectorOptions, learn_id_vectors
@@ -28,6 +30,12 @@ from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddin
 
 MAPPING_FILE = "mapping.pt"
 REPORT_FILE = "mapping.json"
+
+BatchSource = Union[Iterable[Batch], Callable[[], Iterable[Batch]]]
+
+
+class FitInputError(MultiHashError, TypeError):
+    """Batches the fit cannot use: read only once (a generator), or none at all."""
 
 
 @dataclass
@@ -155,6 +163,76 @@ def apply_mappings(module: MultiHashEmbeddingBagCollection, fitted: Dict[str, Fi
                 f"has {target.expected.describe()}; fit again for this config"
             )
         target.assign(f.ids, f.rows)
+
+
+class _Passes:
+    """A fresh pass over the batches per call, counting the batches of each pass."""
+
+    def __init__(self, batches: BatchSource) -> None:
+        if isinstance(batches, Iterator):
+            raise FitInputError(
+                f"batches is a one-shot iterator ({type(batches).__name__}), but the fit reads the batches twice "
+                "(to count ids, then to learn id vectors): pass a list, a DataLoader, or a zero-argument "
+                "callable returning a fresh iterator (e.g. lambda: make_batches())"
+            )
+        if isinstance(batches, Iterable):
+            iterable = batches
+            self.make: Callable[[], Iterable[Batch]] = lambda: iterable
+        elif callable(batches):
+            self.make = batches
+        else:
+            raise FitInputError(f"batches must be an iterable of Batch or a zero-argument callable returning one, got {type(batches).__name__}")
+        self.counts: List[int] = []
+
+    def __call__(self) -> Iterator[Batch]:
+        self.counts.append(0)
+        for batch in self.make():
+            self.counts[-1] += 1
+            yield batch
+
+    def check(self) -> None:
+        """Raises FitInputError if a pass saw no batch, or the passes saw different numbers."""
+        if not self.counts or self.counts[0] == 0:
+            raise FitInputError("batches yielded no batch: the fit needs data")
+        if any(n != self.counts[0] for n in self.counts):
+            raise FitInputError(
+                f"batches gave {self.counts[0]} batches on the first pass and {self.counts[1]} on the second: "
+                "the fit reads them twice, so a callable must return a fresh iterator over the same batches each time"
+            )
+
+
+def _learned_modules(module: nn.Module) -> List[MultiHashEmbeddingBagCollection]:
+    """The MultiHashEmbeddingBagCollections in ``module`` that have learned tables, materialised."""
+    found = [m for m in module.modules() if isinstance(m, MultiHashEmbeddingBagCollection) and m.learned_mappings()]
+    if not found:
+        raise MultiHashConfigError(f"{type(module).__name__} holds no learned table (strategy 'learned', or mapping_rows): nothing to fit")
+    for ebc in found:
+        for mapping in ebc.learned_mappings().values():
+            mapping.check_materialised()
+    return found
+
+
+def fit_learned_mappings(
+    module: nn.Module,
+    batches: BatchSource,
+    num_dense: int,
+    options: Optional[FitOptions] = None,
+    show_progress: bool = False,
+) -> Dict[str, FittedMapping]:
+    """Fits the mapping of every learned table of ``module`` (a MultiHashEmbeddingBagCollection, or a
+    model holding one: DLRM, DistributedModelParallel) on ``batches`` and assigns it: ``fit-hash``
+    in one call. ``batches`` (``Batch`` objects, ``num_dense`` dense features) are read twice, so a
+    list, a DataLoader or a zero-argument callable returning a fresh iterator; not a generator.
+    Returns the fitted mappings (``save_mappings`` writes them for ``embeddings.mapping``)."""
+    targets = _learned_modules(module)
+    fitted: Dict[str, FittedMapping] = {}
+    for ebc in targets:
+        source = _Passes(batches)
+        found = fit_mappings(ebc.multihash_configs(), source, num_dense, options, show_progress)
+        source.check()
+        apply_mappings(ebc, found)
+        fitted.update(found)
+    return fitted
 
 
 def save_mappings(directory: Path, fitted: Dict[str, FittedMapping], extra: Dict[str, object]) -> None:

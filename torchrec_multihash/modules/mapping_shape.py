@@ -7,7 +7,7 @@ import torch
 
 INT16_MAX = 2**15 - 1
 INT32_MAX = 2**31 - 1
-SHAPE_BYTES = 4 * 8  # the ``shape`` buffer itself: four int64
+SHAPE_BYTES = 4 * 8  # the ``shape`` entry of the mapping's state dict: four int64
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class MappingShape:
         return 0 if self.dense else self.mapping_ids
 
     def nbytes(self) -> int:
-        """Bytes of the mapping's buffers: the one formula for what a mapping costs."""
+        """Bytes of the mapping's state dict entries (buffers and shape): the one formula for what a mapping costs."""
         id_bytes = torch.empty(0, dtype=self.id_dtype).element_size()
         row_bytes = torch.empty(0, dtype=self.row_dtype).element_size()
         return self.stored_ids() * id_bytes + self.mapping_ids * row_bytes + SHAPE_BYTES
