@@ -23,12 +23,12 @@ def test_naive_qr_equals_the_module_on_one_hot_bags_and_pools_first_on_multi_hot
     )
     with torch.no_grad():
         w = ebc.sub_table_weights()
-        naive.q[0].weight.copy_(w["t__q"])
+        naive.q[0].weight.copy_(w["t"])
         naive.r[0].weight.copy_(w["t__r"])
     one_hot = KeyedJaggedTensor(keys=["f"], values=torch.tensor([3, 99, 42]), lengths=torch.tensor([1, 1, 1]))
     torch.testing.assert_close(naive(one_hot).values(), ebc(one_hot).values())
     bag = KeyedJaggedTensor(keys=["f"], values=torch.tensor([3, 99]), lengths=torch.tensor([2]))
-    q, r = w["t__q"], w["t__r"]
+    q, r = w["t"], w["t__r"]
     pooled_first = (q[0] + q[12]) * (r[3] + r[3])  # 3 = 0*8+3, 99 = 12*8+3
     torch.testing.assert_close(naive(bag).values()[0], pooled_first.detach())
 

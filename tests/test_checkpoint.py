@@ -5,6 +5,7 @@ import pytest
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
+from torchrec_multihash import MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig
 from torchrec_multihash.distributed import load_checkpoint, save_checkpoint
 
 from tests.helpers import ROOT
@@ -46,7 +47,7 @@ def test_save_on_two_ranks_load_on_one_and_on_two_with_another_plan(tmp_path):
     before = sm.build_model(seed=3).state_dict()
     for key, value in one.state_dict().items():
         torch.testing.assert_close(value, expected[key], atol=0, rtol=0, msg=key)
-    table = "model.sparse_arch.embedding_bag_collection.per_id.per_id_d16.tables.embeddings.t_f0__q.weight"
+    table = "model.sparse_arch.embedding_bag_collection.per_id.per_id_d16.tables.embeddings.t_f0.weight"
     assert not torch.equal(before[table], expected[table])
 
     run_multiprocess(_load_other_plan, 2, path)
@@ -133,10 +134,13 @@ def test_a_checkpoint_of_another_config_is_refused_naming_the_table(tmp_path):
 
     path = tmp_path / "ckpt"
     save_checkpoint(path, one_table_ebc())
-    with pytest.raises(CheckpointError, match=r"table t_C1__q has shape \[125, 16\] in the checkpoint, \[250, 16\] in this model"):
+    with pytest.raises(CheckpointError, match=r"table t_C1 has shape \[125, 16\] in the checkpoint, \[250, 16\] in this model"):
         load_checkpoint(path, one_table_ebc(strategy="qr", operation="mult", num_collisions=4))
-    with pytest.raises(CheckpointError, match=r"not in the checkpoint: table t_C1 \(its tables: t_C1__q, t_C1__r\)"):
+    with pytest.raises(CheckpointError, match=r"table t_C1 is looked up per id \(mult\) in the checkpoint, looked up pooled in this model"):
         load_checkpoint(path, one_table_ebc(strategy="full"))
+    with pytest.raises(CheckpointError, match=r"not in the checkpoint: table t_C2, table t_C2__r \(its tables: t_C1, t_C1__r\)"):
+        cfg = MultiHashEmbeddingBagConfig(name="t_C2", num_embeddings=1000, embedding_dim=16, feature_names=["C1"], num_collisions=8)
+        load_checkpoint(path, MultiHashEmbeddingBagCollection([cfg]))
     load_checkpoint(path, one_table_ebc())  # the same config loads
 
 

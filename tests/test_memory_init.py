@@ -87,5 +87,5 @@ def test_embedding_bag_configs_are_the_logical_tables():
     (logical,) = ebc.embedding_bag_configs()
     assert type(logical) is EmbeddingBagConfig
     assert (logical.name, logical.num_embeddings, logical.embedding_dim, logical.feature_names) == ("t", 10**6, 16, ["f", "g"])
-    assert [s.name for s in ebc.sub_table_configs()] == ["t__q", "t__r"]
-    assert [s.feature_names for s in ebc.sub_table_configs()] == [["f__q", "g__q"], ["f__r", "g__r"]]
+    assert [s.name for s in ebc.sub_table_configs()] == ["t", "t__r"]
+    assert [s.feature_names for s in ebc.sub_table_configs()] == [["f", "g"], ["f__r", "g__r"]]

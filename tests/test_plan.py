@@ -32,20 +32,20 @@ def test_sub_table_constraints():
     out = sub_table_constraints(
         tables, {"t_a": ParameterConstraints(sharding_types=["row_wise"]), "t_c": ParameterConstraints(sharding_types=["column_wise"])}
     )
-    assert out["t_a__q"].sharding_types == ["row_wise"]
+    assert out["t_a"].sharding_types == ["row_wise"]
     assert out["t_a__r"].sharding_types == ["table_wise", "data_parallel"]  # 8 rows: kept whole
-    assert out["t_b__q"].sharding_types == ["table_wise", "column_wise", "row_wise"]  # per-id: never DP
+    assert out["t_b"].sharding_types == ["table_wise", "column_wise", "row_wise"]  # per-id: never DP
     assert out["t_b__r"].sharding_types == ["table_wise"]
     assert out["t_c"].sharding_types == ["column_wise"]
     # a sub-table named explicitly wins; unknown names are errors
     out = sub_table_constraints(tables, {"t_a__r": ParameterConstraints(sharding_types=["row_wise"])})
-    assert out["t_a__r"].sharding_types == ["row_wise"] and "t_a__q" not in out
+    assert out["t_a__r"].sharding_types == ["row_wise"] and "t_a" not in out
     with pytest.raises(ValueError, match="unknown table"):
         sub_table_constraints(tables, {"t_zz": ParameterConstraints()})
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         out = sub_table_constraints(tables, {"t_b": ParameterConstraints(sharding_types=["table_row_wise"])})
-    assert out["t_b__q"].sharding_types == ["row_wise"] and "not offered" in str(w[0].message)
+    assert out["t_b"].sharding_types == ["row_wise"] and "not offered" in str(w[0].message)
 
 
 @pytest.mark.parametrize("exclude_dp", [False, True])
@@ -78,7 +78,7 @@ def test_plan_command_text_and_json():
     r = run_cli("plan", "--config", CONFIG, "--world-size", "16", "--local-world-size", "8", "--compute-device", "cuda", "--hbm-gib", "80")
     assert r.returncode == 0, r.stderr
     assert "Plan for 16 cuda ranks (2 node(s) x 8)" in r.stdout
-    assert "t_C1__q" in r.stdout and "uncompressed" in r.stdout
+    assert "t_C1__r" in r.stdout and "uncompressed" in r.stdout
     assert "WARNING" not in r.stderr
     r = run_cli("plan", "--config", CONFIG, "--world-size", "2", "--compute-device", "cpu", "--json", "--set", "embeddings.compression=16")
     assert r.returncode == 0, r.stderr
@@ -131,7 +131,7 @@ def test_plan_of_learned_tables_counts_the_mapping_on_every_rank():
     # tables: t_a 100 x 8 floats = 3200 bytes; t_b's 100 mapped rows as Q-R with 10 collisions:
     # q and r of 10 x 8 floats = 320 bytes each; every rank holds both mappings
     assert report.embedding_bytes == ebc.memory_bytes() == 3200 + 640 + 4464
-    assert sorted((s.table, s.bytes) for s in report.shards) == [("t_a__learned", 3200), ("t_b__q", 320), ("t_b__r", 320)]
+    assert sorted((s.table, s.bytes) for s in report.shards) == [("t_a", 3200), ("t_b", 320), ("t_b__r", 320)]
     assert sum(report.bytes_per_rank) == 3200 + 640 + 2 * 4464
     assert min(report.bytes_per_rank) > 4464
 
@@ -149,3 +149,25 @@ def test_plan_of_the_criteo_config_with_learned_tables_places_every_mapping_on_e
     # and of the replicated (data parallel) tables
     replicated = sum(s.bytes for s in report.shards if s.sharding_type == "data_parallel")
     assert sum(report.bytes_per_rank) == ebc.memory_bytes() + 15 * (replicated + report.mapping_bytes)
+
+
+def test_stock_planner_constraints_keyed_by_logical_names_reach_the_main_sub_tables():
+    """Users hand TorchRec's planner constraints named after their tables, as for a stock EBC: the
+    main sub-table carries the logical name, so they apply without sub_table_constraints."""
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+
+    from torchrec_multihash import sharders
+
+    tables = [
+        cfg("t_h", strategy="hash", num_collisions=4),
+        cfg("t_q", strategy="qr", operation="add", num_collisions=8),
+        cfg("t_m", strategy="qr", operation="mult", num_collisions=8),
+        cfg("t_l", strategy="learned", num_collisions=4),
+    ]
+    model = MultiHashEmbeddingBagCollection(tables, device=torch.device("meta"))
+    constraints = {t.name: ParameterConstraints(sharding_types=["column_wise"]) for t in tables}
+    planner = EmbeddingShardingPlanner(topology=Topology(world_size=2, compute_device="cpu"), constraints=constraints)
+    plan = planner.plan(model, sharders())
+    types = {table: ps.sharding_type for module_plan in plan.plan.values() for table, ps in module_plan.items()}
+    assert {name: types[name] for name in ("t_h", "t_q", "t_m", "t_l")} == dict.fromkeys(("t_h", "t_q", "t_m", "t_l"), "column_wise")
+    assert set(types) == {"t_h", "t_q", "t_q__r", "t_m", "t_m__r", "t_l"}

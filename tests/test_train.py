@@ -115,7 +115,7 @@ def test_resume_of_another_config_is_a_clear_error(tmp_path):
     r, _ = train(tmp_path / "b", *common, "--set", "embeddings.compression=4", "--resume")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "--resume: checkpoint" in r.stderr and "was written for another configuration: table " in r.stderr
-    assert "table t_C1__q has shape [125000, 16] in the checkpoint, [250000, 16] in this model" in r.stderr
+    assert "table t_C1 has shape [125000, 16] in the checkpoint, [250000, 16] in this model" in r.stderr
 
 
 CRASH_IN_SECOND_SAVE = """

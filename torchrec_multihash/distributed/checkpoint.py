@@ -119,22 +119,30 @@ def _table(key: str) -> Optional[str]:
 
 
 def _describe(key: str) -> str:
-    """``table t_C1__q``, ``momentum1 of table t_C1__q`` (optimizer state), or the key itself."""
+    """``table t_C1__r``, ``momentum1 of table t_C1__r`` (optimizer state), or the key itself."""
     table = _table(key)
     if table is None:
         return key
     return f"table {table}" if key.endswith(".weight") else f"{key.rsplit('.', 1)[-1]} of table {table}"
 
 
+def _group_of(key: str) -> str:
+    return "looked up per id (mult)" if ".per_id." in key else "looked up pooled"
+
+
 def _check_fits(path: Path, md: Metadata, state: Dict[str, Any]) -> None:
     """Refuses a checkpoint of another config: tables missing, or of other shapes."""
     saved = md.state_dict_metadata
+    saved_at = {(_table(k), k.rsplit(".", 1)[-1]): k for k in saved if _table(k)}
     missing: List[str] = []
     wrong: List[str] = []
     for key, t in _tensors(state):
         what = _describe(key)
         entry = saved.get(key)
-        if entry is None:
+        moved = saved_at.get((_table(key), key.rsplit(".", 1)[-1])) if entry is None else None
+        if moved is not None:  # the same table, looked up another way (pooled vs per id: another operation or strategy)
+            wrong.append(f"{what} is {_group_of(moved)} in the checkpoint, {_group_of(key)} in this model")
+        elif entry is None:
             missing.append(what)
         elif not isinstance(entry, TensorStorageMetadata):
             wrong.append(f"{what} is not a tensor in the checkpoint")

@@ -50,7 +50,7 @@ def sub_table_constraints(
     small_table_sharding_types: Optional[Iterable[str]] = DEFAULT_SMALL_TABLE_SHARDING_TYPES,
 ) -> Dict[str, ParameterConstraints]:
     """Turns constraints keyed by logical table ("t_C1 must be row-wise") into constraints keyed
-    by sub-table (``t_C1__q``, ``t_C1__r``), the names the planner sees.
+    by sub-table (``t_C1``, ``t_C1__r``), the names the planner sees.
 
     - A logical table's constraint applies to each of its sub-tables.
     - Sub-tables of at most ``small_table_rows`` rows get ``small_table_sharding_types``

@@ -17,7 +17,7 @@ from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddin
 class ShardReport:
     """One sub-table's placement: its sharding type and the bytes of weights on each rank."""
 
-    table: str  # sub-table, e.g. t_C1__q
+    table: str  # sub-table, e.g. t_C1 (the main one), t_C1__r
     logical_table: str  # e.g. t_C1
     module: str  # FQN of the sharded inner module
     sharding_type: str

@@ -88,7 +88,7 @@ def _sub_features(
 class IdTransform(nn.Module):
     """Maps a KJT of logical features to a KJT of sub-features, one per partition.
 
-    Feature ``C1`` of a Q-R table becomes ``C1__q`` (ids ``x // m``) and ``C1__r`` (ids ``x % m``),
+    Feature ``C1`` of a Q-R table becomes ``C1`` (ids ``x // m``) and ``C1__r`` (ids ``x % m``),
     with the same lengths and per-sample weights. Tables with a learned mapping first map ids to
     rows; the mappings (buffers, no parameters) are children of the transform, in ``mappings``.
     The forward reads only plain lists of ints and strings, so it can be fx-traced (TorchRec's

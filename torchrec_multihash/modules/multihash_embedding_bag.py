@@ -201,7 +201,7 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return list(self._configs)
 
     def sub_table_configs(self) -> List[Union[EmbeddingBagConfig, EmbeddingConfig]]:
-        """The physical sub-tables (``t_C1__q``, ``t_C1__r``, ...) the planner sees."""
+        """The physical sub-tables (``t_C1``, ``t_C1__r``, ...) the planner sees."""
         return list(self._sub_table_configs)
 
     def sub_table_weights(self) -> Dict[str, torch.Tensor]:

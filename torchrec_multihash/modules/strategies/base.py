@@ -16,13 +16,13 @@ TOLERANCE = 0.02
 
 
 def sub_table_name(table: str, suffix: str) -> str:
-    """The name of a sub-table (``t_C1`` + ``__q``): what the planner and checkpoints see."""
+    """The name of a sub-table (``t_C1`` + ``__r``): what the planner and checkpoints see."""
     return table + suffix
 
 
 def sub_feature_name(feature: str, suffix: str, table: Optional[str] = None) -> str:
-    """The KJT key a sub-table is looked up with (``C1`` + ``__q``); ``table`` is given for a
-    feature that several tables look up (``C1@t_a__q``)."""
+    """The KJT key a sub-table is looked up with (``C1`` + ``__r``); ``table`` is given for a
+    feature that several tables look up (``C1@t_a__r``)."""
     return (feature if table is None else f"{feature}@{table}") + suffix
 
 
@@ -30,8 +30,8 @@ def sub_feature_name(feature: str, suffix: str, table: Optional[str] = None) -> 
 class SubTable:
     """One physical sub-table of a logical table."""
 
-    name: str  # the sub-table's name, e.g. t_C1__q
-    suffix: str  # what it appends to the table's and features' names, e.g. __q
+    name: str  # the sub-table's name, e.g. t_C1__r
+    suffix: str  # what it appends to the table's and features' names, e.g. __r
     num_embeddings: int
     embedding_dim: int
     init_range: Tuple[float, float]  # uniform [min, max] of its initial weights
@@ -74,7 +74,9 @@ class Strategy(ABC):
 
     @abstractmethod
     def suffixes(self) -> List[str]:
-        """Suffix of each sub-table's and sub-feature's name (``__q``, ``__r``)."""
+        """Suffix of each sub-table's and sub-feature's name: ``""`` for the main (largest)
+        partition, which so carries the logical table's name, as TorchRec's planner constraints
+        and plans name it; ``__r``, ``__p0``, ... for the others."""
 
     @abstractmethod
     def partition_spec(self) -> List[Tuple[int, int]]:

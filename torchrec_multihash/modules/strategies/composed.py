@@ -62,7 +62,10 @@ class ModuliStrategy(PartitionedStrategy):
         return list(self.config.moduli)
 
     def suffixes(self) -> List[str]:
-        return [f"__p{i}" for i in range(self.num_partitions())]
+        """``__p{i}``; the largest partition keeps the logical name (constraints keyed by it apply)."""
+        sizes = self.sizes()
+        main = sizes.index(max(sizes))
+        return ["" if i == main else f"__p{i}" for i in range(len(sizes))]
 
     @classmethod
     def fields_for(cls, sizes: List[int]) -> Dict[str, Any]:

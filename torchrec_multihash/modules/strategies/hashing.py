@@ -19,7 +19,7 @@ class HashingTrick(Strategy):
         return [ceil_div(self.domain, self.config.num_collisions)]
 
     def suffixes(self) -> List[str]:
-        return ["__hash"]
+        return [""]  # the logical table's own name: constraints keyed by it apply
 
     def partition_spec(self) -> List[Tuple[int, int]]:
         return [(1, self.sizes()[0])]

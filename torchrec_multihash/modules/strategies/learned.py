@@ -21,7 +21,7 @@ class LearnedHash(Strategy):
         return [self.domain]
 
     def suffixes(self) -> List[str]:
-        return ["__learned"]
+        return [""]  # the logical table's own name: constraints keyed by it apply
 
     def partition_spec(self) -> List[Tuple[int, int]]:
         return [(1, 0)]  # ids are already mapped to rows

@@ -20,7 +20,7 @@ class QuotientRemainder(PartitionedStrategy):
         return [ceil_div(self.domain, m), m]
 
     def suffixes(self) -> List[str]:
-        return ["__q", "__r"]
+        return ["", "__r"]  # the quotient table, the big one, keeps the logical name
 
     def partition_spec(self) -> List[Tuple[int, int]]:
         m = self.sizes()[1]
