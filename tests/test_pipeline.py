@@ -60,3 +60,59 @@ def _worker(rank, world_size):
 @pytest.mark.distributed
 def test_pipeline_overlaps_input_dist_and_trains_like_the_plain_loop():
     run_multiprocess(_worker, 2)
+
+
+def _golden_flow(rank, world_size, operations, only_ebc_sharder, pipeline_postproc):
+    """TorchRec's examples/golden_training/train_dlrm.py with the one-line swap: DLRM, DMP with the
+    sharders given, TrainPipelineSparseDist(model, optimizer, device) as called there."""
+    import warnings
+
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.models.dlrm import DLRM, DLRMTrain
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    from torchrec_multihash import MultiHashEmbeddingBagCollection, sharders, to_multihash_configs
+    from torchrec_multihash.datasets.synthetic import SyntheticCriteo
+    from torchrec_multihash.distributed.lookup_checks import PIPELINE_HINT, ShardingSetupError
+
+    configs = [EmbeddingBagConfig(name=f"t_f{i}", num_embeddings=1000, embedding_dim=16, feature_names=[f"f{i}"]) for i in range(2)]
+    overrides = {c.name: {"operation": op} for c, op in zip(configs, operations)}
+    tables = to_multihash_configs(configs, 8, strategy="qr", overrides=overrides)
+    ebc = MultiHashEmbeddingBagCollection(tables, device=torch.device("meta"))
+    model = DLRMTrain(DLRM(embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[16], over_arch_layer_sizes=[8, 1]))
+    fused = {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.05}
+    shard = [EmbeddingBagCollectionSharder(fused_params=fused)] if only_ebc_sharder else sharders(fused)
+    dmp = DistributedModelParallel(model, device=torch.device("cpu"), sharders=shard)
+    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda p: torch.optim.Adagrad(p, lr=0.1))
+    opt = CombinedOptimizer([dmp.fused_optimizer, dense])
+    kw = {"pipeline_postproc": True} if pipeline_postproc else {}
+    pipeline = TrainPipelineSparseDist(dmp, opt, torch.device("cpu"), **kw)
+    task = SyntheticCriteo.toy([1000, 1000], seed=3)
+    data = iter([task.batch(8, i * world_size + rank) for i in range(4)])
+    if only_ebc_sharder and "add" in operations:  # the mult tables' EmbeddingCollection left out
+        with pytest.raises(ShardingSetupError, match="got no EmbeddingCollectionSharder, so those tables would be replicated"):
+            pipeline.progress(data)
+        return
+    if only_ebc_sharder:  # nothing sharded at all: every rank holds a replica, and is told so
+        with pytest.warns(UserWarning, match="not sharded although 2 ranks run.*add EmbeddingCollectionSharder"):
+            pipeline.progress(data)
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            pipeline.progress(data)
+    hints = [w for w in caught if str(w.message) == PIPELINE_HINT]
+    assert len(hints) == (0 if pipeline_postproc else 1), [str(w.message) for w in caught]
+    assert len(pipeline._pipelined_modules) == (1 if pipeline_postproc else 0)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "operations,only_ebc_sharder,pipeline_postproc",
+    [(("add", "mult"), True, False), (("mult", "mult"), True, False), (("add", "add"), False, False), (("add", "add"), False, True)],
+    ids=["mult-tables-without-their-sharder", "no-table-sharded", "default-pipeline-is-told-what-to-pass", "pipeline_postproc-pipelines"],
+)
+def test_torchrec_golden_training_flow_with_the_one_line_swap(operations, only_ebc_sharder, pipeline_postproc):
+    run_multiprocess(_golden_flow, 2, operations, only_ebc_sharder, pipeline_postproc)

@@ -169,9 +169,29 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             else:
                 self.per_id[group] = PerIdLookup(transform, EmbeddingCollection(tables=groups.configs[group], device=self._device))
         self.combine = Combine(groups.outputs, is_weighted=is_weighted)
+        self._sharding_checked = False
+        self._traced_by_pipeline = False
+
+    @torch.jit.unused
+    def _check_use(self, features: KeyedJaggedTensor) -> None:
+        """Eager mode only: on the first forward, that the inner tables were sharded consistently;
+        after a TrainPipelineSparseDist traced the model, that it pipelined their lookups."""
+        from torchrec_multihash.distributed.lookup_checks import check_sharding, warn_if_not_pipelined
+
+        if isinstance(features, torch.fx.Proxy):  # being traced: remember whether by a training pipeline
+            self._traced_by_pipeline = type(features.tracer).__module__.startswith("torchrec.distributed.train_pipeline")
+            return
+        if not self._sharding_checked:
+            check_sharding(self)
+            self._sharding_checked = True
+        if self._traced_by_pipeline:
+            self._traced_by_pipeline = False
+            warn_if_not_pipelined(self)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Looks up and pools every feature; returns ``[B, sum of embedding dims]`` keyed by feature."""
+        if not torch.jit.is_scripting():
+            self._check_use(features)
         pooled: Dict[str, KeyedTensor] = {}
         for group, pooled_lookup in self.pooled.items():
             pooled[group] = pooled_lookup(features)

@@ -1,0 +1,73 @@
+"""Checks of how a model around our module was sharded and pipelined, made on its first forward:
+what TorchRec itself would let pass silently (a table left unsharded, lookups not pipelined)."""
+
+import warnings
+from typing import TYPE_CHECKING, List
+
+import torch.distributed as dist
+from torchrec.distributed.types import ShardedModule, ShardingType
+
+from torchrec_multihash.errors import MultiHashError
+
+if TYPE_CHECKING:
+    from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
+
+PIPELINE_HINT = (
+    "TrainPipelineSparseDist did not pipeline the multi-hash tables' lookups (their input passes through "
+    "the id transform): build it with pipeline_postproc=True, e.g. TrainPipelineSparseDist(model, optimizer, "
+    "device, pipeline_postproc=True), to overlap their input dist with compute. Training is correct either way."
+)
+
+
+class ShardingSetupError(MultiHashError):
+    """A model whose multi-hash tables were sharded in a way that cannot be right."""
+
+
+def _groups(module: "MultiHashEmbeddingBagCollection") -> List[tuple]:
+    """(group name, inner tables module, its sharder's name) of every lookup group."""
+    return [(name, g.tables, "EmbeddingBagCollectionSharder") for name, g in module.pooled.items()] + [
+        (name, g.tables, "EmbeddingCollectionSharder") for name, g in module.per_id.items()
+    ]
+
+
+def check_sharding(module: "MultiHashEmbeddingBagCollection") -> None:
+    """Raises ShardingSetupError if some of the module's inner tables were sharded and others not
+    (DistributedModelParallel had no sharder for them: they would be silently replicated), or if a
+    per-id EmbeddingCollection is data-parallel (in torchrec 1.8 it returns rows of the wrong ids);
+    warns if none is sharded while several ranks run (each would hold a replica)."""
+    groups = _groups(module)
+    sharded = [isinstance(tables, ShardedModule) for _, tables, _ in groups]
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if not any(sharded) and world > 1:
+        warnings.warn(
+            f"the multi-hash tables are not sharded although {world} ranks run: each rank holds and trains a full "
+            "replica. To shard them, pass torchrec_multihash.sharders() to DistributedModelParallel and the planner "
+            f"(or add {' and '.join(sorted({s for _, _, s in groups}))} to your sharder list).",
+            stacklevel=3,
+        )
+    if any(sharded) and not all(sharded):
+        left = [(name, sharder) for (name, _, sharder), s in zip(groups, sharded) if not s]
+        names = ", ".join(f"'{n}'" for n, _ in left)
+        raise ShardingSetupError(
+            f"the multi-hash tables of lookup group(s) {names} were not sharded while the others were: "
+            f"DistributedModelParallel (and the planner) got no {' / '.join(sorted({s for _, s in left}))}, so those "
+            "tables would be replicated on every rank. Pass torchrec_multihash.sharders() to both (TorchRec's "
+            "default sharders include it), or add the missing sharder to your list."
+        )
+    for name, tables, _ in groups:
+        types = getattr(tables, "_sharding_type_to_sharding", {})
+        if name.startswith("per_id") and ShardingType.DATA_PARALLEL.value in types:
+            raise ShardingSetupError(
+                f"lookup group '{name}' (mult tables, a TorchRec EmbeddingCollection) is sharded data_parallel, "
+                "which returns rows of the wrong ids in torchrec 1.8: plan with "
+                "torchrec_multihash.sub_table_constraints(...) (it never makes them data-parallel) or constrain "
+                "their sharding types to table_wise, column_wise or row_wise"
+            )
+
+
+def warn_if_not_pipelined(module: "MultiHashEmbeddingBagCollection") -> None:
+    """Warns (once per pipeline) if a TrainPipelineSparseDist traced the model but left the
+    module's sharded lookups unpipelined (built without pipeline_postproc=True)."""
+    sharded = [tables for _, tables, _ in _groups(module) if isinstance(tables, ShardedModule)]
+    if sharded and not all(getattr(t, "is_pipelined", False) for t in sharded):
+        warnings.warn(PIPELINE_HINT, stacklevel=3)
