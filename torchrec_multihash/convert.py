@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_multihash.errors import MultiHashError
-from torchrec_multihash.modules.config import OPERATIONS, MultiHashConfigError, MultiHashEmbeddingBagConfig
+from torchrec_multihash.modules.config import OPERATIONS, MultiHashConfigError, MultiHashEmbeddingBagConfig, logical_fields
 from torchrec_multihash.modules.strategies import TOLERANCE, StrategyName, parse_strategy, strategy_class
 
 # tables with at most this many rows stay full, as in the original DLRM code (--qr-threshold)
@@ -23,19 +23,6 @@ def _check_arguments(strategy: Union[str, StrategyName], operation: str, compres
     if not compression >= 1:
         raise MultiHashConfigError(f"compression must be >= 1, got {compression!r}")
     return name
-
-
-def _logical_fields(c: EmbeddingBagConfig) -> Dict[str, Any]:
-    return dict(
-        name=c.name,
-        num_embeddings=c.num_embeddings,
-        embedding_dim=c.embedding_dim,
-        feature_names=list(c.feature_names),
-        pooling=c.pooling,
-        data_type=c.data_type,
-        weight_init_min=c.weight_init_min,
-        weight_init_max=c.weight_init_max,
-    )
 
 
 def to_multihash_configs(
@@ -77,7 +64,7 @@ def to_multihash_configs(
                 short.append(f"{c.name} (N={c.num_embeddings}): {s.factor:.2f}x")
             fields.update(strategy=name, **s.fields)
         fields.update(overrides.get(c.name, {}))
-        out.append(MultiHashEmbeddingBagConfig(**_logical_fields(c), **fields))
+        out.append(MultiHashEmbeddingBagConfig(**logical_fields(c), **fields))
     if short:
         msg = f"strategy '{name}' cannot shrink these tables {compression}x; they use its smallest configuration instead: {', '.join(short)}"
         if strict:

@@ -4,7 +4,6 @@ composed embedding of any id, and materialise plain full-size tables from ours."
 from typing import Any, Optional
 
 import torch
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -51,10 +50,7 @@ def to_embedding_bag_collection(
 ) -> EmbeddingBagCollection:
     """A stock ``EmbeddingBagCollection`` of full-size tables holding every id's composed embedding
     (to migrate a model back to plain tables): ``num_embeddings x embedding_dim`` floats per table."""
-    configs = [
-        EmbeddingBagConfig(**{k: getattr(c, k) for k in ("name", "num_embeddings", "embedding_dim", "feature_names", "pooling")})
-        for c in module.embedding_bag_configs()
-    ]
+    configs = module.embedding_bag_configs()
     ebc = EmbeddingBagCollection(configs, is_weighted=module.is_weighted(), device=device)
     with torch.no_grad():
         for c in configs:

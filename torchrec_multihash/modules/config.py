@@ -1,7 +1,7 @@
 """Configuration of one logical multi-hash embedding table."""
 
 from dataclasses import dataclass
-from typing import List, Optional, Type, Union
+from typing import Any, Dict, List, Optional, Type, Union
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
@@ -24,6 +24,18 @@ MAPPING_FIELDS = ("mapping_rows", "mapping_ids", "fallback_rows")
 
 class MultiHashConfigError(MultiHashError, ValueError):
     """A multi-hash table configuration that cannot work; the message names the table."""
+
+
+# the EmbeddingBagConfig fields that describe a logical table (what converting to and from
+# TorchRec's configs carries over)
+LOGICAL_FIELDS = ("name", "num_embeddings", "embedding_dim", "feature_names", "pooling", "data_type", "weight_init_min", "weight_init_max")
+
+
+def logical_fields(config: EmbeddingBagConfig) -> Dict[str, Any]:
+    """The logical table's fields of ``config`` (a copy of its feature names)."""
+    fields = {k: getattr(config, k) for k in LOGICAL_FIELDS}
+    fields["feature_names"] = list(config.feature_names)
+    return fields
 
 
 def _positive_int(v: object) -> bool:

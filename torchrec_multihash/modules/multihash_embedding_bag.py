@@ -21,7 +21,7 @@ from torchrec.modules.embedding_modules import (
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from torchrec_multihash.modules.combine import Combine, OutputSpec
-from torchrec_multihash.modules.config import MultiHashConfigError, MultiHashEmbeddingBagConfig
+from torchrec_multihash.modules.config import MultiHashConfigError, MultiHashEmbeddingBagConfig, logical_fields
 from torchrec_multihash.modules.id_transform import FeatureLookup, IdTransform
 from torchrec_multihash.modules.learned_mapping import LearnedMapping
 from torchrec_multihash.modules.lookup_group import PerIdLookup, PooledLookup
@@ -202,19 +202,7 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         """The logical tables as plain TorchRec configs (what DLRM reads its dims and features from)."""
-        return [
-            EmbeddingBagConfig(
-                name=t.name,
-                num_embeddings=t.num_embeddings,
-                embedding_dim=t.embedding_dim,
-                feature_names=list(t.feature_names),
-                pooling=t.pooling,
-                data_type=t.data_type,
-                weight_init_min=t.weight_init_min,
-                weight_init_max=t.weight_init_max,
-            )
-            for t in self._configs
-        ]
+        return [EmbeddingBagConfig(**logical_fields(t)) for t in self._configs]
 
     def multihash_configs(self) -> List[MultiHashEmbeddingBagConfig]:
         """The configs this module was built from."""
