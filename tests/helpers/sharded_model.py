@@ -9,6 +9,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 from torchrec.datasets.utils import Batch
 from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.models.dlrm import DLRM, DLRMTrain
@@ -21,6 +22,8 @@ from torchrec_multihash import (
     sub_table_constraints,
 )
 from torchrec_multihash.datasets.synthetic import SyntheticCriteo
+
+from tests.helpers.cuda_types import cuda_type_sharders
 
 DIM = 16
 VOCAB = [300, 200, 120, 50, 500, 400, 600]
@@ -75,13 +78,16 @@ def batches(rank: int, world_size: int, n: int, batch_size: int = 8) -> Iterator
 
 def shard_with(model, sharding_type, world_size, fused_params):
     """``model`` under DistributedModelParallel, every sub-table sharded with ``sharding_type`` where
-    TorchRec offers it (the app's sub-table constraints); returns (model, plan, constraints)."""
+    TorchRec offers it (the app's sub-table constraints); returns (model, plan, constraints).
+    Types TorchRec offers only on CUDA (row_wise, table_row_wise) use the test-only sharders of
+    ``cuda_types``; the others the app's own."""
     constraints = sub_table_constraints(
         tables(),
         {t.name: ParameterConstraints(sharding_types=[sharding_type], min_partition=8) for t in tables()},
         small_table_sharding_types=None,
     )
-    shard = sharders(fused_params=fused_params)
+    cpu_types = EmbeddingBagCollectionSharder().sharding_types("cpu")
+    shard = sharders(fused_params=fused_params) if sharding_type in cpu_types else cuda_type_sharders(fused_params)
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device="cpu"), constraints=constraints)
     plan = planner.collective_plan(model, shard, dist.GroupMember.WORLD)
     return DistributedModelParallel(model, plan=plan, sharders=shard, device=torch.device("cpu")), plan, constraints
