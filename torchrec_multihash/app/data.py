@@ -202,9 +202,6 @@ def _tsv_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunD
     d, keys = cfg.data, _criteo_keys(cfg)
     train_paths = _paths(d.train, "train")
     _paths(d.test, "test")
-    for key, least in (("num_workers", 0), ("skip_bad_lines", 0), ("max_vocab_size", 1)):
-        if getattr(d, key) < least:
-            raise ConfigError(f"data.{key} must be >= {least}, got {getattr(d, key)}")
     to_id = _id_mapping(cfg, keys, train_paths, rank, output_dir)
     source = _TsvSource(cfg, keys, to_id, rank, world_size, BadLines(d.skip_bad_lines), BadLines(d.skip_bad_lines))
     return RunData(source.train, source.test, to_id.sizes(), NUM_DENSE, source.skipped_lines)

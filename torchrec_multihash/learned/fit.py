@@ -57,6 +57,12 @@ class FitOptions:
     learn_vectors: bool = True
     vector_min_count: int = 20
 
+    def __post_init__(self) -> None:
+        for key in ("dim", "seed", "vector_min_count"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "dim" else 0):
+                raise MultiHashConfigError(f"FitOptions.{key} must be an int >= {1 if key == 'dim' else 0}, got {value!r}")
+
 
 @dataclass
 class FittedMapping:
