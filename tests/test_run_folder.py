@@ -180,7 +180,9 @@ def test_runs_that_would_train_nothing_are_refused(tmp_path, shared_data, conten
 
     f = tmp_path / "train.txt"
     f.write_text(content)
-    cfg = _kaggle_cfg(tmp_path, shared_data, f, "data.ids=hashing", "embeddings.num_embeddings_per_feature=[100]*26".replace("[100]*26", str([100] * 26)))
+    cfg = _kaggle_cfg(
+        tmp_path, shared_data, f, "data.ids=hashing", "embeddings.num_embeddings_per_feature=[100]*26".replace("[100]*26", str([100] * 26))
+    )
     if not content:
         with pytest.raises(ConfigError, match="data.train: empty file"):
             make_data(cfg, 0, 1, tmp_path)
