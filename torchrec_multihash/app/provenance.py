@@ -41,8 +41,11 @@ def files(paths: Optional[List[str]], exact: bool = True) -> List[List[Any]]:
     what survives a copy of the data to another folder."""
     out = []
     for p in paths or []:
-        st = Path(p).stat()
-        out.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns] if exact else [Path(p).name, st.st_size])
+        try:
+            size, mtime = Path(p).stat().st_size, Path(p).stat().st_mtime_ns
+        except OSError:  # the data's own checks name it
+            size = mtime = None
+        out.append([str(Path(p).resolve()), size, mtime] if exact else [Path(p).name, size])
     return out
 
 
