@@ -41,6 +41,8 @@ def files(paths: Optional[List[str]], exact: bool = True) -> List[List[Any]]:
     what survives a copy of the data to another folder."""
     out = []
     for p in paths or []:
+        size: Optional[int]
+        mtime: Optional[int]
         try:
             size, mtime = Path(p).stat().st_size, Path(p).stat().st_mtime_ns
         except OSError:  # the data's own checks name it
