@@ -190,3 +190,63 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint_and_the_next_save_clean
 
     save_checkpoint(path, one_table_ebc())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def _saved(tmp_path):
+    path = tmp_path / "ckpt"
+    save_checkpoint(path, one_table_ebc())
+    return path, next(path.glob("*.distcp"))
+
+
+def test_a_damaged_shard_file_is_refused_naming_it(tmp_path):
+    """Issue 14, item 8: missing, truncated and bit-flipped data files (DCP has no checksums)."""
+    from torchrec_multihash.distributed import CheckpointError
+
+    path, shard = _saved(tmp_path)
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one flipped bit, same size
+    with pytest.raises(CheckpointError, match=f"file {shard.name} does not match its checksum"):
+        load_checkpoint(path, one_table_ebc())
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=f"file {shard.name} is truncated"):
+        load_checkpoint(path, one_table_ebc())
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"file {shard.name} is missing"):
+        load_checkpoint(path, one_table_ebc())
+    shard.write_bytes(data)
+    load_checkpoint(path, one_table_ebc())  # as saved: loads
+
+
+def test_an_index_pointing_outside_the_folder_is_refused(tmp_path):
+    import pickle
+
+    from torchrec_multihash.distributed import CheckpointError
+    from torchrec_multihash.distributed.checkpoint import read_index
+
+    path, shard = _saved(tmp_path)
+    md = read_index(path)
+    for info in md.storage_data.values():
+        info.relative_path = "../../x.distcp"
+    (path / ".metadata").write_bytes(pickle.dumps(md))
+    with pytest.raises(CheckpointError, match="points at '../../x.distcp', outside the checkpoint folder"):
+        load_checkpoint(path, one_table_ebc())
+
+
+def test_a_checkpoint_folder_without_its_index_is_not_taken_for_none(tmp_path):
+    from torchrec_multihash.distributed import CheckpointError, find_checkpoint
+
+    path, _ = _saved(tmp_path)
+    (path / ".metadata").unlink()
+    with pytest.raises(CheckpointError, match="holds checkpoint files but no .metadata index"):
+        find_checkpoint(path)
+    assert find_checkpoint(tmp_path / "nothing") is None
+
+
+def test_save_and_load_checkpoint_are_exported_at_the_top_level(tmp_path):
+    import torchrec_multihash
+
+    torchrec_multihash.save_checkpoint(tmp_path / "c", one_table_ebc(), meta={"note": 1})
+    torchrec_multihash.load_checkpoint(tmp_path / "c", one_table_ebc())
+    from torchrec_multihash.distributed.checkpoint_files import read_manifest
+
+    assert read_manifest(tmp_path / "c")["meta"] == {"note": 1}

@@ -73,8 +73,7 @@ GOOD = ["1"] + ["3", "", "-2"] + ["7"] * 10 + ["68fd1e64", ""] + ["0a1b2c3d"] * 
     [
         ({}, True),
         ({15: "1f"}, False),  # not 8 hex digits: parsed line by line, to the same values
-        ({15: "0x68fd1e"}, False),
-        ({2: "+5"}, True),
+        ({15: "68FD1E640A"}, False),  # 10 digits, upper case
     ],
 )
 @pytest.mark.parametrize("labeled", [True, False])

@@ -4,7 +4,13 @@ from torchrec.modules.embedding_configs import PoolingType  # noqa: F401  re-exp
 
 from torchrec_multihash.convert import to_multihash_configs  # noqa: F401
 from torchrec_multihash.deeprec import get_multihash_variable  # noqa: F401
-from torchrec_multihash.distributed import sharders, sub_table_constraints  # noqa: F401
+from torchrec_multihash.distributed import (  # noqa: F401
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    sharders,
+    sub_table_constraints,
+)
 from torchrec_multihash.errors import MultiHashError  # noqa: F401
 from torchrec_multihash.interop import (  # noqa: F401
     composed_embeddings,

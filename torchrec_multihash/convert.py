@@ -20,7 +20,7 @@ def _check_arguments(strategy: Union[str, StrategyName], operation: str, compres
         raise MultiHashConfigError(str(e)) from None
     if operation not in OPERATIONS:
         raise MultiHashConfigError(f"operation must be one of {OPERATIONS}, got {operation!r}")
-    if not compression >= 1:
+    if isinstance(compression, bool) or not compression >= 1:
         raise MultiHashConfigError(f"compression must be >= 1, got {compression!r}")
     return name
 
@@ -49,7 +49,9 @@ def to_multihash_configs(
     unknown = set(overrides) - {c.name for c in configs}
     if unknown:
         raise MultiHashConfigError(f"overrides name unknown table(s) {sorted(unknown)}")
-    k = num_partitions or cls.default_partitions
+    if isinstance(threshold, bool) or not isinstance(threshold, int):
+        raise MultiHashConfigError(f"threshold must be an int (rows), got {threshold!r}")
+    k = cls.default_partitions if num_partitions is None else num_partitions
     try:
         cls.check_num_partitions(k)
     except ValueError as e:

@@ -175,9 +175,49 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
     return raw
 
 
+# (section, key, least value): numbers a run cannot use below that
+_LEAST = [
+    *(("train", k, 1) for k in ("batch_size", "epochs")),
+    *(("train", k, 0) for k in ("max_steps", "eval_every", "checkpoint_every", "warmup_steps", "decay_start", "decay_steps")),
+    *(("train", k, 0.0) for k in ("embedding_lr", "dense_lr")),
+    *(("data", k, 1) for k in ("min_count", "train_samples", "test_samples", "num_clusters", "max_vocab_size")),
+    *(("data", k, 0) for k in ("num_workers", "skip_bad_lines")),
+    ("model", "embedding_dim", 1),
+    ("model", "dense_in_features", 1),
+    ("embeddings", "compression", 1.0),
+]
+
+
+def _check_sizes(cfg: Config) -> None:
+    """Lists of sizes (layers, tables) hold positive ints; the over arch ends in one logit."""
+    for where, sizes in (
+        ("model.dense_arch_layer_sizes", cfg.model.dense_arch_layer_sizes),
+        ("model.over_arch_layer_sizes", cfg.model.over_arch_layer_sizes),
+        ("embeddings.num_embeddings_per_feature", cfg.embeddings.num_embeddings_per_feature),
+    ):
+        bad = [v for v in sizes if v < 1]
+        if bad:
+            raise ConfigError(f"{where} must hold sizes >= 1, got {sizes}")
+    if not cfg.model.over_arch_layer_sizes or cfg.model.over_arch_layer_sizes[-1] != 1:
+        raise ConfigError(f"model.over_arch_layer_sizes must end in 1 (the click logit), got {cfg.model.over_arch_layer_sizes}")
+    k = cfg.embeddings.num_partitions
+    if k is not None and k < 2:
+        raise ConfigError(f"embeddings.num_partitions must be >= 2 (or left out for the default), got {k}")
+
+
+def validate(cfg: Config) -> Config:
+    """Refuses values no run can use (a batch of 0, NaN learning rates, ...), naming the key."""
+    for section, key, least in _LEAST:
+        value = getattr(getattr(cfg, section), key)
+        if not least <= value < float("inf"):  # NaN too
+            raise ConfigError(f"{section}.{key} must be >= {least}{' and finite' if isinstance(least, float) else ''}, got {value!r}")
+    _check_sizes(cfg)
+    return cfg
+
+
 def config_from_dict(raw: Dict[str, Any], source: str = "<config>") -> Config:
     try:
-        return _from_dict(Config, raw or {}, "")
+        return validate(_from_dict(Config, raw or {}, ""))
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 
@@ -197,9 +237,11 @@ def load_config(path: Union[str, Path, None], overrides: Sequence[str] = ()) -> 
     if path is not None:
         source = str(path)
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:

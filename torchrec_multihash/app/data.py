@@ -12,9 +12,10 @@ from torchrec.datasets.utils import Batch
 
 from torchrec_multihash.app.config import Config, ConfigError
 from torchrec_multihash.app.model import feature_names
-from torchrec_multihash.datasets.batching import check_finite
+from torchrec_multihash.app.provenance import data_record, differences
+from torchrec_multihash.datasets.batching import check_finite, check_labels
 from torchrec_multihash.datasets.criteo_loader import CriteoBatchDataset, criteo_batches
-from torchrec_multihash.datasets.criteo_tsv import DEFAULT_SPARSE_NAMES, NUM_DENSE, NUM_SPARSE, BadLines, read_rows
+from torchrec_multihash.datasets.criteo_tsv import DEFAULT_SPARSE_NAMES, NUM_DENSE, NUM_SPARSE, BadLines, CriteoFormatError, read_rows
 from torchrec_multihash.datasets.id_mapping import HashingIds, IdMapping, Vocabulary
 from torchrec_multihash.datasets.synthetic import SyntheticCriteo
 
@@ -39,6 +40,9 @@ def _paths(paths: Optional[List[str]], what: str) -> List[str]:
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise ConfigError(f"data.{what}: no such file(s) {missing}")
+    empty = [p for p in paths if Path(p).stat().st_size == 0]
+    if empty:
+        raise ConfigError(f"data.{what}: empty file(s) {empty}")
     return list(paths)
 
 
@@ -49,6 +53,9 @@ def _npy_triplet(dense: str, what: str) -> List[str]:
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise ConfigError(f"data.{what}: missing {missing} next to {dense}")
+    rows = [len(np.load(p, mmap_mode="r")) for p in paths]
+    if len(set(rows)) > 1:
+        raise CriteoFormatError(f"data.{what}: {', '.join(f'{Path(p).name} has {n} rows' for p, n in zip(paths, rows))}: they must be equal")
     return paths
 
 
@@ -85,7 +92,7 @@ def _npy_batches(paths: List[str], cfg: Config, rank: int, world_size: int, keys
         return f"{triplets[f][0]} row {start + row - file_starts[f]}"
 
     for i, b in enumerate(pipe):
-        check_finite(b, functools.partial(where, i))
+        check_labels(check_finite(b, functools.partial(where, i)), functools.partial(where, i))
         kjt = b.sparse_features  # keyed cat_0..cat_25: rename to the model's features
         yield Batch(
             dense_features=b.dense_features,
@@ -106,6 +113,8 @@ def _synthetic_data(cfg: Config, rank: int, world_size: int) -> RunData:
         feature_names=feature_names(cfg.embeddings),
     )
     per_rank_train = d.train_samples // (bs * world_size)
+    if per_rank_train == 0:
+        raise ConfigError(f"data.train_samples={d.train_samples} is less than one batch per rank (train.batch_size={bs} x {world_size} rank(s))")
     per_rank_test = max(1, d.test_samples // (bs * world_size))
     return RunData(
         train=lambda epoch, skip: syn.batches(bs, per_rank_train - skip, start=rank + skip * world_size, step=world_size),
@@ -127,6 +136,8 @@ def _criteo_keys(cfg: Config) -> List[str]:
 def _npy_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunData:
     keys, sizes = _criteo_keys(cfg), list(cfg.embeddings.num_embeddings_per_feature)
     train_paths, test_paths = _paths(cfg.data.train, "train"), _paths(cfg.data.test, "test")
+    for path, what in [*((p, "train") for p in train_paths), *((p, "test") for p in test_paths)]:
+        _npy_triplet(path, what)  # before any work: all there, with equal row counts
     if len(sizes) != NUM_SPARSE:
         raise ConfigError("criteo_npy: embeddings.num_embeddings_per_feature needs 26 sizes (ids are hashed mod them)")
     return RunData(
@@ -147,16 +158,29 @@ def _id_mapping(cfg: Config, keys: List[str], train_paths: List[str], rank: int,
         return HashingIds(sizes)
     if d.ids != "vocabulary":
         raise ConfigError(f"data.ids must be hashing or vocabulary, got {d.ids!r}")
-    vocab_path = output_dir / "vocabulary.json"
+    vocab_path, source = output_dir / "vocabulary.json", data_record(cfg)
     if vocab_path.is_file():
-        return Vocabulary.load(vocab_path)
+        vocab = _load_vocabulary(vocab_path)
+        changed = differences(vocab.source, source)
+        if not changed:
+            return vocab
+        if rank == 0:
+            print(f"Rebuilding {vocab_path}, made from other data: {'; '.join(changed[:3])}", flush=True)
     # its bad lines are counted (and warned about) in training
     rows = read_rows(train_paths, bad_lines=BadLines(d.skip_bad_lines, warn_first=0))
     vocab = Vocabulary.build(rows, len(keys), min_count=d.min_count, max_size=d.max_vocab_size)
+    vocab.source = source
     if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        output_dir.mkdir(parents=True, exist_ok=True)  # (fit-hash has not made it)
         vocab.save(vocab_path)
     return vocab
+
+
+def _load_vocabulary(path: Path) -> Vocabulary:
+    try:
+        return Vocabulary.load(path)
+    except ValueError as e:
+        raise ConfigError(f"{e}: delete it to build it again") from None
 
 
 @dataclass
@@ -202,9 +226,6 @@ def _tsv_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunD
     d, keys = cfg.data, _criteo_keys(cfg)
     train_paths = _paths(d.train, "train")
     _paths(d.test, "test")
-    for key, least in (("num_workers", 0), ("skip_bad_lines", 0), ("max_vocab_size", 1)):
-        if getattr(d, key) < least:
-            raise ConfigError(f"data.{key} must be >= {least}, got {getattr(d, key)}")
     to_id = _id_mapping(cfg, keys, train_paths, rank, output_dir)
     source = _TsvSource(cfg, keys, to_id, rank, world_size, BadLines(d.skip_bad_lines), BadLines(d.skip_bad_lines))
     return RunData(source.train, source.test, to_id.sizes(), NUM_DENSE, source.skipped_lines)

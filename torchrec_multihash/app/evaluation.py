@@ -50,7 +50,7 @@ def evaluate(dmp: torch.nn.Module, batches: Iterator[Batch], device: torch.devic
     dmp.train()
     n = sums[2].item()
     if n == 0:
-        return {"auc": float("nan"), "logloss": float("nan"), "ne": float("nan"), "test_samples": 0}
+        raise CriteoFormatError("the test data gave no sample to evaluate on (with several ranks, only full batches count)")
     logloss = sums[0].item() / n
     p = min(max(sums[1].item() / n, 1e-12), 1 - 1e-12)
     base = -(p * math.log(p) + (1 - p) * math.log(1 - p))

@@ -7,7 +7,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from torchrec_multihash.app.config import Config, ConfigError, config_parser, load_config
 from torchrec_multihash.app.data import make_data
@@ -26,9 +26,11 @@ def fit_options(cfg: Config) -> FitOptions:
         raise ConfigError(f"embeddings.fit: {e}; its keys are {fields}") from None
 
 
-def fit_for_config(cfg: Config, out: Path, show_progress: bool = True) -> Dict[str, FittedMapping]:
+def fit_for_config(cfg: Config, out: Path, show_progress: bool = True, source: Optional[Dict[str, Any]] = None) -> Dict[str, FittedMapping]:
     """Fits the mappings of ``cfg``'s learned tables on all of its training data (one process)
-    and saves them in ``out``."""
+    and saves them in ``out``, with ``source`` (what they were fitted for) in its report."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"fit-hash: {out} is a file; give a folder to write the mapping to")
     data = make_data(cfg, 0, 1, Path(cfg.train.output_dir))
     cfg.embeddings.num_embeddings_per_feature = data.num_embeddings_per_feature
     tables = build_tables(cfg)
@@ -42,6 +44,8 @@ def fit_for_config(cfg: Config, out: Path, show_progress: bool = True) -> Dict[s
         if isinstance(e, (ConfigError, CriteoFormatError)):
             raise
         raise ConfigError(f"fit-hash: {e}") from None
+    if not any(f.stats.get("seen_ids") for f in fitted.values()):
+        raise ConfigError(f"fit-hash: the training data gave no batch to fit on (fewer samples than train.batch_size={cfg.train.batch_size}?)")
     seconds = time.perf_counter() - t0
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     save_mappings(
@@ -53,6 +57,7 @@ def fit_for_config(cfg: Config, out: Path, show_progress: bool = True) -> Dict[s
             "peak_rss_mib": peak_mib,
             "strategy": cfg.embeddings.strategy,
             "compression": cfg.embeddings.compression,
+            "source": source,
         },
     )
     if show_progress:

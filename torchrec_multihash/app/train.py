@@ -6,6 +6,7 @@ import contextlib
 import copy
 import itertools
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,18 +23,22 @@ from torchrec.models.dlrm import DLRMTrain
 from torchrec.optim.keyed import CombinedOptimizer
 
 from torchrec_multihash.app.callbacks import FaultAtStep, ProgressReport, StepCallback
-from torchrec_multihash.app.config import Config, TrainConfig, config_parser, load_config
+from torchrec_multihash.app.config import Config, ConfigError, TrainConfig, config_parser, load_config
 from torchrec_multihash.app.data import RunData, make_data
 from torchrec_multihash.app.data_timing import DataWait
 from torchrec_multihash.app.evaluation import evaluate, synchronized
 from torchrec_multihash.app.model import build_constraints, build_model, multihash_module
 from torchrec_multihash.app.optim import lr_schedule, make_optimizer
 from torchrec_multihash.app.process_group import setup_distributed
+from torchrec_multihash.app.provenance import Record, data_record, differences, run_record, tables_record
 from torchrec_multihash.app.quiet import quiet
+from torchrec_multihash.app.run_folder import claim_folder, on_rank0
+from torchrec_multihash.app.run_lock import release
+from torchrec_multihash.app.step_guard import Preempted, StepGuard
 from torchrec_multihash.app.train_state import TrainState, save_train_checkpoint, start_state
 from torchrec_multihash.distributed.sharding import shard_model
 from torchrec_multihash.errors import MultiHashError
-from torchrec_multihash.learned.fit import MAPPING_FILE, apply_mappings, load_mappings
+from torchrec_multihash.learned.fit import MAPPING_FILE, apply_mappings, load_mappings, read_report
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
 
 
@@ -49,25 +54,36 @@ class TrainRun:
     opt: CombinedOptimizer  # the tables' fused optimizer and the dense one
     schedule: LambdaLR  # every learning rate, stepped after each training step
     state: TrainState
+    record: Record  # what the data position depends on, saved with each checkpoint
+    guard: StepGuard = field(default_factory=StepGuard)  # NaN losses, SIGTERM
     on_step: List[StepCallback] = field(default_factory=list)  # after each step, before the schedule's
     data_wait: DataWait = field(default_factory=DataWait)  # time waiting for this rank's next batch
     step_seconds: float = 0.0  # time in training steps, waits included
     history: List[Dict[str, float]] = field(default_factory=list)  # evaluations during training
 
 
-def _mapping_dir(cfg: Config, rank: int, out_dir: Path) -> Path:
-    """The learned tables' mapping: ``embeddings.mapping``, or one fitted now by rank 0 into the
-    run's directory (reused when the run is resumed)."""
+def _fit_unless_current(cfg: Config, path: Path) -> None:
+    """Fits the mapping into ``path`` unless the one there was fitted on the same data and tables."""
+    from torchrec_multihash.app.fit_hash import fit_for_config
+
+    source = {**data_record(cfg), **tables_record(cfg)}
+    if (path / MAPPING_FILE).is_file():
+        changed = differences(read_report(path).get("source"), source)
+        if not changed:
+            return
+        print(f"Fitting {path} again, fitted for other data or tables: {'; '.join(changed[:3])}", flush=True)
+    else:
+        print(f"No embeddings.mapping given: fitting the learned tables' mapping into {path}", flush=True)
+    fit_for_config(copy.deepcopy(cfg), path, show_progress=True, source=source)
+
+
+def _mapping_dir(cfg: Config, out_dir: Path) -> Path:
+    """The learned tables' mapping: ``embeddings.mapping``, or one fitted by rank 0 into the run's
+    folder (reused while the data and tables it was fitted for stay the same)."""
     if cfg.embeddings.mapping:
         return Path(cfg.embeddings.mapping)
-    path = out_dir / "mapping"
-    if rank == 0 and not (path / MAPPING_FILE).is_file():
-        from torchrec_multihash.app.fit_hash import fit_for_config
-
-        print(f"No embeddings.mapping given: fitting the learned tables' mapping into {path}", flush=True)
-        fit_for_config(copy.deepcopy(cfg), path, show_progress=True)
-    dist.barrier()
-    return path
+    on_rank0(lambda: _fit_unless_current(cfg, out_dir / "mapping"))
+    return out_dir / "mapping"
 
 
 @contextlib.contextmanager
@@ -88,7 +104,7 @@ def build_sharded_model(cfg: Config, device: torch.device) -> Tuple[DistributedM
         constraints = build_constraints(cfg, ebc.multihash_configs())
         dmp = shard_model(model, device, cfg.train.embedding_lr, constraints, batch_size=cfg.train.batch_size)
         if ebc.learned_mappings():
-            apply_mappings(ebc, load_mappings(_mapping_dir(cfg, dist.get_rank(), Path(cfg.train.output_dir))))
+            apply_mappings(ebc, load_mappings(_mapping_dir(cfg, Path(cfg.train.output_dir))))
     return dmp, ebc
 
 
@@ -100,19 +116,16 @@ def evaluate_during_training(run: TrainRun) -> None:
         print(f"eval at step {run.state.step}: auc {m['auc']:.4f} logloss {m['logloss']:.4f} ne {m['ne']:.4f}", flush=True)
 
 
-def build_run(cfg: Config, device: torch.device, resume: Union[bool, str]) -> TrainRun:
+def build_run(cfg: Config, device: torch.device, resume: Union[bool, str], record: Record) -> TrainRun:
     """This rank's data, sharded model, optimizers and schedule, at the start or where the
-    checkpoint left off (see ``train``)."""
+    checkpoint left off (see ``train``); the run folder is claimed (``run_folder``)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    out_dir = Path(cfg.train.output_dir)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    data = make_data(cfg, rank, world, out_dir)
+    data = make_data(cfg, rank, world, Path(cfg.train.output_dir))
     cfg.embeddings.num_embeddings_per_feature = data.num_embeddings_per_feature
     dmp, ebc = build_sharded_model(cfg, device)
     opt = make_optimizer(dmp, cfg.train)
     state = start_state(cfg, dmp, opt, resume)
-    return TrainRun(cfg, device, data, dmp, ebc, opt, lr_schedule(opt, cfg.train, state.step), state)
+    return TrainRun(cfg, device, data, dmp, ebc, opt, lr_schedule(opt, cfg.train, state.step), state, record)
 
 
 def train_segment(run: TrainRun, batches: Iterator[Batch]) -> int:
@@ -131,10 +144,14 @@ def train_segment(run: TrainRun, batches: Iterator[Batch]) -> int:
         run.state.step += 1
         run.state.samples += run.cfg.train.batch_size * run.state.world_size
         taken += 1
+        run.guard.note(loss, run.state.step)
         for callback in run.on_step:  # they see the learning rates this step used
             callback(run, loss)
         run.schedule.step()
+        if run.guard.due(run.state.step) and run.guard.check(run.device):
+            break
     pipeline.detach()
+    run.guard.check(run.device)  # before any evaluation or checkpoint of this segment
     return taken
 
 
@@ -159,7 +176,24 @@ def after_segment(run: TrainRun, taken: int, finished_epoch: bool) -> None:
     if t.eval_every and taken and step % t.eval_every == 0:
         evaluate_during_training(run)
     if t.checkpoint_every and taken and (step % t.checkpoint_every == 0 or finished_epoch or _reached_max_steps(t, run.state)):
-        save_train_checkpoint(run.cfg, run.dmp, run.opt, run.state)
+        save_train_checkpoint(run.cfg, run.dmp, run.opt, run.state, run.record)
+
+
+def stop_for_sigterm(run: TrainRun) -> None:
+    """After SIGTERM: a checkpoint of where the run is, then ``Preempted``."""
+    save_train_checkpoint(run.cfg, run.dmp, run.opt, run.state, run.record)
+    raise Preempted(
+        f"SIGTERM: stopped after step {run.state.step} with a checkpoint in {Path(run.cfg.train.output_dir) / 'checkpoint'}; "
+        "run the same command with --resume auto to continue"
+    )
+
+
+def _no_batch(run: TrainRun) -> ConfigError:
+    t = run.cfg.train
+    return ConfigError(
+        f"epoch {run.state.epoch} has no batch to train on: data.train holds fewer than train.batch_size={t.batch_size} "
+        f"samples per rank ({run.state.world_size} rank(s)), and a last partial batch is left out"
+    )
 
 
 def train_epoch(run: TrainRun) -> None:
@@ -171,7 +205,11 @@ def train_epoch(run: TrainRun) -> None:
         size = _steps_to_next_stop(t, state.step)
         taken = train_segment(run, itertools.islice(source, size))
         state.batches_in_epoch += taken
-        finished_epoch = taken < size
+        finished_epoch = taken < size and not run.guard.stop
+        if finished_epoch and state.batches_in_epoch == 0:
+            raise _no_batch(run)
+        if run.guard.stop:
+            stop_for_sigterm(run)
         if finished_epoch:
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
         after_segment(run, taken, finished_epoch)
@@ -227,20 +265,47 @@ def print_summary(metrics: Dict[str, Any], out_dir: Path, metrics_out: Optional[
     print(f"Run outputs in {out_dir.resolve()}")
 
 
-def train(cfg: Config, metrics_out: Optional[Path] = None, resume: Union[bool, str] = False, on_step: Sequence[StepCallback] = ()) -> Dict[str, Any]:
+def train(
+    cfg: Config,
+    metrics_out: Optional[Path] = None,
+    resume: Union[bool, str] = False,
+    on_step: Sequence[StepCallback] = (),
+    overwrite: bool = False,
+) -> Dict[str, Any]:
     """Trains and evaluates; ``resume``: True continues from ``output_dir/checkpoint`` (which must
-    exist), ``"auto"`` continues from it if there is one (what a restarted job runs); ``on_step``:
-    callbacks after every training step."""
+    exist), ``"auto"`` continues from it if there is one (what a restarted job runs); ``overwrite``:
+    starts over in a folder holding another run's checkpoint; ``on_step``: callbacks after every
+    training step. ``Preempted`` after SIGTERM (a checkpoint saved)."""
     device = setup_distributed()
-    run = build_run(cfg, device, resume)
-    progress = ProgressReport()
-    run.on_step = [*on_step, progress]
-    train_epochs(run)
-    progress.close()
-    metrics = final_metrics(run)
+    record = run_record(cfg, dist.get_world_size())  # before the data sets the table sizes
+    lock = claim_folder(cfg, record, resume, overwrite)
+    try:
+        run = build_run(cfg, device, resume, record)
+        progress = ProgressReport()
+        run.on_step = [*on_step, progress]
+        previous = run.guard.install()
+        try:
+            train_epochs(run)
+        finally:
+            run.guard.uninstall(previous)
+            progress.close()
+        metrics = final_metrics(run)
+    finally:
+        release(lock)
     if dist.get_rank() == 0:
         print_summary(metrics, Path(cfg.train.output_dir), metrics_out)
     return metrics
+
+
+def check_metrics_out(path: Optional[Path]) -> None:
+    """Refuses a ``--metrics-out`` that could not be written, before any work."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ConfigError(f"--metrics-out {path} is a folder: give a file name")
+    parent = next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ConfigError(f"--metrics-out {path}: {parent} is not a writable folder")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -255,16 +320,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         help="continue from train.output_dir/checkpoint (model, optimizer, data position); "
         "'--resume auto': continue if there is one, else start (for restarted jobs)",
     )
+    p.add_argument("--overwrite", action="store_true", help="start over in a train.output_dir that holds another run's checkpoint")
     args = p.parse_args(argv)
     if args.resume not in (True, False, "auto"):
         p.error(f"--resume takes no value or 'auto', got {args.resume!r}")
     fault = FaultAtStep.from_env()  # the restart tests' faults
     with quiet():
         try:
-            train(load_config(args.config, args.set), args.metrics_out, resume=args.resume, on_step=[fault] if fault else [])
+            check_metrics_out(args.metrics_out)
+            cfg = load_config(args.config, args.set)
+            train(cfg, args.metrics_out, resume=args.resume, on_step=[fault] if fault else [], overwrite=args.overwrite)
         except MultiHashError as e:
             print(f"torchrec-multihash train: {e}", file=sys.stderr)
             return 2
+        except Preempted as e:
+            print(f"torchrec-multihash train: {e}", file=sys.stderr)
+            return 143  # 128 + SIGTERM: what a scheduler expects of a terminated job
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()

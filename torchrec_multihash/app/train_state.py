@@ -4,7 +4,7 @@ checkpoint, and where a new or resumed run starts."""
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Dict, Mapping, Union
+from typing import Any, Dict, Mapping, Union
 
 import torch
 import torch.distributed as dist
@@ -41,11 +41,12 @@ def checkpoint_dir(cfg: Config) -> Path:
     return Path(cfg.train.output_dir) / "checkpoint"
 
 
-def save_train_checkpoint(cfg: Config, dmp: DistributedModelParallel, opt: CombinedOptimizer, state: TrainState) -> None:
-    """The model, the optimizer state and ``state`` into ``output_dir/checkpoint``; every rank
-    calls it."""
+def save_train_checkpoint(cfg: Config, dmp: DistributedModelParallel, opt: CombinedOptimizer, state: TrainState, run: Dict[str, Any]) -> None:
+    """The model, the optimizer state and ``state`` into ``output_dir/checkpoint``, with ``run``
+    (what the data position depends on: see ``provenance.run_record``) in its manifest; every
+    rank calls it."""
     extra = {"optimizer": opt.state_dict(), "train_state": state.state_dict()}
-    save_checkpoint(checkpoint_dir(cfg), dmp, extra)
+    save_checkpoint(checkpoint_dir(cfg), dmp, extra, meta={"run": run})
 
 
 def load_train_checkpoint(path: Path, dmp: DistributedModelParallel, opt: CombinedOptimizer) -> TrainState:
@@ -56,14 +57,14 @@ def load_train_checkpoint(path: Path, dmp: DistributedModelParallel, opt: Combin
     opt.init_state()
     extra = {"optimizer": opt.state_dict()}
     try:
-        load_entries(path, entries)
+        load_entries(path, entries)  # checks every file's checksum
         state = TrainState.from_state_dict(entries["train_state"])
         if state.world_size != world:  # the data position and the plan (so the optimizer state) depend on it
             raise ConfigError(
                 f"--resume: the checkpoint in {path} was written by {state.world_size} ranks, this job "
                 f"has {world}; resume on {state.world_size} (the data position is per rank)"
             )
-        load_checkpoint(path, dmp, extra)
+        load_checkpoint(path, dmp, extra, verify=False)
     except CheckpointError as e:
         raise ConfigError(f"--resume: {e}") from None
     opt.load_state_dict(extra["optimizer"])
@@ -74,9 +75,7 @@ def start_state(cfg: Config, dmp: DistributedModelParallel, opt: CombinedOptimiz
     """Where the run starts: the checkpoint's state when resuming (``resume`` True: there must be
     one; ``"auto"``: if there is one), else the beginning."""
     path = checkpoint_dir(cfg)
-    found = find_checkpoint(path) if resume else None
-    if resume is True and found is None:
-        raise ConfigError(f"--resume: no checkpoint in {path} (set train.checkpoint_every to write one)")
+    found = find_checkpoint(path) if resume else None  # (run_folder.check_owner refused --resume without one)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if found is not None:
         state = load_train_checkpoint(path, dmp, opt)

@@ -45,6 +45,15 @@ def lines_to_batch(
     return (rows_to_batch(rows, keys, to_id) if rows else None), bad
 
 
+def check_labels(batch: Batch, where: Callable[[int], str]) -> Batch:
+    """Rejects labels other than 0 and 1 (as the TSV reader does), naming the row."""
+    bad = (batch.labels != 0) & (batch.labels != 1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        raise CriteoFormatError(f"{where(row)}: label must be 0 or 1, got {batch.labels[row].item()}")
+    return batch
+
+
 def check_finite(batch: Batch, where: Callable[[int], str]) -> Batch:
     """Rejects NaN or inf dense features, on the CPU before the batch goes to the device (no sync
     in the training step); ``where(row)`` names the row's file and index for the error."""

@@ -71,7 +71,8 @@ class CriteoBatchDataset(IterableDataset):
                 bad = [str(e) for pos, e in lines.corrupt if mine(pos)]
                 lines.corrupt.clear()
                 if len(raw) < bs and (self.drop_last or not raw):
-                    yield _Item(None, bad)
+                    dropped = lines_to_batch(raw, self.keys, self.to_id, self.labeled)[1] if raw else []  # checked all the same
+                    yield _Item(None, bad + dropped)
                     return
                 batch, errors = lines_to_batch(raw, self.keys, self.to_id, self.labeled)
                 yield _Item(batch, bad + errors)

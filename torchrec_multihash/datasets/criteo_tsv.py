@@ -9,6 +9,7 @@ import gzip
 import itertools
 import math
 import os
+import re
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -67,6 +68,10 @@ class CriteoRow:
 
 
 _EMPTY = (b"\n", b"\r\n", b"\r")  # blank lines: skipped, not counted
+# what a field may hold: decimal integers (Criteo's -1 included), 1 to 16 hex digits (a 64-bit id);
+# int() would also take "+7", "1_000", " 7" and "0x1f"
+_INT = re.compile(r"-?[0-9]+")
+_HEX = re.compile(r"[0-9a-fA-F]{1,16}")
 
 
 _File = Union[gzip.GzipFile, BinaryIO]  # what _open returns (the stubs of gzip.open and open share no file type)
@@ -197,6 +202,8 @@ def parse_line(line: str, path: PathLike, lineno: int, labeled: bool = True) -> 
         if v == "":
             dense.append(0.0)
             continue
+        if not _INT.fullmatch(v):
+            raise CriteoFormatError(f"{path}:{lineno}: integer feature I{i + 1} is not an integer: {v[:24]!r} (decimal digits, - allowed)")
         try:
             dense.append(transform_dense(int(v)))
         except ValueError:
@@ -208,10 +215,9 @@ def parse_line(line: str, path: PathLike, lineno: int, labeled: bool = True) -> 
         if v == "":
             sparse.append(None)
             continue
-        try:
-            sparse.append(int(v, 16))
-        except ValueError:
-            raise CriteoFormatError(f"{path}:{lineno}: categorical feature C{i + 1} is not a hex string: {v!r}") from None
+        if not _HEX.fullmatch(v):
+            raise CriteoFormatError(f"{path}:{lineno}: categorical feature C{i + 1} is not a hex string: {v[:24]!r} (1 to 16 hex digits)")
+        sparse.append(int(v, 16))
     return CriteoRow(label=label, dense=dense, sparse=sparse)
 
 
@@ -221,6 +227,8 @@ def parse_raw(raw: bytes, path: PathLike, lineno: int, labeled: bool = True) -> 
         line = raw.rstrip(b"\n").rstrip(b"\r").decode("ascii")
     except UnicodeDecodeError as e:
         raise CriteoFormatError(f"{path}:{lineno}: not ASCII text ({e.reason})") from None
+    if "\r" in line:
+        raise CriteoFormatError(f"{path}:{lineno}: a carriage return inside the line: CR-only (old Mac) line endings? convert with tr '\\r' '\\n'")
     return parse_line(line, path, lineno, labeled)
 
 
@@ -240,7 +248,7 @@ def parse_block(lines: Sequence[bytes], labeled: bool = True) -> Optional[Parsed
     digits): parse those line by line, which names what is wrong."""
     n, cols = len(lines), 1 + NUM_DENSE + NUM_SPARSE if labeled else NUM_DENSE + NUM_SPARSE
     stripped = [line.rstrip(b"\n").rstrip(b"\r") for line in lines]
-    if any(line.count(b"\t") != cols - 1 for line in stripped):
+    if any(line.count(b"\t") != cols - 1 or b"\r" in line for line in stripped):
         return None
     fields = np.array(b"\t".join(stripped).split(b"\t"), dtype="S").reshape(n, cols)
     labels = np.zeros(n, dtype=np.float32)
@@ -250,7 +258,10 @@ def parse_block(lines: Sequence[bytes], labeled: bool = True) -> Optional[Parsed
         labels = (fields[:, 0] == b"1").astype(np.float32)
         fields = fields[:, 1:]
     try:
-        ints = np.where(fields[:, :NUM_DENSE] == b"", b"0", fields[:, :NUM_DENSE]).astype(np.int64)
+        ints = np.where(fields[:, :NUM_DENSE] == b"", b"0", fields[:, :NUM_DENSE])
+        if not np.char.isdigit(np.char.lstrip(ints, b"-")).all():  # what _INT refuses, named by the line parser
+            return None
+        ints = ints.astype(np.int64)
         missing = fields[:, NUM_DENSE:] == b""
         hex8 = np.where(missing, b"00000000", fields[:, NUM_DENSE:])
         if not (np.char.str_len(hex8) == 8).all():

@@ -2,8 +2,9 @@
 
 import itertools
 import json
+import os
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Protocol, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -45,9 +46,10 @@ class Vocabulary:
 
     OOV = 0
 
-    def __init__(self, ids: List[Dict[int, int]], min_count: int) -> None:
+    def __init__(self, ids: List[Dict[int, int]], min_count: int, source: Optional[Dict[str, Any]] = None) -> None:
         self.ids = ids
         self.min_count = min_count
+        self.source = source  # what it was built from (data files, config keys), saved with it
 
     @classmethod
     def build(cls, rows: Iterable[CriteoRow], num_features: int, min_count: int = 1, max_size: int = 1_000_000, chunk: int = 4096) -> "Vocabulary":
@@ -75,14 +77,17 @@ class Vocabulary:
         return np.where(missing, self.OOV, np.array([get(v, self.OOV) for v in values.tolist()], dtype=np.int64))
 
     def save(self, path: Path) -> None:
-        data = {"min_count": self.min_count, "features": [[f"{v:x}" for v in sorted(m, key=m.__getitem__)] for m in self.ids]}
-        Path(path).write_text(json.dumps(data))
+        """Writes the vocabulary (and its ``source``) atomically: a reader never sees half of it."""
+        data = {"min_count": self.min_count, "source": self.source, "features": [[f"{v:x}" for v in sorted(m, key=m.__getitem__)] for m in self.ids]}
+        tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
 
     @classmethod
     def load(cls, path: Path) -> "Vocabulary":
         try:
             data = json.loads(Path(path).read_text())
             ids = [{int(h, 16): i + 1 for i, h in enumerate(values)} for values in data["features"]]
-            return cls(ids, int(data["min_count"]))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            return cls(ids, int(data["min_count"]), data.get("source"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: not a vocabulary file written by Vocabulary.save ({e})") from None

@@ -26,11 +26,9 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
-from torchrec_multihash.errors import MultiHashError
+from torchrec_multihash.distributed.checkpoint_files import CheckpointError, check_storage, verify_checksums, write_manifest
 
-
-class CheckpointError(MultiHashError, ValueError):
-    """A checkpoint that this model cannot load: written for another config, or not a safe checkpoint."""
+__all__ = ["CheckpointError", "find_checkpoint", "load_checkpoint", "load_entries", "read_index", "save_checkpoint"]
 
 
 # everything a DCP ``.metadata`` index refers to (torch 2.13); anything else is refused unexecuted
@@ -83,6 +81,7 @@ class _SafeReader(FileSystemReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         md = read_index(self.path)
+        check_storage(Path(self.path), md)
         md.storage_meta = md.storage_meta or StorageMeta()
         md.storage_meta.load_id = self.load_id
         return md
@@ -166,11 +165,14 @@ def _old(path: Path) -> Path:
 
 def find_checkpoint(path: Union[str, os.PathLike]) -> Optional[Path]:
     """The complete checkpoint at ``path``; the previous one if a crash cut ``save_checkpoint``'s
-    final swap short; None if there is none."""
+    final swap short; None if there is none. ``CheckpointError`` for a folder of checkpoint files
+    without its ``.metadata`` index (deleted or lost: not something to start over silently)."""
     path = Path(path)
     for p in (path, _old(path)):
         if (p / ".metadata").is_file():
             return p
+    if path.is_dir() and any(path.iterdir()):
+        raise CheckpointError(f"{path} holds checkpoint files but no .metadata index: damaged or incomplete; move it away to start over")
     return None
 
 
@@ -186,11 +188,14 @@ def _broadcast_str(value: str) -> str:
     return box[0]
 
 
-def save_checkpoint(path: Union[str, os.PathLike], model: nn.Module, extra: Optional[Dict[str, Any]] = None) -> Path:
+def save_checkpoint(
+    path: Union[str, os.PathLike], model: nn.Module, extra: Optional[Dict[str, Any]] = None, meta: Optional[Dict[str, Any]] = None
+) -> Path:
     """Saves ``model.state_dict()`` (plus ``extra`` tensors/state dicts, e.g. an optimizer's) to the
     folder ``path``, atomically: all ranks write into a temporary folder that rank 0 renames into
     place once every rank has finished, so a crash mid-save leaves the previous checkpoint intact;
-    the next save removes what the crash left. Call it on every rank."""
+    the next save removes what the crash left. A ``manifest.json`` records each file's SHA-256
+    (checked by ``load_checkpoint``) and ``meta`` (JSON data about the run). Call it on every rank."""
     path = Path(path)
     if not _is_dist() or dist.get_rank() == 0:  # before the broadcast, so before any rank writes
         if not path.exists() and find_checkpoint(path):
@@ -204,6 +209,7 @@ def save_checkpoint(path: Union[str, os.PathLike], model: nn.Module, extra: Opti
     dcp.save(state, checkpoint_id=str(tmp))
     if _is_dist():
         dist.barrier()
+    write_manifest(tmp, meta)
     if not _is_dist() or dist.get_rank() == 0:
         old = path.parent / f".{path.name}.old"
         if path.exists():
@@ -216,19 +222,20 @@ def save_checkpoint(path: Union[str, os.PathLike], model: nn.Module, extra: Opti
     return path
 
 
-def load_checkpoint(path: Union[str, os.PathLike], model: nn.Module, extra: Optional[Dict[str, Any]] = None) -> None:
+def load_checkpoint(path: Union[str, os.PathLike], model: nn.Module, extra: Optional[Dict[str, Any]] = None, verify: bool = True) -> None:
     """Loads a checkpoint written by ``save_checkpoint`` into ``model`` (sharded by any plan, or
     not sharded) and into the state dicts in ``extra`` (in place), unpickling no arbitrary objects.
-    ``CheckpointError`` if it was written for another config (tables missing or of other shapes).
-    Call it on every rank."""
+    ``CheckpointError`` naming the file if it was written for another config (tables missing or of
+    other shapes), or is damaged (a file missing, truncated or not matching its checksum: ``verify``
+    reads every file once to check them). Call it on every rank."""
     state: Dict[str, Any] = {"model": model.state_dict()}
     if extra:
         state.update(extra)
-    load_entries(path, state)
+    load_entries(path, state, verify)
     model.load_state_dict(state["model"])
 
 
-def load_entries(path: Union[str, os.PathLike], state: Dict[str, Any]) -> None:
+def load_entries(path: Union[str, os.PathLike], state: Dict[str, Any], verify: bool = True) -> None:
     """Loads the entries named in ``state`` (tensors, state dicts; in place) from the checkpoint at
     ``path``, e.g. ``{"train_state": {...}}`` alone; ``load_checkpoint`` without the model."""
     found = find_checkpoint(path)
@@ -236,10 +243,11 @@ def load_entries(path: Union[str, os.PathLike], state: Dict[str, Any]) -> None:
         raise FileNotFoundError(f"{path} is not a checkpoint written by save_checkpoint (no .metadata)")
     reader = _SafeReader(found)
     _check_fits(Path(path), reader.read_metadata(), state)
+    if verify:
+        verify_checksums(found)
     try:
         dcp.load(state, storage_reader=reader, planner=_WeightsOnlyPlanner())
     except CheckpointException as e:  # DCP gathers every rank's failure: show ours plainly
-        for err, _ in e.failures.values():
-            if isinstance(err, CheckpointError):
-                raise err from None
-        raise
+        errors = [err for err, _ in e.failures.values()] or [e]
+        ours = next((err for err in errors if isinstance(err, CheckpointError)), None)
+        raise ours or CheckpointError(f"checkpoint {found} could not be read: {type(errors[0]).__name__}: {errors[0]}") from None

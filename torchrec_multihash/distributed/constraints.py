@@ -43,6 +43,15 @@ def _fit_per_id(types: List[str], where: str) -> List[str]:
     return mapped
 
 
+def _check_sharding_types(constraints: Dict[str, ParameterConstraints]) -> None:
+    """Raises ValueError for a sharding type TorchRec does not know (the planner would drop the table's options)."""
+    known = [t.value for t in ShardingType]
+    for name, c in constraints.items():
+        unknown = [t for t in c.sharding_types or [] if t not in known]
+        if unknown:
+            raise ValueError(f"table '{name}': unknown sharding type(s) {unknown}; TorchRec's are {known}")
+
+
 def sub_table_constraints(
     tables: Sequence[MultiHashEmbeddingBagConfig],
     constraints: Optional[Dict[str, ParameterConstraints]] = None,
@@ -65,6 +74,7 @@ def sub_table_constraints(
         raise ValueError(
             f"constraints name unknown table(s) {sorted(unknown)}; known logical tables: {[t.name for t in tables]}, sub-tables: {sorted(by_sub)}"
         )
+    _check_sharding_types(constraints)
     out: Dict[str, ParameterConstraints] = {}
     for t in tables:
         impl = t.strategy_impl()

@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -56,6 +56,12 @@ class FitOptions:
     frequency_weight: float = 1.0
     learn_vectors: bool = True
     vector_min_count: int = 20
+
+    def __post_init__(self) -> None:
+        for key in ("dim", "seed", "vector_min_count"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "dim" else 0):
+                raise MultiHashConfigError(f"FitOptions.{key} must be an int >= {1 if key == 'dim' else 0}, got {value!r}")
 
 
 @dataclass
@@ -251,6 +257,20 @@ def save_mappings(directory: Path, fitted: Dict[str, FittedMapping], extra: Dict
     (directory / REPORT_FILE).write_text(json.dumps(report, indent=2))
 
 
+def read_report(directory: Path) -> Dict[str, Any]:
+    """``mapping.json`` of a mapping folder ({} if there is none)."""
+    path = Path(directory) / REPORT_FILE
+    if not path.is_file():
+        return {}
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise MultiHashConfigError(f"{path}: not a report written by fit-hash ({e}); fit the mapping again") from None
+    if not isinstance(report, dict) or not isinstance(report.get("tables", {}), dict):
+        raise MultiHashConfigError(f"{path}: not a report written by fit-hash; fit the mapping again")
+    return report
+
+
 def load_mappings(directory: Path) -> Dict[str, FittedMapping]:
     """Reads mappings written by ``save_mappings`` (no unpickling of arbitrary objects)."""
     path = Path(directory) / MAPPING_FILE
@@ -260,8 +280,7 @@ def load_mappings(directory: Path) -> Dict[str, FittedMapping]:
         tensors = torch.load(path, weights_only=True)
     except Exception as e:  # a damaged or foreign file
         raise MultiHashConfigError(f"{path}: not a mapping written by fit-hash ({e})") from None
-    report = json.loads((Path(directory) / REPORT_FILE).read_text()) if (Path(directory) / REPORT_FILE).is_file() else {}
-    stats = report.get("tables", {})
+    stats = read_report(directory).get("tables", {})
     names = sorted({k.rsplit(".", 1)[0] for k in tensors})
     out = {}
     for n in names:

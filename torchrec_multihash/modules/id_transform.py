@@ -137,6 +137,8 @@ class IdTransform(nn.Module):
     def check(self, features: KeyedJaggedTensor) -> None:
         """Raises InvalidInputError for a KJT the module cannot look up (eager mode only)."""
         check_feature_keys(features.keys(), self._required, self._known_features)
+        if features.values().is_floating_point():  # .long() would truncate them to other rows
+            raise InvalidInputError(f"the KJT's ids are {features.values().dtype}: pass integer ids (int64 or int32)")
         if self._is_weighted and features.weights_or_none() is None:
             raise InvalidInputError("the module is weighted (is_weighted=True) but the KJT has no weights")
         if self._validate_ids:

@@ -1,0 +1,124 @@
+"""Issue 14 through the command: stale learned mappings, two runs in one folder, runs that train
+nothing, a NaN loss, SIGTERM."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers.cli import train
+
+# 16 steps of 256 samples on small tables
+TINY = [
+    "--set",
+    "data.train_samples=4096",
+    "--set",
+    "data.test_samples=1024",
+    "--set",
+    "train.batch_size=256",
+    "--set",
+    "embeddings.num_embeddings_per_feature=[4000, 2000, 500]",
+]
+
+
+@pytest.mark.slow
+def test_an_auto_fitted_mapping_is_fitted_again_for_other_data_or_tables(tmp_path):
+    """Item 2: another seed (other synthetic data), other table sizes."""
+    learned = [*TINY, "--set", "embeddings.strategy=learned", "--set", "train.max_steps=2", "--set", "embeddings.fit={learn_vectors: false}"]
+    r, _ = train(tmp_path, *learned)
+    assert r.returncode == 0 and "No embeddings.mapping given: fitting" in r.stdout, r.stderr[-3000:]
+    r, _ = train(tmp_path, *learned)
+    assert r.returncode == 0 and "fitting" not in r.stdout.lower(), r.stdout[-2000:]
+    r, _ = train(tmp_path, *learned, "--set", "train.seed=1")
+    assert r.returncode == 0 and "fitted for other data or tables: " in r.stdout and "train.seed: 0 then, 1 now" in r.stdout, r.stderr[-3000:]
+    r, _ = train(tmp_path, *learned, "--set", "train.seed=1", "--set", "embeddings.num_embeddings_per_feature=[4000, 2000, 600]")
+    assert r.returncode == 0 and "embeddings.num_embeddings_per_feature: [4000, 2000, 500] then" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_second_run_in_a_folder_in_use_is_refused(tmp_path):
+    """Item 6: the lock of a live process (one that removed the other's files before)."""
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / ".lock").write_text(json.dumps({"pid": live.pid, "host": os.uname().nodename}))
+        r, _ = train(tmp_path, *TINY)
+        assert r.returncode == 2 and f"is in use by another run (pid {live.pid}" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    finally:
+        live.kill()
+        live.wait()
+    r, m = train(tmp_path, *TINY, "--set", "train.max_steps=1")
+    assert r.returncode == 0 and "is no longer running" in r.stdout and not (tmp_path / "run" / ".lock").exists(), r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_fewer_lines_than_a_batch_is_an_error_not_an_untrained_model(tmp_path, shared_data):
+    """Item 5 (hashing reads the file only in training)."""
+    k = shared_data / "criteo_kaggle_900" / "train.txt"
+    few = tmp_path / "few.txt"
+    few.write_text("".join(k.read_text().splitlines(keepends=True)[:100]))
+    sets = [
+        "--set",
+        f"data.train={few}",
+        "--set",
+        f"data.test={k}",
+        "--set",
+        "data.ids=hashing",
+        "--set",
+        f"embeddings.num_embeddings_per_feature={[1000] * 26}",
+    ]
+    r, m = train(tmp_path, *sets, config="configs/movielens_100k_ctr_full.yaml")
+    assert r.returncode == 2 and m is None and "epoch 0 has no batch to train on" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+NAN_AT_STEP_12 = """
+import sys
+from torchrec_multihash.app.step_guard import StepGuard
+from torchrec_multihash.cli import main
+
+note = StepGuard.note
+StepGuard.note = lambda self, loss, step: note(self, loss * float("nan") if step == 12 else loss, step)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_the_run_naming_the_step_and_is_never_checkpointed(tmp_path):
+    """Item 10: a checkpoint every 5 steps; the NaN of step 12 is found before step 15's save."""
+    common = [*TINY, "--set", "train.checkpoint_every=5"]
+    r, m = train(tmp_path, *common, python=("-c", NAN_AT_STEP_12))
+    assert r.returncode == 2 and m is None and "the training loss is NaN or inf at step 12" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    r, m = train(tmp_path, *common, "--set", "train.max_steps=10", "--resume")
+    assert r.returncode == 0 and "Resumed from" in r.stdout and "step 10" in r.stdout, r.stderr[-2000:]
+
+
+SIGTERM_AFTER_STEP_7 = """
+import os, signal, sys
+from torchrec_multihash.app.callbacks import ProgressReport
+from torchrec_multihash.cli import main
+
+call = ProgressReport.__call__
+def call_then_term(self, run, loss):
+    call(self, run, loss)
+    if run.state.step == 7:
+        os.kill(os.getpid(), signal.SIGTERM)
+ProgressReport.__call__ = call_then_term
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_resume_auto_ends_as_an_uninterrupted_run(tmp_path):
+    """Item 11: no checkpoint_every set; SIGTERM after step 7 saves one at the next step boundary."""
+    r, m = train(tmp_path / "a", *TINY, "--resume", "auto", python=("-c", SIGTERM_AFTER_STEP_7))
+    assert r.returncode == 143 and m is None and "SIGTERM: stopped after step 7 with a checkpoint" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "a" / "run" / ".lock").exists()
+    r, resumed = train(tmp_path / "a", *TINY, "--resume", "auto")
+    assert r.returncode == 0 and "Resumed from" in r.stdout and "step 7" in r.stdout, r.stderr[-2000:]
+    r, straight = train(tmp_path / "b", *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert resumed["steps"] == straight["steps"] == 16
+    assert resumed["logloss"] == pytest.approx(straight["logloss"], abs=1e-6)

@@ -1,0 +1,84 @@
+"""What an artifact of a run was made from: the data files (name, size, modification time) and the
+config keys that shape it, as flat ``{key: value}`` records compared key by key."""
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from torchrec_multihash.app.config import Config
+
+Record = Dict[str, Any]
+
+# keys that decide which samples a data position means (the resume check's), beyond the files
+_SAMPLE_KEYS = (
+    "data.format",
+    "data.ids",
+    "data.min_count",
+    "data.max_vocab_size",
+    "data.train_samples",
+    "data.num_clusters",
+    "train.batch_size",
+    "train.seed",
+)
+# keys that decide the tables, so what a checkpoint or a fitted mapping holds
+_TABLE_KEYS = (
+    "strategy",
+    "operation",
+    "compression",
+    "threshold",
+    "num_partitions",
+    "overrides",
+    "feature_names",
+    "num_embeddings_per_feature",
+    "mapping",
+    "fit",
+)
+
+
+def files(paths: Optional[List[str]], exact: bool = True) -> List[List[Any]]:
+    """[name, size, mtime_ns] per file (``exact``: the resolved path and the time), else [file name, size]:
+    what survives a copy of the data to another folder."""
+    out = []
+    for p in paths or []:
+        size: Optional[int]
+        mtime: Optional[int]
+        try:
+            size, mtime = Path(p).stat().st_size, Path(p).stat().st_mtime_ns
+        except OSError:  # the data's own checks name it
+            size = mtime = None
+        out.append([str(Path(p).resolve()), size, mtime] if exact else [Path(p).name, size])
+    return out
+
+
+def _key(cfg: Config, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    value = getattr(getattr(cfg, section), key)
+    return json.loads(json.dumps(value, default=str))  # JSON's view: what a record read back holds
+
+
+def data_record(cfg: Config, exact: bool = True) -> Record:
+    """The training data and the keys that decide its samples."""
+    return {"data.train": files(cfg.data.train, exact) if cfg.data.format != "synthetic" else None, **{k: _key(cfg, k) for k in _SAMPLE_KEYS}}
+
+
+def tables_record(cfg: Config) -> Record:
+    return {f"embeddings.{k}": _key(cfg, f"embeddings.{k}") for k in _TABLE_KEYS}
+
+
+def run_record(cfg: Config, world_size: int) -> Record:
+    """What a checkpoint's data position and tables depend on (the files by name and size)."""
+    model = {f"model.{f.name}": _key(cfg, f"model.{f.name}") for f in dataclasses.fields(cfg.model)}
+    return {**data_record(cfg, exact=False), **tables_record(cfg), **model, "world_size": world_size}
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def differences(recorded: Optional[Record], current: Record) -> List[str]:
+    """``key: X then, Y now`` for each key whose value changed (or one line for no record)."""
+    if not recorded:
+        return ["it records nothing of what it was made from (written by an older version)"]
+    return [f"{k}: {_short(recorded.get(k))} then, {_short(v)} now" for k, v in current.items() if recorded.get(k) != v]

@@ -1,0 +1,72 @@
+"""What stops a training loop between steps: a NaN or inf loss (an error naming the first such
+step, before anything of it is checkpointed) and SIGTERM (a checkpoint, then a clean exit).
+
+The loss is checked on the device with no host sync per step; the ranks agree on both every
+``CHECK_EVERY`` steps and at the end of each segment (one small all-reduce), so they stop together.
+"""
+
+import signal
+import threading
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from torchrec_multihash.errors import MultiHashError
+
+CHECK_EVERY = 10
+_NONE = 2**62
+
+
+class NonFiniteLoss(MultiHashError, ArithmeticError):
+    """The training loss became NaN or inf: the run stops, nothing after its last checkpoint is saved."""
+
+
+class Preempted(Exception):
+    """SIGTERM stopped the run after saving a checkpoint (``--resume auto`` continues it)."""
+
+
+class StepGuard:
+    def __init__(self) -> None:
+        self.first_bad: Optional[torch.Tensor] = None  # on the device: the first step with a non-finite loss
+        self.terminated = False  # SIGTERM received (by this rank)
+        self.stop = False  # all ranks agreed to stop for SIGTERM
+
+    def note(self, loss: torch.Tensor, step: int) -> None:
+        """Records ``step`` if its loss is not finite and none before was (no host sync)."""
+        bad = ~torch.isfinite(loss.detach()).all()
+        if self.first_bad is None:
+            self.first_bad = torch.full((), _NONE, dtype=torch.int64, device=loss.device)
+        self.first_bad = torch.where(bad & (self.first_bad == _NONE), step, self.first_bad)
+
+    def due(self, step: int) -> bool:
+        """Whether to agree now: every CHECK_EVERY steps, every step on one rank after SIGTERM."""
+        return step % CHECK_EVERY == 0 or (self.terminated and dist.get_world_size() == 1)
+
+    def check(self, device: torch.device) -> bool:
+        """All ranks agree (a collective): raises NonFiniteLoss, or returns True to stop for SIGTERM."""
+        bad = self.first_bad if self.first_bad is not None else torch.full((), _NONE, dtype=torch.int64, device=device)
+        flags = torch.stack([bad.to(device), torch.tensor(-int(self.terminated), device=device)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        step, terminated = flags.tolist()
+        if step != _NONE:
+            raise NonFiniteLoss(
+                f"the training loss is NaN or inf at step {step}: the run stops, and nothing after its last checkpoint is saved; "
+                "lower train.embedding_lr or train.dense_lr, or check the data"
+            )
+        self.stop = terminated < 0
+        return self.stop
+
+    def on_sigterm(self, *_: Any) -> None:
+        self.terminated = True
+
+    def install(self) -> Any:
+        """Catches SIGTERM (main thread only); returns the previous handler for ``uninstall``."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        return signal.signal(signal.SIGTERM, self.on_sigterm)
+
+    @staticmethod
+    def uninstall(previous: Any) -> None:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
