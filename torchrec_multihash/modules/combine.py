@@ -32,6 +32,14 @@ _OPS = {"add": 1, "mult": 2}
 
 
 @torch.fx.wrap
+def _split_columns(values: torch.Tensor, sizes: List[int]) -> List[torch.Tensor]:
+    """``values`` cut into column blocks of ``sizes`` (a leaf call for fx, which cannot iterate a proxy)."""
+    if len(sizes) == 1:
+        return [values]
+    return list(values.split(sizes, dim=1))
+
+
+@torch.fx.wrap
 def _sum_bags(rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Sums consecutive ``rows`` into bags of ``lengths`` rows ([bags, dim]; an empty bag is 0)."""
     bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=rows.device), lengths, output_size=rows.size(0))
@@ -91,6 +99,7 @@ class Combine(nn.Module):
     _batch_outputs: List[List[int]]
     _layout_groups: List[str]
     _layouts: List[List[str]]
+    _splits: List[List[int]]
     _piece_group: List[str]
     _piece_start: List[int]
     _piece_end: List[int]
@@ -99,6 +108,7 @@ class Combine(nn.Module):
     _piece_k: List[int]
     _piece_per_id: List[int]
     _piece_mean: List[List[str]]
+    _piece_chunk: List[int]
 
     def __init__(self, outputs: List[OutputSpec], is_weighted: bool) -> None:
         super().__init__()
@@ -147,6 +157,14 @@ class Combine(nn.Module):
             last = kind
         self._layout_groups = list(layouts)
         self._layouts = list(layouts.values())
+        # each group's layout is cut into its pieces by one split (one cat in the backward; a
+        # slice per piece would zero-fill the whole layout's gradient once per piece)
+        self._splits = [[e - b for g, b, e in zip(self._piece_group, self._piece_start, self._piece_end) if g == group] for group in self._layout_groups]
+        chunk: Dict[str, int] = {}
+        self._piece_chunk = []
+        for g in self._piece_group:
+            self._piece_chunk.append(chunk.get(g, 0))
+            chunk[g] = chunk.get(g, 0) + 1
 
     def _add_piece(self, group: str, start: int, end: int, op: int, k: int, per_id: int, mean: List[str]) -> None:
         self._piece_group.append(group)
@@ -171,9 +189,8 @@ class Combine(nn.Module):
         lengths = torch.cat([by_key[self._features[o]].lengths() for o in outputs])
         return _sum_bags(rows, lengths).view(len(outputs), batch_size, -1)
 
-    def _pooled_piece(self, p: int, values: torch.Tensor) -> torch.Tensor:
+    def _pooled_piece(self, p: int, cols: torch.Tensor) -> torch.Tensor:
         """Piece ``p`` from its columns of the pooled layout, [batch, its outputs' dims]."""
-        cols = values[:, self._piece_start[p] : self._piece_end[p]]
         op = self._piece_op[p]
         if op == 0:  # single parts, concat: the columns as they are
             return cols
@@ -196,9 +213,10 @@ class Combine(nn.Module):
     ) -> KeyedTensor:
         batch_size = features.stride()
         by_key: Dict[str, JaggedTensor] = features.to_dict() if self._needs_features else {}
-        layout_values: Dict[str, torch.Tensor] = {}
+        chunks: Dict[str, List[torch.Tensor]] = {}
         for g in range(len(self._layout_groups)):
-            layout_values[self._layout_groups[g]] = _in_layout(pooled[self._layout_groups[g]], self._layouts[g])
+            values = _in_layout(pooled[self._layout_groups[g]], self._layouts[g])
+            chunks[self._layout_groups[g]] = _split_columns(values, self._splits[g])
         per_id_out: Dict[int, torch.Tensor] = {}
         for b in range(len(self._batch_groups)):
             outs = self._batch_outputs[b]
@@ -208,7 +226,7 @@ class Combine(nn.Module):
         results: List[torch.Tensor] = []
         for p in range(len(self._piece_op)):
             o = self._piece_per_id[p]
-            out = per_id_out[o] if o >= 0 else self._pooled_piece(p, layout_values[self._piece_group[p]])
+            out = per_id_out[o] if o >= 0 else self._pooled_piece(p, chunks[self._piece_group[p]][self._piece_chunk[p]])
             mean = self._piece_mean[p]
             if len(mean) > 0:
                 lengths = torch.stack([by_key[f].lengths() for f in mean], dim=1).clamp(min=1).to(out.dtype)
