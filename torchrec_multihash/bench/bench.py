@@ -172,7 +172,9 @@ def markdown(results: Results) -> str:
             "| --- | --- | --- | --- | --- |",
         ]
         for t in results["train"]:
-            lines.append(f"| {t['method']} | {t['samples_per_s']:,.0f} | {t['samples_per_s'] / full['samples_per_s']:.2f}x | {t['steps']} | {t['auc']:.4f} |")
+            lines.append(
+                f"| {t['method']} | {t['samples_per_s']:,.0f} | {t['samples_per_s'] / full['samples_per_s']:.2f}x | {t['steps']} | {t['auc']:.4f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

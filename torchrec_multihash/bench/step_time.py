@@ -109,7 +109,14 @@ def _step(model: nn.Module, opt: Optional[torch.optim.Optimizer], kjt: KeyedJagg
     return time.perf_counter() - t0
 
 
-def _paired(model: nn.Module, opt: Optional[torch.optim.Optimizer], spec: BenchSpec, batches: List[KeyedJaggedTensor], upstream: torch.Tensor, device: torch.device) -> Dict[str, float]:
+def _paired(
+    model: nn.Module,
+    opt: Optional[torch.optim.Optimizer],
+    spec: BenchSpec,
+    batches: List[KeyedJaggedTensor],
+    upstream: torch.Tensor,
+    device: torch.device,
+) -> Dict[str, float]:
     """The method and TorchRec's EBC (built here, in this process) timed step for step on the same
     batches, alternating: their ratio is free of what other processes did to the machine meanwhile."""
     base = shard(build(BASELINE, spec, device), device)

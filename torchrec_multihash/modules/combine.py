@@ -159,7 +159,9 @@ class Combine(nn.Module):
         self._layouts = list(layouts.values())
         # each group's layout is cut into its pieces by one split (one cat in the backward; a
         # slice per piece would zero-fill the whole layout's gradient once per piece)
-        self._splits = [[e - b for g, b, e in zip(self._piece_group, self._piece_start, self._piece_end) if g == group] for group in self._layout_groups]
+        self._splits = [
+            [e - b for g, b, e in zip(self._piece_group, self._piece_start, self._piece_end) if g == group] for group in self._layout_groups
+        ]
         chunk: Dict[str, int] = {}
         self._piece_chunk = []
         for g in self._piece_group:
