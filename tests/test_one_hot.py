@@ -197,25 +197,11 @@ def _sharded_worker(rank, world_size):
     opt = CombinedOptimizer([dmp.fused_optimizer, dense_opt])
     task = SyntheticCriteo.toy(VOCAB, seed=3, max_bag=3)
     per_rank = [[task.batch(8, i * world_size + r) for i in range(steps)] for r in range(world_size)]
-    ref_params = dict(ref.named_parameters())
     sharded_ebc = dmp.module.model.sparse_arch.embedding_bag_collection
     out_keys = sharded_ebc.pooled["pooled"](per_rank[rank][0].sparse_features).keys()
     assert out_keys != sharded_ebc.combine._layouts[0]  # regrouped by sharding type: the copying path
     assert sorted(out_keys) == sorted(sharded_ebc.combine._layouts[0])
-    for step in range(steps):
-        loss, (_, logits, _) = dmp(per_rank[rank][step])
-        ref.zero_grad()
-        for r in range(world_size):
-            ref_loss, (_, ref_logits, _) = ref(per_rank[r][step])
-            ref_loss.backward()
-            if r == rank:
-                torch.testing.assert_close(logits, ref_logits.detach(), atol=1e-5, rtol=1e-5)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        with torch.no_grad():
-            for p in ref_params.values():
-                p -= lr / world_size * p.grad
+    sm.train_side_by_side(dmp, ref, opt, per_rank, rank, lr)
     assert sm.assert_state_equal(dmp.state_dict(), ref.state_dict()) >= len(names) // world_size
 
 
