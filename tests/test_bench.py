@@ -35,17 +35,44 @@ def test_naive_qr_equals_the_module_on_one_hot_bags_and_pools_first_on_multi_hot
 
 @pytest.mark.slow
 def test_bench_quick_writes_ratios_tables_and_plots(tmp_path):
-    r = run_cli("bench", "--quick", "--steps", "3", "--methods", "naive_qr", "--scaling", "", "--loader-lines", "3000", "--out", str(tmp_path))
+    r = run_cli(
+        "bench", "--quick", "--steps", "3", "--methods", "naive_qr,qr_mult", "--scaling", "", "--loader-lines", "3000",
+        "--train-samples", "4096", "--device", "cpu", "--out", str(tmp_path),
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
-    assert [m["method"] for m in res["methods"]] == ["torchrec_ebc", "naive_qr"]  # the baseline always runs
-    by = {m["method"]: m for m in res["methods"]}
-    assert by["naive_qr"]["weights_bytes_rank0"] * 7 < by["torchrec_ebc"]["weights_bytes_rank0"]  # 8x smaller tables
-    assert all(m["step_ms"] > 0 and m["peak_mib"] > 0 for m in res["methods"])
+    assert list(res["workloads"]) == ["one_hot", "multi_hot"]
+    for name, work in res["workloads"].items():
+        assert [m["method"] for m in work["methods"]] == ["torchrec_ebc", "naive_qr", "qr_mult"]  # the baseline always runs
+        by = {m["method"]: m for m in work["methods"]}
+        assert by["naive_qr"]["weights_bytes_rank0"] * 7 < by["torchrec_ebc"]["weights_bytes_rank0"]  # 8x smaller tables
+        assert all(m["step_ms"] > 0 and m["peak_mib"] > 0 and m["workload"] == name for m in work["methods"])
+        assert by["qr_mult"]["vs_baseline"] > 0 and "vs_baseline" not in by["torchrec_ebc"]  # timed with the EBC in one process
+    assert res["workloads"]["one_hot"]["spec"]["multi_hot"] == 0
     assert res["loader"] and res["loader"][0]["samples"] > 0
+    assert [t["method"] for t in res["train"]] == ["full", "qr_mult"] and all(t["samples_per_s"] > 0 for t in res["train"])
     md = (tmp_path / "results.md").read_text()
-    assert "| naive_qr |" in md and "vs torchrec_ebc" in md
+    assert "Workload one_hot" in md and "Workload multi_hot" in md and "| naive_qr |" in md and "End-to-end `train`" in md
     assert (tmp_path / "step_time.png").stat().st_size > 1000 and (tmp_path / "memory.png").stat().st_size > 1000
+
+
+def test_bench_cuda_without_a_gpu_says_so(monkeypatch):
+    from torchrec_multihash.app.process_group import setup_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        setup_distributed("cuda")
+
+
+def test_one_hot_workload_declares_its_tables_one_hot():
+    from torchrec_multihash.bench.step_time import build
+    from torchrec_multihash.bench.workload import BenchSpec
+
+    one_hot, multi_hot = BenchSpec.one_hot(quick=True), BenchSpec.quick()
+    assert len(one_hot.one_hot_tables()) == 26 and len(multi_hot.one_hot_tables()) == 26 - multi_hot.multi_hot
+    module = build("qr_mult", multi_hot, torch.device("cpu"))
+    per_id = {c.name for c in module.multihash_configs() if c.strategy_impl().looks_up_per_id()}
+    assert per_id == {f"t_C{i + 1}" for i in range(multi_hot.multi_hot)}  # the multi-hot features' tables only
 
 
 def test_quality_summary_pairs_seeds_against_hash():

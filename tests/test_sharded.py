@@ -53,28 +53,8 @@ def _check(rank, world_size, sharding_type):
     dense_opt = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda p: torch.optim.SGD(p, lr=LR))
     opt = CombinedOptimizer([dmp.fused_optimizer, dense_opt])
 
-    logits_diff = 0.0
-    ref_params = dict(ref.named_parameters())
     per_rank = [list(sm.batches(r, world_size, STEPS)) for r in range(world_size)]
-    for step in range(STEPS):
-        loss, (_, logits, _) = dmp(per_rank[rank][step])
-        ref.zero_grad()
-        for r in range(world_size):  # the reference sees every rank's batch
-            ref_loss, (_, ref_logits, _) = ref(per_rank[r][step])
-            ref_loss.backward()
-            if r == rank:
-                torch.testing.assert_close(
-                    logits, ref_logits.detach(), atol=1e-5, rtol=1e-5, msg=lambda m, step=step: f"{sharding_type}, step {step}: {m}"
-                )
-                logits_diff = max(logits_diff, float((logits - ref_logits).abs().max()))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        with torch.no_grad():
-            # DDP averages the gradients of dense layers over ranks, and TorchRec divides those
-            # of sharded tables by the world size too (its default gradient division)
-            for p in ref_params.values():
-                p -= LR / world_size * p.grad
+    logits_diff = sm.train_side_by_side(dmp, ref, opt, per_rank, rank, LR, label=sharding_type)
     state, ref_state = dmp.state_dict(), ref.state_dict()
     diffs = torch.tensor([logits_diff, _max_diff(state, ref_state)])
     dist.all_reduce(diffs, op=dist.ReduceOp.MAX)

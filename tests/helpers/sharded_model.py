@@ -131,3 +131,31 @@ def assert_state_equal(sharded_state: Dict[str, object], full_state: Dict[str, t
         torch.testing.assert_close(local, slice_at(full_state[key], local, offsets), atol=atol, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
         n += 1
     return n
+
+
+def train_side_by_side(dmp, ref, opt, per_rank: List[List[Batch]], rank: int, lr: float, label: str = "") -> float:
+    """SGD steps of the sharded ``dmp`` (this rank's batches) and the unsharded ``ref`` (every rank's
+    batches, as the sharded model sees them all), asserting equal logits at every step; returns the
+    largest logit difference seen."""
+    world_size = len(per_rank)
+    ref_params = dict(ref.named_parameters())
+    logits_diff = 0.0
+    for step in range(len(per_rank[rank])):
+        loss, (_, logits, _) = dmp(per_rank[rank][step])
+        ref.zero_grad()
+        for r in range(world_size):  # the reference sees every rank's batch
+            ref_loss, (_, ref_logits, _) = ref(per_rank[r][step])
+            ref_loss.backward()
+            if r == rank:
+                msg = lambda m, step=step: f"{label}, step {step}: {m}"  # noqa: E731
+                torch.testing.assert_close(logits, ref_logits.detach(), atol=1e-5, rtol=1e-5, msg=msg)
+                logits_diff = max(logits_diff, float((logits - ref_logits).abs().max()))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            # DDP averages the gradients of dense layers over ranks, and TorchRec divides those
+            # of sharded tables by the world size too (its default gradient division)
+            for p in ref_params.values():
+                p -= lr / world_size * p.grad
+    return logits_diff

@@ -54,6 +54,7 @@ class EmbeddingsConfig:
     constraints: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # table -> ParameterConstraints fields
     small_table_rows: int = DEFAULT_SMALL_TABLE_ROWS  # sub-tables this small are kept whole or replicated
     validate_ids: bool = True
+    max_ids_per_bag: Optional[int] = None  # 1: every feature one-hot (Criteo's): mult tables looked up pooled, checked per batch
     mapping: Optional[str] = None  # learned: a directory written by fit-hash (default: fit before training)
     fit: Dict[str, Any] = field(default_factory=dict)  # learned: FitOptions fields (dim, lr, seed, ...)
 

@@ -34,6 +34,10 @@ def build_tables(cfg: Config) -> List[MultiHashEmbeddingBagConfig]:
         EmbeddingBagConfig(name=f"t_{f}", num_embeddings=n, embedding_dim=cfg.model.embedding_dim, feature_names=[f])
         for f, n in zip(feature_names(emb), emb.num_embeddings_per_feature)
     ]
+    overrides = {name: dict(fields) for name, fields in emb.overrides.items()}
+    if emb.max_ids_per_bag is not None:  # every table's, unless an override says otherwise
+        for c in plain:
+            overrides.setdefault(c.name, {}).setdefault("max_ids_per_bag", emb.max_ids_per_bag)
     try:
         return to_multihash_configs(
             plain,
@@ -42,7 +46,7 @@ def build_tables(cfg: Config) -> List[MultiHashEmbeddingBagConfig]:
             operation=emb.operation,
             threshold=emb.threshold,
             num_partitions=emb.num_partitions,
-            overrides=emb.overrides,
+            overrides=overrides,
         )
     except (MultiHashConfigError, TypeError) as e:
         raise ConfigError(f"embeddings: {e}") from None

@@ -1,9 +1,12 @@
 """``torchrec-multihash bench``: training step time and memory of every strategy against TorchRec's
 own ``EmbeddingBagCollection`` (full tables) and the original DLRM code's naive Q-R, on the same
-batches; scaling over CPU processes; the data reader's throughput against the trainer's.
+batches, for a one-hot (Criteo's shape) and a multi-hot workload; scaling over processes; the data
+reader's throughput against the trainer's; end-to-end ``train`` samples/s, full vs Q-R mult.
 
-Each method runs in its own process (``bench.step_time``), so peak memory is its own. Results go to
-``results.json``, ``results.md``, ``step_time.png`` and ``memory.png`` in ``--out``.
+Each method runs in its own process (``bench.step_time``), so peak memory is its own; that process
+then builds TorchRec's EBC too and times both step for step on the same batches, which gives the
+``vs torchrec_ebc`` ratio. Results go to ``results.json``, ``results.md``, ``step_time.png`` and
+``memory.png`` in ``--out``.
 """
 
 import argparse
@@ -18,26 +21,35 @@ from typing import Any, Dict, List, Optional, TypedDict
 from tqdm import tqdm
 
 from torchrec_multihash.bench import python_command
-from torchrec_multihash.bench.step_time import METHODS
-from torchrec_multihash.bench.workload import BenchSpec
+from torchrec_multihash.bench.step_time import BASELINE, DEVICES, METHODS
+from torchrec_multihash.bench.workload import WORKLOADS, BenchSpec
 
-BASELINE = "torchrec_ebc"
 NAIVE = "naive_qr"
+TRAIN_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+TRAIN_RUNS = {"full": ["embeddings.strategy=full"], "qr_mult": ["embeddings.strategy=qr", "embeddings.operation=mult"]}
 
 Record = Dict[str, Any]  # one JSON object: a method's measurement (``bench.step_time``) or a reader's
 
 
-class Results(TypedDict):
-    """``results.json``: the workload, one record per method, the scaling runs, the reader runs."""
+class Workload(TypedDict):
+    """One workload's spec and one record per method."""
 
     spec: Dict[str, Any]
     methods: List[Record]
+
+
+class Results(TypedDict):
+    """``results.json``: per workload its spec and methods; the scaling runs (multi-hot), the reader
+    runs, the end-to-end ``train`` runs."""
+
+    workloads: Dict[str, Workload]
     scaling: List[Record]
     loader: List[Record]
+    train: List[Record]
 
 
-def run_method(method: str, spec: BenchSpec, nproc: int = 1) -> Record:
-    args = ["-m", "torchrec_multihash.bench.step_time", "--method", method, "--spec", json.dumps(spec.to_dict())]
+def run_method(method: str, spec: BenchSpec, nproc: int = 1, device: str = "auto") -> Record:
+    args = ["-m", "torchrec_multihash.bench.step_time", "--method", method, "--spec", json.dumps(spec.to_dict()), "--device", device]
     cmd = python_command(args, nproc)
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     for line in r.stdout.splitlines():
@@ -75,25 +87,55 @@ def loader_throughput(spec: BenchSpec, lines: int) -> List[Record]:
     return out
 
 
-def markdown(results: Results) -> str:
-    spec = results["spec"]
-    rows = results["methods"]
+def train_throughput(config: Path, samples: int, device: str) -> List[Record]:
+    """End-to-end ``train`` (DLRM, data, fused optimizer) on ``config``, full tables vs Q-R mult: its
+    samples/s, each in a fresh process as a user runs it."""
+    out: List[Record] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, sets in TRAIN_RUNS.items():
+            metrics = Path(tmp) / f"{name}.json"
+            overrides = [*sets, f"train.output_dir={tmp}/{name}", f"data.train_samples={samples}", "data.test_samples=10000"]
+            args = ["-m", "torchrec_multihash.cli", "train", "--config", str(config), "--metrics-out", str(metrics)]
+            env = {**os.environ, "OMP_NUM_THREADS": "1", **({"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {})}
+            r = subprocess.run([sys.executable, *args, *[a for o in overrides for a in ("--set", o)]], capture_output=True, text=True, env=env)
+            if r.returncode != 0:
+                raise RuntimeError(f"train ({name}) failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
+            m = json.loads(metrics.read_text())
+            out.append({"method": name, "config": str(config), "samples_per_s": m["train_samples_per_s"], "steps": m["steps"], "auc": m["auc"]})
+    return out
+
+
+def _method_table(name: str, work: Workload) -> List[str]:
+    spec, rows = work["spec"], work["methods"]
     base = next(r for r in rows if r["method"] == BASELINE)
     naive = next((r for r in rows if r["method"] == NAIVE), None)
+    bags = f"{spec['multi_hot']} multi-hot features (1-{spec['max_bag']} ids), the rest one-hot" if spec["multi_hot"] else "every feature one-hot"
     lines = [
-        f"Workload: {len(spec['rows'])} tables ({sum(spec['rows']):,} rows, dim {spec['dim']}), batch {spec['batch_size']}, "
-        f"{spec['multi_hot']} multi-hot features (1-{spec['max_bag']} ids), compression {spec['compression']:g}x; "
-        f"median of {spec['steps']} steps after {spec['warmup']} warm-up; device {base['device']}.",
+        f"Workload {name}: {len(spec['rows'])} tables ({sum(spec['rows']):,} rows, dim {spec['dim']}), batch {spec['batch_size']}, "
+        f"{bags}, compression {spec['compression']:g}x; median of {spec['steps']} steps after {spec['warmup']} warm-up; device {base['device']}. "
+        f"`vs {BASELINE}`: the method and TorchRec's EBC timed step for step in one process on the same batches.",
         "",
         f"| method | step (ms) | vs {BASELINE} | vs {NAIVE} | samples/s | weights (MiB) | peak memory (MiB) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         vs_naive = f"{naive['step_ms'] / r['step_ms']:.2f}x faster" if naive else "-"
+        ratio = r.get("vs_baseline", r["step_ms"] / base["step_ms"])
         lines.append(
-            f"| {r['method']} | {r['step_ms']:.1f} | {r['step_ms'] / base['step_ms']:.2f}x time | {vs_naive} | "
+            f"| {r['method']} | {r['step_ms']:.1f} | {ratio:.2f}x time | {vs_naive} | "
             f"{r['samples_per_s']:,.0f} | {r['weights_bytes_rank0'] / 2**20:,.1f} | {r['peak_mib']:,.0f} |"
         )
+    return lines
+
+
+def markdown(results: Results) -> str:
+    lines: List[str] = []
+    for name, work in results["workloads"].items():
+        lines += [*(["", ""] if lines else []), *_method_table(name, work)]
+    rows = next(iter(results["workloads"].values()))["methods"] if results["workloads"] else []
+    if "multi_hot" in results["workloads"]:
+        rows = results["workloads"]["multi_hot"]["methods"]
+    base = next((r for r in rows if r["method"] == BASELINE), None)
     if results.get("scaling"):
         lines += [
             "",
@@ -108,7 +150,7 @@ def markdown(results: Results) -> str:
             for s in pts:
                 speedup = s["samples_per_s"] / one["samples_per_s"]
                 lines.append(f"| {method} | {s['world_size']} | {s['step_ms']:.1f} | {s['samples_per_s']:,.0f} | {speedup:.2f}x |")
-    if results.get("loader"):
+    if results.get("loader") and base is not None:
         consumer = next((r for r in rows if r["method"] == "qr_mult"), base)
         trainer = consumer["samples_per_s"]
         lines += [
@@ -120,6 +162,19 @@ def markdown(results: Results) -> str:
         ]
         for ld in results["loader"]:
             lines.append(f"| {ld['num_workers']} | {ld['samples_per_s']:,.0f} | {ld['samples_per_s'] / trainer:.2f}x |")
+    if results.get("train"):
+        full = next((t for t in results["train"] if t["method"] == "full"), results["train"][0])
+        lines += [
+            "",
+            f"End-to-end `train` on {Path(full['config']).name} (DLRM, data, optimizers; one process):",
+            "",
+            "| tables | samples/s | vs full | steps | test AUC |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for t in results["train"]:
+            lines.append(
+                f"| {t['method']} | {t['samples_per_s']:,.0f} | {t['samples_per_s'] / full['samples_per_s']:.2f}x | {t['steps']} | {t['auc']:.4f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -129,19 +184,22 @@ def plots(results: Results, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = results["methods"]
-    base = next(r for r in rows if r["method"] == BASELINE)["step_ms"]
-    names = [r["method"] for r in rows]
+    works = results["workloads"]
     for key, label, fname in (("step_ms", "training step (ms)", "step_time.png"), ("peak_mib", "peak memory (MiB)", "memory.png")):
-        fig, ax = plt.subplots(figsize=(8, 4))
-        vals = [float(r[key]) for r in rows]
-        bars = ax.bar(names, vals, color=["#888" if n in (BASELINE, NAIVE) else "#3a7" for n in names])
-        if key == "step_ms":
-            for b, v in zip(bars, vals):
-                ax.annotate(f"{v / base:.2f}x", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
-        ax.set_ylabel(label)
-        ax.set_title(f"{label}, {rows[0]['device']} (grey: baselines; labels: time vs {BASELINE})" if key == "step_ms" else label)
-        ax.tick_params(axis="x", rotation=30)
+        fig, axes = plt.subplots(1, len(works), figsize=(8 * len(works), 4), squeeze=False)
+        for ax, (name, work) in zip(axes[0], works.items()):
+            rows = work["methods"]
+            base = next(r for r in rows if r["method"] == BASELINE)["step_ms"]
+            names = [r["method"] for r in rows]
+            vals = [float(r[key]) for r in rows]
+            bars = ax.bar(names, vals, color=["#888" if n in (BASELINE, NAIVE) else "#3a7" for n in names])
+            if key == "step_ms":
+                for b, v, r in zip(bars, vals, rows):
+                    ax.annotate(f"{r.get('vs_baseline', v / base):.2f}x", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+            ax.set_ylabel(label)
+            title = f"{name}: {label}, {rows[0]['device']}"
+            ax.set_title(title + (f" (grey: baselines; labels: time vs {BASELINE})" if key == "step_ms" else ""), fontsize=9)
+            ax.tick_params(axis="x", rotation=30)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=120)
         plt.close(fig)
@@ -149,16 +207,20 @@ def plots(results: Results, out: Path) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="torchrec-multihash bench", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="small tables and batches (about a minute on CPU)")
+    p.add_argument("--quick", action="store_true", help="small tables and batches (a few minutes on CPU)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="directory for the results")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {list(METHODS)}")
-    p.add_argument("--scaling", default="1,2,4", help="process counts for the scaling runs ('' to skip)")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, from {list(WORKLOADS)}")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA (FBGEMM's GPU kernels) where there is a GPU, else CPU")
+    p.add_argument("--scaling", default="1,2,4", help="process counts for the scaling runs, multi-hot workload ('' to skip)")
     p.add_argument("--loader-lines", type=int, default=None, help="lines of the generated Criteo TSV (0 to skip)")
+    p.add_argument("--train-samples", type=int, default=None, help="samples of the end-to-end train runs (0 to skip; default 200k, --quick 20k)")
+    p.add_argument("--train-config", type=Path, default=TRAIN_CONFIG, help="config of the end-to-end train runs")
     p.add_argument("--steps", type=int, default=None, help="timed steps per method (default: 30, --quick 20)")
     args = p.parse_args(argv)
-    spec = BenchSpec.quick() if args.quick else BenchSpec()
-    if args.steps:
-        spec.steps = args.steps
+    workloads = [w for w in args.workloads.split(",") if w]
+    if [w for w in workloads if w not in WORKLOADS]:
+        p.error(f"unknown workload(s) in {workloads}; choose from {list(WORKLOADS)}")
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -166,17 +228,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     for needed in (BASELINE,):
         if needed not in methods:
             methods.insert(0, needed)
-    results = Results(spec=spec.to_dict(), methods=[], scaling=[], loader=[])
+    results = Results(workloads={}, scaling=[], loader=[], train=[])
     try:
-        for m in tqdm(methods, desc="bench: methods", unit="method"):
-            results["methods"].append(run_method(m, spec))
+        for name in workloads:
+            spec = BenchSpec.workload(name, args.quick)
+            if args.steps:
+                spec.steps = args.steps
+            work = Workload(spec=spec.to_dict(), methods=[])
+            for m in tqdm(methods, desc=f"bench: {name}", unit="method"):
+                work["methods"].append(run_method(m, spec, device=args.device))
+            results["workloads"][name] = work
+        spec = BenchSpec.workload("multi_hot", args.quick)
+        if args.steps:
+            spec.steps = args.steps
         counts = [int(n) for n in args.scaling.split(",") if n]
+        base_rows = results["workloads"]["multi_hot"]["methods"] if "multi_hot" in results["workloads"] else []
         for m in ("torchrec_ebc", "qr_mult") if counts else ():
             for n in tqdm(counts, desc=f"bench: scaling {m}", unit="run"):
-                results["scaling"].append(run_method(m, spec, nproc=n) if n > 1 else next(r for r in results["methods"] if r["method"] == m))
+                one = next((r for r in base_rows if r["method"] == m), None)
+                results["scaling"].append(one if n == 1 and one is not None else run_method(m, spec, nproc=n, device=args.device))
         lines = args.loader_lines if args.loader_lines is not None else (20_000 if args.quick else 200_000)
         if lines:
             results["loader"] = loader_throughput(spec, lines)
+        samples = args.train_samples if args.train_samples is not None else (20_000 if args.quick else 200_000)
+        if samples:
+            results["train"] = train_throughput(args.train_config, samples, args.device)
     except RuntimeError as e:
         print(f"torchrec-multihash bench: {e}", file=sys.stderr)
         return 1
@@ -184,7 +260,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     table = markdown(results)
     (args.out / "results.md").write_text(table)
-    plots(results, args.out)
+    if results["workloads"]:
+        plots(results, args.out)
     print(table)
     print(f"Results in {args.out.resolve()} (results.json, results.md, step_time.png, memory.png)")
     return 0

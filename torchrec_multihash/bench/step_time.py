@@ -26,6 +26,8 @@ from torchrec_multihash.distributed.sharding import shard_model
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
 
 LR = 0.05
+BASELINE = "torchrec_ebc"
+DEVICES = ("auto", "cpu", "cuda")
 # method -> (strategy, operation) of a MultiHashEmbeddingBagCollection; the others are baselines
 METHODS: Dict[str, Optional[Tuple[str, str]]] = {
     "torchrec_ebc": None,  # TorchRec's EmbeddingBagCollection, full tables
@@ -68,6 +70,7 @@ def build(method: str, spec: BenchSpec, device: torch.device) -> nn.Module:
             strategy=strategy,
             operation=operation,
             num_partitions=3 if strategy == "generalized_qr" else None,
+            overrides={t: {"max_ids_per_bag": 1} for t in spec.one_hot_tables()},
         )
     return MultiHashEmbeddingBagCollection(configs, device=torch.device("meta"))
 
@@ -89,10 +92,53 @@ def fit_learned(module: nn.Module, batches: List[KeyedJaggedTensor]) -> None:
     fit_learned_mappings(module, as_batches, 1, FitOptions(learn_vectors=False))
 
 
-def run(method: str, spec: BenchSpec) -> Dict[str, object]:
+def _step(model: nn.Module, opt: Optional[torch.optim.Optimizer], kjt: KeyedJaggedTensor, upstream: torch.Tensor) -> float:
+    """One training step of the embeddings (forward, backward, the fused optimizer's update); seconds."""
+    if upstream.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = model(kjt)
+    loss = (out.values() * upstream).sum()
+    if opt is not None:
+        opt.zero_grad()
+    loss.backward()  # the fused optimizer updates the sharded tables here
+    if opt is not None:
+        opt.step()
+    if upstream.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _paired(
+    model: nn.Module,
+    opt: Optional[torch.optim.Optimizer],
+    spec: BenchSpec,
+    batches: List[KeyedJaggedTensor],
+    upstream: torch.Tensor,
+    device: torch.device,
+) -> Dict[str, float]:
+    """The method and TorchRec's EBC (built here, in this process) timed step for step on the same
+    batches, alternating: their ratio is free of what other processes did to the machine meanwhile."""
+    base = shard(build(BASELINE, spec, device), device)
+    ours: List[float] = []
+    theirs: List[float] = []
+    for i, kjt in enumerate(batches):
+        a = _step(base, None, kjt, upstream)
+        b = _step(model, opt, kjt, upstream)
+        if i >= spec.warmup:
+            theirs.append(a)
+            ours.append(b)
+    return {
+        "paired_step_ms": 1000 * statistics.median(ours),
+        "paired_baseline_step_ms": 1000 * statistics.median(theirs),
+        "vs_baseline": statistics.median(ours) / statistics.median(theirs),
+    }
+
+
+def run(method: str, spec: BenchSpec, device_kind: str = "auto", paired: bool = True) -> Dict[str, object]:
     from torchrec_multihash.app.process_group import setup_distributed
 
-    device = setup_distributed()
+    device = setup_distributed(device_kind)
     batches = [b.to(device) for b in spec.batches()]
     rss_before = _rss_mib()
     module = build(method, spec, device)
@@ -105,47 +151,38 @@ def run(method: str, spec: BenchSpec) -> Dict[str, object]:
         if method == "learned":
             fit_learned(model, batches)
     upstream = torch.randn(spec.batch_size, spec.dim * len(spec.rows), generator=torch.Generator().manual_seed(1)).to(device)
-    times: List[float] = []
-    for i, kjt in enumerate(batches):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = model(kjt)
-        loss = (out.values() * upstream).sum()
-        if opt is not None:
-            opt.zero_grad()
-        loss.backward()  # the fused optimizer updates the sharded tables here
-        if opt is not None:
-            opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= spec.warmup:
-            times.append(time.perf_counter() - t0)
+    times = [_step(model, opt, kjt, upstream) for kjt in batches][spec.warmup :]
     world = dist.get_world_size()
     gathered: List[float] = [0.0] * world
     dist.all_gather_object(gathered, statistics.median(times))
     step = max(gathered)  # a step ends when the slowest rank's does
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
-    return {
+    result: Dict[str, object] = {
         "method": method,
+        "workload": spec.name,
         "world_size": world,
         "device": str(device.type),
         "step_ms": 1000 * step,
         "step_ms_p90": 1000 * sorted(times)[int(0.9 * (len(times) - 1))],
         "samples_per_s": world * spec.batch_size / step,
-        "peak_mib": _peak_mib(device),
+        "peak_mib": _peak_mib(device),  # read before the paired baseline is built
         "rss_before_mib": rss_before,
         "weights_bytes_rank0": weights,
     }
+    if paired and method != BASELINE and world == 1:
+        result.update(_paired(model, opt, spec, batches, upstream, device))
+    return result
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--method", choices=sorted(METHODS), required=True)
     p.add_argument("--spec", required=True, help="BenchSpec as JSON")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA where there is a GPU, else CPU")
+    p.add_argument("--no-paired", action="store_true", help="skip timing TorchRec's EBC in this process too")
     args = p.parse_args(argv)
     with quiet_warnings():
-        result = run(args.method, BenchSpec(**json.loads(args.spec)))
+        result = run(args.method, BenchSpec(**json.loads(args.spec)), args.device, paired=not args.no_paired)
         if dist.get_rank() == 0:
             print("BENCH " + json.dumps(result), flush=True)
         dist.destroy_process_group()

@@ -9,6 +9,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_multihash.datasets.synthetic import SyntheticCriteo
 
+WORKLOADS = ("one_hot", "multi_hot")
+
 # Criteo Kaggle's 26 vocabulary sizes (the DLRM reference's), capped by ``BenchSpec.max_rows``
 CRITEO_KAGGLE_ROWS = [
     1460,
@@ -43,7 +45,12 @@ CRITEO_KAGGLE_ROWS = [
 @dataclass
 class BenchSpec:
     """26 Criteo-like tables (sizes capped at ``max_rows``), ``multi_hot`` of the features with
-    bags of 1..``max_bag`` ids, the rest one-hot; ids follow a power law (P(x) ~ 1/x), scattered."""
+    bags of 1..``max_bag`` ids, the rest one-hot; ids follow a power law (P(x) ~ 1/x), scattered.
+
+    Two workloads: ``multi_hot`` (the default: Criteo Kaggle's sizes, 3 multi-hot features) and
+    ``one_hot`` (Criteo's shape: 26 one-hot features of 400k rows each, batch 2048). The one-hot
+    features' tables are declared ``max_ids_per_bag=1``, as a user who knows the data would.
+    """
 
     dim: int = 64
     max_rows: int = 2_000_000
@@ -55,6 +62,7 @@ class BenchSpec:
     compression: float = 8.0
     seed: int = 0
     rows: List[int] = field(default_factory=list)
+    name: str = "multi_hot"
 
     def __post_init__(self) -> None:
         if not self.rows:
@@ -63,6 +71,22 @@ class BenchSpec:
     @classmethod
     def quick(cls) -> "BenchSpec":
         return cls(dim=16, max_rows=200_000, batch_size=1024, steps=20, warmup=3)
+
+    @classmethod
+    def one_hot(cls, quick: bool = False) -> "BenchSpec":
+        """26 one-hot features of 400k rows each (50k with ``quick``), Criteo's shape."""
+        if quick:
+            return cls(name="one_hot", dim=16, rows=[50_000] * 26, batch_size=1024, multi_hot=0, steps=20, warmup=3)
+        return cls(name="one_hot", rows=[400_000] * 26, batch_size=2048, multi_hot=0)
+
+    @classmethod
+    def workload(cls, name: str, quick: bool = False) -> "BenchSpec":
+        """The ``one_hot`` or ``multi_hot`` workload."""
+        if name == "one_hot":
+            return cls.one_hot(quick)
+        if name == "multi_hot":
+            return cls.quick() if quick else cls()
+        raise ValueError(f"unknown workload {name!r}; choose from {list(WORKLOADS)}")
 
     def to_dict(self) -> Dict[str, object]:
         return asdict(self)
@@ -87,6 +111,10 @@ class BenchSpec:
             seed=self.seed,
             feature_names=self.features(),
         )
+
+    def one_hot_tables(self) -> List[str]:
+        """The tables of one-hot features (all but the first ``multi_hot``)."""
+        return [t.name for t in self.tables()[self.multi_hot :]]
 
     def batches(self) -> List[KeyedJaggedTensor]:
         """``warmup + steps`` KJTs, deterministic from ``seed``."""

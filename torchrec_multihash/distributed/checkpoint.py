@@ -139,7 +139,7 @@ def _check_fits(path: Path, md: Metadata, state: Dict[str, Any]) -> None:
         what = _describe(key)
         entry = saved.get(key)
         moved = saved_at.get((_table(key), key.rsplit(".", 1)[-1])) if entry is None else None
-        if moved is not None:  # the same table, looked up another way (pooled vs per id: another operation or strategy)
+        if moved is not None:  # the same table, looked up another way (pooled vs per id: another operation, strategy or max_ids_per_bag)
             wrong.append(f"{what} is {_group_of(moved)} in the checkpoint, {_group_of(key)} in this model")
         elif entry is None:
             missing.append(what)

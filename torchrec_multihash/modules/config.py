@@ -73,6 +73,11 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
             ``MappingShape`` for the layouts and their bytes, counted in ``memory_bytes()``).
         fallback_rows: rows reserved for ids the mapping does not store (or did not see when
             fitted); default 1 when it stores every id, else ``max(1, mapping_rows // 8)``.
+        max_ids_per_bag: the most ids a bag of this table's features holds, if known. 1 declares the
+            features one-hot (Criteo's categorical features): pooled and per-id rows are then the
+            same, so a mult table is looked up pooled, like add, instead of per id (much faster;
+            its sub-tables sit in the pooled EmbeddingBagCollection). Checked in eager mode with
+            the ids (``validate_ids``): a bag of more ids is an error naming the feature.
     """
 
     strategy: Union[StrategyName, str] = StrategyName.QR
@@ -83,6 +88,7 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
     mapping_rows: Optional[int] = None
     mapping_ids: Optional[int] = None
     fallback_rows: Optional[int] = None
+    max_ids_per_bag: Optional[int] = None
 
     def __post_init__(self) -> None:
         # Unlike EmbeddingBagConfig we keep ``init_fn`` None unless the user set one: the sub-tables'
@@ -138,6 +144,8 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
             self.fail("feature_names is empty: name the KJT feature(s) that look up this table")
         if len(set(self.feature_names)) != len(self.feature_names):
             self.fail(f"feature_names has duplicates: {self.feature_names}")
+        if self.max_ids_per_bag is not None and not _positive_int(self.max_ids_per_bag):
+            self.fail(f"max_ids_per_bag must be a positive int (1: one-hot bags) or None, got {self.max_ids_per_bag!r}")
         if self.operation not in OPERATIONS:
             self.fail(f"operation must be one of {OPERATIONS}, got {self.operation!r}")
         if self.pooling not in POOLINGS:

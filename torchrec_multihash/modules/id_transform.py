@@ -33,6 +33,8 @@ class FeatureLookup:
     strategy: Strategy  # the table's id -> rows partition
     sub_features: List[str]
     mapping: Optional[LearnedMapping] = None  # learned id -> row, applied before the partitions
+    max_ids_per_bag: Optional[int] = None  # checked with the ids; 1: one-hot
+    pooled_mult: bool = False  # one-hot mult looked up pooled: only the first part carries the weight
 
 
 def check_feature_keys(keys: Sequence[str], required: Sequence[str], known: Optional[Sequence[str]]) -> None:
@@ -51,18 +53,44 @@ def check_feature_keys(keys: Sequence[str], required: Sequence[str], known: Opti
         )
 
 
-def check_id_ranges(lookups: Sequence[FeatureLookup], jts: Sequence[JaggedTensor]) -> None:
-    """Raises InvalidInputError if an id lies outside [0, num_embeddings) of its table.
+def _bag_error(lk: FeatureLookup, lengths: torch.Tensor) -> InvalidInputError:
+    bag = int((lengths > (lk.max_ids_per_bag or 0)).nonzero()[0].item())
+    return InvalidInputError(
+        f"feature '{lk.feature}' (table '{lk.table}', max_ids_per_bag={lk.max_ids_per_bag}): bag {bag} holds "
+        f"{int(lengths[bag].item())} ids; a table declared {'one-hot' if lk.max_ids_per_bag == 1 else 'with smaller bags'} "
+        "would not compose it exactly: raise or remove max_ids_per_bag"
+    )
 
-    One host sync for all features: their min and max are gathered and read together.
+
+def check_id_ranges(lookups: Sequence[FeatureLookup], jts: Sequence[JaggedTensor]) -> None:
+    """Raises InvalidInputError if an id lies outside [0, num_embeddings) of its table, or a bag
+    holds more than its table's ``max_ids_per_bag`` ids.
+
+    One host sync for all features: their id bounds and largest bags are gathered and read together.
     """
-    checked = [(lk, jt.values()) for lk, jt in zip(lookups, jts) if not lk.strategy.accepts_any_id]
-    checked = [(lk, v) for lk, v in checked if v.numel() > 0 and v.device.type != "meta"]  # meta has no ids to read
-    if not checked:
+    stats: List[torch.Tensor] = []
+    checks: List[tuple] = []  # (lookup, jagged tensor, what): "ids" reads 2 stats, "bags" 1
+    for lk, jt in zip(lookups, jts):
+        v = jt.values()
+        if v.device.type == "meta":  # meta has no ids to read
+            continue
+        if not lk.strategy.accepts_any_id and v.numel() > 0:
+            stats += list(torch.aminmax(v))
+            checks.append((lk, jt, "ids"))
+        if lk.max_ids_per_bag is not None and jt.lengths().numel() > 0:
+            stats.append(jt.lengths().max().to(v.dtype))
+            checks.append((lk, jt, "bags"))
+    if not checks:
         return
-    bounds = torch.stack([torch.stack(torch.aminmax(v)) for _, v in checked]).tolist()
-    for (lk, values), (lo, hi) in zip(checked, bounds):
+    read = iter(torch.stack(stats).tolist())
+    for lk, jt, what in checks:
+        if what == "bags":
+            if next(read) > lk.max_ids_per_bag:
+                raise _bag_error(lk, jt.lengths())
+            continue
+        lo, hi = next(read), next(read)
         if lo < 0 or hi >= lk.num_embeddings:
+            values = jt.values()
             bad = ((values < 0) | (values >= lk.num_embeddings)).nonzero()[0].item()
             raise InvalidInputError(
                 f"feature '{lk.feature}' (table '{lk.table}', num_embeddings={lk.num_embeddings}): "
@@ -98,7 +126,8 @@ class IdTransform(nn.Module):
     Args:
         lookups: the logical features this transform handles.
         is_weighted: copy the KJT's per-sample weights to every sub-feature.
-        validate_ids: check ids lie in [0, num_embeddings) (one host sync per batch).
+        validate_ids: check ids lie in [0, num_embeddings) and bags hold at most their table's
+            ``max_ids_per_bag`` ids (one host sync per batch for all features).
         known_features: if given, KJT keys outside it are an error.
     """
 
@@ -108,6 +137,7 @@ class IdTransform(nn.Module):
     _source: List[int]
     _divisors: List[int]
     _moduli: List[int]
+    _unit_weights: List[bool]
 
     def __init__(
         self,
@@ -132,6 +162,9 @@ class IdTransform(nn.Module):
         spec = [p for lk in lookups for p in lk.strategy.partition_spec()]
         self._divisors = [d for d, _ in spec]
         self._moduli = [m for _, m in spec]
+        # a one-hot mult bag pooled is w * q[x] times w * r[x]: weighting its first part alone
+        # leaves w * q[x] * r[x], as per id
+        self._unit_weights = [lk.pooled_mult and p > 0 for lk in lookups for p in range(len(lk.sub_features))]
 
     @torch.jit.unused
     def check(self, features: KeyedJaggedTensor) -> None:
@@ -164,5 +197,5 @@ class IdTransform(nn.Module):
             values.append(partition_rows(ids[i], self._divisors[j], self._moduli[j]))
             lengths.append(jt.lengths())
             if self._is_weighted:
-                weights.append(jt.weights())
+                weights.append(torch.ones_like(jt.weights()) if self._unit_weights[j] else jt.weights())
         return _sub_features(self._sub_keys, values, lengths, weights if self._is_weighted else None, features.stride())

@@ -94,7 +94,8 @@ def _group_tables(tables: List[MultiHashEmbeddingBagConfig], device: torch.devic
             groups.configs.setdefault(group, []).append(inner)
             groups.in_table_order.append(inner)
         for f, name in zip(t.feature_names, names):
-            lookup = FeatureLookup(f, t.name, t.num_embeddings, impl, sub_features[f], mapping)
+            pooled_mult = impl.is_composed() and t.operation == "mult" and not per_id
+            lookup = FeatureLookup(f, t.name, t.num_embeddings, impl, sub_features[f], mapping, t.max_ids_per_bag, pooled_mult)
             groups.lookups.setdefault(group, []).append(lookup)
             groups.outputs.append(OutputSpec(name, f, group, per_id, sub_features[f], t.operation, t.pooling, t.embedding_dim))
     return groups
@@ -119,7 +120,8 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     Tables with add or concat (and single-table strategies) are looked up pooled in one inner
     ``EmbeddingBagCollection`` (``pooled["pooled"].tables``): pooling commutes with them. Tables
     with mult are looked up per id in an inner ``EmbeddingCollection`` (``per_id["per_id_d{dim}"]
-    .tables``) and multiplied per id before pooling. Both are stock TorchRec modules, so
+    .tables``) and multiplied per id before pooling, unless declared one-hot (``max_ids_per_bag=1``):
+    those are looked up pooled and their pooled parts multiplied. Both are stock TorchRec modules, so
     TorchRec's planner and sharders place the sub-tables like any other table. The forward is
     fx-traceable (TorchRec's tracer) and scriptable; state dict keys: ``pooled.pooled.tables.
     embedding_bags.<sub-table>.weight``, ``per_id.per_id_d<dim>.tables.embeddings.<sub-table>.weight``
@@ -130,7 +132,8 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         is_weighted: the KJT carries per-sample weights.
         device: where the sub-tables and learned mappings live ("meta" for deferred init under
             DMP); default: the current default device (``with torch.device(...)``), else the CPU.
-        validate_ids: raise on ids outside [0, num_embeddings) (one host sync per batch).
+        validate_ids: raise on ids outside [0, num_embeddings) and on bags of more ids than a
+            table's ``max_ids_per_bag`` (eager mode; one host sync per batch for all features).
         strict_features: raise on KJT keys that no table looks up (TorchRec's EBC ignores them).
     """
 

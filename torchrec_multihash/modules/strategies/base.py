@@ -113,8 +113,13 @@ class Strategy(ABC):
 
     def looks_up_per_id(self) -> bool:
         """True for mult of several partitions: the product is taken per id, before pooling, so
-        the sub-tables are looked up unpooled (an EmbeddingCollection)."""
-        return self.is_composed() and self.config.operation == "mult"
+        the sub-tables are looked up unpooled (an EmbeddingCollection) -- unless the table is
+        one-hot (``max_ids_per_bag=1``), where a bag's pooled rows are its id's rows."""
+        return self.is_composed() and self.config.operation == "mult" and not self.one_hot()
+
+    def one_hot(self) -> bool:
+        """True when the table declares bags of at most one id (``max_ids_per_bag=1``)."""
+        return self.config.max_ids_per_bag == 1
 
     def dims(self) -> List[int]:
         """Embedding dim of each sub-table: the table's, or its split for concat."""
