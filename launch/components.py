@@ -2,14 +2,74 @@
 
     torchx run -s local_cwd launch/components.py:dlrm -j 1x2 --config configs/quickstart.yaml
     torchx run -s slurm launch/components.py:dlrm -j 2x8 --gpu 8 --config configs/criteo_1tb_qr.yaml
-    torchx run -s kubernetes -cfg queue=default launch/components.py:dlrm -j 2x8 --gpu 8 \\
-        --image ghcr.io/you/torchrec-multihash:latest --config configs/criteo_1tb_qr.yaml
+    torchx run --workspace "" -s kubernetes -cfg queue=default launch/components.py:dlrm -j 2x8 --gpu 8 \\
+        --image ghcr.io/you/torchrec-multihash:latest --data_volume criteo-data --output_volume runs \\
+        --config configs/criteo_1tb_qr.yaml
+
+Checked when the component runs, before anything is submitted: the config (read with the app's own
+loader, overrides applied), one rank per GPU (``-j NxG`` with ``--gpu G``) and the named resource.
 """
 
-from typing import Dict, List, Optional
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import torchx.specs as specs
-from torchx.components.dist import ddp
+from torchx.components.dist import ddp, parse_nnodes
+
+# Per-GPU share of a typical 8-GPU host (AWS p4d.24xlarge, DGX A100: 96+ CPUs, 1152 GiB) that leaves
+# room for the node's own daemons: a node of G ranks asks for G times this, 88 CPUs and 1 TiB for 8 GPUs.
+CPU_PER_GPU = 11
+MEM_MB_PER_GPU = 128 * 1024
+# CPU-only ranks (local runs, CPU clusters): 2 CPUs and 4 GiB each
+CPU_PER_CPU_RANK = 2
+MEM_MB_PER_CPU_RANK = 4096
+# Where the image (Dockerfile: WORKDIR) holds the repository; --data_volume and --output_volume are
+# mounted at its data/ and runs/ folders, where the configs read data and write outputs.
+IMAGE_WORKDIR = "/workspace"
+
+
+def _resources(nproc: int, gpu: int, cpu: Optional[int], memMB: Optional[int], h: Optional[str]) -> Tuple[int, int, int]:
+    """(cpu, gpu, memMB) per node; refuses a GPU count that is not one rank per GPU."""
+    if h is not None:
+        try:
+            named = specs.named_resources[h]
+        except KeyError:
+            raise ValueError(
+                f"unknown named resource -h {h!r}; torchx's are listed by `torchx.specs.named_resources`, e.g. aws_p4d.24xlarge"
+            ) from None
+        if gpu and gpu != named.gpu:
+            raise ValueError(f"--gpu {gpu} disagrees with -h {h}, which has {named.gpu} GPUs")
+        gpu = named.gpu
+    if gpu and nproc != gpu:
+        given = f"-h {h}" if h is not None else f"--gpu {gpu}"
+        raise ValueError(
+            f"-j ...x{nproc} starts {nproc} ranks per node but {given} gives each node {gpu} GPUs: run one rank per GPU (-j NNODESx{gpu})"
+        )
+    per_cpu, per_mem = (CPU_PER_GPU, MEM_MB_PER_GPU) if gpu else (CPU_PER_CPU_RANK, MEM_MB_PER_CPU_RANK)
+    return (cpu if cpu is not None else per_cpu * nproc), gpu, (memMB if memMB is not None else per_mem * nproc)
+
+
+def _check_config(config: str, overrides: Tuple[str, ...]) -> None:
+    """Loads the config as ``train`` will (the app's own loader), so a missing file or a bad key
+    is refused before the job waits in a queue."""
+    from torchrec_multihash.app.config import load_config
+
+    load_config(config, overrides)
+
+
+def _runs_on_this_filesystem(image: str) -> bool:
+    """local_cwd and Slurm run in a folder of this machine's (shared) filesystem; Kubernetes in an image."""
+    return not image or os.path.isdir(image)
+
+
+def _torchrun(image: str) -> str:
+    """This virtualenv's own torchrun where the job runs on this filesystem (Slurm nodes share it, and
+    their PATH need not hold the venv); the image's (on its PATH) in a container."""
+    exe = Path(sys.executable).parent / "torchrun"
+    return str(exe) if _runs_on_this_filesystem(image) and exe.exists() else "torchrun"
 
 
 def dlrm(
@@ -17,9 +77,9 @@ def dlrm(
     config: str = "configs/quickstart.yaml",
     metrics_out: Optional[str] = None,
     j: str = "1x2",
-    cpu: int = 2,
+    cpu: Optional[int] = None,
     gpu: int = 0,
-    memMB: int = 8192,
+    memMB: Optional[int] = None,
     h: Optional[str] = None,
     image: str = "",
     name: str = "torchrec-multihash",
@@ -27,34 +87,47 @@ def dlrm(
     max_restarts: int = 0,
     env: Optional[Dict[str, str]] = None,
     mounts: Optional[List[str]] = None,
+    data_volume: Optional[str] = None,
+    output_volume: Optional[str] = None,
     rdzv_port: int = 29500,
 ) -> specs.AppDef:
     """Trains a sharded DLRM with multi-hash embedding tables (torchrec-multihash train).
 
     Args:
         overrides: config overrides as key=value (each becomes --set key=value), e.g. train.epochs=2
-        config: YAML config, relative to the job's working directory
+        config: YAML config, relative to the job's working directory; loaded here first (with the
+            overrides), so a missing or invalid config is refused before submitting
         metrics_out: write the final metrics (AUC, log loss, NE, memory, speed) as JSON here
         j: nnodes x nproc_per_node, e.g. 1x2 (one node, two processes) or 2x8
-        cpu: CPUs per node
-        gpu: GPUs per node (one rank per GPU)
-        memMB: memory per node in MB
-        h: a named resource (e.g. a cloud instance type) instead of cpu/gpu/memMB
-        image: the image (a folder for local_cwd; a container image on kubernetes)
+        cpu: CPUs per node (default: 11 per GPU rank, a share of an 8-GPU host; 2 per CPU rank)
+        gpu: GPUs per node; one rank per GPU: nproc_per_node must equal it
+        memMB: memory per node in MB (default: 128 GiB per GPU rank; 4 GiB per CPU rank)
+        h: a torchx named resource (e.g. aws_p4d.24xlarge) for each node, instead of cpu/gpu/memMB;
+            its GPU count must equal nproc_per_node
+        image: the image (a folder for local_cwd and slurm; a container image on kubernetes)
         name: job name
         max_retries: scheduler retries of the whole job after a failure (Slurm, Kubernetes; the
             local schedulers do not retry)
         max_restarts: torchrun restarts of all ranks after one fails, on any scheduler (local too)
         env: extra environment variables
-        mounts: mounts (kubernetes: type=bind,src=...,dst=...)
+        mounts: more mounts, in torchx's syntax (type=volume,src=PVC,dst=/path[,readonly] or
+            type=bind,src=/host/path,dst=/path); kubernetes
+        data_volume: kubernetes: a PersistentVolumeClaim mounted read-only at /workspace/data (the
+            image's data/, where the configs read)
+        output_volume: kubernetes: a PersistentVolumeClaim mounted at /workspace/runs (the image's
+            runs/, where the configs write outputs and checkpoints), so they outlive the pod
         rdzv_port: rendezvous port on the first node
     """
+    for o in overrides:
+        if "=" not in o:
+            raise ValueError(f"override {o!r} is not key=value (e.g. train.batch_size=512)")
+    _, _, nproc, _ = parse_nnodes(j)
+    cpu, gpu, memMB = _resources(nproc, gpu, cpu, memMB, h)
+    _check_config(config, overrides)
     args = ["train", "--config", config]
     if max_retries or max_restarts:
         args += ["--resume", "auto"]  # a retried or restarted job continues from its last checkpoint
     for o in overrides:
-        if "=" not in o:
-            raise ValueError(f"override {o!r} is not key=value (e.g. train.batch_size=512)")
         args += ["--set", o]
     if metrics_out:
         args += ["--metrics-out", metrics_out]
@@ -63,6 +136,11 @@ def dlrm(
         # torch 2.13 keeps torchrun's rendezvous store across restarts: restarted ranks could read
         # the dead ranks' addresses (pytorch#135712); this gives every restart a fresh store
         env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    all_mounts = list(mounts or [])
+    if data_volume:
+        all_mounts += ["type=volume", f"src={data_volume}", f"dst={IMAGE_WORKDIR}/data", "readonly"]
+    if output_volume:
+        all_mounts += ["type=volume", f"src={output_volume}", f"dst={IMAGE_WORKDIR}/runs"]
     kwargs = {"image": image} if image else {}
     app = ddp(
         *args,
@@ -76,13 +154,14 @@ def dlrm(
         env=env,
         max_retries=max_retries,
         rdzv_port=rdzv_port,
-        mounts=mounts,
+        mounts=all_mounts or None,
         **kwargs,
     )
-    app.roles[0].name = "trainer"
-    if max_restarts:
-        cmd = app.roles[0].args[-1]
-        if not cmd.startswith("torchrun "):
-            raise RuntimeError(f"unexpected ddp command, cannot add --max_restarts: {cmd[:80]}")
-        app.roles[0].args[-1] = f"torchrun --max_restarts {max_restarts} " + cmd[len("torchrun ") :]
+    role = app.roles[0]
+    role.name = "trainer"
+    cmd = role.args[-1]
+    if not cmd.startswith("torchrun "):
+        raise RuntimeError(f"unexpected ddp command, cannot set its torchrun: {cmd[:80]}")
+    restarts = f"--max_restarts {max_restarts} " if max_restarts else ""
+    role.args[-1] = f"{shlex.quote(_torchrun(image))} {restarts}" + cmd[len("torchrun ") :]
     return app

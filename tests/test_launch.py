@@ -65,21 +65,69 @@ def test_local_rank_killed_mid_epoch_restarts_and_finishes(tmp_path):
     assert m["world_size"] == 2 and m["steps"] == 29
 
 
-def test_component_restarts_and_retries_resume_automatically():
+def load_components():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("components", ROOT / "launch" / "components.py")
     components = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(components)
-    dlrm = components.dlrm
+    return components
+
+
+def test_component_restarts_and_retries_resume_automatically():
+    dlrm = load_components().dlrm
+    torchrun = str(BIN / "torchrun")  # this venv's own (the job runs on this filesystem)
     role = dlrm("train.epochs=2", max_restarts=2).roles[0]
-    assert role.args[-1].startswith("torchrun --max_restarts 2 --rdzv_backend c10d ")
+    assert role.args[-1].startswith(f"{torchrun} --max_restarts 2 --rdzv_backend c10d ")
     assert "train --config configs/quickstart.yaml --resume auto --set train.epochs=2" in role.args[-1]
     assert role.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
     role = dlrm(max_retries=3).roles[0]
     assert role.max_retries == 3 and "--resume auto" in role.args[-1] and "--max_restarts" not in role.args[-1]
     role = dlrm().roles[0]
     assert role.max_retries == 0 and "--resume" not in role.args[-1] and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in role.env
+
+
+def test_component_resources_follow_the_job():
+    c = load_components()
+    r = c.dlrm(j="2x8", gpu=8, config="configs/criteo_1tb_qr.yaml").roles[0].resource
+    assert (r.cpu, r.gpu, r.memMB) == (88, 8, 8 * 128 * 1024)  # 11 CPUs, 128 GiB per GPU rank
+    r = c.dlrm(j="1x2").roles[0].resource
+    assert (r.cpu, r.gpu, r.memMB) == (4, 0, 8192)  # 2 CPUs, 4 GiB per CPU rank
+    r = c.dlrm(j="1x4", gpu=4, cpu=40, memMB=300000).roles[0].resource
+    assert (r.cpu, r.gpu, r.memMB) == (40, 4, 300000)
+    r = c.dlrm(j="2x8", h="aws_p4d.24xlarge").roles[0].resource  # a named resource: the whole host
+    assert (r.cpu, r.gpu, r.capabilities["node.kubernetes.io/instance-type"]) == (96, 8, "p4d.24xlarge")
+    with pytest.raises(ValueError, match=r"8 ranks per node but --gpu 4 gives each node 4 GPUs"):
+        c.dlrm(j="2x8", gpu=4)
+    with pytest.raises(ValueError, match=r"8 ranks per node but -h aws_p3.8xlarge gives each node 4 GPUs"):
+        c.dlrm(j="2x8", h="aws_p3.8xlarge")
+    with pytest.raises(ValueError, match=r"--gpu 4 disagrees with -h aws_p4d.24xlarge, which has 8 GPUs"):
+        c.dlrm(j="2x8", gpu=4, h="aws_p4d.24xlarge")
+    with pytest.raises(ValueError, match="unknown named resource -h 'nope'"):
+        c.dlrm(j="2x8", h="nope")
+
+
+def test_component_checks_the_config_before_submitting(tmp_path):
+    from torchrec_multihash.app.config import ConfigError
+
+    c = load_components()
+    with pytest.raises(ConfigError, match="cannot read config configs/missing.yaml: No such file"):
+        c.dlrm(config="configs/missing.yaml")
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        c.dlrm("train.batch_size=0")
+    with pytest.raises(ValueError, match="is not key=value"):
+        c.dlrm("train.epochs")
+
+
+def test_component_refusals_at_submit_time():
+    """`torchx run` refuses before submitting: nothing is queued for a job that would fail on the cluster."""
+    for options, message in [
+        (["-j", "2x8", "--gpu", "4"], "8 ranks per node but --gpu 4 gives each node 4 GPUs"),
+        (["-j", "2x8", "--gpu", "8", "--config", "configs/missing.yaml"], "cannot read config configs/missing.yaml: No such file or directory"),
+    ]:
+        r = torchx("run", "-s", "slurm", "--dryrun", "launch/components.py:dlrm", *options)
+        assert r.returncode != 0 and message in r.stderr, r.stderr[-3000:]
+        assert "#SBATCH" not in r.stdout
 
 
 def test_slurm_dryrun_script():
@@ -93,46 +141,86 @@ def test_slurm_dryrun_script():
         "2x8",
         "--gpu",
         "8",
+        "--env",
+        "NCCL_DEBUG=WARN",
         "--config",
         "configs/criteo_1tb_qr.yaml",
         "train.epochs=2",
     )
     assert r.returncode == 0, r.stderr[-3000:]
     s = r.stdout
-    assert s.count("#SBATCH --job-name=trainer-") == 2 and "--gpus-per-task=8" in s and "hetjob" in s
+    assert s.count("#SBATCH --job-name=trainer-") == 2 and "hetjob" in s
+    sbatch = [line for line in s.splitlines() if line.startswith("#SBATCH --job-name=")]
+    for line in sbatch:  # per node: 8 GPUs, 8 x 11 CPUs, 8 x 128 GiB
+        assert "--ntasks-per-node=1 --cpus-per-task=88 --mem=1048576 --gpus-per-task=8" in line
+        assert "--time=12:00:00" in line  # from .torchxconfig
+    assert s.count("--export=ALL,OMP_NUM_THREADS=1,NCCL_DEBUG=WARN,") == 2
+    # this virtualenv's own torchrun, not the first on the nodes' PATH
+    assert s.count(f"bash -c '{BIN / 'torchrun'} --rdzv_backend c10d") == 2
     assert "--nnodes 2 --nproc_per_node 8" in s
     assert "-m torchrec_multihash.cli train --config configs/criteo_1tb_qr.yaml --set train.epochs=2" in s
-    assert "--time=12:00:00" in s  # from .torchxconfig
 
 
-def test_kubernetes_dryrun_resource():
-    r = torchx(
-        "run",
-        "--workspace",
-        "",
-        "-s",
-        "kubernetes",
-        "--dryrun",
-        "launch/components.py:dlrm",
-        "-j",
-        "2x8",
-        "--gpu",
-        "8",
-        "--memMB",
-        "65536",
-        "--image",
-        "ghcr.io/example/tmh:1",
-        "--config",
-        "configs/criteo_1tb_qr.yaml",
-    )
+def k8s_dryrun(*options):
+    r = torchx("run", "--workspace", "", "-s", "kubernetes", "--dryrun", "launch/components.py:dlrm", *options)
     assert r.returncode == 0, r.stderr[-3000:]
-    spec = yaml.safe_load(r.stdout[r.stdout.index("apiVersion") :])
+    return yaml.safe_load(r.stdout[r.stdout.index("apiVersion") :])
+
+
+def test_kubernetes_dryrun_resources_mounts_env_command():
+    spec = k8s_dryrun(
+        *("-j", "2x8", "--gpu", "8", "--image", "ghcr.io/example/tmh:1", "--env", "NCCL_DEBUG=WARN"),
+        *("--data_volume", "criteo-data", "--output_volume", "tmh-runs", "--mounts", "type=bind,src=/mnt/nvme,dst=/scratch"),
+        *("--config", "configs/criteo_1tb_qr.yaml", "train.epochs=2"),
+    )
     assert spec["kind"] == "Job" and spec["spec"]["queue"] == "default"
     tasks = spec["spec"]["tasks"]
     assert len(tasks) == 2 and all(t["replicas"] == 1 for t in tasks)  # one pod per node
-    (container,) = tasks[0]["template"]["spec"]["containers"]
-    assert container["image"] == "ghcr.io/example/tmh:1"
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
-    assert container["resources"]["limits"]["memory"] == "65536M"
-    cmd = " ".join(container["command"])
-    assert "--nnodes 2 --nproc_per_node 8" in cmd and "torchrec_multihash.cli train --config configs/criteo_1tb_qr.yaml" in cmd
+    for task in tasks:
+        pod = task["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["image"] == "ghcr.io/example/tmh:1"
+        assert container["resources"]["limits"] == {"cpu": "88000m", "memory": "1048576M", "nvidia.com/gpu": "8"}
+        assert container["resources"]["requests"]["nvidia.com/gpu"] == "8"
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["OMP_NUM_THREADS"] == "1" and env["NCCL_DEBUG"] == "WARN"
+        cmd = " ".join(container["command"])
+        # the image's torchrun (its venv is first on PATH), not this machine's path
+        assert cmd.startswith("bash -c torchrun --rdzv_backend c10d --rdzv_endpoint ${") and ":=localhost}:29500 " in cmd
+        assert "--nnodes 2 --nproc_per_node 8" in cmd
+        assert "-m torchrec_multihash.cli train --config configs/criteo_1tb_qr.yaml --set train.epochs=2" in cmd
+        mounts = {m["mountPath"]: (m["name"], m.get("readOnly")) for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        name, ro = mounts["/workspace/data"]  # data, read-only, where the configs read data/...
+        assert ro is True and volumes[name]["persistentVolumeClaim"]["claimName"] == "criteo-data"
+        name, ro = mounts["/workspace/runs"]  # outputs and checkpoints (runs/...) outlive the pod
+        assert ro is False and volumes[name]["persistentVolumeClaim"]["claimName"] == "tmh-runs"
+        name, _ = mounts["/scratch"]
+        assert volumes[name]["hostPath"]["path"] == "/mnt/nvme"
+
+
+def test_kubernetes_dryrun_named_resource():
+    spec = k8s_dryrun("-j", "2x8", "-h", "aws_p4d.24xlarge", "--image", "ghcr.io/example/tmh:1", "--config", "configs/criteo_1tb_qr.yaml")
+    for task in spec["spec"]["tasks"]:
+        pod = task["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        assert container["resources"]["limits"]["cpu"] == "96000m"
+        assert pod["nodeSelector"] == {"node.kubernetes.io/instance-type": "p4d.24xlarge"}
+
+
+def test_dockerfile_pins_agree_with_bootstrap():
+    """The image installs the stack scripts/bootstrap.sh installs with MULTIHASH_TORCH_VARIANT=cuda."""
+    import re
+
+    boot = (ROOT / "scripts" / "bootstrap.sh").read_text()
+    docker = (ROOT / "Dockerfile").read_text()
+    for key in ("TORCH_VERSION", "FBGEMM_VERSION", "TORCHREC_VERSION"):
+        (want,) = re.findall(rf"^{key}=(\S+)$", boot, re.M)
+        assert re.findall(rf"^ARG {key}=(\S+)$", docker, re.M) == [want], key
+    assert '"torch==${TORCH_VERSION}" "fbgemm-gpu==${FBGEMM_VERSION}"' in docker  # the CUDA fbgemm
+    assert 'pip install -r requirements/base.txt "torch==${TORCH_VERSION}"' in docker
+    assert 'pip install --no-deps "torchrec==${TORCHREC_VERSION}"' in docker
+    assert "pip install --no-deps ." in docker
+    assert re.search(r"^WORKDIR (\S+)$", docker, re.M).group(1) == load_components().IMAGE_WORKDIR
+    assert "python3.11 -m venv" in docker and "ENV PATH=/opt/venv/bin:$PATH" in docker
