@@ -1,5 +1,5 @@
 # The commands of the README. Each creates .venv/ on first use (scripts/bootstrap.sh).
-.PHONY: quickstart demo test test-fast lint format typecheck venv
+.PHONY: quickstart demo test test-fast lint format typecheck venv image image-push
 
 venv:
 	@bash scripts/bootstrap.sh
@@ -31,3 +31,14 @@ format: venv
 
 typecheck: venv
 	.venv/bin/python -m mypy torchrec_multihash
+
+# The CUDA image of Kubernetes jobs (Dockerfile; the stack of scripts/bootstrap.sh's cuda variant):
+#   make image IMAGE=ghcr.io/you/torchrec-multihash:1 && make image-push IMAGE=ghcr.io/you/torchrec-multihash:1
+IMAGE ?= torchrec-multihash:latest
+DOCKER ?= docker
+
+image:
+	$(DOCKER) build -t $(IMAGE) .
+
+image-push:
+	$(DOCKER) push $(IMAGE)

@@ -224,3 +224,15 @@ def test_dockerfile_pins_agree_with_bootstrap():
     assert "pip install --no-deps ." in docker
     assert re.search(r"^WORKDIR (\S+)$", docker, re.M).group(1) == load_components().IMAGE_WORKDIR
     assert "python3.11 -m venv" in docker and "ENV PATH=/opt/venv/bin:$PATH" in docker
+
+
+def test_make_image_and_readme_cluster_section():
+    r = run(["make", "-n", "image", "image-push", "IMAGE=ghcr.io/example/tmh:1"])
+    assert r.returncode == 0 and r.stdout.split("\n")[:2] == ["docker build -t ghcr.io/example/tmh:1 .", "docker push ghcr.io/example/tmh:1"], (
+        r.stdout + r.stderr
+    )
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Launching with TorchX") : readme.index("## How it works")]
+    steps = ["make image IMAGE=", "make image-push IMAGE=", 'torchx run --workspace "" -s kubernetes', "--data_volume", "--output_volume"]
+    assert all(s in section for s in steps) and [section.index(s) for s in steps[:3]] == sorted(section.index(s) for s in steps[:3])
+    assert "torchx run -s slurm launch/components.py:dlrm -j 2x8 --gpu 8" in section
