@@ -9,9 +9,10 @@ counting pass over the training days (``vocabulary.json`` beside the npy files);
 ``% size`` leaves these ids as they are.
 
 Files are streamed in chunks of lines (bounded memory) into temporary files, renamed when the day
-is complete; ``preprocess.json`` records the id mapping and each finished day with the source
-file it was made from (name, size, mtime). A rerun skips the finished days and redoes a
-half-written one. Bad lines are reported as the trainer's reader reports them (file:line).
+is complete; ``preprocess.json`` records the id mapping, ``<day>.preprocess.json`` a finished day
+and the source file it was made from (name, size, mtime). A rerun skips the finished days and
+redoes a half-written one; processes given different days of one folder may run at once.
+Bad lines are reported as the trainer's reader reports them (file:line).
 """
 
 import argparse
@@ -168,26 +169,30 @@ def preprocess(args: argparse.Namespace) -> Dict[str, Any]:
     to_id = _id_mapping(args, out_dir, inputs)
     mapping = {"ids": args.ids, "sizes": to_id.sizes(), "labeled": not args.unlabeled}
     record_path = out_dir / RECORD
-    record: Dict[str, Any] = {**mapping, "days": {}}
     if record_path.is_file():
         old = json.loads(record_path.read_text())
         if {k: old.get(k) for k in mapping} != mapping:
             raise PreprocessError(
                 f"{out_dir} holds days made with another id mapping ({ {k: old.get(k) for k in mapping} }): use another --out-dir or delete it"
             )
-        record["days"] = old.get("days", {})
+    else:
+        _write_json(record_path, mapping)
+    record: Dict[str, Any] = {**mapping, "days": {}}
     bad = BadLines(args.skip_bad_lines)
     for src, day in zip(inputs, days):
         source = files([str(src)], exact=False)[0] + [Path(src).stat().st_mtime_ns]
-        done = record["days"].get(day)
+        day_path = out_dir / f"{day}.{RECORD}"
+        done = json.loads(day_path.read_text()) if day_path.is_file() else None
         if done and done.get("source") == source and all(_rows_of(p) == done.get("rows") for p in npy_paths(out_dir, day)):
             print(f"{day}: done before ({done['rows']:,} rows), skipped", file=sys.stderr, flush=True)
+            record["days"][day] = done
             continue
+        day_path.unlink(missing_ok=True)
         start, bad_before = time.perf_counter(), bad.count
         rows = convert_day(src, out_dir, to_id, bad, args.chunk_lines, not args.unlabeled, progress=not args.quiet)
         seconds = time.perf_counter() - start
         record["days"][day] = {"source": source, "rows": rows, "bad_lines": bad.count - bad_before, "seconds": round(seconds, 3)}
-        _write_json(record_path, record)
+        _write_json(day_path, record["days"][day])
         print(f"{day}: {rows:,} rows in {seconds:.1f} s ({rows / max(seconds, 1e-9):,.0f} lines/s)", file=sys.stderr, flush=True)
     return record
 
