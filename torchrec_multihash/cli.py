@@ -16,6 +16,10 @@ COMMANDS = {
     "bench": ("torchrec_multihash.bench.bench", "step time and memory of every strategy vs TorchRec's EBC and a naive Q-R; scaling; reader speed"),
     "quality": ("torchrec_multihash.bench.quality", "test AUC and log loss against embedding bytes for several strategies, compressions and seeds"),
     "export": ("torchrec_multihash.app.export", "write a trained model as one TorchScript file with quantized tables, for serving"),
+    "preprocess": (
+        "torchrec_multihash.app.preprocess",
+        "turn Criteo TSV day files into TorchRec's npy layout once (ids decided there; resumable per day)",
+    ),
     "plan": ("torchrec_multihash.app.plan", "show where TorchRec's planner puts each sub-table for a topology (need not exist)"),
 }
 
@@ -25,7 +29,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="torchrec-multihash",
         description="Compositional (multi-hash) embedding tables for TorchRec / DLRM.",
-        epilog="\n".join(f"  {k:8s} {help_}" for k, (_, help_) in COMMANDS.items()),
+        epilog="\n".join(f"  {k:10s} {help_}" for k, (_, help_) in COMMANDS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("command", choices=sorted(COMMANDS), help="see below; COMMAND --help for its options")

@@ -8,7 +8,7 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_multihash.datasets.criteo_tsv import CriteoFormatError, CriteoRow, parse_block, parse_raw
+from torchrec_multihash.datasets.criteo_tsv import CriteoFormatError, CriteoRow, ParsedBlock, parse_block, parse_raw
 from torchrec_multihash.datasets.id_mapping import IdMapping
 
 
@@ -26,23 +26,48 @@ def rows_to_batch(rows: Sequence[CriteoRow], keys: List[str], to_id: Callable[[i
     return _batch(dense, labels, values, keys)
 
 
-def lines_to_batch(
-    lines: Sequence[Tuple[Path, int, bytes]], keys: List[str], to_id: IdMapping, labeled: bool = True
-) -> Tuple[Optional[Batch], List[str]]:
-    """Parses (path, line number, raw line) triples into one batch: all at once when they are plain
-    Criteo, else line by line. Returns the batch (None if no line is good) and the errors of the
-    bad lines, which are left out."""
+def parse_lines(lines: Sequence[Tuple[Path, int, bytes]], labeled: bool = True) -> Tuple[Optional[ParsedBlock], List[str]]:
+    """Parses (path, line number, raw line) triples: all at once when they are plain Criteo, else
+    line by line. Returns the good lines as one block (None if no line is good) and the errors of
+    the bad lines (file:line), which are left out."""
     block = parse_block([raw for _, _, raw in lines], labeled)
     if block is not None:
-        ids = np.stack([to_id.map_array(f, block.sparse[:, f], block.missing[:, f]) for f in range(len(keys))])
-        return _batch(torch.from_numpy(block.dense), torch.from_numpy(block.labels), torch.from_numpy(ids.reshape(-1)), keys), []
+        return block, []
     rows, bad = [], []
     for path, lineno, raw in lines:
         try:
             rows.append(parse_raw(raw, path, lineno, labeled))
         except CriteoFormatError as e:
             bad.append(str(e))
-    return (rows_to_batch(rows, keys, to_id) if rows else None), bad
+    if not rows:
+        return None, bad
+    missing = np.array([[v is None for v in r.sparse] for r in rows], dtype=bool)
+    return (
+        ParsedBlock(
+            labels=np.array([r.label or 0 for r in rows], dtype=np.float32),
+            dense=np.array([r.dense for r in rows], dtype=np.float32),
+            sparse=np.array([[v or 0 for v in r.sparse] for r in rows], dtype=np.int64),
+            missing=missing,
+        ),
+        bad,
+    )
+
+
+def block_ids(block: ParsedBlock, to_id: IdMapping) -> np.ndarray:
+    """The block's table ids, [n, features]."""
+    return np.stack([to_id.map_array(f, block.sparse[:, f], block.missing[:, f]) for f in range(block.sparse.shape[1])], axis=1)
+
+
+def lines_to_batch(
+    lines: Sequence[Tuple[Path, int, bytes]], keys: List[str], to_id: IdMapping, labeled: bool = True
+) -> Tuple[Optional[Batch], List[str]]:
+    """Parses (path, line number, raw line) triples into one batch (``parse_lines``). Returns the
+    batch (None if no line is good) and the errors of the bad lines, which are left out."""
+    block, bad = parse_lines(lines, labeled)
+    if block is None:
+        return None, bad
+    ids = block_ids(block, to_id).T  # key-major
+    return _batch(torch.from_numpy(block.dense), torch.from_numpy(block.labels), torch.from_numpy(np.ascontiguousarray(ids).reshape(-1)), keys), bad
 
 
 def check_labels(batch: Batch, where: Callable[[int], str]) -> Batch:
