@@ -227,7 +227,8 @@ def test_dockerfile_pins_agree_with_bootstrap():
 
 
 def test_make_image_and_readme_cluster_section():
-    r = run(["make", "-n", "image", "image-push", "IMAGE=ghcr.io/example/tmh:1"])
+    # --no-print-directory: under `make test` (CI) a nested make would print "Entering directory"
+    r = run(["make", "--no-print-directory", "-n", "image", "image-push", "IMAGE=ghcr.io/example/tmh:1"])
     assert r.returncode == 0 and r.stdout.split("\n")[:2] == ["docker build -t ghcr.io/example/tmh:1 .", "docker push ghcr.io/example/tmh:1"], (
         r.stdout + r.stderr
     )
