@@ -167,22 +167,22 @@ class IdTransform(nn.Module):
         self._unit_weights = [lk.pooled_mult and p > 0 for lk in lookups for p in range(len(lk.sub_features))]
 
     @torch.jit.unused
-    def check(self, features: KeyedJaggedTensor) -> None:
-        """Raises InvalidInputError for a KJT the module cannot look up (eager mode only)."""
+    def check(self, features: KeyedJaggedTensor, by_key: Dict[str, JaggedTensor]) -> None:
+        """Raises InvalidInputError for a KJT the module cannot look up (eager mode only);
+        ``by_key``: its ``to_dict()``, which the forward reads too."""
         check_feature_keys(features.keys(), self._required, self._known_features)
         if features.values().is_floating_point():  # .long() would truncate them to other rows
             raise InvalidInputError(f"the KJT's ids are {features.values().dtype}: pass integer ids (int64 or int32)")
         if self._is_weighted and features.weights_or_none() is None:
             raise InvalidInputError("the module is weighted (is_weighted=True) but the KJT has no weights")
         if self._validate_ids:
-            by_key = features.to_dict()
             check_id_ranges(self._lookups, [by_key[lk.feature] for lk in self._lookups])
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        by_key: Dict[str, JaggedTensor] = features.to_dict()
         if not torch.jit.is_scripting():
             if not (is_fx_symbolic_tracing() or torch.compiler.is_compiling()):
-                self.check(features)
-        by_key: Dict[str, JaggedTensor] = features.to_dict()
+                self.check(features, by_key)
         ids: List[torch.Tensor] = [by_key[f].values().long() for f in self._features]
         for table, mapping in self.mappings.items():
             for i in range(len(self._tables)):
