@@ -93,7 +93,7 @@ def test_plan_command_text_and_json():
     "args,message",
     [
         (["--world-size", "3", "--local-world-size", "2"], "must be a positive multiple"),
-        (["--world-size", "2", "--set", "embeddings.strategy=lsh"], "embeddings.strategy: expected one of"),
+        (["--world-size", "2", "--set", "embeddings.strategy=lsh"], "embeddings.strategy must be one of"),
         (["--world-size", "2", "--set", "embeddings.compresion=4"], "unknown key(s) ['embeddings.compresion']"),
         (["--world-size", "2", "--set", "train.batch_size=big"], "train.batch_size: expected int"),
     ],

@@ -16,7 +16,9 @@ import yaml
 from torchrec_multihash.convert import DEFAULT_THRESHOLD
 from torchrec_multihash.distributed.constraints import DEFAULT_SMALL_TABLE_ROWS
 from torchrec_multihash.errors import MultiHashError
-from torchrec_multihash.modules.strategies import StrategyName
+from torchrec_multihash.modules.strategies import StrategyName, registered_strategies
+
+AUTO = "auto"  # embeddings.strategy: each table's strategy and size chosen from the data (torchrec_multihash.auto)
 
 
 class ConfigError(MultiHashError, ValueError):
@@ -45,9 +47,13 @@ class EmbeddingsConfig:
 
     num_embeddings_per_feature: List[int] = field(default_factory=list)
     feature_names: Optional[List[str]] = None  # default C1..Cn
-    strategy: StrategyName = StrategyName.QR  # full | hash | qr | generalized_qr | crt | learned
+    # full | hash | qr | generalized_qr | crt | learned (or one you registered) | auto: chosen per table
+    strategy: str = StrategyName.QR.value
     operation: str = "mult"  # add | mult | concat
-    compression: float = 4.0  # memory reduction of each table over `threshold` rows
+    compression: float = 4.0  # memory reduction of each table over `threshold` rows (auto: of them all)
+    budget_bytes: Optional[int] = None  # auto: bytes for all tables, mappings included (instead of compression)
+    auto_candidates: List[str] = field(default_factory=lambda: ["learned", "qr"])  # auto: the strategies it picks from
+    auto_choice: Optional[str] = None  # auto: an auto.json to use (default: chosen before training, in the run folder)
     threshold: int = DEFAULT_THRESHOLD  # tables this small stay full
     num_partitions: Optional[int] = None  # generalized_qr / crt (default 3 / 2)
     overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # table -> config fields
@@ -199,6 +205,8 @@ def _check_sizes(cfg: Config) -> None:
         bad = [v for v in sizes if v < 1]
         if bad:
             raise ConfigError(f"{where} must hold sizes >= 1, got {sizes}")
+    if cfg.embeddings.budget_bytes is not None and cfg.embeddings.budget_bytes < 1:
+        raise ConfigError(f"embeddings.budget_bytes must be >= 1, got {cfg.embeddings.budget_bytes}")
     if not cfg.model.over_arch_layer_sizes or cfg.model.over_arch_layer_sizes[-1] != 1:
         raise ConfigError(f"model.over_arch_layer_sizes must end in 1 (the click logit), got {cfg.model.over_arch_layer_sizes}")
     k = cfg.embeddings.num_partitions
@@ -206,8 +214,17 @@ def _check_sizes(cfg: Config) -> None:
         raise ConfigError(f"embeddings.num_partitions must be >= 2 (or left out for the default), got {k}")
 
 
+def _check_strategy(emb: EmbeddingsConfig) -> None:
+    names = [*registered_strategies(), AUTO]
+    if emb.strategy not in names:
+        raise ConfigError(f"embeddings.strategy must be one of {names}, got {emb.strategy!r}")
+    if emb.budget_bytes is not None and emb.strategy != AUTO:
+        raise ConfigError(f"embeddings.budget_bytes needs embeddings.strategy auto (got {emb.strategy}); other strategies take a compression")
+
+
 def validate(cfg: Config) -> Config:
     """Refuses values no run can use (a batch of 0, NaN learning rates, ...), naming the key."""
+    _check_strategy(cfg.embeddings)
     for section, key, least in _LEAST:
         value = getattr(getattr(cfg, section), key)
         if not least <= value < float("inf"):  # NaN too

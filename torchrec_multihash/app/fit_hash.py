@@ -2,6 +2,7 @@
 tables on its training data, and writes them to a directory that ``train`` reads
 (``embeddings.mapping=DIR``)."""
 
+import copy
 import dataclasses
 import resource
 import sys
@@ -9,9 +10,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from torchrec_multihash.app.auto_choice import is_auto
+from torchrec_multihash.app.choose_tables import ensure_choice
 from torchrec_multihash.app.config import Config, ConfigError, config_parser, load_config
 from torchrec_multihash.app.data import make_data
-from torchrec_multihash.app.model import build_tables
+from torchrec_multihash.app.model import build_tables, plain_tables
 from torchrec_multihash.datasets.criteo_tsv import CriteoFormatError
 from torchrec_multihash.learned.fit import FitOptions, FittedMapping, describe, fit_mappings, save_mappings
 from torchrec_multihash.modules.config import MultiHashConfigError
@@ -73,6 +76,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
+        if is_auto(cfg):  # the tables auto chooses (saved in train.output_dir, as train would)
+            sized = copy.deepcopy(cfg)
+            sized.embeddings.num_embeddings_per_feature = make_data(cfg, 0, 1, Path(cfg.train.output_dir)).num_embeddings_per_feature
+            ensure_choice(sized, plain_tables(sized))
         fit_for_config(cfg, args.out)
     except (ConfigError, CriteoFormatError, MultiHashConfigError) as e:
         print(f"torchrec-multihash fit-hash: {e}", file=sys.stderr)

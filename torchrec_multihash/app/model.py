@@ -8,7 +8,9 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRM_Projection
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
+from torchrec_multihash.app.auto_choice import is_auto, load_choices
 from torchrec_multihash.app.config import Config, ConfigError, EmbeddingsConfig
+from torchrec_multihash.auto import AutoChoiceError, TableChoice, auto_configs
 from torchrec_multihash.convert import to_multihash_configs
 from torchrec_multihash.distributed.constraints import sub_table_constraints
 from torchrec_multihash.modules.config import MultiHashConfigError, MultiHashEmbeddingBagConfig
@@ -25,20 +27,29 @@ def feature_names(emb: EmbeddingsConfig) -> List[str]:
     return names
 
 
-def build_tables(cfg: Config) -> List[MultiHashEmbeddingBagConfig]:
-    """One table ``t_<feature>`` per sparse feature, compressed as ``cfg.embeddings`` says."""
+def plain_tables(cfg: Config) -> List[EmbeddingBagConfig]:
+    """One uncompressed table ``t_<feature>`` per sparse feature."""
     emb = cfg.embeddings
     if not emb.num_embeddings_per_feature:
         raise ConfigError("embeddings.num_embeddings_per_feature is empty: give one vocabulary size per sparse feature")
-    plain = [
+    return [
         EmbeddingBagConfig(name=f"t_{f}", num_embeddings=n, embedding_dim=cfg.model.embedding_dim, feature_names=[f])
         for f, n in zip(feature_names(emb), emb.num_embeddings_per_feature)
     ]
+
+
+def build_tables(cfg: Config, choices: Optional[List[TableChoice]] = None) -> List[MultiHashEmbeddingBagConfig]:
+    """One table ``t_<feature>`` per sparse feature, compressed as ``cfg.embeddings`` says; with
+    strategy auto, as ``choices`` say (default: the saved choice, ``app/auto_choice.py``)."""
+    emb = cfg.embeddings
+    plain = plain_tables(cfg)
     overrides = {name: dict(fields) for name, fields in emb.overrides.items()}
     if emb.max_ids_per_bag is not None:  # every table's, unless an override says otherwise
         for c in plain:
             overrides.setdefault(c.name, {}).setdefault("max_ids_per_bag", emb.max_ids_per_bag)
     try:
+        if is_auto(cfg):
+            return auto_configs(plain, choices if choices is not None else load_choices(cfg), overrides)
         return to_multihash_configs(
             plain,
             emb.compression,
@@ -48,7 +59,7 @@ def build_tables(cfg: Config) -> List[MultiHashEmbeddingBagConfig]:
             num_partitions=emb.num_partitions,
             overrides=overrides,
         )
-    except (MultiHashConfigError, TypeError) as e:
+    except (MultiHashConfigError, AutoChoiceError, TypeError) as e:
         raise ConfigError(f"embeddings: {e}") from None
 
 
@@ -74,14 +85,15 @@ def multihash_module(model: nn.Module) -> MultiHashEmbeddingBagCollection:
     return ebc
 
 
-def build_model(cfg: Config, device: Optional[torch.device] = None) -> nn.Module:
-    """The DLRM (DLRM_DCN, DLRM_Projection) of the config, its tables a MultiHashEmbeddingBagCollection."""
+def build_model(cfg: Config, device: Optional[torch.device] = None, choices: Optional[List[TableChoice]] = None) -> nn.Module:
+    """The DLRM (DLRM_DCN, DLRM_Projection) of the config, its tables a MultiHashEmbeddingBagCollection
+    (``choices``: strategy auto's, default the saved one)."""
     m = cfg.model
     if m.arch not in ARCHS:
         raise ConfigError(f"model.arch must be one of {ARCHS}, got {m.arch!r}")
     if m.dense_arch_layer_sizes[-1] != m.embedding_dim:
         raise ConfigError(f"model.dense_arch_layer_sizes must end with model.embedding_dim={m.embedding_dim}, got {m.dense_arch_layer_sizes}")
-    ebc = MultiHashEmbeddingBagCollection(build_tables(cfg), device=device, validate_ids=cfg.embeddings.validate_ids)
+    ebc = MultiHashEmbeddingBagCollection(build_tables(cfg, choices), device=device, validate_ids=cfg.embeddings.validate_ids)
     kw = dict(
         embedding_bag_collection=ebc,
         dense_in_features=m.dense_in_features,

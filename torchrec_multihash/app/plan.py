@@ -4,16 +4,22 @@ import argparse
 import dataclasses
 import json
 import sys
-from typing import List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 import torch
 from torchrec.distributed.planner import Topology
 from torchrec.distributed.planner.types import PlannerError
 
+from torchrec_multihash.app.auto_choice import describe, is_auto, load_choices
+from torchrec_multihash.app.choose_tables import plan_choice
 from torchrec_multihash.app.config import Config, ConfigError, load_config
-from torchrec_multihash.app.model import build_constraints, build_model, multihash_module
+from torchrec_multihash.app.data import make_data
+from torchrec_multihash.app.model import build_constraints, build_model, multihash_module, plain_tables
 from torchrec_multihash.app.quiet import quiet
+from torchrec_multihash.auto import TableChoice
 from torchrec_multihash.distributed.planning import PlanReport, describe_plan, plan_model
+from torchrec_multihash.errors import MultiHashError
 from torchrec_multihash.modules.strategies import StrategyName
 
 
@@ -70,8 +76,18 @@ def uncompressed_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, embeddings=emb)
 
 
-def plan_config(cfg: Config, topology: Topology, batch_size: Optional[int]) -> PlanReport:
-    model = build_model(cfg, device=torch.device("meta"))
+def auto_report(cfg: Config) -> Optional[Dict[str, Any]]:
+    """Strategy auto's choice (the saved one, else made now from the training data); None for
+    other strategies. The data's table sizes go into ``cfg``."""
+    if not is_auto(cfg):
+        return None
+    data = make_data(cfg, 0, 1, Path(cfg.train.output_dir))
+    cfg.embeddings.num_embeddings_per_feature = data.num_embeddings_per_feature
+    return plan_choice(cfg, plain_tables(cfg))
+
+
+def plan_config(cfg: Config, topology: Topology, batch_size: Optional[int], choices: Optional[List[TableChoice]] = None) -> PlanReport:
+    model = build_model(cfg, device=torch.device("meta"), choices=choices)
     constraints = build_constraints(cfg, multihash_module(model).multihash_configs())
     plan = plan_model(model, topology, constraints, batch_size=batch_size or cfg.train.batch_size)
     return describe_plan(plan, model, topology)
@@ -83,8 +99,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             cfg = load_config(args.config, args.set)
             topology = make_topology(args)
-            report = plan_config(cfg, topology, args.batch_size)
-        except (ConfigError, PlannerError) as e:
+            auto = auto_report(cfg)
+            report = plan_config(cfg, topology, args.batch_size, load_choices(cfg, auto) if auto else None)
+        except (MultiHashError, PlannerError) as e:
             print(f"torchrec-multihash plan: {e}", file=sys.stderr)
             return 2
         full_error = None
@@ -96,10 +113,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         out = report.to_dict()
         out["uncompressed"] = {"bytes_per_rank": full_report.bytes_per_rank} if full_report else {"error": full_error}
+        if auto:
+            out["auto"] = {k: v for k, v in auto.items() if k != "source"}
         print(json.dumps(out, indent=2))
         return 0
 
     nodes = report.world_size // report.local_world_size
+    if auto:
+        print(describe(auto) + "\n")
     print(f"Plan for {report.world_size} {report.compute_device} ranks ({nodes} node(s) x {report.local_world_size}); config {args.config}")
     print(f"\n{'table':10s} {'sub-table':14s} {'sharding':18s} {'ranks':>10s} {'bytes':>12s}")
     for s in report.shards:

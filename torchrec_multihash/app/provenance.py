@@ -26,6 +26,8 @@ _TABLE_KEYS = (
     "strategy",
     "operation",
     "compression",
+    "budget_bytes",
+    "auto_candidates",
     "threshold",
     "num_partitions",
     "overrides",

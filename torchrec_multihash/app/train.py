@@ -22,12 +22,14 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.models.dlrm import DLRMTrain
 from torchrec.optim.keyed import CombinedOptimizer
 
+from torchrec_multihash.app.auto_choice import choice_record, is_auto, load_choices
 from torchrec_multihash.app.callbacks import FaultAtStep, ProgressReport, StepCallback
+from torchrec_multihash.app.choose_tables import ensure_choice
 from torchrec_multihash.app.config import Config, ConfigError, TrainConfig, config_parser, load_config
 from torchrec_multihash.app.data import RunData, make_data
 from torchrec_multihash.app.data_timing import DataWait
 from torchrec_multihash.app.evaluation import evaluate, synchronized
-from torchrec_multihash.app.model import build_constraints, build_model, multihash_module
+from torchrec_multihash.app.model import build_constraints, build_model, multihash_module, plain_tables
 from torchrec_multihash.app.optim import lr_schedule, make_optimizer
 from torchrec_multihash.app.process_group import setup_distributed
 from torchrec_multihash.app.provenance import Record, data_record, differences, run_record, tables_record
@@ -122,6 +124,9 @@ def build_run(cfg: Config, device: torch.device, resume: Union[bool, str], recor
     rank, world = dist.get_rank(), dist.get_world_size()
     data = make_data(cfg, rank, world, Path(cfg.train.output_dir))
     cfg.embeddings.num_embeddings_per_feature = data.num_embeddings_per_feature
+    if is_auto(cfg):  # each table's strategy and size, from the training data (rank 0 chooses)
+        on_rank0(lambda: ensure_choice(cfg, plain_tables(cfg)))
+        record.update(choice_record(load_choices(cfg)))  # the checkpoints record it
     dmp, ebc = build_sharded_model(cfg, device)
     opt = make_optimizer(dmp, cfg.train)
     state = start_state(cfg, dmp, opt, resume)

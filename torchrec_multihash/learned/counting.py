@@ -1,15 +1,16 @@
 """Access frequencies of the ids of learned tables, counted in one streaming pass."""
 
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, Sequence
 
 import torch
 from torchrec.datasets.utils import Batch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from tqdm import tqdm
 
-from torchrec_multihash.modules.config import MultiHashEmbeddingBagConfig
 
-
-def count_ids(tables: List[MultiHashEmbeddingBagConfig], batches: Iterable[Batch], show_progress: bool = False) -> Dict[str, torch.Tensor]:
+def count_ids(
+    tables: Sequence[EmbeddingBagConfig], batches: Iterable[Batch], show_progress: bool = False, desc: str = "fit-hash: counting ids"
+) -> Dict[str, torch.Tensor]:
     """Per table, how often each id in [0, num_embeddings) occurs over all its features.
 
     Memory is one int64 counter per id of the table (bounded by the config, not by the data);
@@ -17,7 +18,7 @@ def count_ids(tables: List[MultiHashEmbeddingBagConfig], batches: Iterable[Batch
     """
     counts = {t.name: torch.zeros(t.num_embeddings, dtype=torch.int64) for t in tables}
     features = {f: t for t in tables for f in t.feature_names}
-    for batch in tqdm(batches, desc="fit-hash: counting ids", unit="batch", disable=not show_progress):
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=not show_progress):
         jts = batch.sparse_features.to_dict()
         for f, t in features.items():
             if f not in jts:

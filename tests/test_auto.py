@@ -1,0 +1,172 @@
+"""``strategy: auto``: the per-table choice within a budget, and the app's use of it."""
+
+import json
+
+import pytest
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+from torchrec_multihash.auto import AutoChoiceError, TableStatistics, auto_configs, choose_tables
+from torchrec_multihash.auto.choice import full_bytes
+from torchrec_multihash.distributed.checkpoint import find_checkpoint
+from torchrec_multihash.distributed.checkpoint_files import read_manifest
+
+from tests.helpers.cli import run_cli, train
+
+DIM = 16
+
+
+def _table(name: str, n: int) -> EmbeddingBagConfig:
+    return EmbeddingBagConfig(name=name, num_embeddings=n, embedding_dim=DIM, feature_names=[name.removeprefix("t_")])
+
+
+def _stats(name: str, counts: torch.Tensor) -> TableStatistics:
+    return TableStatistics.from_counts(name, counts)
+
+
+def _zipf(n: int, hot: int, seed: int = 0) -> torch.Tensor:
+    """Counts of ``n`` ids: ``hot`` ids with almost all the traffic, the rest seen once or never."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(n, dtype=torch.int64)
+    ids = torch.randperm(n, generator=g)
+    counts[ids[:hot]] = 1000
+    counts[ids[hot : 2 * hot]] = 1
+    return counts
+
+
+def test_statistics_count_hottest_first():
+    s = _stats("t", torch.tensor([0, 5, 1, 0, 3]))
+    assert s.sorted_counts.tolist() == [5, 3, 1]
+    assert (s.accesses, s.seen_ids, s.num_embeddings) == (9, 3, 5)
+    assert s.top_accesses(2) == 8 and s.coverage(2) == pytest.approx(8 / 9)
+    assert s.coverage(10) == 1.0
+
+
+def test_budget_goes_where_it_buys_coverage():
+    # same size, one table's traffic is on 100 ids, the other's spread over all: the spread one
+    # gets the bytes, the skewed one is compressed down to about its hot ids
+    n = 20_000
+    tables = [_table("t_skewed", n), _table("t_spread", n)]
+    stats = {"t_skewed": _stats("t_skewed", _zipf(n, 100)), "t_spread": _stats("t_spread", torch.full((n,), 50))}
+    budget = sum(full_bytes(c) for c in tables) // 8
+    choices = choose_tables(tables, stats, budget, threshold=200, candidates=["qr"])
+    by = {c.table: c for c in choices}
+    assert by["t_skewed"].compression > by["t_spread"].compression
+    assert by["t_skewed"].coverage > 0.99  # its hot ids still fit in its rows
+    assert sum(c.bytes for c in choices) <= budget
+    # the choice's bytes are those of the tables it builds
+    built = auto_configs(tables, choices)
+    assert [c.strategy_impl().memory_bytes() for c in built] == [c.bytes for c in choices]
+
+
+def test_no_step_left_that_fits_and_helps():
+    # greedy stops only when no table can be compressed less within the budget for a gain
+    n = [5_000, 12_000, 30_000]
+    tables = [_table(f"t_{i}", k) for i, k in enumerate(n)]
+    g = torch.Generator().manual_seed(1)
+    stats = {t.name: _stats(t.name, (torch.rand(k, generator=g) ** 4 * 100).long()) for t, k in zip(tables, n)}
+    budget = sum(full_bytes(c) for c in tables) // 10
+    choices = choose_tables(tables, stats, budget, threshold=200, candidates=["qr"])
+    spent = sum(c.bytes for c in choices)
+    assert spent <= budget
+    for t, ch in zip(tables, choices):
+        if ch.compression == 1:
+            continue
+        less = auto_configs([t], [type(ch)(**{**ch.to_dict(), "compression": ch.compression / 2})])[0]
+        more_bytes = less.strategy_impl().memory_bytes() - ch.bytes
+        rows_now, rows_less = -(-t.num_embeddings // int(ch.compression)), -(-t.num_embeddings // int(ch.compression / 2))
+        gain = stats[t.name].top_accesses(rows_less) - stats[t.name].top_accesses(rows_now)
+        assert gain == 0 or spent + more_bytes > budget, t.name
+
+
+def test_small_tables_stay_full_and_learned_only_where_its_mapping_is_cheap():
+    tables = [_table("t_small", 150), _table("t_big", 40_000)]
+    counts = torch.arange(40_000, 0, -1)
+    stats = {"t_big": _stats("t_big", counts)}
+    full = sum(full_bytes(c) for c in tables)
+    # dim 16 at 8x: 8 bytes per id, an int16 row per id costs 2: learned
+    at8 = choose_tables(tables, stats, full // 8, threshold=200)
+    assert (at8[0].strategy, at8[0].compression) == ("full", 1.0)
+    assert at8[1].strategy == "learned" and at8[1].compression >= 8
+    # at 64x a row per id would cost more than the table's whole budget: Q-R
+    at64 = choose_tables(tables, stats, full // 64, threshold=200)
+    assert at64[1].strategy == "qr" and at64[1].compression >= 64
+    assert "mapping" in at64[1].reason and "hottest ids" in at64[1].reason
+
+
+def test_an_unseen_tail_is_not_paid_for():
+    # a 1M-id table of which 2,000 ids are ever seen gets about 2,000 ids' worth of rows
+    n = 1_000_000
+    counts = torch.zeros(n, dtype=torch.int64)
+    counts[:2000] = 7
+    tables = [_table("t_sparse", n), _table("t_dense", 50_000)]
+    stats = {"t_sparse": _stats("t_sparse", counts), "t_dense": _stats("t_dense", torch.full((50_000,), 3))}
+    budget = sum(full_bytes(c) for c in tables) // 4
+    by = {c.table: c for c in choose_tables(tables, stats, budget, threshold=200, candidates=["qr"])}
+    assert by["t_sparse"].compression >= 256  # 1M / 256 = 3,906 rows' worth
+    assert by["t_dense"].compression == 1.0  # the bytes went to the table that uses them
+
+
+def test_bad_candidates_and_missing_statistics_are_named():
+    tables = [_table("t_a", 10_000)]
+    stats = {"t_a": _stats("t_a", torch.ones(10_000, dtype=torch.int64))}
+    with pytest.raises(AutoChoiceError, match="unknown strategies \\['bogus'\\]"):
+        choose_tables(tables, stats, 1000, 200, candidates=["bogus"])
+    with pytest.raises(AutoChoiceError, match="no strategy that compresses"):
+        choose_tables(tables, stats, 1000, 200, candidates=["full"])
+    with pytest.raises(AutoChoiceError, match="no access statistics for table\\(s\\) \\['t_a'\\]"):
+        choose_tables(tables, {}, 1000, 200)
+    choices = choose_tables(tables, stats, 100_000, 200)
+    with pytest.raises(AutoChoiceError, match="no entry for table\\(s\\) \\['t_b'\\]"):
+        auto_configs([_table("t_b", 500)], choices)
+
+
+TINY = [
+    "--set",
+    "embeddings.num_embeddings_per_feature=[20000,5000,1000,300,100]",
+    "--set",
+    "embeddings.strategy=auto",
+    "--set",
+    "data.train_samples=20000",
+    "--set",
+    "data.test_samples=4096",
+    "--set",
+    "train.batch_size=512",
+]
+
+
+def test_config_errors_name_the_key(tmp_path):
+    r = run_cli("plan", "--config", "configs/quickstart.yaml", "--set", "embeddings.budget_bytes=1000", "--world-size", "1")
+    assert r.returncode == 2 and "embeddings.budget_bytes needs embeddings.strategy auto (got qr)" in r.stderr
+    r = run_cli("plan", "--config", "configs/quickstart.yaml", "--set", "embeddings.strategy=bogus", "--world-size", "1")
+    assert r.returncode == 2 and "embeddings.strategy must be one of" in r.stderr and "'auto'" in r.stderr
+
+
+@pytest.mark.slow
+def test_train_chooses_saves_and_reuses_the_choice(tmp_path):
+    r, m = train(tmp_path, *TINY, "--set", "train.checkpoint_every=20")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "strategy auto:" in r.stdout and "t_C1" in r.stdout
+    report = json.loads((tmp_path / "run" / "auto.json").read_text())
+    assert m["embedding_bytes"] == report["bytes"] <= report["budget_bytes"]
+    assert m["auc"] > 0.55  # it learns
+    chosen = {t["table"]: [t["strategy"], t["compression"]] for t in report["tables"]}
+    assert chosen["t_C5"] == ["full", 1.0]  # 100 rows: under the threshold
+    manifest = read_manifest(find_checkpoint(tmp_path / "run" / "checkpoint"))
+    assert manifest is not None and manifest["meta"]["run"]["embeddings.auto"] == chosen
+    # plan shows the saved choice; a run with other data chooses again
+    r = run_cli("plan", "--config", "configs/quickstart.yaml", *TINY, "--set", f"train.output_dir={tmp_path / 'run'}", "--world-size", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "strategy auto:" in r.stdout and "Plan for 2" in r.stdout
+    r, _ = train(tmp_path, *TINY, "--set", "data.train_samples=30000", "--overwrite")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "choosing again" in r.stdout and "data.train_samples: 20000 then, 30000 now" in r.stdout
+
+
+@pytest.mark.slow
+def test_budget_bytes_is_kept(tmp_path):
+    budget = 200_000
+    r, m = train(tmp_path, *TINY, "--set", f"embeddings.budget_bytes={budget}", "--set", "embeddings.auto_candidates=[qr]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert m["embedding_bytes"] <= budget
+    assert m["embedding_bytes"] > budget * 0.8  # spent, not left unused

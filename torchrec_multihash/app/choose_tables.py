@@ -1,0 +1,88 @@
+"""``embeddings.strategy: auto`` in the app: the choice made from one pass over the training data,
+on rank 0 before training, and kept in the run folder while the data and config stay the same."""
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+from torchrec_multihash.app.auto_choice import choice_path, describe, read_choice
+from torchrec_multihash.app.config import Config, ConfigError
+from torchrec_multihash.app.data import make_data
+from torchrec_multihash.app.provenance import Record, data_record, differences, tables_record
+from torchrec_multihash.auto import AutoChoiceError, choose_tables, table_statistics
+from torchrec_multihash.auto.choice import full_bytes
+
+
+def budget_bytes(cfg: Config, plain: List[EmbeddingBagConfig]) -> int:
+    """``embeddings.budget_bytes``, else what a single strategy at ``embeddings.compression``
+    would take: tables over the threshold ``compression`` times smaller, the rest full."""
+    emb = cfg.embeddings
+    if emb.budget_bytes is not None:
+        return emb.budget_bytes
+    return int(sum(full_bytes(c) / (emb.compression if c.num_embeddings > emb.threshold else 1) for c in plain))
+
+
+def _source(cfg: Config) -> Record:
+    return {**data_record(cfg), **tables_record(cfg)}
+
+
+def choose_for_config(cfg: Config, plain: List[EmbeddingBagConfig], show_progress: bool = True) -> Dict[str, Any]:
+    """The choice for ``plain`` (the config's uncompressed tables) from one pass over all of the
+    training data, as the report ``auto.json`` holds."""
+    data = make_data(cfg, 0, 1, Path(cfg.train.output_dir))
+    stats = table_statistics(plain, data.train(0, 0), show_progress=show_progress)
+    budget = budget_bytes(cfg, plain)
+    try:
+        choices = choose_tables(plain, stats, budget, cfg.embeddings.threshold, cfg.embeddings.auto_candidates)
+    except AutoChoiceError as e:
+        raise ConfigError(str(e)) from None
+    return {
+        "budget_bytes": budget,
+        "bytes": sum(ch.bytes for ch in choices),
+        "full_bytes": sum(full_bytes(c) for c in plain),
+        "tables": [ch.to_dict() for ch in choices],
+        "statistics": {name: s.summary() for name, s in stats.items()},
+        "source": _source(cfg),
+    }
+
+
+def saved_choice(cfg: Config) -> Optional[Dict[str, Any]]:
+    """The saved choice if it may be used: ``embeddings.auto_choice`` (which must exist), or the
+    run folder's if it was made for the same data and config; else None."""
+    path = choice_path(cfg)
+    if cfg.embeddings.auto_choice:
+        if not path.is_file():
+            raise ConfigError(f"embeddings.auto_choice {path} does not exist")
+        return read_choice(path)
+    if not path.is_file():
+        return None
+    report = read_choice(path)
+    changed = differences(report.get("source"), _source(cfg))
+    if changed:
+        print(f"strategy auto: choosing again, {path} was made for other data or settings: {'; '.join(changed[:3])}", flush=True)
+        return None
+    return report
+
+
+def ensure_choice(cfg: Config, plain: List[EmbeddingBagConfig]) -> None:
+    """Rank 0, before training: the saved choice, or a new one saved in the run folder; printed."""
+    report = saved_choice(cfg)
+    if report is not None:
+        print(f"strategy auto: the choice in {choice_path(cfg)}", flush=True)
+    else:
+        report = choose_for_config(copy.deepcopy(cfg), plain)
+        path = choice_path(cfg)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(path)
+    print(describe(report), flush=True)
+
+
+def plan_choice(cfg: Config, plain: List[EmbeddingBagConfig]) -> Dict[str, Any]:
+    """For ``plan``: the saved choice, else one made now (not saved)."""
+    report = saved_choice(cfg)
+    return report if report is not None else choose_for_config(copy.deepcopy(cfg), plain, show_progress=False)

@@ -1,0 +1,201 @@
+"""Chooses each table's strategy, operation and size so that all tables fit one memory budget.
+
+The budget is spent where it buys the most: a table's quality loss is estimated as the accesses
+that fall outside its ``N / compression`` hottest ids (ids beyond the rows it can give out), and
+tables are compressed less, one halving at a time, where that estimate falls most per byte. A
+table that needs no more rows than it gets stays full; a compressed table is learned while its
+mapping costs at most half of its bytes (ids that cluster share rows), else Q-R mult (every id
+keeps a unique representation however hard the table is compressed).
+"""
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, EmbeddingBagConfig
+
+from torchrec_multihash.auto.statistics import TableStatistics
+from torchrec_multihash.convert import to_multihash_configs
+from torchrec_multihash.errors import MultiHashError
+from torchrec_multihash.modules.config import MultiHashEmbeddingBagConfig
+from torchrec_multihash.modules.strategies import StrategyName
+
+# the compressions a table may get; each step halves its bytes
+LEVELS = tuple(2.0**i for i in range(0, 13))
+# the strategies ``auto`` picks from by default, in order of preference where they apply
+DEFAULT_CANDIDATES = (StrategyName.LEARNED, StrategyName.QR)
+_COMPRESSIVE = (StrategyName.QR, StrategyName.CRT, StrategyName.HASH, StrategyName.GENERALIZED_QR)
+
+
+class AutoChoiceError(MultiHashError, ValueError):
+    """A budget or candidate list the automatic choice cannot work with."""
+
+
+@dataclass
+class TableChoice:
+    """What ``auto`` chose for one table, and why."""
+
+    table: str
+    strategy: str
+    operation: str
+    compression: float  # the level it was sized for (1: full)
+    bytes: int  # weights and mapping, exact
+    coverage: float  # share of the table's training accesses on its N / compression hottest ids
+    reason: str
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TableChoice":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+def full_bytes(c: EmbeddingBagConfig) -> int:
+    return c.num_embeddings * c.embedding_dim * DATA_TYPE_NUM_BITS[c.data_type] // 8
+
+
+def _sized(c: EmbeddingBagConfig, strategy: str, level: float) -> MultiHashEmbeddingBagConfig:
+    with warnings.catch_warnings():  # a level past what the strategy reaches is seen in its bytes
+        warnings.simplefilter("ignore")
+        return to_multihash_configs([c], level, strategy=strategy, operation="mult", threshold=0)[0]
+
+
+@dataclass
+class _Option:
+    """One table at one level: the strategy the rule picks there and what it costs."""
+
+    level: float
+    strategy: str
+    bytes: int
+    loss: int  # accesses outside the N / level hottest ids
+    why: str
+
+
+def _strategy_at(c: EmbeddingBagConfig, level: float, candidates: Sequence[str]) -> Tuple[str, str]:
+    """The strategy for ``c`` compressed ``level`` times, and why."""
+    if StrategyName.LEARNED in candidates:
+        sized = _sized(c, StrategyName.LEARNED, level)
+        shape = sized.mapping_shape()
+        assert shape is not None
+        share = shape.nbytes() / max(1, sized.strategy_impl().memory_bytes())
+        if share <= 0.5:
+            return StrategyName.LEARNED, f"learned: its mapping is {share:.0%} of its bytes, so ids that behave alike share rows"
+        why = f"a learned mapping would be {share:.0%} of its bytes"
+    else:
+        why = "learned is not a candidate"
+    for name in _COMPRESSIVE:
+        if name in candidates:
+            return name, f"{name} mult ({why}): every id keeps its own combination of rows"
+    raise AutoChoiceError(f"embeddings.auto_candidates {list(candidates)} holds no strategy that compresses (qr, crt, hash, ...)")
+
+
+def _options(c: EmbeddingBagConfig, stats: TableStatistics, candidates: Sequence[str]) -> List[_Option]:
+    """The table's options from full to the most compressed its strategies reach, bytes falling."""
+    out = [_Option(1.0, StrategyName.FULL, full_bytes(c), 0, "full")]
+    for level in LEVELS[1:]:
+        strategy, why = _strategy_at(c, level, candidates)
+        nbytes = _sized(c, strategy, level).strategy_impl().memory_bytes()
+        if nbytes >= out[-1].bytes:  # the strategy's smallest configuration: no further to go
+            break
+        loss = stats.accesses - stats.top_accesses(math.ceil(c.num_embeddings / level))
+        out.append(_Option(level, strategy, nbytes, loss, why))
+    return out
+
+
+def _allocate(options: Dict[str, List[_Option]], budget: int) -> Dict[str, int]:
+    """Index into each table's options: start at the smallest, then repeatedly take the step
+    (one level less compressed) with the largest fall in loss per byte that still fits."""
+    at = {name: len(opts) - 1 for name, opts in options.items()}
+    spent = sum(opts[-1].bytes for opts in options.values())
+    while True:
+        best: Optional[Tuple[float, str]] = None
+        for name in sorted(options):
+            i, opts = at[name], options[name]
+            if i == 0:
+                continue
+            gain, cost = opts[i].loss - opts[i - 1].loss, opts[i - 1].bytes - opts[i].bytes
+            if gain <= 0 or spent + cost > budget:
+                continue
+            if best is None or gain / cost > best[0]:
+                best = (gain / cost, name)
+        if best is None:
+            return at
+        name = best[1]
+        spent += options[name][at[name] - 1].bytes - options[name][at[name]].bytes
+        at[name] -= 1
+
+
+def _reason(c: EmbeddingBagConfig, stats: TableStatistics, option: _Option) -> str:
+    rows = math.ceil(c.num_embeddings / option.level)
+    seen = f"{stats.seen_ids:,} of its {c.num_embeddings:,} ids seen, {stats.accesses:,} accesses"
+    if option.level == 1:
+        return f"full: {seen}; compressing it saved fewer bytes per access lost than the other tables"
+    cover = stats.coverage(rows)
+    return f"{option.level:g}x: {seen}; its {rows:,} hottest ids carry {cover:.1%} of them; {option.why}"
+
+
+def choose_tables(
+    configs: Sequence[EmbeddingBagConfig],
+    statistics: Mapping[str, TableStatistics],
+    budget_bytes: int,
+    threshold: int,
+    candidates: Sequence[str] = DEFAULT_CANDIDATES,
+) -> List[TableChoice]:
+    """One choice per table of ``configs`` (same order) within ``budget_bytes`` in all, mappings
+    included. Tables of at most ``threshold`` rows stay full; a budget below the smallest the
+    strategies reach gives that smallest configuration (its bytes say by how much it is over)."""
+    unknown = [s for s in candidates if s not in [str(n) for n in StrategyName]]
+    if unknown:
+        raise AutoChoiceError(f"embeddings.auto_candidates: unknown strategies {unknown}; choose from {[str(n) for n in StrategyName]}")
+    missing = [c.name for c in configs if c.num_embeddings > threshold and c.name not in statistics]
+    if missing:
+        raise AutoChoiceError(f"no access statistics for table(s) {missing}")
+    small = {c.name: full_bytes(c) for c in configs if c.num_embeddings <= threshold}
+    options = {c.name: _options(c, statistics[c.name], candidates) for c in configs if c.name not in small}
+    at = _allocate(options, budget_bytes - sum(small.values()))
+    out = []
+    for c in configs:
+        if c.name in small:
+            out.append(
+                TableChoice(
+                    c.name, StrategyName.FULL, "mult", 1.0, small[c.name], 1.0, f"full: {c.num_embeddings} rows, at most the threshold {threshold}"
+                )
+            )
+            continue
+        stats, option = statistics[c.name], options[c.name][at[c.name]]
+        rows = math.ceil(c.num_embeddings / option.level)
+        reason = _reason(c, stats, option)
+        out.append(TableChoice(c.name, str(option.strategy), "mult", option.level, option.bytes, round(stats.coverage(rows), 6), reason))
+    return out
+
+
+def auto_configs(
+    configs: Sequence[EmbeddingBagConfig],
+    choices: Sequence[TableChoice],
+    overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
+) -> List[MultiHashEmbeddingBagConfig]:
+    """The multi-hash configs of ``choices`` (``overrides``: fields of yours that replace them)."""
+    by_name = {ch.table: ch for ch in choices}
+    unknown = sorted(set(overrides or {}) - {c.name for c in configs})
+    if unknown:
+        raise AutoChoiceError(f"overrides name unknown table(s) {unknown}")
+    missing = [c.name for c in configs if c.name not in by_name]
+    if missing:
+        raise AutoChoiceError(f"the automatic choice has no entry for table(s) {missing}: it was made for other tables")
+    out = []
+    for c in configs:
+        ch = by_name[c.name]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sized = to_multihash_configs(
+                [c],
+                ch.compression,
+                strategy=ch.strategy,
+                operation=ch.operation,
+                threshold=0,
+                overrides={c.name: dict((overrides or {}).get(c.name, {}))},
+            )
+        out.append(sized[0])
+    return out
