@@ -5,6 +5,7 @@ import gzip
 import random
 
 import pytest
+import torch
 
 from torchrec_multihash.datasets.criteo_tsv import CriteoFormatError, LineStream, Span, read_rows
 from torchrec_multihash.datasets.tsv_ranges import SharedReadWarning, rank_share
@@ -101,3 +102,31 @@ def test_a_bad_line_in_a_range_is_named_by_its_line_in_the_file(shared_data, tmp
     with pytest.raises(CriteoFormatError, match=r"bad.txt:701: expected 40 tab-separated columns"):
         list(read_rows(share.spans))
     assert len(list(read_rows(rank_share([path], 0, 2).spans))) < 700  # the other rank never meets it
+
+
+def _rows(batches):
+    """Per batch, its samples' dense features and ids side by side."""
+    return [torch.cat([b.dense_features.double(), b.sparse_features.values().view(26, -1).t().double()], dim=1) for b in batches]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_each_rank_resumes_with_the_batches_an_uninterrupted_run_takes(shared_data, tmp_path, num_workers):
+    """What ``--resume`` relies on: a rank's ``train(epoch, skip)`` is its uninterrupted batches
+    from the ``skip``-th on (the data position is the count of the rank's batches done)."""
+    from torchrec_multihash.app.config import load_config
+    from torchrec_multihash.app.data import make_data
+
+    lines = (shared_data / "criteo_kaggle_900" / "train.txt").read_bytes().splitlines(keepends=True)
+    files = [_write(tmp_path / "day_0.txt", b"".join(lines[:300])), _write(tmp_path / "day_1.txt", b"".join(lines[300:]))]
+    sets = [f"data.train={[str(f) for f in files]}", f"data.test={[str(files[0])]}", "train.batch_size=64", f"data.num_workers={num_workers}"]
+    cfg = load_config("configs/criteo_kaggle_qr.yaml", sets)
+    seen = []
+    for rank in (0, 1):
+        data = make_data(cfg, rank, 2, tmp_path)
+        straight = _rows(data.train(0, 0))
+        assert len(straight) >= 6  # about 450 lines each, the last partial batch dropped
+        for skip in (1, 4, len(straight)):
+            resumed = _rows(data.train(0, skip))
+            assert len(resumed) == len(straight) - skip and all(a.equal(b) for a, b in zip(resumed, straight[skip:]))
+        seen += [tuple(row) for b in straight for row in b.tolist()]
+    assert len(set(seen)) == len(seen) >= 12 * 64  # the ranks' batches are distinct samples

@@ -29,8 +29,9 @@ from tqdm import tqdm
 from torchrec_multihash.app.config import ConfigError, load_config
 from torchrec_multihash.app.provenance import files
 from torchrec_multihash.datasets.batching import block_ids, parse_lines
-from torchrec_multihash.datasets.criteo_tsv import NUM_DENSE, NUM_SPARSE, BadLines, LineStream, read_rows
+from torchrec_multihash.datasets.criteo_tsv import NUM_DENSE, NUM_SPARSE, BadLines, LineStream
 from torchrec_multihash.datasets.id_mapping import HashingIds, IdMapping, Vocabulary
+from torchrec_multihash.datasets.value_counts import count_values
 from torchrec_multihash.errors import MultiHashError
 
 RECORD = "preprocess.json"
@@ -148,9 +149,8 @@ def _id_mapping(args: argparse.Namespace, out_dir: Path, inputs: List[Path]) -> 
             return vocab
         raise PreprocessError(f"{path} was built from other data or settings ({vocab.source} vs {source}): use another --out-dir or delete it")
     print(f"Counting the categorical values of {len(vocab_from)} file(s) for the vocabulary...", file=sys.stderr, flush=True)
-    vocab = Vocabulary.build(
-        read_rows(vocab_from, bad_lines=BadLines(args.skip_bad_lines, warn_first=0)), NUM_SPARSE, args.min_count, args.max_vocab_size
-    )
+    counts = count_values(vocab_from, NUM_SPARSE, args.max_vocab_size, BadLines(args.skip_bad_lines, warn_first=0), not args.unlabeled)
+    vocab = Vocabulary.from_values([counts.most_common(f, args.max_vocab_size, args.min_count) for f in range(NUM_SPARSE)], args.min_count)
     vocab.source = source
     vocab.save(path)
     return vocab
