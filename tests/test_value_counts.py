@@ -59,3 +59,16 @@ def test_beyond_capacity_counts_keep_the_misra_gries_bound():
     assert counts.pruned and len(held) <= 2 * capacity
     for v, n in exact.items():
         assert held.get(v, 0) <= n and (n <= bound or n - held[v] <= bound), v
+
+
+@pytest.mark.slow
+def test_counting_in_two_processes_gives_the_same_vocabulary(shared_data, tmp_path):
+    from torchrec_multihash.datasets.value_counts import count_values_in_processes
+
+    lines = (shared_data / "criteo_kaggle_900" / "train.txt").read_bytes().splitlines(keepends=True)
+    files = [tmp_path / "day_0.txt", tmp_path / "day_1.txt"]
+    files[0].write_bytes(b"".join(lines[:200]))
+    files[1].write_bytes(b"".join(lines[200:]))
+    one = _vocabulary(count_values_in_processes(files, 26, 1_000_000, 1), 2).ids
+    assert _vocabulary(count_values_in_processes(files, 26, 1_000_000, 2), 2).ids == one
+    assert one == Vocabulary.build(read_rows(files), 26, min_count=2).ids

@@ -1,12 +1,17 @@
 """How often each categorical value of each feature occurs, counted with numpy a block of lines at
 a time, in memory bounded by a capacity: what a vocabulary is built from."""
 
+import functools
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from torchrec_multihash.datasets.batching import parse_lines
 from torchrec_multihash.datasets.criteo_tsv import BadLines, LineStream, ParsedBlock, PathLike, Span
+from torchrec_multihash.datasets.tsv_ranges import rank_share
 
 
 class ValueCounts:
@@ -110,3 +115,25 @@ def count_values(
             stream.skip((slots - 1) * block_lines)
     finally:
         stream.close()
+
+
+def _count_share(paths: List[Path], num_features: int, capacity: int, skip_bad_lines: int, labeled: bool, index: int, processes: int) -> ValueCounts:
+    share = rank_share(paths, index, processes, warn=False)
+    return count_values(share.spans, num_features, capacity, BadLines(skip_bad_lines, warn_first=0), labeled, slot=share.slot, slots=share.slots)
+
+
+def count_values_in_processes(
+    paths: Sequence[PathLike], num_features: int, capacity: int, processes: int, skip_bad_lines: int = 0, labeled: bool = True
+) -> ValueCounts:
+    """``count_values`` of the files split over ``processes`` processes, each its own share
+    (``tsv_ranges``, as ranks share them), merged in order; bad lines are limited per process."""
+    files = [Path(p) for p in paths]
+    if processes <= 1:
+        return count_values(files, num_features, capacity, BadLines(skip_bad_lines, warn_first=0), labeled)
+    count = functools.partial(_count_share, files, num_features, capacity, skip_bad_lines, labeled, processes=processes)
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = list(pool.map(count, range(processes)))
+    total = parts[0]
+    for other in parts[1:]:
+        total.merge(other)
+    return total
