@@ -1,6 +1,7 @@
 """The vectorised vocabulary count: the same vocabulary as counting row by row, split over
 processes or not, and Misra-Gries' guarantee once a feature has more values than it holds."""
 
+import re
 from collections import Counter
 
 import numpy as np
@@ -72,3 +73,47 @@ def test_counting_in_two_processes_gives_the_same_vocabulary(shared_data, tmp_pa
     one = _vocabulary(count_values_in_processes(files, 26, 1_000_000, 1), 2).ids
     assert _vocabulary(count_values_in_processes(files, 26, 1_000_000, 2), 2).ids == one
     assert one == Vocabulary.build(read_rows(files), 26, min_count=2).ids
+
+
+def _vocabulary_on_ranks(rank, world_size, files, out, skip_bad_lines):
+    """Rank body: the run's vocabulary, or the error; each rank writes what it got."""
+    import json
+
+    from torchrec_multihash.app.config import load_config
+    from torchrec_multihash.app.vocabulary import run_vocabulary
+
+    sets = [f"data.train={[str(f) for f in files]}", f"data.test={[str(files[0])]}", "data.ids=vocabulary", f"data.skip_bad_lines={skip_bad_lines}"]
+    cfg = load_config("configs/criteo_kaggle_qr.yaml", sets)
+    try:
+        ids = run_vocabulary(cfg, 26, rank, world_size, out).ids
+        got = {"ids": [[int(v) for v in sorted(m, key=m.__getitem__)] for m in ids]}
+    except CriteoFormatError as e:
+        got = {"error": str(e)}
+    (out / f"rank{rank}.json").write_text(json.dumps(got))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_count_their_shares_and_get_rank_0s_vocabulary(shared_data, tmp_path):
+    """Each rank counts its own byte range; the merged vocabulary is the whole file's, on both ranks,
+    saved once. A bad line in rank 1's share stops both ranks with its file:line (no rank hangs)."""
+    import json
+
+    from tests.helpers.distributed import run_multiprocess
+
+    lines = (shared_data / "criteo_kaggle_900" / "train.txt").read_bytes().splitlines(keepends=True)
+    good = tmp_path / "good.txt"
+    good.write_bytes(b"".join(lines))
+    want = [sorted(m, key=m.__getitem__) for m in Vocabulary.build(read_rows([good]), 26).ids]
+    run_multiprocess(_vocabulary_on_ranks, 2, [good], tmp_path, 0)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert got[0] == got[1] == {"ids": want} and (tmp_path / "vocabulary.json").is_file()
+    bad = tmp_path / "bad" / "bad.txt"
+    bad.parent.mkdir()
+    bad.write_bytes(b"".join(lines[:800] + [b"x\n"] + lines[800:]))
+    assert rank_share([bad], 1, 2).spans[0].start < sum(map(len, lines[:800]))  # line 801 is rank 1's
+    run_multiprocess(_vocabulary_on_ranks, 2, [bad], bad.parent, 0)
+    for r in (0, 1):
+        error = json.loads((bad.parent / f"rank{r}.json").read_text())["error"]
+        assert re.search(r"bad.txt:801: expected 40 tab-separated columns", error), error
+    assert not (bad.parent / "vocabulary.json").exists()
