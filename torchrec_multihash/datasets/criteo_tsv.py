@@ -363,7 +363,7 @@ def parse_block(lines: Sequence[bytes], labeled: bool = True) -> Optional[Parsed
         hex8 = np.where(missing, b"00000000", fields[:, NUM_DENSE:])
         if not (np.char.str_len(hex8) == 8).all():
             return None
-        raw = bytes.fromhex(b"".join(hex8.ravel()).decode("ascii"))
+        raw = bytes.fromhex(hex8.astype("S8").tobytes().decode("ascii"))  # (all 8 bytes long: no padding)
     except (ValueError, OverflowError, UnicodeDecodeError):
         return None
     if len(raw) != 4 * n * NUM_SPARSE:  # whitespace inside a value
