@@ -1,5 +1,6 @@
 """Per-rank Criteo TSV loading: each rank parses only its batches, in DataLoader workers or not,
-and gets exactly the batches of 'parse everything, keep every world_size-th batch'."""
+and gets exactly the batches of 'parse its share of the files (``tsv_ranges``), keep its batches';
+over the ranks, every sample once."""
 
 import gzip
 
@@ -9,6 +10,7 @@ import torch
 from torchrec_multihash.datasets.criteo_loader import CriteoBatchDataset, criteo_batches
 from torchrec_multihash.datasets.criteo_tsv import DEFAULT_SPARSE_NAMES, BadLines, CriteoFormatError, read_rows
 from torchrec_multihash.datasets.id_mapping import HashingIds
+from torchrec_multihash.datasets.tsv_ranges import rank_share
 
 from tests.helpers.cli import train
 from tests.helpers.criteo import batches
@@ -16,16 +18,19 @@ from tests.helpers.criteo import batches
 TO_ID = HashingIds([1000] * 26)
 
 
-@pytest.fixture
-def files(shared_data, tmp_path):
-    """The 900 Kaggle rows over a .gz and a plain file, with blank lines (not counted) between."""
+@pytest.fixture(params=["gz", "plain"])
+def files(request, shared_data, tmp_path):
+    """The 900 Kaggle rows over two files (the first gzipped or not), with blank lines (not counted) between."""
     lines = (shared_data / "criteo_kaggle_900" / "train.txt").read_text().splitlines(keepends=True)
     lines.insert(10, "\n")
     lines.insert(300, "\r\n")
-    with gzip.open(tmp_path / "day_0.gz", "wt", newline="") as f:
-        f.writelines(lines[:401])
+    if request.param == "gz":
+        with gzip.open(tmp_path / "day_0.gz", "wt", newline="") as f:
+            f.writelines(lines[:401])
+    else:
+        (tmp_path / "day_0.txt").write_text("".join(lines[:401]), newline="")
     (tmp_path / "day_1.txt").write_text("".join(lines[401:]) + "\n")
-    return [tmp_path / "day_0.gz", tmp_path / "day_1.txt"]
+    return [tmp_path / ("day_0.gz" if request.param == "gz" else "day_0.txt"), tmp_path / "day_1.txt"]
 
 
 def same(a, b):
@@ -38,29 +43,49 @@ def same(a, b):
     )
 
 
-@pytest.mark.parametrize("world_size,bs,drop_last", [(1, 128, False), (2, 64, True), (3, 50, False), (2, 128, False)])
+def samples(batch_list):
+    """The batches' samples as (label, dense, ids) tuples."""
+    out = []
+    for b in batch_list:
+        ids = b.sparse_features.values().view(26, -1).t()
+        out += [(b.labels[i].item(), tuple(b.dense_features[i].tolist()), tuple(ids[i].tolist())) for i in range(b.labels.numel())]
+    return out
+
+
+@pytest.mark.parametrize("world_size,bs,drop_last", [(1, 128, False), (2, 64, True), (3, 50, False), (2, 128, False), (4, 32, False)])
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_rank_batches_equal_every_nth_batch(files, world_size, bs, drop_last, num_workers):
-    everything = list(batches(read_rows(files), bs, DEFAULT_SPARSE_NAMES, TO_ID, drop_last=drop_last))
-    assert sum(b.labels.numel() for b in everything) == (900 // bs * bs if drop_last else 900)
+@pytest.mark.filterwarnings("ignore::torchrec_multihash.datasets.tsv_ranges.SharedReadWarning")
+def test_rank_batches_are_its_shares_batches_and_every_sample_once(files, world_size, bs, drop_last, num_workers):
+    everything = samples(batches(read_rows(files), bs, DEFAULT_SPARSE_NAMES, TO_ID))
+    assert len(everything) == 900
+    union = []
     for rank in range(world_size):
+        share = rank_share(files, rank, world_size, warn=False)
+        mine = list(batches(read_rows(share.spans), bs, DEFAULT_SPARSE_NAMES, TO_ID, drop_last=drop_last))[share.slot :: share.slots]
         for skip in (0, 2):
             ds = CriteoBatchDataset(files, bs, DEFAULT_SPARSE_NAMES, TO_ID, rank, world_size, skip, drop_last)
             got = list(criteo_batches(ds, BadLines(), num_workers))
-            want = everything[rank::world_size][skip:]
-            assert len(got) == len(want) and all(same(a, b) for a, b in zip(got, want)), (rank, skip)
+            assert len(got) == len(mine[skip:]) and all(same(a, b) for a, b in zip(got, mine[skip:])), (rank, skip)
+            union += samples(got) if skip == 0 else []
+    if not drop_last:
+        assert sorted(union) == sorted(everything)  # every sample once over the ranks
+    else:
+        assert len(union) > 900 - world_size * bs and set(union) <= set(everything)
 
 
-def test_other_ranks_lines_are_not_parsed(shared_data, tmp_path):
-    """Rank 1 of 3 never parses the lines of other ranks' batches: they may even be garbage."""
+def test_other_ranks_lines_are_not_read(shared_data, tmp_path):
+    """Rank 1 of 3 never parses the lines of other ranks' shares: they may even be garbage."""
     path = shared_data / "criteo_kaggle_900" / "train.txt"
-    lines = path.read_text().splitlines(keepends=True)
-    garbled = [line if (i // 100) % 3 == 1 else "not\ta criteo line\n" for i, line in enumerate(lines)]
-    (tmp_path / "garbled.txt").write_text("".join(garbled))
+    (span,) = rank_share([path], 1, 3).spans
+    garbled, offset = [], 0
+    for line in path.read_bytes().splitlines(keepends=True):  # same length: the shares stay where they are
+        garbled.append(line if span.start <= offset < span.end else b"x" * (len(line) - 1) + b"\n")
+        offset += len(line)
+    (tmp_path / "garbled.txt").write_bytes(b"".join(garbled))
     ds = CriteoBatchDataset([tmp_path / "garbled.txt"], 100, DEFAULT_SPARSE_NAMES, TO_ID, rank=1, world_size=3)
     got = list(criteo_batches(ds, BadLines()))
-    want = list(batches(read_rows([path]), 100, DEFAULT_SPARSE_NAMES, TO_ID))[1::3]
-    assert len(got) == 3 and all(same(a, b) for a, b in zip(got, want))
+    want = list(batches(read_rows([span]), 100, DEFAULT_SPARSE_NAMES, TO_ID))
+    assert len(got) == len(want) == 4 and all(same(a, b) for a, b in zip(got, want))
     with pytest.raises(CriteoFormatError, match=r"garbled.txt:1: expected 40 tab-separated columns"):
         list(criteo_batches(CriteoBatchDataset([tmp_path / "garbled.txt"], 100, DEFAULT_SPARSE_NAMES, TO_ID, rank=0, world_size=3), BadLines()))
 
@@ -94,11 +119,11 @@ def test_block_parse_equals_line_parse(change, vectorized, labeled):
 
 @pytest.fixture
 def bad_file(shared_data, tmp_path):
-    """Kaggle rows with 3 bad lines: 71 and 72 in global batch 1 of 64 (rank 1 of 2), 151 in batch 2 (rank 0)."""
+    """Kaggle rows with 3 bad lines: 71 and 72 in batch 1 of 64 of rank 0 of 2, 751 in rank 1's share."""
     lines = (shared_data / "criteo_kaggle_900" / "train.txt").read_text().splitlines(keepends=True)
     lines[70] = "garbage\n"
     lines[71] = lines[71].replace("\t", "\tzz", 1)
-    lines[150] = "2" + lines[150][1:]
+    lines[750] = "2" + lines[750][1:]
     (tmp_path / "bad.txt").write_text("".join(lines))
     return tmp_path / "bad.txt"
 
@@ -112,14 +137,21 @@ def test_bad_lines_are_skipped_counted_per_rank_and_limited(bad_file, num_worker
         ds = CriteoBatchDataset([bad_file], 64, DEFAULT_SPARSE_NAMES, TO_ID, rank, 2, drop_last=True, tolerate_corrupt=limit > 0)
         return [b.labels.numel() for b in criteo_batches(ds, bad, num_workers)], bad.count
 
+    n0 = len(list(read_rows(rank_share([bad_file], 0, 2).spans, bad_lines=BadLines(2, warn_first=0)))) + 2  # rank 0's lines
+    assert 72 < n0 < 750
     with pytest.warns(BadLineWarning, match=r"skipped bad line \(2 so far\): .*bad.txt:72: integer feature I1 is not an integer: 'zz4'"):
+        sizes0, count0 = run(0, 3)
+    # rank 1's share starts mid-file: its bad line is named by its line in the file all the same
+    with pytest.warns(BadLineWarning, match=r"skipped bad line \(1 so far\): .*bad.txt:751: label must be 0 or 1, got '2'"):
         sizes1, count1 = run(1, 3)
-    sizes0, count0 = run(0, 3)
-    assert (count0, count1) == (1, 2)  # each rank counts the bad lines of its own batches
-    assert sizes1 == [62] + [64] * 6 and sizes0 == [64, 63] + [64] * 5
+    assert (count0, count1) == (2, 1)  # each rank counts the bad lines of its own batches
+    assert sizes0 == [64, 62] + [64] * (n0 // 64 - 2)
+    assert sizes1 == [63 if i == (750 - n0) // 64 else 64 for i in range((900 - n0) // 64)]
     with pytest.raises(CriteoFormatError, match=r"2 bad lines, more than data.skip_bad_lines=1; the last: .*bad.txt:72"):
-        run(1, 1)
+        run(0, 1)
     with pytest.raises(CriteoFormatError, match=r"bad.txt:71: expected 40 tab-separated columns .* found 1$"):
+        run(0, 0)
+    with pytest.raises(CriteoFormatError, match=r"bad.txt:751: label must be 0 or 1"):
         run(1, 0)
 
 
@@ -139,11 +171,12 @@ def test_truncated_gz_ends_its_file_when_skipping(shared_data, tmp_path):
         for b in criteo_batches(CriteoBatchDataset(files, 32, DEFAULT_SPARSE_NAMES, TO_ID), BadLines()):
             got.append(b)
     assert len(got) == readable // 32
-    # skipping: the file ends there, reported once over the ranks, and the next file is read
+    # skipping: the file ends there, reported once over the ranks (by the one given it), and the next file is read
     counts, samples = [], 0
     for rank in (0, 1):
         bad = BadLines(5)
-        with pytest.warns(BadLineWarning, match="cut.gz: truncated") if rank == (readable // 32) % 2 else _no_warning():
+        reads_cut = [s.path for s in rank_share(files, rank, 2).spans] == [files[0]]
+        with pytest.warns(BadLineWarning, match="cut.gz: truncated") if reads_cut else _no_warning():
             samples += sum(
                 b.labels.numel()
                 for b in criteo_batches(CriteoBatchDataset(files, 32, DEFAULT_SPARSE_NAMES, TO_ID, rank, 2, tolerate_corrupt=True), bad)
@@ -177,7 +210,10 @@ def test_train_two_ranks_with_bad_lines(bad_file, tmp_path):
         tmp_path / "skip", *common, "--set", "data.skip_bad_lines=5", "--set", "data.ids=vocabulary", nproc=2, config="configs/criteo_kaggle_qr.yaml"
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert m["skipped_lines"] == 3 and m["skipped_test_lines"] == 3 and m["steps"] == 7
+    from torchrec_multihash.datasets.criteo_tsv import LineStream
+
+    lines = [len(LineStream(rank_share([bad_file], rank, 2).spans).take(10**6)) for rank in (0, 1)]
+    assert sum(lines) == 900 and m["skipped_lines"] == 3 and m["skipped_test_lines"] == 3 and m["steps"] == min(lines) // 64 == 6
     assert "bad lines skipped: 3 in training" in r.stdout
     # (torchrun ends the other rank as soon as one fails: it may not get to print its own line)
     r, _ = train(tmp_path / "stop", *common, nproc=2, config="configs/criteo_kaggle_qr.yaml")

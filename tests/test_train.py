@@ -196,3 +196,29 @@ def test_a_rank_killed_mid_epoch_restarts_from_the_checkpoint_and_ends_as_an_uni
     assert a.keys() == b.keys() and len(a) > 50
     assert _train_state(a) == _train_state(b) == TrainState(epoch=1, batches_in_epoch=0, step=58, samples=58 * 1024, seed=0, world_size=2)
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_criteo_tsv_two_ranks_resume_continues_where_it_stopped(tmp_path, shared_data):
+    """2 ranks on plain TSV, each reading its own byte range: 3 steps and a checkpoint, then
+    --resume to the end == one uninterrupted run (the data position is per rank, in its range)."""
+    lines = (shared_data / "criteo_kaggle_900" / "train.txt").read_bytes().splitlines(keepends=True)
+    days = [tmp_path / "day_0.txt", tmp_path / "day_1.txt"]
+    days[0].write_bytes(b"".join(lines[:350]))
+    days[1].write_bytes(b"".join(lines[350:]))
+    common = ["--set", f"data.train={[str(d) for d in days]}", "--set", f"data.test={[str(days[1])]}", "--set", "train.batch_size=64"]
+    common += ["--set", "train.checkpoint_every=3", "--set", "data.ids=vocabulary", "--set", "train.epochs=3"]
+    run = ["--set", f"train.output_dir={tmp_path / 'run'}"]
+    kaggle = "configs/criteo_kaggle_qr.yaml"
+    r, first = train(tmp_path / "a", *common, *run, "--set", "train.max_steps=3", nproc=2, config=kaggle)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert first["steps"] == 3
+    r, resumed = train(tmp_path / "b", *common, *run, "--resume", nproc=2, config=kaggle)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Resumed from" in r.stdout and "step 3" in r.stdout
+    r, straight = train(tmp_path / "c", *common, nproc=2, config=kaggle)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert resumed["steps"] == straight["steps"] >= 18
+    assert resumed["logloss"] == pytest.approx(straight["logloss"], abs=1e-6)
+    assert resumed["auc"] == pytest.approx(straight["auc"], abs=1e-6) and straight["auc"] > 0.6

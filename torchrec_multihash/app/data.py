@@ -12,11 +12,11 @@ from torchrec.datasets.utils import Batch
 
 from torchrec_multihash.app.config import Config, ConfigError
 from torchrec_multihash.app.model import feature_names
-from torchrec_multihash.app.provenance import data_record, differences
+from torchrec_multihash.app.vocabulary import run_vocabulary
 from torchrec_multihash.datasets.batching import check_finite, check_labels
 from torchrec_multihash.datasets.criteo_loader import CriteoBatchDataset, criteo_batches
-from torchrec_multihash.datasets.criteo_tsv import DEFAULT_SPARSE_NAMES, NUM_DENSE, NUM_SPARSE, BadLines, CriteoFormatError, read_rows
-from torchrec_multihash.datasets.id_mapping import HashingIds, IdMapping, Vocabulary
+from torchrec_multihash.datasets.criteo_tsv import DEFAULT_SPARSE_NAMES, NUM_DENSE, NUM_SPARSE, BadLines, CriteoFormatError
+from torchrec_multihash.datasets.id_mapping import HashingIds, IdMapping
 from torchrec_multihash.datasets.synthetic import SyntheticCriteo
 
 FORMATS = ("synthetic", "criteo_tsv", "criteo_npy")
@@ -148,9 +148,9 @@ def _npy_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunD
     )
 
 
-def _id_mapping(cfg: Config, keys: List[str], train_paths: List[str], rank: int, output_dir: Path) -> IdMapping:
-    """How raw Criteo values become ids: hashing mod the configured sizes, or a vocabulary built
-    from the training files (saved in ``output_dir``, reused when it is there)."""
+def _id_mapping(cfg: Config, keys: List[str], rank: int, world_size: int, output_dir: Path) -> IdMapping:
+    """How raw Criteo values become ids: hashing mod the configured sizes, or a vocabulary of the
+    training files (``vocabulary.run_vocabulary``: saved in ``output_dir``, reused when it is there)."""
     d, sizes = cfg.data, list(cfg.embeddings.num_embeddings_per_feature)
     if d.ids == "hashing":
         if len(sizes) != len(keys) or not sizes:
@@ -158,29 +158,7 @@ def _id_mapping(cfg: Config, keys: List[str], train_paths: List[str], rank: int,
         return HashingIds(sizes)
     if d.ids != "vocabulary":
         raise ConfigError(f"data.ids must be hashing or vocabulary, got {d.ids!r}")
-    vocab_path, source = output_dir / "vocabulary.json", data_record(cfg)
-    if vocab_path.is_file():
-        vocab = _load_vocabulary(vocab_path)
-        changed = differences(vocab.source, source)
-        if not changed:
-            return vocab
-        if rank == 0:
-            print(f"Rebuilding {vocab_path}, made from other data: {'; '.join(changed[:3])}", flush=True)
-    # its bad lines are counted (and warned about) in training
-    rows = read_rows(train_paths, bad_lines=BadLines(d.skip_bad_lines, warn_first=0))
-    vocab = Vocabulary.build(rows, len(keys), min_count=d.min_count, max_size=d.max_vocab_size)
-    vocab.source = source
-    if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)  # (fit-hash has not made it)
-        vocab.save(vocab_path)
-    return vocab
-
-
-def _load_vocabulary(path: Path) -> Vocabulary:
-    try:
-        return Vocabulary.load(path)
-    except ValueError as e:
-        raise ConfigError(f"{e}: delete it to build it again") from None
+    return run_vocabulary(cfg, len(keys), rank, world_size, output_dir)
 
 
 @dataclass
@@ -224,9 +202,9 @@ class _TsvSource:
 
 def _tsv_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunData:
     d, keys = cfg.data, _criteo_keys(cfg)
-    train_paths = _paths(d.train, "train")
+    _paths(d.train, "train")
     _paths(d.test, "test")
-    to_id = _id_mapping(cfg, keys, train_paths, rank, output_dir)
+    to_id = _id_mapping(cfg, keys, rank, world_size, output_dir)
     source = _TsvSource(cfg, keys, to_id, rank, world_size, BadLines(d.skip_bad_lines), BadLines(d.skip_bad_lines))
     return RunData(source.train, source.test, to_id.sizes(), NUM_DENSE, source.skipped_lines)
 

@@ -29,8 +29,9 @@ from tqdm import tqdm
 from torchrec_multihash.app.config import ConfigError, load_config
 from torchrec_multihash.app.provenance import files
 from torchrec_multihash.datasets.batching import block_ids, parse_lines
-from torchrec_multihash.datasets.criteo_tsv import NUM_DENSE, NUM_SPARSE, BadLines, LineStream, read_rows
+from torchrec_multihash.datasets.criteo_tsv import NUM_DENSE, NUM_SPARSE, BadLines, LineStream
 from torchrec_multihash.datasets.id_mapping import HashingIds, IdMapping, Vocabulary
+from torchrec_multihash.datasets.value_counts import count_values_in_processes
 from torchrec_multihash.errors import MultiHashError
 
 RECORD = "preprocess.json"
@@ -148,9 +149,8 @@ def _id_mapping(args: argparse.Namespace, out_dir: Path, inputs: List[Path]) -> 
             return vocab
         raise PreprocessError(f"{path} was built from other data or settings ({vocab.source} vs {source}): use another --out-dir or delete it")
     print(f"Counting the categorical values of {len(vocab_from)} file(s) for the vocabulary...", file=sys.stderr, flush=True)
-    vocab = Vocabulary.build(
-        read_rows(vocab_from, bad_lines=BadLines(args.skip_bad_lines, warn_first=0)), NUM_SPARSE, args.min_count, args.max_vocab_size
-    )
+    counts = count_values_in_processes(vocab_from, NUM_SPARSE, args.max_vocab_size, args.processes, args.skip_bad_lines, not args.unlabeled)
+    vocab = Vocabulary.from_values([counts.most_common(f, args.max_vocab_size, args.min_count) for f in range(NUM_SPARSE)], args.min_count)
     vocab.source = source
     vocab.save(path)
     return vocab
@@ -207,6 +207,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-from", nargs="+", help="vocabulary: the files to count (default: all inputs; give the training days only)")
     p.add_argument("--min-count", type=int, default=1, help="vocabulary: values seen fewer times share the OOV id 0")
     p.add_argument("--max-vocab-size", type=int, default=1_000_000, help="vocabulary: most ids per feature")
+    p.add_argument(
+        "--processes", type=int, default=1, help="vocabulary: count in this many processes, each its share of the files (bad lines limited in each)"
+    )
     p.add_argument("--skip-bad-lines", type=int, default=0, help="skip up to this many bad lines in all (0: the first one stops)")
     p.add_argument("--unlabeled", action="store_true", help="files without the label column (labels written as 0)")
     p.add_argument("--chunk-lines", type=int, default=1 << 16, help="lines parsed at once (memory: about 1 KiB each)")

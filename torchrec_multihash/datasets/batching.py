@@ -8,7 +8,7 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_multihash.datasets.criteo_tsv import CriteoFormatError, CriteoRow, ParsedBlock, parse_block, parse_raw
+from torchrec_multihash.datasets.criteo_tsv import CriteoFormatError, CriteoRow, Line, ParsedBlock, parse_block, parse_raw
 from torchrec_multihash.datasets.id_mapping import IdMapping
 
 
@@ -26,7 +26,7 @@ def rows_to_batch(rows: Sequence[CriteoRow], keys: List[str], to_id: Callable[[i
     return _batch(dense, labels, values, keys)
 
 
-def parse_lines(lines: Sequence[Tuple[Path, int, bytes]], labeled: bool = True) -> Tuple[Optional[ParsedBlock], List[str]]:
+def parse_lines(lines: Sequence[Tuple[Path, Line, bytes]], labeled: bool = True) -> Tuple[Optional[ParsedBlock], List[str]]:
     """Parses (path, line number, raw line) triples: all at once when they are plain Criteo, else
     line by line. Returns the good lines as one block (None if no line is good) and the errors of
     the bad lines (file:line), which are left out."""
@@ -59,7 +59,7 @@ def block_ids(block: ParsedBlock, to_id: IdMapping) -> np.ndarray:
 
 
 def lines_to_batch(
-    lines: Sequence[Tuple[Path, int, bytes]], keys: List[str], to_id: IdMapping, labeled: bool = True
+    lines: Sequence[Tuple[Path, Line, bytes]], keys: List[str], to_id: IdMapping, labeled: bool = True
 ) -> Tuple[Optional[Batch], List[str]]:
     """Parses (path, line number, raw line) triples into one batch (``parse_lines``). Returns the
     batch (None if no line is good) and the errors of the bad lines, which are left out."""

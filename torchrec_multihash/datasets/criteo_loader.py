@@ -1,10 +1,13 @@
 """One rank's batches of Criteo TSV files, parsed only by that rank, optionally in DataLoader workers.
 
-Global batch ``b`` is non-blank lines ``b * batch_size ... (b + 1) * batch_size - 1`` of the files
-taken in order, and belongs to rank ``b % world_size``. Each rank (and each of its workers) reads
-every line but parses only its own batches: the others are counted, not decoded. A DataLoader's
-workers take this rank's batches round-robin, the order in which it returns them, so the batches
-and their order do not depend on the number of workers.
+Each rank reads only its own share of the files (``tsv_ranges``: a byte range of the plain files,
+or whole .gz files), and its batch ``i`` is the non-blank lines ``i * batch_size ... (i + 1) *
+batch_size - 1`` of that share, taken in order. (With fewer .gz files than ranks, every rank reads
+all lines and global batch ``b`` belongs to rank ``b % world_size``.) A DataLoader's workers take
+this rank's batches round-robin, the order in which it returns them: each worker reads the rank's
+share but parses only its own batches (the others are counted, not decoded), so the batches and
+their order do not depend on the number of workers, and a data position (``skip``) is the count of
+this rank's batches done.
 """
 
 from dataclasses import dataclass, field
@@ -16,6 +19,7 @@ from torchrec.datasets.utils import Batch
 from torchrec_multihash.datasets.batching import lines_to_batch
 from torchrec_multihash.datasets.criteo_tsv import BadLines, CriteoFormatError, LineStream, PathLike
 from torchrec_multihash.datasets.id_mapping import IdMapping
+from torchrec_multihash.datasets.tsv_ranges import rank_share
 
 
 @dataclass
@@ -50,18 +54,19 @@ class CriteoBatchDataset(IterableDataset):
         self.paths, self.batch_size, self.keys, self.to_id = list(paths), batch_size, keys, to_id
         self.rank, self.world_size, self.skip = rank, world_size, skip
         self.drop_last, self.labeled, self.tolerate_corrupt = drop_last, labeled, tolerate_corrupt
+        self.share = rank_share(self.paths, rank, world_size)
 
     def __iter__(self) -> Iterator[_Item]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        bs, world = self.batch_size, self.world_size
+        bs, slot, world = self.batch_size, self.share.slot, self.share.slots
         # this worker's batches: the rank's (skip + worker)-th, then every `workers`-th after it
-        first, step = self.rank + (self.skip + worker) * world, workers * world
-        lines = LineStream(self.paths, tolerate_corrupt=self.tolerate_corrupt)
+        first, step = slot + (self.skip + worker) * world, workers * world
+        lines = LineStream(self.share.spans, tolerate_corrupt=self.tolerate_corrupt)
 
         def mine(position: int) -> bool:
             b = position // bs
-            return b % world == self.rank and b // world >= self.skip and (b // world - self.skip) % workers == worker
+            return b % world == slot and b // world >= self.skip and (b // world - self.skip) % workers == worker
 
         try:
             b = first

@@ -5,6 +5,7 @@ digits, may be empty), tab-separated; test files may lack the label. Files are s
 line, never loaded whole; every error names the file and line.
 """
 
+import bisect
 import gzip
 import itertools
 import math
@@ -83,8 +84,73 @@ def _open(path: Path) -> _File:
     return open(path, "rb", buffering=1 << 20)
 
 
+@dataclass(frozen=True)
+class Span:
+    """The lines of ``path`` whose first byte lies in ``[start, end)`` (``end`` None: to the end of
+    the file): a byte range aligned to line starts. A .gz file is only read whole."""
+
+    path: Path
+    start: int = 0
+    end: Optional[int] = None
+
+
+def lines_before(path: Path, offset: int, block: int = 1 << 24) -> int:
+    """Newlines in the first ``offset`` bytes of a plain file: the lines before that offset."""
+    count = 0
+    with open(path, "rb") as f:
+        while offset > 0:
+            data = f.read(min(block, offset))
+            if not data:
+                break
+            count += data.count(b"\n")
+            offset -= len(data)
+    return count
+
+
+class LineNumber:
+    """A line's number in its file, for a range that starts inside the file: the newlines before the
+    range are counted only when the number is shown (an error message), once per range."""
+
+    __slots__ = ("_base", "_index")
+
+    def __init__(self, base: "_LinesBefore", index: int) -> None:
+        self._base, self._index = base, index
+
+    def __int__(self) -> int:
+        return self._base.count() + self._index
+
+    def __str__(self) -> str:
+        return str(int(self))
+
+    __repr__ = __str__
+
+
+class _LinesBefore:
+    """The lines of ``path`` before byte ``offset``, counted on first use."""
+
+    def __init__(self, path: Path, offset: int) -> None:
+        self.path, self.offset, self._count = path, offset, -1
+
+    def count(self) -> int:
+        if self._count < 0:
+            self._count = lines_before(self.path, self.offset)
+        return self._count
+
+
+Line = Union[int, LineNumber]  # a line number as reported in errors
+
+
+def _as_span(p: Union[PathLike, Span]) -> Span:
+    if isinstance(p, Span):
+        if p.path.suffix == ".gz" and (p.start, p.end) != (0, None):
+            raise ValueError(f"{p.path}: a .gz file can only be read whole, not bytes {p.start}..{p.end}")
+        return p
+    return Span(Path(p))
+
+
 class LineStream:
-    """The non-blank lines of several files in order, numbered across files from 0 (``position``).
+    """The non-blank lines of several files (or byte ranges of files: ``Span``) in order, numbered
+    across them from 0 (``position``).
 
     ``skip(n)`` passes over n lines without decoding them (how a rank passes other ranks'
     batches); ``take(n)`` returns the next n as (path, line number in the file, raw bytes). A truncated
@@ -93,35 +159,62 @@ class LineStream:
     (position, error) for the caller to report.
     """
 
-    def __init__(self, paths: Sequence[PathLike], tolerate_corrupt: bool = False) -> None:
-        self.paths = [Path(p) for p in paths]
+    def __init__(self, paths: Sequence[Union[PathLike, Span]], tolerate_corrupt: bool = False) -> None:
+        self.spans = [_as_span(p) for p in paths]
         self.tolerate_corrupt = tolerate_corrupt
         self.position = 0
         self.corrupt: List[Tuple[int, CriteoFormatError]] = []
-        self._next_path = 0
+        self._next_span = 0
         self._file: Optional[_File] = None
         self._path = Path()
-        self._lineno = 0  # lines (blank ones included) read from the current file
+        self._lineno = 0  # lines (blank ones included) read from the current span
+        self._offset = 0  # byte offset of the next line in the current file
+        self._end: Optional[int] = None
+        self._before: Optional[_LinesBefore] = None  # lines of the file before the span (None: it starts the file)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
 
+    def _open(self, span: Span) -> _File:
+        """Opens the span's file at its first line: the first line starting at ``span.start`` or later."""
+        if not span.path.is_file():
+            raise CriteoFormatError(f"{span.path}: no such file")
+        f = _open(span.path)
+        self._path, self._lineno, self._offset, self._end, self._before = span.path, 0, 0, span.end, None
+        if span.start > 0:
+            f.seek(span.start - 1)
+            f.readline()  # the rest of the line that starts before the span (or just its newline)
+            self._offset = f.tell()
+            self._before = _LinesBefore(span.path, self._offset)
+        return f
+
     def _current(self) -> Optional[_File]:
-        """The open file, opening the next one when needed; None after the last."""
-        if self._file is None:
-            if self._next_path == len(self.paths):
+        """The open file, opening the next span when needed; None after the last."""
+        while self._file is None:
+            if self._next_span == len(self.spans):
                 return None
-            self._path = self.paths[self._next_path]
-            self._next_path += 1
-            if not self._path.is_file():
-                raise CriteoFormatError(f"{self._path}: no such file")
-            self._file, self._lineno = _open(self._path), 0
+            span = self.spans[self._next_span]
+            self._next_span += 1
+            self._file = self._open(span)
+            if self._end is not None and self._offset >= self._end:
+                self.close()  # no line starts in the span
         return self._file
 
+    def _in_span(self, chunk: List[bytes]) -> List[bytes]:
+        """The chunk's lines that start before the span's end (closing the file after the last)."""
+        if self._end is None:
+            return chunk
+        starts = list(itertools.accumulate(map(len, chunk), initial=self._offset))
+        self._offset = starts[-1]
+        if self._offset < self._end:
+            return chunk
+        self.close()
+        return chunk[: bisect.bisect_left(starts, self._end, hi=len(chunk))]
+
     def _read(self, n: int) -> List[bytes]:
-        """Up to n raw lines of the current file ([] at its end), with corruption handled."""
+        """Up to n raw lines of the current span ([] at the end of all), with corruption handled."""
         f = self._current()
         if f is None:
             return []
@@ -142,7 +235,11 @@ class LineStream:
         if not chunk:
             self.close()
             return self._read(n)
-        return chunk
+        return self._in_span(chunk) or self._read(n)
+
+    def _line(self) -> Line:
+        """The number in its file of the line last read."""
+        return self._lineno if self._before is None else LineNumber(self._before, self._lineno)
 
     def skip(self, n: int) -> int:
         """Passes over up to n lines without decoding them; returns how many (fewer at the end)."""
@@ -157,9 +254,9 @@ class LineStream:
             self.position += kept
         return done
 
-    def take(self, n: int) -> List[Tuple[Path, int, bytes]]:
+    def take(self, n: int) -> List[Tuple[Path, Line, bytes]]:
         """The next n lines (fewer at the end) as (path, line number from 1, raw bytes)."""
-        out: List[Tuple[Path, int, bytes]] = []
+        out: List[Tuple[Path, Line, bytes]] = []
         while len(out) < n:
             chunk = self._read(n - len(out))
             if not chunk:
@@ -167,7 +264,7 @@ class LineStream:
             for line in chunk:
                 self._lineno += 1
                 if line not in _EMPTY:
-                    out.append((self._path, self._lineno, line))
+                    out.append((self._path, self._line(), line))
                     self.position += 1
         return out
 
@@ -181,7 +278,7 @@ def transform_dense(x: int) -> float:
     return math.log1p(x) if x > 0 else 0.0
 
 
-def parse_line(line: str, path: PathLike, lineno: int, labeled: bool = True) -> CriteoRow:
+def parse_line(line: str, path: PathLike, lineno: Line, labeled: bool = True) -> CriteoRow:
     """Parses one line; raises CriteoFormatError naming file, line and column."""
     fields = line.split("\t")
     expected = 1 + NUM_DENSE + NUM_SPARSE if labeled else NUM_DENSE + NUM_SPARSE
@@ -221,7 +318,7 @@ def parse_line(line: str, path: PathLike, lineno: int, labeled: bool = True) -> 
     return CriteoRow(label=label, dense=dense, sparse=sparse)
 
 
-def parse_raw(raw: bytes, path: PathLike, lineno: int, labeled: bool = True) -> CriteoRow:
+def parse_raw(raw: bytes, path: PathLike, lineno: Line, labeled: bool = True) -> CriteoRow:
     """Parses one line as read from the file (bytes, newline included)."""
     try:
         line = raw.rstrip(b"\n").rstrip(b"\r").decode("ascii")
@@ -266,7 +363,7 @@ def parse_block(lines: Sequence[bytes], labeled: bool = True) -> Optional[Parsed
         hex8 = np.where(missing, b"00000000", fields[:, NUM_DENSE:])
         if not (np.char.str_len(hex8) == 8).all():
             return None
-        raw = bytes.fromhex(b"".join(hex8.ravel()).decode("ascii"))
+        raw = bytes.fromhex(hex8.astype("S8").tobytes().decode("ascii"))  # (all 8 bytes long: no padding)
     except (ValueError, OverflowError, UnicodeDecodeError):
         return None
     if len(raw) != 4 * n * NUM_SPARSE:  # whitespace inside a value

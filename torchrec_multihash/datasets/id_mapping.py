@@ -64,6 +64,11 @@ class Vocabulary:
         ids = [{v: i + 1 for i, (v, _) in enumerate(c.most_common(max_size, min_count))} for c in counters]
         return cls(ids, min_count)
 
+    @classmethod
+    def from_values(cls, values: Sequence[np.ndarray], min_count: int) -> "Vocabulary":
+        """Per feature, its vocabulary in id order (``ValueCounts.most_common``'s): ids 1, 2, ..."""
+        return cls([dict(zip(v.tolist(), range(1, len(v) + 1))) for v in values], min_count)
+
     def sizes(self) -> List[int]:
         """Table rows each feature needs (vocabulary + the OOV id)."""
         return [len(m) + 1 for m in self.ids]
