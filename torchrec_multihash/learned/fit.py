@@ -305,13 +305,14 @@ def describe(fitted: Dict[str, FittedMapping]) -> List[Tuple[str, str]]:
     lines = []
     for name, f in fitted.items():
         s = f.stats
+        fallback = f"unstored ids hashed over all {f.shape.rows:,} rows" if f.shape.shared else f"{f.shape.fallback_rows:,} fallback rows"
         lines.append(
             (
                 name,
                 (
                     f"{s['seen_ids']:,} ids seen, {s['own_rows']:,} own rows "
                     f"({100 * s['traffic_on_own_rows']:.0f}% of accesses), {s['stored_ids'] - s['own_rows']:,} ids "
-                    f"in {s['shared_rows']:,} shared rows, {f.shape.fallback_rows:,} fallback rows"
+                    f"in {s['shared_rows']:,} shared rows, {fallback}"
                 ),
             )
         )
