@@ -28,6 +28,7 @@ CASES = {
     "generalized_qr": [table("a", ["f0"], strategy="generalized_qr", moduli=[5, 7, 29])],
     "learned_dense": [table("a", ["f0"], strategy="learned", mapping_rows=50)],
     "learned_sparse_then_qr": [table("a", ["f0"], strategy="qr", num_collisions=5, mapping_rows=60, mapping_ids=100)],
+    "learned_sparse_shared": [table("a", ["f0"], strategy="learned", mapping_rows=40, mapping_ids=30, fallback_rows=40)],
     "mixed_shared_feature": [
         table("a", ["f0", "f1"], strategy="qr", num_collisions=9),
         table("b", ["f1"], strategy="crt", moduli=[31, 37], operation="add"),
@@ -51,7 +52,7 @@ def model_of(tables, weighted=False):
     for m in ebc.learned_mappings().values():  # a fitted mapping: 2/3 of the ids known
         s = m.expected
         ids = torch.randperm(N, generator=g)[: min(s.mapping_ids, 2 * N // 3)]
-        m.assign(ids, torch.randint(0, s.rows - s.fallback_rows, (ids.numel(),), generator=g))
+        m.assign(ids, torch.randint(0, s.known_rows(), (ids.numel(),), generator=g))
     return (
         DLRM(embedding_bag_collection=ebc, dense_in_features=3, dense_arch_layer_sizes=[DIM], over_arch_layer_sizes=[4, 1])
         if all(c.embedding_dim == DIM for c in tables)

@@ -65,6 +65,45 @@ def test_assign_rows_hot_ids_own_rows_unseen_ids_fallback():
     assert torch.equal(m(unseen), 90 + unseen % 10)
 
 
+def test_a_shared_mapping_that_stores_no_id_is_the_hashing_trick():
+    """fallback_rows == mapping_rows: unstored ids take the hashing trick's row, id mod rows, so
+    a mapping with nothing stored looks up exactly what a hashed table of as many rows does."""
+    shared = learned(n=1000, mapping_rows=100, mapping_ids=10, fallback_rows=100)
+    hashed = MultiHashEmbeddingBagConfig(name="t", num_embeddings=1000, embedding_dim=8, feature_names=["f_t"], strategy="hash", num_collisions=10)
+    a, b = MultiHashEmbeddingBagCollection([shared]), MultiHashEmbeddingBagCollection([hashed])
+    a.learned_mappings()["t"].assign(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    ids = torch.randint(0, 1000, (300,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a.learned_mappings()["t"](ids), hashed.strategy_impl().partition(ids)[0])
+    (wa,) = [v for k, v in a.state_dict().items() if k.endswith(".weight")]
+    (wb,) = [v for k, v in b.state_dict().items() if k.endswith(".weight")]
+    wa.copy_(wb)
+    kjt = KeyedJaggedTensor.from_lengths_sync(["f_t"], ids, torch.full((100,), 3))
+    assert torch.equal(a(kjt).values(), b(kjt).values())
+    # its stored ids may go to any row, and take it over the hash
+    a.learned_mappings()["t"].assign(torch.tensor([5, 17]), torch.tensor([99, 3]))
+    assert a.learned_mappings()["t"](torch.tensor([5, 17, 105])).tolist() == [99, 3, 5]
+    with pytest.raises(MultiHashConfigError, match=r"mapped rows must lie in \[0, 100\)"):
+        a.learned_mappings()["t"].assign(torch.tensor([5]), torch.tensor([100]))
+
+
+def test_a_shared_fit_puts_hot_ids_on_the_rows_hash_traffic_loads_least():
+    cfg = learned(n=1000, mapping_rows=100, mapping_ids=20, fallback_rows=100)
+    counts = torch.zeros(1000, dtype=torch.long)
+    counts[:600] = torch.arange(600) % 5 + 1  # rows 0..99 get unequal hash traffic from ids 20..599
+    counts[7], counts[3] = 10_000, 5_000
+    f = assign_rows(cfg, counts, torch.randn(1000, 5), FitOptions())
+    stored = set(f.ids.tolist())
+    load = [sum(int(counts[i]) for i in range(600) if i % 100 == r and i not in stored) for r in range(100)]
+    least = sorted(range(100), key=lambda r: (load[r], r))
+    assert f.ids[:2].tolist() == [7, 3] and f.rows[:2].tolist() == least[:2] and f.stats["own_rows"] == 2
+    assert len(stored) == 20 and f.rows.max() < 100 and f.rows.unique().numel() == 20
+    ebc = MultiHashEmbeddingBagCollection([cfg])
+    apply_mappings(ebc, {"t": f})
+    m = ebc.learned_mappings()["t"]
+    others = torch.tensor([i for i in range(1000) if i not in stored])
+    assert torch.equal(m(others), others % 100)  # every id the mapping does not store: the hashing trick
+
+
 def test_fitted_mapping_groups_ids_that_behave_alike():
     """On synthetic data whose labels depend on hidden id clusters, ids that share a learned row
     have far closer true effects than ids that share a hashed row."""
@@ -133,11 +172,53 @@ def test_converter_counts_the_mapping_in_the_budget(compression):
 
 
 @pytest.mark.parametrize(
+    "n,ids,rows,entry",
+    [
+        # 1M ids, dim 16, 64x: a budget of 1,000,000 * 64 / 64 * 1.02 = 1,020,000 bytes, less than a
+        # dense mapping's 2 bytes per id; half of it buys 510,000 // 6 entries (int32 id, int16 row),
+        # the rest (1,020,000 - 85,000 * 6 - 32) // 64 rows
+        (1_000_000, 85_000, 7_968, 6),
+        # 10M ids: 79,687 rows, past int16: entries of 8 bytes, 5,100,000 // 8 of them
+        (10_000_000, 637_500, 79_687, 8),
+    ],
+)
+def test_sparse_sizing_against_a_hand_computation(n, ids, rows, entry):
+    plain = [EmbeddingBagConfig(name="t", num_embeddings=n, embedding_dim=16, feature_names=["f"])]
+    (cfg,) = to_multihash_configs(plain, 64, strategy="learned")
+    assert (cfg.mapping_ids, cfg.mapping_rows, cfg.fallback_rows) == (ids, rows, rows // 8)
+    ebc = MultiHashEmbeddingBagCollection([cfg], device=torch.device("meta"))
+    assert ebc.memory_bytes() == rows * 64 + ids * entry + 32 <= n * 64 / 64 * 1.02
+    m = ebc.learned_mappings()["t"]
+    assert m.ids.dtype == torch.int32 and m.rows.element_size() == entry - 4
+
+
+def test_sparse_and_shared_mappings_survive_a_checkpoint_round_trip(tmp_path):
+    def make():
+        return MultiHashEmbeddingBagCollection(
+            [learned(n=1000, mapping_rows=100, mapping_ids=50), learned("u", n=500, mapping_rows=40, mapping_ids=20, fallback_rows=40)]
+        )
+
+    a = make()
+    g = torch.Generator().manual_seed(0)
+    for m in a.learned_mappings().values():
+        s = m.expected
+        m.assign(torch.randperm(s.num_embeddings, generator=g)[: s.mapping_ids], torch.randint(0, s.known_rows(), (s.mapping_ids,), generator=g))
+        assert m.rows.dtype == torch.int16
+    save_checkpoint(tmp_path / "ckpt", a)
+    b = make()
+    load_checkpoint(tmp_path / "ckpt", b)
+    for key, value in a.state_dict().items():
+        assert torch.equal(b.state_dict()[key], value), key
+    kjt = KeyedJaggedTensor.from_lengths_sync(["f_t", "f_u"], torch.arange(0, 1000, 37)[:24] % 500, torch.full((8,), 3))
+    assert torch.equal(a(kjt).values(), b(kjt).values())
+
+
+@pytest.mark.parametrize(
     "kw,match",
     [
         (dict(strategy="hash", mapping_rows=10), "mapping_rows cannot be combined with strategy 'hash'"),
         (dict(strategy="qr", mapping_ids=10), "only apply to a learned mapping"),
-        (dict(strategy="learned", num_collisions=10, fallback_rows=100), "leaves no row for known ids"),
+        (dict(strategy="learned", num_collisions=10, fallback_rows=101), "fallback_rows=101 exceeds mapping_rows=100"),
         (dict(strategy="learned", mapping_ids=2000), "exceeds num_embeddings"),
         (dict(strategy="qr", mapping_rows=10, num_collisions=10), "smaller than mapping_rows=10"),
         (dict(strategy="crt", mapping_rows=100, moduli=[3, 5]), "product 15 < mapping_rows=100"),

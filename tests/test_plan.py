@@ -125,15 +125,15 @@ def test_plan_of_learned_tables_counts_the_mapping_on_every_rank():
     whole = {c.name: ParameterConstraints(sharding_types=["table_wise"]) for c in ebc.sub_table_configs()}
     report = describe_plan(plan_model(ebc, topo, whole), ebc, topo)
     # t_a: 1000 ids onto 100 rows, a row per id (dense layout): 1000 int16 rows = 2000 bytes;
-    # t_b: its 300 hottest ids stored (sparse layout): 300 int32 ids + 300 int32 rows = 2400 bytes;
-    # each mapping keeps its shape as 4 int64 = 32 bytes: 2032 + 2432
-    assert report.mapping_bytes == 4464
+    # t_b: its 300 hottest ids stored (sparse layout): 300 int32 ids + 300 int16 rows = 1800 bytes;
+    # each mapping keeps its shape as 4 int64 = 32 bytes: 2032 + 1832
+    assert report.mapping_bytes == 3864
     # tables: t_a 100 x 8 floats = 3200 bytes; t_b's 100 mapped rows as Q-R with 10 collisions:
     # q and r of 10 x 8 floats = 320 bytes each; every rank holds both mappings
-    assert report.embedding_bytes == ebc.memory_bytes() == 3200 + 640 + 4464
+    assert report.embedding_bytes == ebc.memory_bytes() == 3200 + 640 + 3864
     assert sorted((s.table, s.bytes) for s in report.shards) == [("t_a", 3200), ("t_b", 320), ("t_b__r", 320)]
-    assert sum(report.bytes_per_rank) == 3200 + 640 + 2 * 4464
-    assert min(report.bytes_per_rank) > 4464
+    assert sum(report.bytes_per_rank) == 3200 + 640 + 2 * 3864
+    assert min(report.bytes_per_rank) > 3864
 
 
 def test_plan_of_the_criteo_config_with_learned_tables_places_every_mapping_on_every_rank():

@@ -144,6 +144,7 @@ LEARNED_CASES = [
     ("learned", {"num_collisions": 3, "mapping_ids": 12, "fallback_rows": 3}),
     ("learned", {"num_collisions": 5}),  # dense layout: a row per id
     ("qr", {"mapping_rows": 20, "num_collisions": 4, "mapping_ids": 30}),
+    ("qr", {"mapping_rows": 20, "num_collisions": 4, "mapping_ids": 30, "fallback_rows": 20}),  # shared with the hash
     ("generalized_qr", {"mapping_rows": 24, "moduli": [2, 3, 4], "fallback_rows": 5}),
     ("crt", {"mapping_rows": 30, "moduli": [5, 7]}),
 ]
@@ -165,7 +166,7 @@ def test_learned_mapping_matches_reference(strategy, args, operation):
     for c in cfgs:
         # a random mapping of some ids; the rest take the fallback rows
         known = torch.randperm(c.num_embeddings, generator=g)[: min(c.mapping_ids - 1, 2 * c.num_embeddings // 3)]
-        rows = torch.randint(0, c.mapping_rows - c.fallback_rows, (known.numel(),), generator=g)
+        rows = torch.randint(0, c.mapping_shape().known_rows(), (known.numel(),), generator=g)
         ebc.learned_mappings()[c.name].assign(known, rows)
         mappings[c.name] = dict(zip(known.tolist(), rows.tolist()))
     kjt = make_kjt(cfgs, weighted=True, batch=8)
@@ -179,8 +180,8 @@ def test_learned_mapping_matches_reference(strategy, args, operation):
     (torch.cat([ref[f] for f in ["a", "b", "c"]], dim=1) * upstream).sum().backward()
     for name, w in ebc.sub_table_weights().items():
         torch.testing.assert_close(w.grad, weights[name].grad, rtol=1e-5, atol=1e-6, msg=name)
-    # the mapping is counted in memory_bytes: sparse, 4-byte ids and 4-byte rows per stored id;
+    # the mapping is counted in memory_bytes: sparse, 4-byte ids and 2-byte rows per stored id;
     # dense, a 2-byte row per id
     table_bytes = sum(c.num_embeddings * c.embedding_dim * 4 for c in ebc.sub_table_configs())
-    per_id = 2 if cfgs[0].mapping_ids == cfgs[0].num_embeddings else 8
+    per_id = 2 if cfgs[0].mapping_ids == cfgs[0].num_embeddings else 6
     assert ebc.memory_bytes() == table_bytes + sum(per_id * c.mapping_ids + 32 for c in cfgs)

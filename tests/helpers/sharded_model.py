@@ -53,7 +53,7 @@ def assign_mappings(ebc: MultiHashEmbeddingBagCollection, seed: int) -> None:
     for c in ebc.multihash_configs():
         if c.has_mapping():
             known = torch.randperm(c.num_embeddings, generator=g)[: c.mapping_ids]
-            rows = torch.randint(0, c.mapping_rows - c.fallback_rows, (known.numel(),), generator=g)
+            rows = torch.randint(0, c.mapping_shape().known_rows(), (known.numel(),), generator=g)
             ebc.learned_mappings()[c.name].assign(known, rows)
 
 

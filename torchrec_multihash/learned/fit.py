@@ -7,7 +7,9 @@ Per table (the paper's best variant: access frequency plus a learned embedding o
    average shared row (at most half the rows go to them);
 4. the other seen ids are clustered on (vector, log frequency) into the remaining rows, cells of
    equal traffic (``clustering``), so ids that behave alike share a row;
-5. ids never seen (or past ``mapping_ids``) go through the fallback hash into reserved rows.
+5. ids never seen (or past ``mapping_ids``) go through the fallback hash into reserved rows, or,
+   when the mapping shares its rows with the hash (``fallback_rows == mapping_rows``), over every
+   row as the hashing trick does: the hot ids then take the rows that hash traffic loads least.
 """
 
 import json
@@ -74,13 +76,14 @@ class FittedMapping:
     stats: Dict[str, float]
 
 
-def _hot_count(sorted_counts: torch.Tensor, rows: int) -> int:
+def _hot_count(sorted_counts: torch.Tensor, rows: int, hashed: float = 0.0) -> int:
     """How many of the hottest ids get own rows: each must carry at least the traffic of an
-    average row among those left for it and the colder ids; at most half the rows."""
+    average row among those left for it and the colder ids (``hashed``: traffic hashed over the
+    same rows); at most half the rows."""
     n = min(sorted_counts.numel(), rows // 2)
     if n == 0:
         return 0
-    suffix = torch.flip(torch.cumsum(torch.flip(sorted_counts, [0]), 0), [0])[:n].double()
+    suffix = torch.flip(torch.cumsum(torch.flip(sorted_counts, [0]), 0), [0])[:n].double() + hashed
     i = torch.arange(n, dtype=torch.float64)
     own = sorted_counts[:n].double() * (rows - i) >= suffix
     return int(torch.cumprod(own.long(), 0).sum())
@@ -100,11 +103,13 @@ def assign_rows(config: MultiHashEmbeddingBagConfig, counts: torch.Tensor, vecto
     """The mapping of one table from its id counts and id vectors (steps 3-5 above)."""
     shape = config.mapping_shape()
     assert shape is not None, f"table {config.name} has no learned mapping"
-    rows_for_known = shape.rows - shape.fallback_rows
+    rows_for_known = shape.known_rows()
     seen = torch.nonzero(counts).squeeze(1)
-    seen = seen[torch.argsort(counts[seen], descending=True, stable=True)][: shape.mapping_ids]
+    seen = seen[torch.argsort(counts[seen], descending=True, stable=True)]
+    unstored, seen = seen[shape.mapping_ids :], seen[: shape.mapping_ids]
     c = counts[seen]
-    hot = _hot_count(c, rows_for_known)
+    hashed = float(counts[unstored].sum()) if shape.shared else 0.0
+    hot = _hot_count(c, rows_for_known, hashed)
     rest = seen[hot:]
     features = []
     if options.learn_vectors and vectors.numel():
@@ -114,6 +119,9 @@ def assign_rows(config: MultiHashEmbeddingBagConfig, counts: torch.Tensor, vecto
     features.append(options.frequency_weight * _standardize(torch.log1p(counts[rest].float()))[:, None])
     cells = balanced_clusters(torch.cat(features, 1), counts[rest], rows_for_known - hot)
     rows = torch.cat([torch.arange(hot), hot + cells])
+    if shape.shared:  # the hottest ids, then the shared cells, on the rows hash traffic loads least
+        load = torch.zeros(shape.rows, dtype=torch.float64).index_add_(0, unstored % shape.rows, counts[unstored].double())
+        rows = torch.argsort(load, stable=True)[rows]
     total = max(int(counts.sum()), 1)
     stats = {
         "seen_ids": int(torch.count_nonzero(counts)),
@@ -297,13 +305,14 @@ def describe(fitted: Dict[str, FittedMapping]) -> List[Tuple[str, str]]:
     lines = []
     for name, f in fitted.items():
         s = f.stats
+        fallback = f"unstored ids hashed over all {f.shape.rows:,} rows" if f.shape.shared else f"{f.shape.fallback_rows:,} fallback rows"
         lines.append(
             (
                 name,
                 (
                     f"{s['seen_ids']:,} ids seen, {s['own_rows']:,} own rows "
                     f"({100 * s['traffic_on_own_rows']:.0f}% of accesses), {s['stored_ids'] - s['own_rows']:,} ids "
-                    f"in {s['shared_rows']:,} shared rows, {f.shape.fallback_rows:,} fallback rows"
+                    f"in {s['shared_rows']:,} shared rows, {fallback}"
                 ),
             )
         )

@@ -72,7 +72,9 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
         mapping_ids: how many ids the learned mapping stores; default N, every id (see
             ``MappingShape`` for the layouts and their bytes, counted in ``memory_bytes()``).
         fallback_rows: rows reserved for ids the mapping does not store (or did not see when
-            fitted); default 1 when it stores every id, else ``max(1, mapping_rows // 8)``.
+            fitted); default 1 when it stores every id, else ``max(1, mapping_rows // 8)``. Equal
+            to ``mapping_rows``: no row is reserved, unstored ids take the hashing trick's row
+            ``id % mapping_rows`` and stored ids go to any row (storing none is the hashing trick).
         max_ids_per_bag: the most ids a bag of this table's features holds, if known. 1 declares the
             features one-hot (Criteo's categorical features): pooled and per-id rows are then the
             same, so a mult table is looked up pooled, like add, instead of per id (much faster;
@@ -196,8 +198,8 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
             return
         if shape.rows < 2:
             self.fail(f"a learned mapping needs at least 2 rows (one for unknown ids), got {shape.rows}")
-        if shape.fallback_rows >= shape.rows:
-            self.fail(f"fallback_rows={shape.fallback_rows} leaves no row for known ids (mapping_rows={shape.rows})")
+        if shape.fallback_rows > shape.rows:
+            self.fail(f"fallback_rows={shape.fallback_rows} exceeds mapping_rows={shape.rows} (equal: unstored ids hash over every row)")
         if shape.mapping_ids > self.num_embeddings:
             self.fail(f"mapping_ids={shape.mapping_ids} exceeds num_embeddings={self.num_embeddings}")
 

@@ -2,8 +2,10 @@
 
 Two layouts: *dense* (``mapping_ids == num_embeddings``, the default) stores one row per id and
 indexes it directly (int16 rows when they fit, else int32: 2 or 4 bytes per id); *sparse* stores
-its known ids sorted, with one int32 row each, and finds an id with ``searchsorted`` (8 bytes per
-stored id). Ids the mapping does not store go through a hash into the last ``fallback_rows`` rows.
+its known ids sorted (int32 below 2^31), with a row each, and finds an id with ``searchsorted``
+(6 bytes per stored id with int16 rows). Ids the mapping does not store go through a hash into the
+last ``fallback_rows`` rows; with ``fallback_rows == mapping_rows`` into every row (the hashing
+trick), stored ids then being free to go to any row.
 It is fitted from data by ``torchrec_multihash.learned.fit`` and travels with the model: its
 buffers are part of the state dict (and of distributed checkpoints), with a ``shape`` entry written
 from the config, and a mapping of another shape is refused on load.
@@ -65,6 +67,7 @@ class LearnedMapping(nn.Module):
         self.dense = s.dense
         self.fallback_start = s.rows - s.fallback_rows
         self.fallback_rows = s.fallback_rows
+        self.known_rows = s.known_rows()
         self.register_buffer("ids", torch.full((s.stored_ids(),), s.num_embeddings, dtype=s.id_dtype, device=device))
         self.register_buffer("rows", torch.zeros(s.mapping_ids, dtype=s.row_dtype, device=device))
         self.is_set = False  # by assign() and by loading a fitted mapping; never read from a tensor
@@ -87,7 +90,7 @@ class LearnedMapping(nn.Module):
     @torch.no_grad()
     def assign(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
         """Sets the mapping: ``ids[i]`` (distinct, in [0, num_embeddings)) goes to ``rows[i]``
-        (in [0, rows - fallback_rows)); at most ``mapping_ids`` of them. Every other id takes the
+        (in [0, rows - fallback_rows), or [0, rows) when shared); at most ``mapping_ids`` of them. Every other id takes the
         fallback hash. Refused on the meta device (materialising would zero it)."""
         self.check_materialised()
         s = self.expected
@@ -100,11 +103,9 @@ class LearnedMapping(nn.Module):
         if ids.numel():
             if int(ids.min()) < 0 or int(ids.max()) >= s.num_embeddings:
                 raise MultiHashConfigError(f"table '{self.table}': mapping ids must lie in [0, {s.num_embeddings})")
-            if int(rows.min()) < 0 or int(rows.max()) >= self.fallback_start:
-                raise MultiHashConfigError(
-                    f"table '{self.table}': mapped rows must lie in [0, {self.fallback_start}) "
-                    f"(the last {s.fallback_rows} of {s.rows} rows are for unknown ids)"
-                )
+            if int(rows.min()) < 0 or int(rows.max()) >= self.known_rows:
+                reserved = "" if s.shared else f" (the last {s.fallback_rows} of {s.rows} rows are for unknown ids)"
+                raise MultiHashConfigError(f"table '{self.table}': mapped rows must lie in [0, {self.known_rows}){reserved}")
         order = torch.argsort(ids.long())
         sorted_ids = ids.long()[order]
         if sorted_ids.numel() > 1 and bool((sorted_ids[1:] == sorted_ids[:-1]).any()):

@@ -14,8 +14,11 @@ SHAPE_BYTES = 4 * 8  # the ``shape`` entry of the mapping's state dict: four int
 class MappingShape:
     """What a mapping must agree on to be loaded into a table, and how it is stored.
 
-    Dense (``mapping_ids == num_embeddings``): one row per id, int16 while ``rows`` fit, else int32.
-    Sparse: the stored ids, sorted (int32, int64 past 2^31 - 1), with an int32 row each.
+    Dense (``mapping_ids == num_embeddings``): one row per id. Sparse: the stored ids, sorted
+    (int32, int64 past 2^31 - 1), with a row each. Rows are int16 while ``rows`` fit, else int32.
+    ``fallback_rows == rows`` (*shared*): ids the mapping does not store hash over every row, as
+    the hashing trick does, and stored ids may go to any row; else the last ``fallback_rows`` rows
+    are theirs alone.
     """
 
     num_embeddings: int
@@ -33,7 +36,16 @@ class MappingShape:
 
     @property
     def row_dtype(self) -> torch.dtype:
-        return torch.int16 if self.dense and self.rows <= INT16_MAX else torch.int32
+        return torch.int16 if self.rows <= INT16_MAX else torch.int32
+
+    @property
+    def shared(self) -> bool:
+        """Unstored ids hash over every row (the hashing trick's rows), stored ids' rows included."""
+        return self.fallback_rows == self.rows
+
+    def known_rows(self) -> int:
+        """Rows a stored id may be mapped to: ``[0, known_rows())``."""
+        return self.rows if self.shared else self.rows - self.fallback_rows
 
     def stored_ids(self) -> int:
         """Entries of the ``ids`` buffer (none in the dense layout: the id is the index)."""
