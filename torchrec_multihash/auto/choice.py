@@ -80,9 +80,13 @@ def _strategy_at(c: EmbeddingBagConfig, level: float, candidates: Sequence[str])
         shape = sized.mapping_shape()
         assert shape is not None
         share = shape.nbytes() / max(1, sized.strategy_impl().memory_bytes())
-        if share <= 0.5:
+        # a row for every id, at most half the bytes: past that it stores only the hottest ids,
+        # and Q-R beats it (MovieLens 64x: 0.727 against 0.757 AUC)
+        if shape.mapping_ids == c.num_embeddings and share <= 0.5:
             return StrategyName.LEARNED, f"learned: its mapping is {share:.0%} of its bytes, so ids that behave alike share rows"
-        why = f"a learned mapping would be {share:.0%} of its bytes"
+        why = f"a learned mapping would be {share:.0%} of its bytes" + (
+            "" if shape.mapping_ids == c.num_embeddings else " and store only the hottest ids"
+        )
     else:
         why = "learned is not a candidate"
     for name in _COMPRESSIVE:
