@@ -12,7 +12,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, TypedDict
+from typing import Any, Dict, List, Optional, Sequence, Tuple, TypedDict
 
 from tqdm import tqdm
 
@@ -122,6 +122,16 @@ def markdown(summary: List[Summary], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _style(strategy: str) -> Dict[str, Any]:
+    """Line style of a strategy on the frontier: ``auto`` stands out, baselines that are not ours
+    (the hashing trick, TorchRec's MCH remapper, the original DLRM code's Q-R) are dashed."""
+    if strategy == "auto":
+        return {"marker": "*", "markersize": 12, "linewidth": 2.5, "color": "black", "zorder": 5}
+    if strategy == BASELINE or strategy.startswith("mch") or strategy.startswith("naive"):
+        return {"marker": "s", "linestyle": "--", "alpha": 0.8}
+    return {"marker": "o"}
+
+
 def plot(summary: List[Summary], path: Path, title: str) -> None:
     """AUC against embedding bytes, one line per strategy (error bars: std over seeds)."""
     import matplotlib
@@ -129,16 +139,16 @@ def plot(summary: List[Summary], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for strategy in sorted({str(s["strategy"]) for s in summary}):
         pts = sorted((s for s in summary if s["strategy"] == strategy), key=lambda s: float(s["embedding_bytes"]))
         ax.errorbar(
             [float(p["embedding_bytes"]) for p in pts],
             [float(p["auc"]) for p in pts],
             yerr=[float(p["auc_std"]) for p in pts],
-            marker="o",
             capsize=3,
             label=strategy,
+            **_style(strategy),
         )
     ax.set_xscale("log")
     ax.set_xlabel("embedding bytes (mappings included)")
