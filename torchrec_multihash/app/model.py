@@ -47,6 +47,9 @@ def build_tables(cfg: Config, choices: Optional[List[TableChoice]] = None) -> Li
     if emb.max_ids_per_bag is not None:  # every table's, unless an override says otherwise
         for c in plain:
             overrides.setdefault(c.name, {}).setdefault("max_ids_per_bag", emb.max_ids_per_bag)
+    if emb.compose != "per_id":  # every table's, unless an override says otherwise
+        for c in plain:
+            overrides.setdefault(c.name, {}).setdefault("compose", emb.compose)
     try:
         if is_auto(cfg):
             return auto_configs(plain, choices if choices is not None else load_choices(cfg), overrides)
