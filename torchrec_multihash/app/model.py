@@ -46,6 +46,16 @@ def is_mch(cfg: Config) -> bool:
     return cfg.embeddings.strategy == MCH
 
 
+def check_mch_world(cfg: Config, world_size: int) -> None:
+    """Strategy mch (TorchRec's MCH remapper, a baseline) trains on one rank: its sharder shards
+    row-wise only, and the CPU eviction reset (``distributed/mch_sharding.py``) is one rank's."""
+    if is_mch(cfg) and world_size > 1:
+        raise ConfigError(
+            f"embeddings.strategy mch runs on one rank only, got {world_size}: TorchRec's MCH remapper is sharded row-wise "
+            "only, and this project resets its evicted rows on one rank (distributed/mch_sharding.py); run it with one process"
+        )
+
+
 def build_mch(cfg: Config, device: Optional[torch.device] = None) -> MCHEmbeddingBagCollection:
     """The config's tables as TorchRec MCH tables at ``embeddings.compression`` (``modules/mch.py``)."""
     emb = cfg.embeddings

@@ -29,7 +29,7 @@ from torchrec_multihash.app.config import Config, ConfigError, TrainConfig, conf
 from torchrec_multihash.app.data import RunData, make_data
 from torchrec_multihash.app.data_timing import DataWait
 from torchrec_multihash.app.evaluation import evaluate, synchronized
-from torchrec_multihash.app.model import EmbeddingModule, build_constraints, build_model, embedding_module, is_mch, plain_tables
+from torchrec_multihash.app.model import EmbeddingModule, build_constraints, build_model, check_mch_world, embedding_module, plain_tables
 from torchrec_multihash.app.optim import lr_schedule, make_optimizer
 from torchrec_multihash.app.process_group import setup_distributed
 from torchrec_multihash.app.provenance import Record, data_record, differences, run_record, tables_record
@@ -95,16 +95,6 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
-
-
-def check_mch_world(cfg: Config, world_size: int) -> None:
-    """Strategy mch (TorchRec's MCH remapper, a baseline) trains on one rank: its sharder shards
-    row-wise only, and the CPU eviction reset (``distributed/mch_sharding.py``) is one rank's."""
-    if is_mch(cfg) and world_size > 1:
-        raise ConfigError(
-            f"embeddings.strategy mch runs on one rank only, got {world_size}: TorchRec's MCH remapper is sharded row-wise "
-            "only, and this project resets its evicted rows on one rank (distributed/mch_sharding.py); run it with one process"
-        )
 
 
 def build_sharded_model(cfg: Config, device: torch.device) -> Tuple[DistributedModelParallel, EmbeddingModule]:
