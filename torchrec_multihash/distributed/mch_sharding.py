@@ -5,10 +5,14 @@ remapper's), which its EmbeddingBagCollection sharder offers only on CUDA, and o
 the evicted rows' weights and row-wise Adagrad state with an FBGEMM op that has no CPU kernel. The
 sharder here offers row-wise sharding with the fused kernel on any device and resets evicted rows on
 the CPU with plain tensor writes (the same result: optimizer state zeroed, weights drawn again from
-the table's ``init_fn``). On CUDA it is TorchRec's sharder unchanged.
+the table's ``init_fn``). The new weights are drawn from a generator seeded by the seed the module
+was sharded under, the table and the remapper's iteration (saved in its state), not from the global
+RNG, so a run resumed from a checkpoint draws what the uninterrupted run draws. On CUDA it is
+TorchRec's sharder unchanged.
 """
 
-from typing import Dict, List, Optional
+import zlib
+from typing import Any, Dict, List, Optional
 
 import torch
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
@@ -22,6 +26,15 @@ from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCo
 
 class CPUShardedManagedCollisionEmbeddingBagCollection(ShardedManagedCollisionEmbeddingBagCollection):
     """TorchRec's sharded MC-EBC whose evictions reset the evicted rows without FBGEMM's CUDA op."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._evict_seed = torch.initial_seed()  # the seed the model is built and sharded under (train.seed in the app)
+
+    def _draw_seed(self, table: str) -> int:
+        remapper = self._managed_collision_collection._managed_collision_modules[table]
+        iteration = int(getattr(remapper, "_current_iter", 0))
+        return (self._evict_seed * 1_000_003 + zlib.crc32(table.encode()) * 7919 + iteration) % (2**63)
 
     def _evict(self, evictions_per_table: Dict[str, Optional[torch.Tensor]]) -> None:
         if self._device.type == "cuda":
@@ -39,7 +52,9 @@ class CPUShardedManagedCollisionEmbeddingBagCollection(ShardedManagedCollisionEm
                 weight = tbe.split_embedding_weights()[t]
                 init_fn = self._embedding_module._table_name_to_config[table].init_fn
                 assert init_fn is not None  # EmbeddingBagConfig fills in a uniform init
-                weight[rows] = init_fn(weight[rows])
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(self._draw_seed(table))
+                    weight[rows] = init_fn(weight[rows])
 
 
 class MCHSharder(ManagedCollisionEmbeddingBagCollectionSharder):
