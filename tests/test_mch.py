@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 from torchrec.models.dlrm import DLRMTrain
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -15,12 +16,14 @@ from torchrec_multihash.app.export import load_trained_model
 from torchrec_multihash.app.model import build_model, build_tables, check_mch_world, embedding_module
 from torchrec_multihash.bench.quality import method_overrides
 from torchrec_multihash.distributed.checkpoint import read_index
+from torchrec_multihash.distributed.sharding import shard_model
 from torchrec_multihash.errors import MultiHashError
 from torchrec_multihash.inference import export_model, quantize_embeddings
 from torchrec_multihash.modules.config import MultiHashConfigError
 from torchrec_multihash.modules.mch import MCHEmbeddingBagCollection, mch_rows, state_cost
 
 from tests.helpers.cli import SMALL, run_cli, train
+from tests.helpers.distributed import run_multiprocess
 
 D = 16
 
@@ -179,3 +182,36 @@ def test_checkpoint_holds_the_remapper_and_resume_equals_a_straight_run(tmp_path
     assert resumed["steps"] == straight["steps"] == 117
     assert resumed["auc"] == pytest.approx(straight["auc"], abs=1e-6)
     assert resumed["logloss"] == pytest.approx(straight["logloss"], abs=1e-6)
+
+
+def _evict_resets_rows(rank, world_size):
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ebc = MCHEmbeddingBagCollection(tables()[:1], compression=100, threshold=200, device=torch.device("meta"))
+
+        def forward(self, kjt):
+            return self.ebc(kjt).values().sum()
+
+    dmp = shard_model(Wrap(), torch.device("cpu"), 0.1)
+    sharded = dmp.module.ebc.mch
+    assert type(sharded).__name__ == "CPUShardedManagedCollisionEmbeddingBagCollection"
+    assert dmp.plan.plan["ebc.mch"]["t_a"].sharding_type == "row_wise"
+    tbe, _ = sharded._table_to_tbe_and_index["t_a"]
+    weight, (momentum,) = tbe.split_embedding_weights()[0], tbe.split_optimizer_states()[0]
+    with torch.no_grad():
+        weight.fill_(100.0)
+        momentum.fill_(1.0)
+    sharded._evict({"t_a": torch.tensor([1, 3])})
+    bound = 1 / math.sqrt(20_000)  # the logical table's init range
+    assert (weight[[1, 3]].abs() <= bound).all() and (momentum[[1, 3]] == 0).all()
+    keep = [i for i in range(weight.size(0)) if i not in (1, 3)]
+    assert (weight[keep] == 100).all() and (momentum[keep] == 1).all()
+    first = weight[[1, 3]].clone()
+    sharded._evict({"t_a": torch.tensor([1, 3])})  # same iteration, same seed: the same draw
+    torch.testing.assert_close(weight[[1, 3]], first)
+
+
+@pytest.mark.slow
+def test_cpu_sharder_resets_evicted_rows_weights_and_optimizer_state():
+    run_multiprocess(_evict_resets_rows, 1)
