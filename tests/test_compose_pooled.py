@@ -101,3 +101,15 @@ def test_app_embeddings_compose_reaches_every_compressed_table():
     assert tables[0].strategy_impl().looks_up_per_id() is False
     with pytest.raises(ConfigError, match="embeddings.compose"):
         load_config(None, ["embeddings.compose=first"])
+
+
+def test_run_records_name_a_changed_composition_and_keep_older_records_valid():
+    from torchrec_multihash.app.provenance import differences, tables_record
+
+    per_id, pooled = load_config(None, []), load_config(None, ["embeddings.compose=pooled"])
+    assert "embeddings.compose" not in tables_record(per_id)  # as recorded before the key existed
+    assert differences(tables_record(per_id), tables_record(pooled)) == ['embeddings.compose: null then, "pooled" now']
+    assert differences(tables_record(pooled), tables_record(per_id)) == ['embeddings.compose: "pooled" then, not set now']
+    mch = load_config(None, ["embeddings.strategy=mch"])
+    lfu, dist = tables_record(mch), tables_record(load_config(None, ["embeddings.strategy=mch", "embeddings.mch_eviction=distance_lfu"]))
+    assert differences(lfu, dist) == ['embeddings.mch_eviction: "lfu" then, "distance_lfu" now']
