@@ -215,3 +215,33 @@ def _evict_resets_rows(rank, world_size):
 @pytest.mark.slow
 def test_cpu_sharder_resets_evicted_rows_weights_and_optimizer_state():
     run_multiprocess(_evict_resets_rows, 1)
+
+
+def _remaps_as_unsharded(rank, world_size):
+    class Wrap(nn.Module):
+        def __init__(self, device):
+            super().__init__()
+            self.ebc = MCHEmbeddingBagCollection(tables(), compression=100, threshold=200, device=device)
+
+        def forward(self, kjt):
+            return self.ebc(kjt).values().sum()
+
+    dmp = shard_model(Wrap(torch.device("meta")), torch.device("cpu"), 0.1)
+    plain = Wrap(torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):  # skewed ids, more distinct ones than the 52 rows: admissions and evictions
+        a = (torch.rand(64, generator=g) ** 4 * 20_000).long()
+        b = torch.randint(0, 100, (64,), generator=g)
+        kjt = KeyedJaggedTensor(keys=["a", "b"], values=torch.cat([a, b]), lengths=torch.ones(128, dtype=torch.long))
+        dmp(kjt).backward()
+        plain(kjt)
+    sharded = dmp.module.ebc.mch._managed_collision_collection._managed_collision_modules["t_a"]
+    reference = plain.ebc.mch._managed_collision_collection._managed_collision_modules["t_a"]
+    for name in ("_mch_sorted_raw_ids", "_mch_remapped_ids_mapping", "_mch_counts"):
+        torch.testing.assert_close(getattr(sharded, name), getattr(reference, name), msg=name)
+    assert (reference._mch_sorted_raw_ids < 2**62).sum() == 51  # full: every slot but the miss row holds an id
+
+
+@pytest.mark.slow
+def test_sharded_remapper_admits_and_evicts_as_torchrecs_unsharded_module():
+    run_multiprocess(_remaps_as_unsharded, 1)
