@@ -85,3 +85,18 @@ def test_quality_summary_pairs_seeds_against_hash():
     assert (round(lo, 4), round(mean, 4), round(hi, 4)) == (0.01, 0.015, 0.02)
     assert summary["hash"]["auc_vs_hash"] is None and summary["learned"]["reduction"] == 4.0
     assert "+0.0150 [+0.0100, +0.0200]" in markdown(summarize(rows), "t")
+
+
+def test_quality_summary_pairs_against_qr_too_when_it_ran():
+    rows = [
+        {"strategy": s, "compression": 8.0, "seed": seed, "auc": auc, "logloss": 0.5, "embedding_bytes": 100, "full_embedding_bytes": 800}
+        for s, seed, auc in [("hash", 0, 0.70), ("hash", 1, 0.60), ("qr", 0, 0.74), ("qr", 1, 0.66), ("mch", 0, 0.71), ("mch", 1, 0.58)]
+    ]
+    summary = {s["strategy"]: s for s in summarize(rows)}
+    assert [round(v, 4) for v in summary["mch"]["auc_vs_qr"]] == [-0.08, -0.055, -0.03]
+    assert [round(v, 4) for v in summary["mch"]["auc_vs_hash"]] == [-0.02, -0.005, 0.01]
+    assert summary["qr"]["auc_vs_qr"] is None and summary["hash"]["auc_vs_qr"] is not None
+    md = markdown(summarize(rows), "t")
+    assert "AUC - qr (same seed)" in md and "| mch | 8x |" in md and "-0.0550 [-0.0800, -0.0300]" in md
+    # without qr runs the table keeps its former columns
+    assert "AUC - qr" not in markdown(summarize([r for r in rows if r["strategy"] != "qr"]), "t")

@@ -19,6 +19,10 @@ from torchrec_multihash.errors import MultiHashError
 from torchrec_multihash.modules.strategies import StrategyName, registered_strategies
 
 AUTO = "auto"  # embeddings.strategy: each table's strategy and size chosen from the data (torchrec_multihash.auto)
+MCH = "mch"  # embeddings.strategy: TorchRec's ManagedCollisionEmbeddingBagCollection (MCH remapper), a baseline
+MCH_EVICTIONS = ("lfu", "distance_lfu")
+MCH_SIZINGS = ("bytes", "rows")
+COMPOSITIONS = ("per_id", "pooled")
 
 
 class ConfigError(MultiHashError, ValueError):
@@ -48,8 +52,13 @@ class EmbeddingsConfig:
     num_embeddings_per_feature: List[int] = field(default_factory=list)
     feature_names: Optional[List[str]] = None  # default C1..Cn
     # full | hash | qr | generalized_qr | crt | learned (or one you registered) | auto: chosen per table
+    # | mch: TorchRec's MCH remapper (ManagedCollisionEmbeddingBagCollection), one rank only
     strategy: str = StrategyName.QR.value
     operation: str = "mult"  # add | mult | concat
+    compose: str = "per_id"  # mult: per_id (product per id, then pooled) | pooled (the original DLRM Q-R: pooled, then product)
+    mch_eviction: str = "lfu"  # mch: lfu | distance_lfu (TorchRec's LFU_EvictionPolicy, DistanceLFU_EvictionPolicy)
+    mch_eviction_interval: int = 1  # mch: training steps between the remapper's admissions/evictions
+    mch_sizing: str = "bytes"  # mch: bytes (rows + remapper state within the compression) | rows (N / compression rows, state on top)
     compression: float = 4.0  # memory reduction of each table over `threshold` rows (auto: of them all)
     budget_bytes: Optional[int] = None  # auto: bytes for all tables, mappings included (instead of compression)
     auto_candidates: List[str] = field(default_factory=lambda: ["learned", "qr"])  # auto: the strategies it picks from
@@ -192,6 +201,7 @@ _LEAST = [
     ("model", "embedding_dim", 1),
     ("model", "dense_in_features", 1),
     ("embeddings", "compression", 1.0),
+    ("embeddings", "mch_eviction_interval", 1),
 ]
 
 
@@ -215,11 +225,14 @@ def _check_sizes(cfg: Config) -> None:
 
 
 def _check_strategy(emb: EmbeddingsConfig) -> None:
-    names = [*registered_strategies(), AUTO]
+    names = [*registered_strategies(), AUTO, MCH]
     if emb.strategy not in names:
         raise ConfigError(f"embeddings.strategy must be one of {names}, got {emb.strategy!r}")
     if emb.budget_bytes is not None and emb.strategy != AUTO:
         raise ConfigError(f"embeddings.budget_bytes needs embeddings.strategy auto (got {emb.strategy}); other strategies take a compression")
+    for key, allowed in (("compose", COMPOSITIONS), ("mch_eviction", MCH_EVICTIONS), ("mch_sizing", MCH_SIZINGS)):
+        if getattr(emb, key) not in allowed:
+            raise ConfigError(f"embeddings.{key} must be one of {list(allowed)}, got {getattr(emb, key)!r}")
 
 
 def validate(cfg: Config) -> Config:

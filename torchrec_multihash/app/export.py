@@ -14,7 +14,7 @@ from torchrec.models.dlrm import DLRMTrain
 
 from torchrec_multihash.app.config import Config, ConfigError, config_parser, load_config
 from torchrec_multihash.app.data import make_data
-from torchrec_multihash.app.model import build_model, multihash_module
+from torchrec_multihash.app.model import build_model, is_mch, multihash_module
 from torchrec_multihash.app.quiet import quiet
 from torchrec_multihash.app.train_state import checkpoint_dir
 from torchrec_multihash.distributed.checkpoint import find_checkpoint, load_checkpoint
@@ -24,6 +24,11 @@ from torchrec_multihash.inference import QUANT_DTYPES, embedding_bytes, export_m
 
 def load_trained_model(cfg: Config, checkpoint: Path) -> nn.Module:
     """The config's DLRM (unsharded, CPU) with the weights, and learned mappings, of ``checkpoint``."""
+    if is_mch(cfg):
+        raise ConfigError(
+            "export does not support embeddings.strategy mch (TorchRec's MCH remapper, a training baseline): "
+            "its remapper has no quantized or scripted inference path in this project"
+        )
     if find_checkpoint(checkpoint) is None:
         raise ConfigError(f"no checkpoint in {checkpoint} (train with train.checkpoint_every > 0, or give --checkpoint)")
     data = make_data(cfg, 0, 1, Path(cfg.train.output_dir))  # the table sizes (a vocabulary's come from the run)

@@ -1,6 +1,6 @@
 """Builds the multi-hash tables and the DLRM model a config describes."""
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -9,12 +9,15 @@ from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRM_Projection
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_multihash.app.auto_choice import is_auto, load_choices
-from torchrec_multihash.app.config import Config, ConfigError, EmbeddingsConfig
+from torchrec_multihash.app.config import MCH, Config, ConfigError, EmbeddingsConfig
 from torchrec_multihash.auto import AutoChoiceError, TableChoice, auto_configs
 from torchrec_multihash.convert import to_multihash_configs
 from torchrec_multihash.distributed.constraints import sub_table_constraints
 from torchrec_multihash.modules.config import MultiHashConfigError, MultiHashEmbeddingBagConfig
+from torchrec_multihash.modules.mch import MCHEmbeddingBagCollection
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
+
+EmbeddingModule = Union[MultiHashEmbeddingBagCollection, MCHEmbeddingBagCollection]
 
 ARCHS = ("dlrm", "dcn", "projection")
 
@@ -38,15 +41,52 @@ def plain_tables(cfg: Config) -> List[EmbeddingBagConfig]:
     ]
 
 
+def is_mch(cfg: Config) -> bool:
+    """True when the tables are TorchRec's MCH remapper (``embeddings.strategy: mch``), a baseline."""
+    return cfg.embeddings.strategy == MCH
+
+
+def check_mch_world(cfg: Config, world_size: int) -> None:
+    """Strategy mch (TorchRec's MCH remapper, a baseline) trains on one rank: its sharder shards
+    row-wise only, and the CPU eviction reset (``distributed/mch_sharding.py``) is one rank's."""
+    if is_mch(cfg) and world_size > 1:
+        raise ConfigError(
+            f"embeddings.strategy mch runs on one rank only, got {world_size}: TorchRec's MCH remapper is sharded row-wise "
+            "only, and this project resets its evicted rows on one rank (distributed/mch_sharding.py); run it with one process"
+        )
+
+
+def build_mch(cfg: Config, device: Optional[torch.device] = None) -> MCHEmbeddingBagCollection:
+    """The config's tables as TorchRec MCH tables at ``embeddings.compression`` (``modules/mch.py``)."""
+    emb = cfg.embeddings
+    try:
+        return MCHEmbeddingBagCollection(
+            plain_tables(cfg),
+            emb.compression,
+            eviction=emb.mch_eviction,
+            eviction_interval=emb.mch_eviction_interval,
+            sizing=emb.mch_sizing,
+            threshold=emb.threshold,
+            device=device,
+        )
+    except MultiHashConfigError as e:
+        raise ConfigError(f"embeddings: {e}") from None
+
+
 def build_tables(cfg: Config, choices: Optional[List[TableChoice]] = None) -> List[MultiHashEmbeddingBagConfig]:
     """One table ``t_<feature>`` per sparse feature, compressed as ``cfg.embeddings`` says; with
     strategy auto, as ``choices`` say (default: the saved choice, ``app/auto_choice.py``)."""
     emb = cfg.embeddings
+    if is_mch(cfg):
+        raise ConfigError("embeddings.strategy mch has no multi-hash tables: it builds TorchRec's MCH tables (build_mch)")
     plain = plain_tables(cfg)
     overrides = {name: dict(fields) for name, fields in emb.overrides.items()}
     if emb.max_ids_per_bag is not None:  # every table's, unless an override says otherwise
         for c in plain:
             overrides.setdefault(c.name, {}).setdefault("max_ids_per_bag", emb.max_ids_per_bag)
+    if emb.compose != "per_id":  # every table's, unless an override says otherwise
+        for c in plain:
+            overrides.setdefault(c.name, {}).setdefault("compose", emb.compose)
     try:
         if is_auto(cfg):
             return auto_configs(plain, choices if choices is not None else load_choices(cfg), overrides)
@@ -77,6 +117,15 @@ def build_constraints(cfg: Config, tables: List[MultiHashEmbeddingBagConfig]) ->
         raise ConfigError(f"embeddings.constraints: {e}") from None
 
 
+def embedding_module(model: nn.Module) -> EmbeddingModule:
+    """The tables of a model built by ``build_model``: its MultiHashEmbeddingBagCollection, or with
+    strategy mch its MCHEmbeddingBagCollection."""
+    ebc = next((m for m in model.modules() if isinstance(m, (MultiHashEmbeddingBagCollection, MCHEmbeddingBagCollection))), None)
+    if ebc is None:
+        raise ConfigError(f"the model ({type(model).__name__}) holds no MultiHashEmbeddingBagCollection")
+    return ebc
+
+
 def multihash_module(model: nn.Module) -> MultiHashEmbeddingBagCollection:
     """The MultiHashEmbeddingBagCollection of a model built by ``build_model`` (or its DLRMTrain)."""
     ebc = next((m for m in model.modules() if isinstance(m, MultiHashEmbeddingBagCollection)), None)
@@ -93,7 +142,11 @@ def build_model(cfg: Config, device: Optional[torch.device] = None, choices: Opt
         raise ConfigError(f"model.arch must be one of {ARCHS}, got {m.arch!r}")
     if m.dense_arch_layer_sizes[-1] != m.embedding_dim:
         raise ConfigError(f"model.dense_arch_layer_sizes must end with model.embedding_dim={m.embedding_dim}, got {m.dense_arch_layer_sizes}")
-    ebc = MultiHashEmbeddingBagCollection(build_tables(cfg, choices), device=device, validate_ids=cfg.embeddings.validate_ids)
+    ebc: EmbeddingModule
+    if is_mch(cfg):
+        ebc = build_mch(cfg, device)
+    else:
+        ebc = MultiHashEmbeddingBagCollection(build_tables(cfg, choices), device=device, validate_ids=cfg.embeddings.validate_ids)
     kw = dict(
         embedding_bag_collection=ebc,
         dense_in_features=m.dense_in_features,

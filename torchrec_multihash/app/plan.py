@@ -15,7 +15,7 @@ from torchrec_multihash.app.auto_choice import describe, is_auto, load_choices
 from torchrec_multihash.app.choose_tables import plan_choice
 from torchrec_multihash.app.config import Config, ConfigError, load_config
 from torchrec_multihash.app.data import make_data
-from torchrec_multihash.app.model import build_constraints, build_model, multihash_module, plain_tables
+from torchrec_multihash.app.model import build_constraints, build_mch, build_model, check_mch_world, is_mch, multihash_module, plain_tables
 from torchrec_multihash.app.quiet import quiet
 from torchrec_multihash.auto import TableChoice
 from torchrec_multihash.distributed.planning import PlanReport, describe_plan, plan_model
@@ -93,11 +93,49 @@ def plan_config(cfg: Config, topology: Topology, batch_size: Optional[int], choi
     return describe_plan(plan, model, topology)
 
 
+def mch_report(cfg: Config) -> Dict[str, Any]:
+    """Strategy mch's tables (TorchRec's MCH remapper, one rank): rows, weight and remapper-state
+    bytes of each (sizes from the data when the config gives none)."""
+    if not cfg.embeddings.num_embeddings_per_feature:
+        data = make_data(cfg, 0, 1, Path(cfg.train.output_dir))
+        cfg.embeddings.num_embeddings_per_feature = data.num_embeddings_per_feature
+    ebc = build_mch(cfg, torch.device("meta"))
+    return {
+        "strategy": "mch",
+        "eviction": cfg.embeddings.mch_eviction,
+        "sizing": cfg.embeddings.mch_sizing,
+        "tables": [dataclasses.asdict(t) for t in ebc.tables()],
+        "embedding_bytes": ebc.memory_bytes(),
+        "full_embedding_bytes": ebc.full_memory_bytes(),
+    }
+
+
+def print_mch(report: Dict[str, Any]) -> None:
+    print(f"TorchRec MCH tables ({report['eviction']} eviction, sized by {report['sizing']}), one rank")
+    print(f"\n{'table':10s} {'ids':>10s} {'rows':>8s} {'weights':>12s} {'remapper':>12s}")
+    for t in report["tables"]:
+        rows = f"{t['rows']:,}" if t["rows"] else "full"
+        print(f"{t['name']:10s} {t['num_embeddings']:>10,} {rows:>8s} {_fmt_bytes(t['weight_bytes']):>12s} {_fmt_bytes(t['state_bytes']):>12s}")
+    ratio = report["full_embedding_bytes"] / max(1, report["embedding_bytes"])
+    print(
+        f"\nAll tables: {_fmt_bytes(report['embedding_bytes'])} (remapper state included) vs "
+        f"{_fmt_bytes(report['full_embedding_bytes'])} uncompressed ({ratio:.1f}x smaller)"
+    )
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     with quiet(all_warnings=True):  # the planner warns and logs for live jobs (dry-run estimates)
         try:
             cfg = load_config(args.config, args.set)
+            if is_mch(cfg):
+                check_mch_world(cfg, args.world_size)
+                mch = mch_report(cfg)
+                if args.json:
+                    print(json.dumps(mch, indent=2))
+                else:
+                    print_mch(mch)
+                return 0
             topology = make_topology(args)
             auto = auto_report(cfg)
             report = plan_config(cfg, topology, args.batch_size, load_choices(cfg, auto) if auto else None)

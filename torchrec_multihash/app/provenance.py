@@ -64,8 +64,18 @@ def data_record(cfg: Config, exact: bool = True) -> Record:
     return {"data.train": files(cfg.data.train, exact) if cfg.data.format != "synthetic" else None, **{k: _key(cfg, k) for k in _SAMPLE_KEYS}}
 
 
+# keys that decide the tables only where set: recorded then alone, so records of runs without them stay as they were
+_TABLE_KEYS_IF_USED = {
+    "compose": lambda cfg: cfg.embeddings.compose != "per_id",
+    "mch_eviction": lambda cfg: cfg.embeddings.strategy == "mch",
+    "mch_sizing": lambda cfg: cfg.embeddings.strategy == "mch",
+}
+
+
 def tables_record(cfg: Config) -> Record:
-    return {f"embeddings.{k}": _key(cfg, f"embeddings.{k}") for k in _TABLE_KEYS}
+    record = {f"embeddings.{k}": _key(cfg, f"embeddings.{k}") for k in _TABLE_KEYS}
+    record.update({f"embeddings.{k}": _key(cfg, f"embeddings.{k}") for k, used in _TABLE_KEYS_IF_USED.items() if used(cfg)})
+    return record
 
 
 def run_record(cfg: Config, world_size: int) -> Record:
@@ -83,4 +93,7 @@ def differences(recorded: Optional[Record], current: Record) -> List[str]:
     """``key: X then, Y now`` for each key whose value changed (or one line for no record)."""
     if not recorded:
         return ["it records nothing of what it was made from (written by an older version)"]
-    return [f"{k}: {_short(recorded.get(k))} then, {_short(v)} now" for k, v in current.items() if recorded.get(k) != v]
+    changed = [f"{k}: {_short(recorded.get(k))} then, {_short(v)} now" for k, v in current.items() if recorded.get(k) != v]
+    optional = [f"embeddings.{k}" for k in _TABLE_KEYS_IF_USED]
+    dropped = [k for k in optional if k in recorded and k not in current and k.split(".")[0] + ".strategy" in current]
+    return changed + [f"{k}: {_short(recorded[k])} then, not set now" for k in dropped]

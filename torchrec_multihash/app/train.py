@@ -29,7 +29,7 @@ from torchrec_multihash.app.config import Config, ConfigError, TrainConfig, conf
 from torchrec_multihash.app.data import RunData, make_data
 from torchrec_multihash.app.data_timing import DataWait
 from torchrec_multihash.app.evaluation import evaluate, synchronized
-from torchrec_multihash.app.model import build_constraints, build_model, multihash_module, plain_tables
+from torchrec_multihash.app.model import EmbeddingModule, build_constraints, build_model, check_mch_world, embedding_module, plain_tables
 from torchrec_multihash.app.optim import lr_schedule, make_optimizer
 from torchrec_multihash.app.process_group import setup_distributed
 from torchrec_multihash.app.provenance import Record, data_record, differences, run_record, tables_record
@@ -41,7 +41,7 @@ from torchrec_multihash.app.train_state import TrainState, save_train_checkpoint
 from torchrec_multihash.distributed.sharding import shard_model
 from torchrec_multihash.errors import MultiHashError
 from torchrec_multihash.learned.fit import MAPPING_FILE, apply_mappings, load_mappings, read_report
-from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
+from torchrec_multihash.modules.mch import MCHEmbeddingBagCollection
 
 
 @dataclass
@@ -52,7 +52,7 @@ class TrainRun:
     device: torch.device
     data: RunData
     dmp: DistributedModelParallel
-    ebc: MultiHashEmbeddingBagCollection
+    ebc: EmbeddingModule  # the tables (with strategy mch, TorchRec's MCH tables)
     opt: CombinedOptimizer  # the tables' fused optimizer and the dense one
     schedule: LambdaLR  # every learning rate, stepped after each training step
     state: TrainState
@@ -97,15 +97,16 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def build_sharded_model(cfg: Config, device: torch.device) -> Tuple[DistributedModelParallel, MultiHashEmbeddingBagCollection]:
+def build_sharded_model(cfg: Config, device: torch.device) -> Tuple[DistributedModelParallel, EmbeddingModule]:
     """The config's DLRM built on the meta device, then sharded with weights drawn from
     ``train.seed``; the learned tables get their mapping (fitted now when none is given)."""
+    check_mch_world(cfg, dist.get_world_size())
     with seeded(cfg.train.seed, device):
         model = DLRMTrain(build_model(cfg, device=torch.device("meta")))
-        ebc = multihash_module(model)
-        constraints = build_constraints(cfg, ebc.multihash_configs())
+        ebc = embedding_module(model)
+        constraints = build_constraints(cfg, ebc.multihash_configs()) if not isinstance(ebc, MCHEmbeddingBagCollection) else {}
         dmp = shard_model(model, device, cfg.train.embedding_lr, constraints, batch_size=cfg.train.batch_size)
-        if ebc.learned_mappings():
+        if not isinstance(ebc, MCHEmbeddingBagCollection) and ebc.learned_mappings():
             apply_mappings(ebc, load_mappings(_mapping_dir(cfg, Path(cfg.train.output_dir))))
     return dmp, ebc
 

@@ -20,6 +20,23 @@ from torchrec_multihash.app.config import config_parser
 from torchrec_multihash.bench import python_command
 
 BASELINE = "hash"  # AUC differences are reported against the hashing trick, seed by seed
+SECOND_BASELINE = "qr"  # ... and against Q-R, when the study ran it
+
+# methods that are not a strategy name: the config overrides each stands for (baselines, issue 15)
+METHODS: Dict[str, List[str]] = {
+    # TorchRec's MCH remapper (ManagedCollisionEmbeddingBagCollection), rows and remapper state within the bytes
+    "mch": ["embeddings.strategy=mch", "embeddings.mch_eviction=lfu", "embeddings.mch_sizing=bytes"],
+    "mch_distance_lfu": ["embeddings.strategy=mch", "embeddings.mch_eviction=distance_lfu", "embeddings.mch_sizing=bytes"],
+    # N / compression rows, as the hashing trick, the remapper's state on top (counted in its bytes)
+    "mch_rows": ["embeddings.strategy=mch", "embeddings.mch_eviction=lfu", "embeddings.mch_sizing=rows"],
+    # the original DLRM code's Q-R: each partition pooled, then multiplied
+    "naive_qr": ["embeddings.strategy=qr", "embeddings.operation=mult", "embeddings.compose=pooled"],
+}
+
+
+def method_overrides(method: str) -> List[str]:
+    """The ``--set`` overrides of a ``--strategies`` entry: a strategy name or one of ``METHODS``."""
+    return list(METHODS.get(method, [f"embeddings.strategy={method}"]))
 
 
 class Run(TypedDict):
@@ -46,6 +63,7 @@ class Summary(TypedDict):
     logloss: float
     logloss_std: float
     auc_vs_hash: Optional[Tuple[float, float, float]]  # min, mean, max over seeds; None for the baseline
+    auc_vs_qr: Optional[Tuple[float, float, float]]  # the same against qr (None for qr, or without qr runs)
     embedding_bytes: float
     reduction: float
 
@@ -80,8 +98,8 @@ def summarize(rows: List[Run]) -> List[Summary]:
         auc = [float(r["auc"]) for r in rs]
         logloss = [float(r["logloss"]) for r in rs]
         # paired by seed (a seed fixes the data order and init; on synthetic data, the data too)
-        base = {r["seed"]: r for r in groups.get((BASELINE, compression), [])}
-        paired = [float(r["auc"]) - float(base[r["seed"]]["auc"]) for r in rs if r["seed"] in base]
+        paired = _paired(rs, groups.get((BASELINE, compression), []))
+        paired_qr = _paired(rs, groups.get((SECOND_BASELINE, compression), []))
         embedding_bytes = statistics.mean(float(r["embedding_bytes"]) for r in rs)
         out.append(
             Summary(
@@ -93,6 +111,7 @@ def summarize(rows: List[Run]) -> List[Summary]:
                 logloss=statistics.mean(logloss),
                 logloss_std=_std(logloss),
                 auc_vs_hash=(min(paired), statistics.mean(paired), max(paired)) if paired and strategy != BASELINE else None,
+                auc_vs_qr=(min(paired_qr), statistics.mean(paired_qr), max(paired_qr)) if paired_qr and strategy != SECOND_BASELINE else None,
                 embedding_bytes=embedding_bytes,
                 reduction=float(rs[0]["full_embedding_bytes"]) / embedding_bytes,
             )
@@ -100,24 +119,35 @@ def summarize(rows: List[Run]) -> List[Summary]:
     return sorted(out, key=lambda s: (s["compression"], s["strategy"]))
 
 
+def _paired(rs: List[Run], base_runs: List[Run]) -> List[float]:
+    """AUC of each run minus the baseline's run of the same seed."""
+    base = {r["seed"]: r for r in base_runs}
+    return [float(r["auc"]) - float(base[r["seed"]]["auc"]) for r in rs if r["seed"] in base]
+
+
 def _std(vals: List[float]) -> float:
     return statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
+def _vs(d: Optional[Tuple[float, float, float]]) -> str:
+    return f"{d[1]:+.4f} [{d[0]:+.4f}, {d[2]:+.4f}]" if d else "-"
+
+
 def markdown(summary: List[Summary], title: str) -> str:
+    with_qr = any(s.get("auc_vs_qr") for s in summary)
+    qr_head = f" AUC - {SECOND_BASELINE} (same seed) |" if with_qr else ""
     lines = [
         f"### {title}",
         "",
         "| strategy | target | actual reduction | embedding bytes | test AUC | test log loss | "
-        f"AUC - {BASELINE} (same seed: mean [min, max]) | seeds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"AUC - {BASELINE} (same seed: mean [min, max]) |{qr_head} seeds |",
+        "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if with_qr else "") + " --- |",
     ]
     for s in summary:
-        d = s["auc_vs_hash"]
-        vs = f"{d[1]:+.4f} [{d[0]:+.4f}, {d[2]:+.4f}]" if d else "-"
+        qr_cell = f" {_vs(s.get('auc_vs_qr'))} |" if with_qr else ""
         lines.append(
             f"| {s['strategy']} | {s['compression']:g}x | {s['reduction']:.2f}x | {s['embedding_bytes']:,.0f} | "
-            f"{s['auc']:.4f} ± {s['auc_std']:.4f} | {s['logloss']:.4f} ± {s['logloss_std']:.4f} | {vs} | {s['seeds']} |"
+            f"{s['auc']:.4f} ± {s['auc_std']:.4f} | {s['logloss']:.4f} ± {s['logloss_std']:.4f} | {_vs(s['auc_vs_hash'])} |{qr_cell} {s['seeds']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -163,7 +193,11 @@ def plot(summary: List[Summary], path: Path, title: str) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = config_parser("torchrec-multihash quality", __doc__)
-    p.add_argument("--strategies", default="full,hash,qr,learned", help="comma-separated (full runs once per seed)")
+    p.add_argument(
+        "--strategies",
+        default="full,hash,qr,learned",
+        help="comma-separated strategies (full runs once per seed), or the baselines " + ", ".join(METHODS) + " (docs/benchmarks.md)",
+    )
     p.add_argument("--compressions", default="4,16", help="comma-separated target reductions")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated train.seed values")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun)")
@@ -178,7 +212,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows: List[Run] = []
     for strategy, compression, seed in tqdm(jobs, desc="quality", unit="run"):
         name = f"{strategy}_{compression:g}x_seed{seed}"
-        overrides = [*args.set, f"embeddings.strategy={strategy}", f"embeddings.compression={compression:g}", f"train.seed={seed}"]
+        overrides = [*args.set, *method_overrides(strategy), f"embeddings.compression={compression:g}", f"train.seed={seed}"]
         try:
             m = run_one(args.config, overrides, args.out / "runs" / name, args.nproc)
         except RuntimeError as e:

@@ -16,6 +16,8 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ModuleSharder
 
+from torchrec_multihash.distributed.mch_sharding import MCHSharder
+
 
 def sharders(fused_params: Optional[Dict[str, Any]] = None) -> List[ModuleSharder[nn.Module]]:
     """TorchRec's default sharders, with ``fused_params`` (e.g. the fused optimizer) on the two
@@ -25,11 +27,13 @@ def sharders(fused_params: Optional[Dict[str, Any]] = None) -> List[ModuleSharde
     ``MultiHashEmbeddingBagCollection`` needs no sharder of its own: it holds a stock
     ``EmbeddingBagCollection`` (add, concat, full, hash tables) and ``EmbeddingCollection`` (mult
     tables), which the planner and ``DistributedModelParallel`` find inside it and shard like any
-    other table, while its parameter-free id transform and combine stay unsharded.
+    other table, while its parameter-free id transform and combine stay unsharded. TorchRec's
+    ``ManagedCollisionEmbeddingBagCollection`` (strategy mch, a baseline) gets ``MCHSharder``.
     """
     ours: List[ModuleSharder[nn.Module]] = [
         cast(ModuleSharder[nn.Module], EmbeddingBagCollectionSharder(fused_params=fused_params)),
         cast(ModuleSharder[nn.Module], EmbeddingCollectionSharder(fused_params=fused_params)),
+        cast(ModuleSharder[nn.Module], MCHSharder(fused_params=fused_params)),
     ]
     types = {s.module_type for s in ours}
     return ours + [s for s in get_default_sharders() if s.module_type not in types]

@@ -8,6 +8,7 @@ import torchrec
 from torch import nn
 
 from torchrec_multihash.inference.quantize import quantize_embeddings
+from torchrec_multihash.modules.mch import refuse_mch
 
 
 def export_model(model: nn.Module, dtype: Optional[torch.dtype] = torch.qint8, row_alignment: Optional[int] = None) -> torch.jit.ScriptModule:
@@ -15,6 +16,7 @@ def export_model(model: nn.Module, dtype: Optional[torch.dtype] = torch.qint8, r
     (None: kept float), for ``torch.jit.save``. It runs where torch, torchrec and fbgemm_gpu are
     installed, without this package. The input checks of eager mode are not part of it.
     ``row_alignment``: see ``quantize_embeddings``."""
+    refuse_mch(model, "export_model")
     model = copy.deepcopy(model).eval()
     if dtype is not None:
         model = quantize_embeddings(model, dtype, inplace=True, row_alignment=row_alignment)

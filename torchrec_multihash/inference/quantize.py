@@ -13,6 +13,8 @@ from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbe
 from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddingCollection
 from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
+from torchrec_multihash.modules.mch import refuse_mch
+
 # the row formats TorchRec's quantized tables support, by the name the export command takes
 QUANT_DTYPES: Dict[str, torch.dtype] = {"int8": torch.qint8, "int4": torch.quint4x2, "fp16": torch.float16}
 
@@ -23,6 +25,7 @@ def quantize_embeddings(model: nn.Module, dtype: torch.dtype = torch.qint8, inpl
     ``torch.float16``); outputs stay float32. The result runs, traces and scripts as the float model.
     ``row_alignment``: bytes each stored row is padded to (TorchRec's default 16 suits GPU kernels;
     4 stores small rows tighter)."""
+    refuse_mch(model, "quantize_embeddings")
     if not inplace:
         model = copy.deepcopy(model)
     if row_alignment is not None:

@@ -16,6 +16,7 @@ from torchrec_multihash.modules.strategies import (
 )
 
 OPERATIONS = ("add", "mult", "concat")
+COMPOSITIONS = ("per_id", "pooled")  # mult: product per id, then pooled | each partition pooled, then multiplied
 POOLINGS = (PoolingType.SUM, PoolingType.MEAN)
 DEFAULT_NUM_COLLISIONS = 4  # as the original DLRM code's --qr-collisions
 SIZE_FIELDS = ("num_collisions", "moduli")
@@ -80,6 +81,13 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
             same, so a mult table is looked up pooled, like add, instead of per id (much faster;
             its sub-tables sit in the pooled EmbeddingBagCollection). Checked in eager mode with
             the ids (``validate_ids``): a bag of more ids is an error naming the feature.
+        compose: how mult composes a bag: "per_id" (default; ``sum_i w_i q[x_i] * r[x_i]``, an
+            id's embedding is the same in every bag) or "pooled", the original DLRM code's
+            ``QREmbeddingBag``: each partition pooled first, then the pooled vectors multiplied,
+            ``(sum_i w_i q[x_i]) * (sum_i w_i r[x_i])`` (per-sample weights on every partition, as
+            there). The same for one-id bags (unweighted); looked up like a one-hot table, in the
+            pooled EmbeddingBagCollection, for bags of any size. SUM pooling only. No effect on add,
+            concat or single-table strategies, where pooling commutes with the composition.
     """
 
     strategy: Union[StrategyName, str] = StrategyName.QR
@@ -91,6 +99,7 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
     mapping_ids: Optional[int] = None
     fallback_rows: Optional[int] = None
     max_ids_per_bag: Optional[int] = None
+    compose: str = "per_id"
 
     def __post_init__(self) -> None:
         # Unlike EmbeddingBagConfig we keep ``init_fn`` None unless the user set one: the sub-tables'
@@ -150,6 +159,13 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
             self.fail(f"max_ids_per_bag must be a positive int (1: one-hot bags) or None, got {self.max_ids_per_bag!r}")
         if self.operation not in OPERATIONS:
             self.fail(f"operation must be one of {OPERATIONS}, got {self.operation!r}")
+        if self.compose not in COMPOSITIONS:
+            self.fail(f"compose must be one of {COMPOSITIONS}, got {self.compose!r}")
+        if self.compose == "pooled" and self.pooling != PoolingType.SUM:
+            self.fail(
+                f"compose='pooled' multiplies pooled sums (the original DLRM QREmbeddingBag); with pooling={self.pooling} "
+                "it would not be the mean of anything: use PoolingType.SUM or compose='per_id'"
+            )
         if self.pooling not in POOLINGS:
             self.fail(f"pooling must be PoolingType.SUM or PoolingType.MEAN, got {self.pooling!r}")
         lo, hi = self.get_weight_init_min(), self.get_weight_init_max()

@@ -94,7 +94,8 @@ def _group_tables(tables: List[MultiHashEmbeddingBagConfig], device: torch.devic
             groups.configs.setdefault(group, []).append(inner)
             groups.in_table_order.append(inner)
         for f, name in zip(t.feature_names, names):
-            pooled_mult = impl.is_composed() and t.operation == "mult" and not per_id
+            # one-hot mult (per-id semantics): weights on the first part only; compose="pooled": on every part
+            pooled_mult = impl.is_composed() and t.operation == "mult" and not per_id and t.compose == "per_id"
             lookup = FeatureLookup(f, t.name, t.num_embeddings, impl, sub_features[f], mapping, t.max_ids_per_bag, pooled_mult)
             groups.lookups.setdefault(group, []).append(lookup)
             groups.outputs.append(OutputSpec(name, f, group, per_id, sub_features[f], t.operation, t.pooling, t.embedding_dim))
