@@ -2,9 +2,7 @@
 weights after SGD steps, for every sharding type TorchRec offers on CPU, and for row_wise and
 table_row_wise, which it offers on CUDA only, through test-only sharders (2 processes, gloo).
 
-Per-id (mult) tables live in an EmbeddingCollection, which has no table_row_wise (nor, usable,
-data_parallel): under those they are sharded with the closest type it has (row_wise, table_wise;
-see constraints.py), which is what these tests then check for them."""
+Per-id (mult) tables live in an EmbeddingBagCollection of one-id bags, sharded with every type."""
 
 import pytest
 import torch
@@ -35,8 +33,7 @@ def _check(rank, world_size, sharding_type):
     dmp, plan, constraints = sm.shard_with(model, sharding_type, world_size, {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR})
     assert ebc.memory_bytes() == unsharded_bytes  # sharded modules' own buffers are not counted
 
-    # every sub-table was placed, with the requested type (mult sub-tables: the closest an
-    # EmbeddingCollection has, see constraints.py)
+    # every sub-table was placed, with the requested type
     types = {t: ps.sharding_type for mod in plan.plan.values() for t, ps in mod.items()}
     assert sorted(types) == sorted(c.name for c in ebc.sub_table_configs())
     for table, st in types.items():

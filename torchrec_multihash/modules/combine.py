@@ -1,5 +1,6 @@
 """The parameter-free module that composes sub-table lookups into one pooled embedding per feature."""
 
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -69,80 +70,111 @@ def _bag_index(
     return index, scale
 
 
-def _compose_plain(cols: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, batch: int, n: int, k: int) -> torch.Tensor:
+def _compose_plain(
+    values: torch.Tensor, columns: List[int], dim: int, index: torch.Tensor, scale: torch.Tensor, batch: int, n: int, k: int
+) -> torch.Tensor:
     """``_ComposePerId`` in plain ops (scripted and traced models; autograd's own backward)."""
-    rows = cols.size(0)
-    parts = cols.reshape(rows, n, k, -1)
-    prod = parts.select(2, 0)
-    for p in range(1, k):
-        prod = prod * parts.select(2, p)
-    prod = (prod * scale.view(rows, n, 1)).reshape(rows * n, -1)
-    pooled = torch.zeros(batch * n, prod.size(1), dtype=prod.dtype, device=prod.device).index_add(0, index, prod)
-    return pooled.view(batch, -1)
+    rows = values.size(0)
+    prods: List[torch.Tensor] = []
+    for f in range(n):
+        prod = values[:, columns[f * k] : columns[f * k] + dim]
+        for p in range(1, k):
+            c = columns[f * k + p]
+            prod = prod * values[:, c : c + dim]
+        prods.append(prod)
+    stacked = torch.stack(prods, dim=1) * scale.view(rows, n, 1)
+    pooled = torch.zeros(batch * n, dim, dtype=values.dtype, device=values.device).index_add(0, index, stacked.reshape(rows * n, dim))
+    return pooled.view(batch, n * dim)
 
 
 class _ComposePerId(torch.autograd.Function):
     """Product over parts, per id, then pooled into bags, in one op with a hand-written backward.
 
-    ``cols``: ``[rows, n * k * dim]``, row ``i`` the ``i``-th id of each of ``n`` features, each
-    feature's ``k`` parts side by side (a view of the per-id EBC's output); out ``[batch, n * dim]``.
-    The backward gathers the output gradient per id (one ``index_select``), scales it, and writes
-    each part's gradient (the gradient times the other parts) straight into one ``[rows, n, k, dim]``
-    tensor, which is the lookup's gradient as it is.
+    ``values``: the per-id lookup's output, ``[rows, width]``, row ``i`` the ``i``-th id of every
+    feature; part ``p`` of feature ``f`` is its ``dim`` columns from ``columns[f * k + p]`` (read
+    where TorchRec put them: no regrouping copy). Out: ``[batch, n * dim]``. The backward gathers
+    the output's gradient per id (one ``index_select``), scales it, and writes each part's gradient
+    (that times the other parts) straight into its columns of the lookup's gradient.
     """
 
     @staticmethod
-    def forward(ctx: Any, cols: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, batch: int, n: int, k: int) -> torch.Tensor:
-        rows = cols.size(0)
-        parts = cols.view(rows, n, k, -1)
-        prod = parts[:, :, 0] * parts[:, :, 1] if k > 1 else parts[:, :, 0] * 1
-        for p in range(2, k):
-            prod.mul_(parts[:, :, p])
+    def forward(
+        ctx: Any, values: torch.Tensor, columns: List[int], dim: int, index: torch.Tensor, scale: torch.Tensor, batch: int, n: int, k: int
+    ) -> torch.Tensor:
+        rows = values.size(0)
+        prod = torch.empty(rows, n, dim, dtype=values.dtype, device=values.device)
+        for f in range(n):
+            cols = [values[:, c : c + dim] for c in columns[f * k : (f + 1) * k]]
+            if k == 1:
+                prod[:, f].copy_(cols[0])
+                continue
+            torch.mul(cols[0], cols[1], out=prod[:, f])
+            for c in cols[2:]:
+                prod[:, f].mul_(c)
         prod.mul_(scale.view(rows, n, 1))
-        dim = prod.size(2)
         pooled = torch.zeros(batch * n, dim, dtype=prod.dtype, device=prod.device).index_add_(0, index, prod.view(rows * n, dim))
-        ctx.save_for_backward(cols, index, scale)
-        ctx.shape = (batch, n, k)
+        ctx.save_for_backward(values, index, scale)
+        ctx.spec = (columns, dim, batch, n, k)
         return pooled.view(batch, n * dim)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None, None, None, None]:
-        cols, index, scale = ctx.saved_tensors
-        batch, n, k = ctx.shape
-        rows = cols.size(0)
-        parts = cols.view(rows, n, k, -1)
-        dim = parts.size(3)
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        values, index, scale = ctx.saved_tensors
+        columns, dim, batch, n, k = ctx.spec
+        rows = values.size(0)
         g = grad.reshape(batch * n, dim).index_select(0, index).view(rows, n, dim).mul_(scale.view(rows, n, 1))
-        if k == 1:
-            return g.view(rows, -1), None, None, None, None, None
-        out = torch.empty(rows, n, k, dim, dtype=g.dtype, device=g.device)
-        for p in range(k):
-            others = [q for q in range(k) if q != p]
-            dst = out[:, :, p]
-            torch.mul(g, parts[:, :, others[0]], out=dst)
-            for q in others[1:]:
-                dst.mul_(parts[:, :, q])
-        return out.view(rows, -1), None, None, None, None, None
+        # every column written below: no zero fill, unless other pieces read other columns
+        covered = len(set(columns)) * dim == values.size(1)
+        out = torch.empty_like(values) if covered else torch.zeros_like(values)
+        for f in range(n):
+            cs = columns[f * k : (f + 1) * k]
+            for p in range(k):
+                dst = out[:, cs[p] : cs[p] + dim]
+                if k == 1:
+                    dst.copy_(g[:, f])
+                    continue
+                others = [c for q, c in enumerate(cs) if q != p]
+                torch.mul(g[:, f], values[:, others[0] : others[0] + dim], out=dst)
+                for c in others[1:]:
+                    dst.mul_(values[:, c : c + dim])
+        return out, None, None, None, None, None, None, None
 
 
 @torch.jit.unused
-def _compose_fused(cols: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, batch: int, n: int, k: int) -> torch.Tensor:
-    return _ComposePerId.apply(cols, index, scale, batch, n, k)
+def _compose_fused(
+    values: torch.Tensor, columns: List[int], dim: int, index: torch.Tensor, scale: torch.Tensor, batch: int, n: int, k: int
+) -> torch.Tensor:
+    return _ComposePerId.apply(values, columns, dim, index, scale, batch, n, k)
 
 
 @torch.fx.wrap
 def _per_id_bags(
-    cols: torch.Tensor, lengths: List[torch.Tensor], ids: List[torch.Tensor], weights: Optional[List[torch.Tensor]], k: int, mean: bool
+    kt: KeyedTensor,
+    keys: List[str],
+    dim: int,
+    lengths: List[torch.Tensor],
+    ids: List[torch.Tensor],
+    weights: Optional[List[torch.Tensor]],
+    k: int,
+    mean: bool,
 ) -> torch.Tensor:
-    """The pooled products of ``n`` per-id features, ``[batch, n * dim]``: ``cols`` is their
-    ``[rows, n * k * dim]`` block of the per-id lookup's output (``rows`` >= each feature's id count,
-    the rest padding), ``lengths``/``ids``/``weights`` each feature's bags (a leaf call for fx)."""
+    """The pooled products of ``n`` per-id features, ``[batch, n * dim]``, from the per-id lookup's
+    output ``kt`` (``rows`` >= each feature's id count, the rest padding): ``keys`` are the
+    features' parts (feature-major), ``lengths``/``ids``/``weights`` the features' bags (a leaf
+    call for fx)."""
+    offsets = kt.offset_per_key()
+    where: Dict[str, int] = {}
+    kt_keys = kt.keys()
+    for i in range(len(kt_keys)):
+        where[kt_keys[i]] = offsets[i]
+    columns: List[int] = [where[key] for key in keys]
+    values = kt.values()
     counts: List[int] = [v.numel() for v in ids]
-    index, scale = _bag_index(lengths, weights, counts, cols.size(0), mean, cols.dtype)
+    index, scale = _bag_index(lengths, weights, counts, values.size(0), mean, values.dtype)
     batch, n = lengths[0].numel(), len(lengths)
     if torch.jit.is_scripting() or torch.jit.is_tracing():
-        return _compose_plain(cols, index, scale, batch, n, k)
-    return _compose_fused(cols, index, scale, batch, n, k)
+        return _compose_plain(values, columns, dim, index, scale, batch, n, k)
+    return _compose_fused(values, columns, dim, index, scale, batch, n, k)
 
 
 @torch.fx.wrap
@@ -169,8 +201,14 @@ def _in_layout(kt: KeyedTensor, layout: List[str]) -> torch.Tensor:
             ends.append(offsets[i + 1])
     if len(starts) == 1:
         return values[:, starts[0] : ends[0]]
-    columns = torch.cat([torch.arange(starts[j], ends[j], device=values.device) for j in range(len(starts))])
-    return values.index_select(1, columns)
+    # one index_select of blocks of columns (a gather of rows of a [batch, blocks, block] view;
+    # a gather of single columns is several times slower, forward and backward, on CPU)
+    block = 0
+    for j in range(len(starts)):
+        block = math.gcd(block, math.gcd(starts[j], ends[j]))
+    block = math.gcd(block, values.size(1))
+    blocks = torch.cat([torch.arange(starts[j] // block, ends[j] // block, device=values.device) for j in range(len(starts))])
+    return values.view(values.size(0), -1, block).index_select(1, blocks).view(values.size(0), -1)
 
 
 class Combine(nn.Module):
@@ -209,6 +247,7 @@ class Combine(nn.Module):
     _piece_mean: List[List[str]]
     _piece_features: List[List[str]]
     _piece_is_mean: List[bool]
+    _piece_keys: List[List[str]]
     _piece_chunk: List[int]
 
     def __init__(self, outputs: List[OutputSpec], is_weighted: bool) -> None:
@@ -226,7 +265,7 @@ class Combine(nn.Module):
         width: Dict[str, int] = {}
         self._piece_group, self._piece_start, self._piece_end, self._piece_op = [], [], [], []
         self._piece_n, self._piece_k, self._piece_per_id, self._piece_mean, self._piece_features = [], [], [], [], []
-        self._piece_is_mean = []
+        self._piece_is_mean, self._piece_keys = [], []
         last: Optional[tuple] = None
         for o in outputs:
             mean = o.pooling == PoolingType.MEAN
@@ -236,8 +275,9 @@ class Combine(nn.Module):
                 op = 2
             span = o.dim * (k if op else 1)
             start = width.get(o.group, 0)
-            layouts.setdefault(o.group, []).extend(o.sub_features)
             width[o.group] = start + span
+            if not o.per_id:  # per-id pieces read their parts where the lookup put them
+                layouts.setdefault(o.group, []).extend(o.sub_features)
             # per-id pieces pool (and divide for MEAN) themselves; pooled ones divide afterwards
             divide = [o.feature] if mean and not o.per_id else []
             kind = (o.group, o.per_id, op, k, o.dim if (op or mean) else 0, mean)
@@ -246,6 +286,7 @@ class Combine(nn.Module):
                 self._piece_n[-1] += 1
                 self._piece_mean[-1] += divide
                 self._piece_features[-1].append(o.feature)
+                self._piece_keys[-1].extend(o.sub_features)
             else:
                 self._piece_group.append(o.group)
                 self._piece_start.append(start)
@@ -257,19 +298,21 @@ class Combine(nn.Module):
                 self._piece_mean.append(divide)
                 self._piece_features.append([o.feature])
                 self._piece_is_mean.append(mean)
+                self._piece_keys.append(list(o.sub_features))
             last = kind
         self._layout_groups = list(layouts)
         self._layouts = list(layouts.values())
         # each group's layout is cut into its pieces by one split (one cat in the backward; a
         # slice per piece would zero-fill the whole layout's gradient once per piece)
         self._splits = [
-            [e - b for g, b, e in zip(self._piece_group, self._piece_start, self._piece_end) if g == group] for group in self._layout_groups
+            [e - b for g, b, e, i in zip(self._piece_group, self._piece_start, self._piece_end, self._piece_per_id) if g == group and not i]
+            for group in self._layout_groups
         ]
         chunk: Dict[str, int] = {}
         self._piece_chunk = []
-        for g in self._piece_group:
-            self._piece_chunk.append(chunk.get(g, 0))
-            chunk[g] = chunk.get(g, 0) + 1
+        for g, per_id in zip(self._piece_group, self._piece_per_id):
+            self._piece_chunk.append(-1 if per_id else chunk.get(g, 0))
+            chunk[g] = chunk.get(g, 0) + (0 if per_id else 1)
 
     def _pooled_piece(self, p: int, cols: torch.Tensor) -> torch.Tensor:
         """Piece ``p`` from its columns of a pooled layout, [batch, its outputs' dims]."""
@@ -287,13 +330,14 @@ class Combine(nn.Module):
                 out = out * each[j]
         return out.reshape(cols.size(0), -1)
 
-    def _per_id_piece(self, p: int, cols: torch.Tensor, by_key: Dict[str, JaggedTensor]) -> torch.Tensor:
-        """Per-id piece ``p`` from its ``[ids, n * k * dim]`` columns, pooled: [batch, n * dim]."""
+    def _per_id_piece(self, p: int, kt: KeyedTensor, by_key: Dict[str, JaggedTensor]) -> torch.Tensor:
+        """Per-id piece ``p`` from its group's per-id lookup ``kt``, pooled: [batch, n * dim]."""
         fs = self._piece_features[p]
         lengths = [by_key[f].lengths() for f in fs]
         ids = [by_key[f].values() for f in fs]
         weights: Optional[List[torch.Tensor]] = [by_key[f].weights() for f in fs] if self._is_weighted else None
-        return _per_id_bags(cols, lengths, ids, weights, self._piece_k[p], self._piece_is_mean[p])
+        dim = (self._piece_end[p] - self._piece_start[p]) // (self._piece_n[p] * self._piece_k[p])
+        return _per_id_bags(kt, self._piece_keys[p], dim, lengths, ids, weights, self._piece_k[p], self._piece_is_mean[p])
 
     def forward(self, features: KeyedJaggedTensor, looked_up: Dict[str, KeyedTensor]) -> KeyedTensor:
         by_key: Dict[str, JaggedTensor] = features.to_dict() if self._needs_features else {}
@@ -303,11 +347,10 @@ class Combine(nn.Module):
             chunks[self._layout_groups[g]] = _split_columns(values, self._splits[g])
         results: List[torch.Tensor] = []
         for p in range(len(self._piece_op)):
-            cols = chunks[self._piece_group[p]][self._piece_chunk[p]]
             if self._piece_per_id[p]:
-                results.append(self._per_id_piece(p, cols, by_key))
+                results.append(self._per_id_piece(p, looked_up[self._piece_group[p]], by_key))
                 continue
-            out = self._pooled_piece(p, cols)
+            out = self._pooled_piece(p, chunks[self._piece_group[p]][self._piece_chunk[p]])
             mean = self._piece_mean[p]
             if len(mean) > 0:
                 lengths = torch.stack([by_key[f].lengths() for f in mean], dim=1).clamp(min=1).to(out.dtype)

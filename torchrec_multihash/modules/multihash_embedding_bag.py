@@ -167,7 +167,7 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._sub_table_configs = groups.in_table_order
         self._groups = list(groups.configs)
         all_features = sorted({f for t in tables for f in t.feature_names})
-        # at most one pooled group; one per-id group per dim (an EmbeddingCollection has one dim)
+        # at most one pooled group; one per-id group per dim (read as one [ids, features, parts, dim] view)
         self.pooled = nn.ModuleDict()
         self.per_id = nn.ModuleDict()
         for i, group in enumerate(self._groups):

@@ -113,7 +113,7 @@ class Strategy(ABC):
 
     def looks_up_per_id(self) -> bool:
         """True for mult of several partitions: the product is taken per id, before pooling, so
-        the sub-tables are looked up unpooled (an EmbeddingCollection) -- unless the table is
+        the sub-tables are looked up per id (bags of one id) -- unless the table is
         one-hot (``max_ids_per_bag=1``), where a bag's pooled rows are its id's rows."""
         return self.is_composed() and self.config.operation == "mult" and not self.one_hot()
 
