@@ -138,7 +138,9 @@ class _FormerPerIdLayout(torch.nn.Module):
         self.ebc = ebc
 
     def state_dict(self, *args, **kwargs):
-        return {k.replace(".tables.embedding_bags.", ".tables.embeddings.") if k.startswith("per_id.") else k: v for k, v in self.ebc.state_dict().items()}
+        return {
+            k.replace(".tables.embedding_bags.", ".tables.embeddings.") if k.startswith("per_id.") else k: v for k, v in self.ebc.state_dict().items()
+        }
 
 
 def test_a_checkpoint_of_the_former_per_id_layout_is_refused_naming_the_key(tmp_path):
@@ -147,7 +149,9 @@ def test_a_checkpoint_of_the_former_per_id_layout_is_refused_naming_the_key(tmp_
     path = tmp_path / "ckpt"
     mult = one_table_ebc(strategy="qr", operation="mult", num_collisions=4)
     save_checkpoint(path, _FormerPerIdLayout(mult))
-    with pytest.raises(CheckpointError, match=r"holds 'model\.per_id\.per_id_d16\.tables\.embeddings\.t_C1(__r)?\.weight': mult tables of the former"):
+    with pytest.raises(
+        CheckpointError, match=r"holds 'model\.per_id\.per_id_d16\.tables\.embeddings\.t_C1(__r)?\.weight': mult tables of the former"
+    ):
         load_checkpoint(path, one_table_ebc(strategy="qr", operation="mult", num_collisions=4))
     # a plain state dict of that layout too, by the module's load hook
     with pytest.raises(MultiHashConfigError, match=r"state dict key 'per_id\.per_id_d16\.tables\.embeddings\.t_C1(__r)?\.weight' is of the former"):

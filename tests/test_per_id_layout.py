@@ -8,7 +8,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_multihash import MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig, PoolingType
-from torchrec_multihash.modules.combine import _ComposePerId, _compose_plain
+from torchrec_multihash.modules.combine import _compose_plain, _ComposePerId
 
 from tests.helpers.reference import reference_forward
 
@@ -17,11 +17,24 @@ DIM = 4
 
 def _configs(pooling=PoolingType.SUM):
     return [
-        MultiHashEmbeddingBagConfig(name="t_a", num_embeddings=60, embedding_dim=DIM, feature_names=["a"], strategy="qr", operation="mult", num_collisions=7, pooling=pooling),
+        MultiHashEmbeddingBagConfig(
+            name="t_a", num_embeddings=60, embedding_dim=DIM, feature_names=["a"], strategy="qr", operation="mult", num_collisions=7, pooling=pooling
+        ),
         # a table shared by two features: its parts interleave in TorchRec's output
-        MultiHashEmbeddingBagConfig(name="t_bc", num_embeddings=50, embedding_dim=DIM, feature_names=["b", "c"], strategy="crt", operation="mult", moduli=[7, 9]),
+        MultiHashEmbeddingBagConfig(
+            name="t_bc", num_embeddings=50, embedding_dim=DIM, feature_names=["b", "c"], strategy="crt", operation="mult", moduli=[7, 9]
+        ),
         # three parts, same dim: the same per-id lookup, another piece
-        MultiHashEmbeddingBagConfig(name="t_d", num_embeddings=120, embedding_dim=DIM, feature_names=["d"], strategy="generalized_qr", operation="mult", moduli=[4, 5, 6], pooling=pooling),
+        MultiHashEmbeddingBagConfig(
+            name="t_d",
+            num_embeddings=120,
+            embedding_dim=DIM,
+            feature_names=["d"],
+            strategy="generalized_qr",
+            operation="mult",
+            moduli=[4, 5, 6],
+            pooling=pooling,
+        ),
     ]
 
 

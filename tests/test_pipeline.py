@@ -70,13 +70,12 @@ def _golden_flow(rank, world_size, operations, only_ebc_sharder, pipeline_postpr
 
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.types import ShardedModule
     from torchrec.models.dlrm import DLRM, DLRMTrain
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
     from torchrec_multihash import MultiHashEmbeddingBagCollection, sharders, to_multihash_configs
     from torchrec_multihash.datasets.synthetic import SyntheticCriteo
-    from torchrec.distributed.types import ShardedModule
-
     from torchrec_multihash.distributed.lookup_checks import PIPELINE_HINT
 
     configs = [EmbeddingBagConfig(name=f"t_f{i}", num_embeddings=1000, embedding_dim=16, feature_names=[f"f{i}"]) for i in range(2)]

@@ -13,6 +13,7 @@ from torchrec_multihash.modules.config import MultiHashEmbeddingBagConfig
 DEFAULT_SMALL_TABLE_ROWS = 10_000
 DEFAULT_SMALL_TABLE_SHARDING_TYPES = (ShardingType.TABLE_WISE.value, ShardingType.DATA_PARALLEL.value)
 
+
 def _check_sharding_types(constraints: Dict[str, ParameterConstraints]) -> None:
     """Raises ValueError for a sharding type TorchRec does not know (the planner would drop the table's options)."""
     known = [t.value for t in ShardingType]

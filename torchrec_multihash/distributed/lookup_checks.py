@@ -30,7 +30,8 @@ def _groups(module: "MultiHashEmbeddingBagCollection") -> List[tuple]:
 
 def check_sharding(module: "MultiHashEmbeddingBagCollection") -> None:
     """Raises ShardingSetupError if some of the module's inner tables were sharded and others not
-    (DistributedModelParallel had no sharder for them: they would be silently replicated); warns if none is sharded while several ranks run (each would hold a replica)."""
+    (DistributedModelParallel had no sharder for them: they would be silently replicated); warns
+    if none is sharded while several ranks run (each would hold a replica)."""
     groups = _groups(module)
     sharded = [isinstance(tables, ShardedModule) for _, tables, _ in groups]
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
