@@ -23,7 +23,8 @@ def sharders(fused_params: Optional[Dict[str, Any]] = None) -> List[ModuleSharde
 
     ``MultiHashEmbeddingBagCollection`` needs no sharder of its own: it holds a stock
     ``EmbeddingBagCollection`` per lookup group (pooled; per id, for mult tables), which the
-    planner and ``DistributedModelParallel`` find inside it and shard like any other table, while its parameter-free id transform and combine stay unsharded.
+    planner and ``DistributedModelParallel`` find inside it and shard like any other table,
+    while its parameter-free id transform and combine stay unsharded.
     """
     ours: List[ModuleSharder[nn.Module]] = [
         cast(ModuleSharder[nn.Module], EmbeddingBagCollectionSharder(fused_params=fused_params)),
