@@ -51,6 +51,25 @@ def check_sharding(module: "MultiHashEmbeddingBagCollection") -> None:
             "tables would be replicated on every rank. Pass torchrec_multihash.sharders() to both (TorchRec's "
             "default sharders include it), or add the missing sharder to your list."
         )
+    _warn_row_wise_over_gloo(groups)
+
+
+ROW_WISE_GLOO_HINT = (
+    "lookup group '{group}' (mult tables, looked up per id) is sharded {types} over gloo: its batch is the largest "
+    "number of ids of a mult feature in the rank's batch, and gloo's row-wise backward (an all_gather) fails "
+    "with 'ProcessGroupGloo::allgather: invalid tensor size' when ranks differ in it. Feed every rank batches "
+    "with the same number of ids per mult feature, or shard those tables table_wise / column_wise (NCCL has no such limit)."
+)
+
+
+def _warn_row_wise_over_gloo(groups: List[tuple]) -> None:
+    if not (dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo" and dist.get_world_size() > 1):
+        return
+    for name, tables, _ in groups:
+        types = getattr(tables, "_sharding_types", None) or list(getattr(tables, "_sharding_type_to_sharding", {}))
+        row = sorted(t for t in types if t in ("row_wise", "table_row_wise"))
+        if name.startswith("per_id") and row:
+            warnings.warn(ROW_WISE_GLOO_HINT.format(group=name, types=" / ".join(row)), stacklevel=4)
 
 
 def warn_if_not_pipelined(module: "MultiHashEmbeddingBagCollection") -> None:
