@@ -214,18 +214,20 @@ def _in_layout(kt: KeyedTensor, layout: List[str]) -> torch.Tensor:
 class Combine(nn.Module):
     """Composes the parts of each feature (add, mult or concat) and pools them into a KeyedTensor.
 
-    Every lookup group's output (a SUM-pooled EBC) is read in one layout, each output's parts side
-    by side in output order (TorchRec's own order unless a sharded EBC regrouped its keys, or a
-    table shared by several features interleaves them: then one ``index_select``), and cut into
-    pieces: runs of consecutive outputs of one group and kind, each composed by one op on a view.
+    The outputs are cut into pieces: runs of consecutive outputs of one group and kind, each
+    composed by one op. The pooled group's output (a SUM-pooled EBC) is read in one layout, each
+    output's parts side by side in output order (TorchRec's own order unless a sharded EBC
+    regrouped its keys by sharding type: then one ``index_select`` of column blocks), each piece a
+    view of its columns.
 
     Add and concat commute with pooling, so their parts arrive pooled (sum of q plus sum of r): a
     run of single-part or concat outputs is the layout's columns as they are, a run of add (one-hot
     mult) outputs one sum (product) over a ``[batch, outputs, parts, dim]`` view. Mult does not
     commute with pooling: its parts arrive per id (the per-id group's transform made one bag per
-    id), and a run of them is read as an ``[ids, outputs, parts, dim]`` view, multiplied over the
-    parts and pooled back into bags -- sum_i w_i * q[x_i] * r[x_i] -- by one fused op with its own
-    backward (``_ComposePerId``; plain ops when scripted or traced). One-hot mult tables
+    id, so row ``i`` of the per-id EBC's output holds the ``i``-th id of every feature), and a run
+    of them is multiplied over the parts, where TorchRec put them (no regrouping copy), and pooled
+    back into bags -- sum_i w_i * q[x_i] * r[x_i] -- by one fused op with its own backward
+    (``_ComposePerId``; plain ops when scripted or traced). One-hot mult tables
     (``max_ids_per_bag=1``) are looked up pooled: a bag's pooled rows are its one id's rows (the id
     transform weights only the first part). MEAN divides the weighted sum by the number of ids in
     the bag (as FBGEMM does); an empty bag gives zeros. The forward reads plain lists
