@@ -211,6 +211,13 @@ def _in_layout(kt: KeyedTensor, layout: List[str]) -> torch.Tensor:
     return values.view(values.size(0), -1, block).index_select(1, blocks).view(values.size(0), -1)
 
 
+@torch.fx.wrap
+def _renamed(kt: KeyedTensor, names: Dict[str, str]) -> KeyedTensor:
+    """``kt`` itself, its keys renamed (sub-feature -> output name), in TorchRec's order."""
+    keys = kt.keys()
+    return KeyedTensor(keys=[names[keys[i]] for i in range(len(keys))], length_per_key=kt.length_per_key(), values=kt.values())
+
+
 class Combine(nn.Module):
     """Composes the parts of each feature (add, mult or concat) and pools them into a KeyedTensor.
 
@@ -227,7 +234,9 @@ class Combine(nn.Module):
     id, so row ``i`` of the per-id EBC's output holds the ``i``-th id of every feature), and a run
     of them is multiplied over the parts, where TorchRec put them (no regrouping copy), and pooled
     back into bags -- sum_i w_i * q[x_i] * r[x_i] -- by one fused op with its own backward
-    (``_ComposePerId``; plain ops when scripted or traced). One-hot mult tables
+    (``_ComposePerId``; plain ops when scripted or traced). A module of single-part SUM tables
+    only (full, hash, learned) returns the lookup's KeyedTensor as it is, keys renamed (sharded:
+    in TorchRec's order, by sharding type, as TorchRec's EBC returns them; read it by key). One-hot mult tables
     (``max_ids_per_bag=1``) are looked up pooled: a bag's pooled rows are its one id's rows (the id
     transform weights only the first part). MEAN divides the weighted sum by the number of ids in
     the bag (as FBGEMM does); an empty bag gives zeros. The forward reads plain lists
@@ -250,6 +259,7 @@ class Combine(nn.Module):
     _piece_features: List[List[str]]
     _piece_is_mean: List[bool]
     _piece_keys: List[List[str]]
+    _names: Dict[str, str]
     _piece_chunk: List[int]
 
     def __init__(self, outputs: List[OutputSpec], is_weighted: bool) -> None:
@@ -259,6 +269,15 @@ class Combine(nn.Module):
         self._dims = [o.dim for o in outputs]
         self._needs_features = any(o.per_id or o.pooling == PoolingType.MEAN for o in outputs)
         self._plan_pieces(outputs)
+        # every output one sub-feature of one pooled group, as it is (full, hash, learned tables):
+        # the lookup's KeyedTensor is the output, its keys renamed and in TorchRec's order (a
+        # sharded EBC orders them by sharding type, as TorchRec's own EBC returns them)
+        self._passthrough = (
+            len(self._layout_groups) == 1
+            and all(not o.per_id and len(o.sub_features) == 1 and o.pooling != PoolingType.MEAN for o in outputs)
+            and len({o.sub_features[0] for o in outputs}) == len(outputs)
+        )
+        self._names = {o.sub_features[0]: o.name for o in outputs} if self._passthrough else {}
 
     def _plan_pieces(self, outputs: List[OutputSpec]) -> None:
         """The layout of each group and the outputs' pieces: runs of consecutive outputs of one
@@ -342,6 +361,8 @@ class Combine(nn.Module):
         return _per_id_bags(kt, self._piece_keys[p], dim, lengths, ids, weights, self._piece_k[p], self._piece_is_mean[p])
 
     def forward(self, features: KeyedJaggedTensor, looked_up: Dict[str, KeyedTensor]) -> KeyedTensor:
+        if self._passthrough:
+            return _renamed(looked_up[self._layout_groups[0]], self._names)
         by_key: Dict[str, JaggedTensor] = features.to_dict() if self._needs_features else {}
         chunks: Dict[str, List[torch.Tensor]] = {}
         for g in range(len(self._layout_groups)):
