@@ -190,6 +190,15 @@ class IdTransform(nn.Module):
         # a one-hot mult bag pooled is w * q[x] times w * r[x]: weighting its first part alone
         # leaves w * q[x] * r[x], as per id
         self._unit_weights = [lk.pooled_mult and p > 0 for lk in lookups for p in range(len(lk.sub_features))]
+        # every sub-feature its feature's ids as they are (full tables, one each): a KJT of exactly
+        # those keys, in that order, is passed on as it is instead of being cut up and rebuilt
+        self._identity = (
+            not explode
+            and not self.mappings
+            and self._sub_keys == self._features
+            and all(d == 1 and m == 0 for d, m in spec)
+            and not any(self._unit_weights)
+        )
 
     @torch.jit.unused
     def check(self, features: KeyedJaggedTensor, by_key: Dict[str, JaggedTensor]) -> None:
@@ -203,7 +212,16 @@ class IdTransform(nn.Module):
         if self._validate_ids:
             check_id_ranges(self._lookups, [by_key[lk.feature] for lk in self._lookups])
 
+    @torch.jit.unused
+    def _passes_as_is(self, features: KeyedJaggedTensor) -> bool:
+        """Eager mode: the KJT holds exactly the sub-features' keys, in order, with int64 ids."""
+        return features.keys() == self._sub_keys and features.values().dtype == torch.long
+
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        if not torch.jit.is_scripting():
+            if self._identity and not (is_fx_symbolic_tracing() or torch.compiler.is_compiling()) and self._passes_as_is(features):
+                self.check(features, features.to_dict())
+                return features
         by_key: Dict[str, JaggedTensor] = features.to_dict()
         if not torch.jit.is_scripting():
             if not (is_fx_symbolic_tracing() or torch.compiler.is_compiling()):
