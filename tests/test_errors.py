@@ -73,7 +73,7 @@ def test_hash_accepts_any_int64():
 def test_validate_ids_false_skips_the_check_for_speed():
     ebc = MultiHashEmbeddingBagCollection([cfg(strategy="qr", num_collisions=10)], validate_ids=False)
     # 105 // 10 = 10 is past the quotient table's 10 rows: without validation it is the user's job
-    with pytest.raises(IndexError):
+    with pytest.raises((IndexError, RuntimeError), match=r"(?i)index"):  # TorchRec's lookup fails on row 10
         ebc(KeyedJaggedTensor(keys=["C1"], values=torch.tensor([105]), lengths=torch.tensor([1])))
 
 

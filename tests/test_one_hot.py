@@ -74,7 +74,7 @@ def test_one_hot_tables_match_the_per_id_reference(strategy, operation, pooling,
     cfgs = one_hot(make_configs(strategy, operation, pooling)) + [multi_hot_mult_table()]
     ebc = MultiHashEmbeddingBagCollection(cfgs, is_weighted=weighted)
     # one-hot tables of every operation are looked up pooled; the multi-hot mult table per id
-    assert set(ebc.per_id["per_id_d8"].tables.embeddings) == {"t_m", "t_m__r"}
+    assert set(ebc.per_id["per_id_d8"].tables.embedding_bags) == {"t_m", "t_m__r"}
     assert not {"t_m", "t_m__r"} & set(ebc.pooled["pooled"].tables.embedding_bags)
     assert_matches_reference(ebc, cfgs, make_kjt(cfgs, weighted))
 

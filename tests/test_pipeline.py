@@ -43,7 +43,8 @@ def _worker(rank, world_size):
 
     prefix = "model.sparse_arch.embedding_bag_collection"
     pipelined_modules = {type(m).__name__ for m in pipeline._pipelined_modules}
-    assert pipelined_modules == {"ShardedEmbeddingBagCollection", "ShardedEmbeddingCollection"}, pipelined_modules
+    assert pipelined_modules == {"ShardedEmbeddingBagCollection"}, pipelined_modules
+    assert len(pipeline._pipelined_modules) == 2  # the pooled and the per-id lookups
     postprocs = sorted(p._fqn for p in pipeline._pipelined_postprocs)
     assert postprocs == [f"{prefix}.per_id.per_id_d16.transform", f"{prefix}.pooled.pooled.transform"], postprocs
 
@@ -69,12 +70,13 @@ def _golden_flow(rank, world_size, operations, only_ebc_sharder, pipeline_postpr
 
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.types import ShardedModule
     from torchrec.models.dlrm import DLRM, DLRMTrain
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
     from torchrec_multihash import MultiHashEmbeddingBagCollection, sharders, to_multihash_configs
     from torchrec_multihash.datasets.synthetic import SyntheticCriteo
-    from torchrec_multihash.distributed.lookup_checks import PIPELINE_HINT, ShardingSetupError
+    from torchrec_multihash.distributed.lookup_checks import PIPELINE_HINT
 
     configs = [EmbeddingBagConfig(name=f"t_f{i}", num_embeddings=1000, embedding_dim=16, feature_names=[f"f{i}"]) for i in range(2)]
     overrides = {c.name: {"operation": op} for c, op in zip(configs, operations)}
@@ -90,29 +92,24 @@ def _golden_flow(rank, world_size, operations, only_ebc_sharder, pipeline_postpr
     pipeline = TrainPipelineSparseDist(dmp, opt, torch.device("cpu"), **kw)
     task = SyntheticCriteo.toy([1000, 1000], seed=3)
     data = iter([task.batch(8, i * world_size + rank) for i in range(4)])
-    if only_ebc_sharder and "add" in operations:  # the mult tables' EmbeddingCollection left out
-        with pytest.raises(ShardingSetupError, match="got no EmbeddingCollectionSharder, so those tables would be replicated"):
-            pipeline.progress(data)
-        return
-    if only_ebc_sharder:  # nothing sharded at all: every rank holds a replica, and is told so
-        with pytest.warns(UserWarning, match="not sharded although 2 ranks run.*add EmbeddingCollectionSharder"):
-            pipeline.progress(data)
-        return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
             pipeline.progress(data)
     hints = [w for w in caught if str(w.message) == PIPELINE_HINT]
     assert len(hints) == (0 if pipeline_postproc else 1), [str(w.message) for w in caught]
-    assert len(pipeline._pipelined_modules) == (1 if pipeline_postproc else 0)
+    groups = len({"per_id" if op == "mult" else "pooled" for op in operations})
+    assert len(pipeline._pipelined_modules) == (groups if pipeline_postproc else 0)
+    inner = dmp.module.model.sparse_arch.embedding_bag_collection
+    assert all(isinstance(g.tables, ShardedModule) for g in [*inner.pooled.values(), *inner.per_id.values()])  # the EBC sharder shards all
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     "operations,only_ebc_sharder,pipeline_postproc",
-    [(("add", "mult"), True, False), (("mult", "mult"), True, False), (("add", "add"), False, False), (("add", "add"), False, True)],
-    ids=["mult-tables-without-their-sharder", "no-table-sharded", "default-pipeline-is-told-what-to-pass", "pipeline_postproc-pipelines"],
+    [(("add", "mult"), True, True), (("add", "add"), False, False), (("add", "add"), False, True)],
+    ids=["mult-tables-sharded-by-the-ebc-sharder-alone", "default-pipeline-is-told-what-to-pass", "pipeline_postproc-pipelines"],
 )
 def test_torchrec_golden_training_flow_with_the_one_line_swap(operations, only_ebc_sharder, pipeline_postproc):
     run_multiprocess(_golden_flow, 2, operations, only_ebc_sharder, pipeline_postproc)

@@ -6,7 +6,6 @@ CUDA-only code. Only tests use them; users on CPU keep TorchRec's lists."""
 from typing import Any, Dict, List, Optional
 
 from torch import nn
-from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.types import ModuleSharder
 
@@ -20,22 +19,10 @@ class CudaTypesEBCSharder(EmbeddingBagCollectionSharder):
         return super().sharding_types("cuda")
 
 
-class CudaTypesECSharder(EmbeddingCollectionSharder):
-    """The same for EmbeddingCollection (per-id mult tables). In torchrec 1.8 its list does not
-    depend on the device (table_wise, column_wise, row_wise, data_parallel; no table_row_wise),
-    so this only keeps the tests independent of that."""
-
-    def sharding_types(self, compute_device_type: str) -> List[str]:
-        return super().sharding_types("cuda")
-
-
 def cuda_type_sharders(fused_params: Optional[Dict[str, Any]] = None) -> List[ModuleSharder[nn.Module]]:
-    """The app's ``sharders(fused_params)``, with the two that shard multi-hash sub-tables replaced
-    by the ones above."""
-    replaced: Dict[type, ModuleSharder[nn.Module]] = {
-        EmbeddingBagCollectionSharder: CudaTypesEBCSharder(fused_params=fused_params),
-        EmbeddingCollectionSharder: CudaTypesECSharder(fused_params=fused_params),
-    }
+    """The app's ``sharders(fused_params)``, with the one that shards multi-hash sub-tables replaced
+    by the one above."""
+    replaced: Dict[type, ModuleSharder[nn.Module]] = {EmbeddingBagCollectionSharder: CudaTypesEBCSharder(fused_params=fused_params)}
     out = [replaced.get(type(s), s) for s in sharders(fused_params=fused_params)]
-    assert sum(isinstance(s, (CudaTypesEBCSharder, CudaTypesECSharder)) for s in out) == 2
+    assert sum(isinstance(s, CudaTypesEBCSharder) for s in out) == 1
     return out

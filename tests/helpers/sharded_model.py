@@ -13,6 +13,7 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.models.dlrm import DLRM, DLRMTrain
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_multihash import (
     MultiHashEmbeddingBagCollection,
@@ -74,6 +75,23 @@ def batches(rank: int, world_size: int, n: int, batch_size: int = 8) -> Iterator
     task = SyntheticCriteo.toy(VOCAB, seed=3, max_bag=3)
     for i in range(n):
         yield task.batch(batch_size, i * world_size + rank)
+
+
+def equal_id_counts(per_rank: List[List[Batch]]) -> List[List[Batch]]:
+    """Every rank's batches with rank 0's bag lengths (and so the same number of ids per feature:
+    the same per-id lookup batch on every rank, which gloo's row-wise backward needs) and other ids:
+    rank 0's shifted by ``7 * rank`` modulo the feature's vocabulary."""
+    out = [per_rank[0]]
+    for r in range(1, len(per_rank)):
+        batches = []
+        for mine, first in zip(per_rank[r], per_rank[0]):
+            kjt = first.sparse_features
+            by_key = kjt.to_dict()
+            values = torch.cat([(by_key[k].values() + 7 * r) % VOCAB[int(k[1:])] for k in kjt.keys()])
+            sparse = KeyedJaggedTensor(keys=kjt.keys(), values=values, lengths=kjt.lengths(), weights=kjt.weights_or_none())
+            batches.append(Batch(dense_features=mine.dense_features, sparse_features=sparse, labels=mine.labels))
+        out.append(batches)
+    return out
 
 
 def shard_with(model, sharding_type, world_size, fused_params):

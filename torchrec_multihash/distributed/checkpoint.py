@@ -132,6 +132,13 @@ def _group_of(key: str) -> str:
 def _check_fits(path: Path, md: Metadata, state: Dict[str, Any]) -> None:
     """Refuses a checkpoint of another config: tables missing, or of other shapes."""
     saved = md.state_dict_metadata
+    old = next((k for k in saved if ".per_id." in k and ".tables.embeddings." in k), None)
+    if old is not None:
+        raise CheckpointError(
+            f"checkpoint {path} holds '{old}': mult tables of the former per-id layout (a TorchRec EmbeddingCollection); "
+            "this version keeps them in an EmbeddingBagCollection ('...tables.embedding_bags.<sub-table>.weight'), "
+            "so the checkpoint cannot be loaded as it is"
+        )
     saved_at = {(_table(k), k.rsplit(".", 1)[-1]): k for k in saved if _table(k)}
     missing: List[str] = []
     wrong: List[str] = []

@@ -5,7 +5,7 @@ import warnings
 from typing import TYPE_CHECKING, List
 
 import torch.distributed as dist
-from torchrec.distributed.types import ShardedModule, ShardingType
+from torchrec.distributed.types import ShardedModule
 
 from torchrec_multihash.errors import MultiHashError
 
@@ -25,16 +25,13 @@ class ShardingSetupError(MultiHashError):
 
 def _groups(module: "MultiHashEmbeddingBagCollection") -> List[tuple]:
     """(group name, inner tables module, its sharder's name) of every lookup group."""
-    return [(name, g.tables, "EmbeddingBagCollectionSharder") for name, g in module.pooled.items()] + [
-        (name, g.tables, "EmbeddingCollectionSharder") for name, g in module.per_id.items()
-    ]
+    return [(name, g.tables, "EmbeddingBagCollectionSharder") for name, g in [*module.pooled.items(), *module.per_id.items()]]
 
 
 def check_sharding(module: "MultiHashEmbeddingBagCollection") -> None:
     """Raises ShardingSetupError if some of the module's inner tables were sharded and others not
-    (DistributedModelParallel had no sharder for them: they would be silently replicated), or if a
-    per-id EmbeddingCollection is data-parallel (in torchrec 1.8 it returns rows of the wrong ids);
-    warns if none is sharded while several ranks run (each would hold a replica)."""
+    (DistributedModelParallel had no sharder for them: they would be silently replicated); warns
+    if none is sharded while several ranks run (each would hold a replica)."""
     groups = _groups(module)
     sharded = [isinstance(tables, ShardedModule) for _, tables, _ in groups]
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -54,15 +51,25 @@ def check_sharding(module: "MultiHashEmbeddingBagCollection") -> None:
             "tables would be replicated on every rank. Pass torchrec_multihash.sharders() to both (TorchRec's "
             "default sharders include it), or add the missing sharder to your list."
         )
+    _warn_row_wise_over_gloo(groups)
+
+
+ROW_WISE_GLOO_HINT = (
+    "lookup group '{group}' (mult tables, looked up per id) is sharded {types} over gloo: its batch is the largest "
+    "number of ids of a mult feature in the rank's batch, and gloo's row-wise backward (an all_gather) fails "
+    "with 'ProcessGroupGloo::allgather: invalid tensor size' when ranks differ in it. Feed every rank batches "
+    "with the same number of ids per mult feature, or shard those tables table_wise / column_wise (NCCL has no such limit)."
+)
+
+
+def _warn_row_wise_over_gloo(groups: List[tuple]) -> None:
+    if not (dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo" and dist.get_world_size() > 1):
+        return
     for name, tables, _ in groups:
-        types = getattr(tables, "_sharding_type_to_sharding", {})
-        if name.startswith("per_id") and ShardingType.DATA_PARALLEL.value in types:
-            raise ShardingSetupError(
-                f"lookup group '{name}' (mult tables, a TorchRec EmbeddingCollection) is sharded data_parallel, "
-                "which returns rows of the wrong ids in torchrec 1.8: plan with "
-                "torchrec_multihash.sub_table_constraints(...) (it never makes them data-parallel) or constrain "
-                "their sharding types to table_wise, column_wise or row_wise"
-            )
+        types = getattr(tables, "_sharding_types", None) or list(getattr(tables, "_sharding_type_to_sharding", {}))
+        row = sorted(t for t in types if t in ("row_wise", "table_row_wise"))
+        if name.startswith("per_id") and row:
+            warnings.warn(ROW_WISE_GLOO_HINT.format(group=name, types=" / ".join(row)), stacklevel=4)
 
 
 def warn_if_not_pipelined(module: "MultiHashEmbeddingBagCollection") -> None:

@@ -9,7 +9,6 @@ import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
@@ -20,19 +19,18 @@ from torchrec_multihash.distributed.mch_sharding import MCHSharder
 
 
 def sharders(fused_params: Optional[Dict[str, Any]] = None) -> List[ModuleSharder[nn.Module]]:
-    """TorchRec's default sharders, with ``fused_params`` (e.g. the fused optimizer) on the two
-    that shard multi-hash sub-tables; hand the same list to the planner and to
+    """TorchRec's default sharders, with ``fused_params`` (e.g. the fused optimizer) on the one
+    that shards multi-hash sub-tables; hand the same list to the planner and to
     ``DistributedModelParallel``.
 
     ``MultiHashEmbeddingBagCollection`` needs no sharder of its own: it holds a stock
-    ``EmbeddingBagCollection`` (add, concat, full, hash tables) and ``EmbeddingCollection`` (mult
-    tables), which the planner and ``DistributedModelParallel`` find inside it and shard like any
-    other table, while its parameter-free id transform and combine stay unsharded. TorchRec's
+    ``EmbeddingBagCollection`` per lookup group (pooled; per id, for mult tables), which the
+    planner and ``DistributedModelParallel`` find inside it and shard like any other table,
+    while its parameter-free id transform and combine stay unsharded. TorchRec's
     ``ManagedCollisionEmbeddingBagCollection`` (strategy mch, a baseline) gets ``MCHSharder``.
     """
     ours: List[ModuleSharder[nn.Module]] = [
         cast(ModuleSharder[nn.Module], EmbeddingBagCollectionSharder(fused_params=fused_params)),
-        cast(ModuleSharder[nn.Module], EmbeddingCollectionSharder(fused_params=fused_params)),
         cast(ModuleSharder[nn.Module], MCHSharder(fused_params=fused_params)),
     ]
     types = {s.module_type for s in ours}

@@ -1,6 +1,6 @@
-"""Quantizes every inner table of a model: TorchRec's ``quantize_embeddings`` over the pooled
-``EmbeddingBagCollection`` *and* the per-id ``EmbeddingCollection`` (mult tables), which TorchRec's
-function leaves in float unless told."""
+"""Quantizes every inner table of a model: TorchRec's ``quantize_embeddings`` over its
+``EmbeddingBagCollection`` s (pooled and per-id lookups) and, in other models, its
+``EmbeddingCollection`` s, which TorchRec's function leaves in float unless told."""
 
 import copy
 from typing import Dict, Optional

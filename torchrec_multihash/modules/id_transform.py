@@ -1,6 +1,8 @@
 """The parameter-free module that rewrites a KJT of logical features into sub-table lookups.
 
-It sits in front of an ordinary TorchRec ``EmbeddingBagCollection`` / ``EmbeddingCollection``.
+It sits in front of an ordinary TorchRec ``EmbeddingBagCollection``. For the per-id (mult) tables it
+"explodes" every bag into one bag per id (see ``IdTransform``), so that a SUM-pooled
+``EmbeddingBagCollection`` returns one row per id.
 Being parameter-free, ``TrainPipelineSparseDist(pipeline_postproc=True)`` runs it in the
 input-dist stage of the pipeline, overlapped with compute.
 """
@@ -100,6 +102,19 @@ def check_id_ranges(lookups: Sequence[FeatureLookup], jts: Sequence[JaggedTensor
 
 
 @torch.fx.wrap
+def _exploded(keys: List[str], values: List[torch.Tensor], lengths_dtype: torch.dtype) -> KeyedJaggedTensor:
+    """The KJT of sub-features with one bag per id: a batch of ``max(1, most ids of a sub-feature)``
+    bags per key, the ``n`` ids of a sub-feature in its first ``n`` bags (length 1), the rest empty
+    (padding). A leaf call for fx."""
+    counts: List[int] = [v.numel() for v in values]
+    stride = max(1, max(counts))
+    device = values[0].device
+    n = torch.tensor(counts, device=device)
+    lengths = (torch.arange(stride, device=device).unsqueeze(0) < n.unsqueeze(1)).to(lengths_dtype).view(-1)
+    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=lengths, stride=stride)
+
+
+@torch.fx.wrap
 def _sub_features(
     keys: List[str], values: List[torch.Tensor], lengths: List[torch.Tensor], weights: Optional[List[torch.Tensor]], stride: int
 ) -> KeyedJaggedTensor:
@@ -119,6 +134,13 @@ class IdTransform(nn.Module):
     Feature ``C1`` of a Q-R table becomes ``C1`` (ids ``x // m``) and ``C1__r`` (ids ``x % m``),
     with the same lengths and per-sample weights. Tables with a learned mapping first map ids to
     rows; the mappings (buffers, no parameters) are children of the transform, in ``mappings``.
+
+    With ``explode`` (the per-id lookups of mult tables), every bag becomes one bag per id: the
+    output KJT has a batch of ``max(1, most ids of a feature in the batch)`` bags per sub-feature,
+    the ``n`` ids of a sub-feature in its first ``n`` bags, one id each, in the order of the
+    feature's values, and the rest empty; no weights (the combine applies them after the product).
+    A SUM-pooled ``EmbeddingBagCollection`` then returns one row per id, which ``Combine`` reads
+    as an ``[ids, features, parts, dim]`` view.
     The forward reads only plain lists of ints and strings, so it can be fx-traced (TorchRec's
     tracer) and scripted; the input checks run in eager mode only (not in a traced or scripted
     model, as TorchRec's own modules check nothing).
@@ -129,6 +151,7 @@ class IdTransform(nn.Module):
         validate_ids: check ids lie in [0, num_embeddings) and bags hold at most their table's
             ``max_ids_per_bag`` ids (one host sync per batch for all features).
         known_features: if given, KJT keys outside it are an error.
+        explode: one bag per id (per-id lookups), as above.
     """
 
     _features: List[str]
@@ -145,10 +168,12 @@ class IdTransform(nn.Module):
         is_weighted: bool = False,
         validate_ids: bool = True,
         known_features: Optional[List[str]] = None,
+        explode: bool = False,
     ) -> None:
         super().__init__()
         self._lookups = lookups
         self._is_weighted = is_weighted
+        self._explode = explode
         self._validate_ids = validate_ids
         self._known_features = known_features
         self._required = sorted({lk.feature for lk in lookups})
@@ -165,6 +190,15 @@ class IdTransform(nn.Module):
         # a one-hot mult bag pooled is w * q[x] times w * r[x]: weighting its first part alone
         # leaves w * q[x] * r[x], as per id
         self._unit_weights = [lk.pooled_mult and p > 0 for lk in lookups for p in range(len(lk.sub_features))]
+        # every sub-feature its feature's ids as they are (full tables, one each): a KJT of exactly
+        # those keys, in that order, is passed on as it is instead of being cut up and rebuilt
+        self._identity = (
+            not explode
+            and not self.mappings
+            and self._sub_keys == self._features
+            and all(d == 1 and m == 0 for d, m in spec)
+            and not any(self._unit_weights)
+        )
 
     @torch.jit.unused
     def check(self, features: KeyedJaggedTensor, by_key: Dict[str, JaggedTensor]) -> None:
@@ -178,7 +212,16 @@ class IdTransform(nn.Module):
         if self._validate_ids:
             check_id_ranges(self._lookups, [by_key[lk.feature] for lk in self._lookups])
 
+    @torch.jit.unused
+    def _passes_as_is(self, features: KeyedJaggedTensor) -> bool:
+        """Eager mode: the KJT holds exactly the sub-features' keys, in order, with int64 ids."""
+        return features.keys() == self._sub_keys and features.values().dtype == torch.long
+
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        if not torch.jit.is_scripting():
+            if self._identity and not (is_fx_symbolic_tracing() or torch.compiler.is_compiling()) and self._passes_as_is(features):
+                self.check(features, features.to_dict())
+                return features
         by_key: Dict[str, JaggedTensor] = features.to_dict()
         if not torch.jit.is_scripting():
             if not (is_fx_symbolic_tracing() or torch.compiler.is_compiling()):
@@ -189,6 +232,10 @@ class IdTransform(nn.Module):
                 if self._tables[i] == table:
                     ids[i] = mapping(ids[i])
         values: List[torch.Tensor] = []
+        if self._explode:
+            for j in range(len(self._sub_keys)):
+                values.append(partition_rows(ids[self._source[j]], self._divisors[j], self._moduli[j]))
+            return _exploded(self._sub_keys, values, features.lengths().dtype)
         lengths: List[torch.Tensor] = []
         weights: List[torch.Tensor] = []
         for j in range(len(self._sub_keys)):

@@ -2,29 +2,27 @@
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Union, cast
+from typing import Any, Dict, List, Optional, cast
 
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import (
     DATA_TYPE_NUM_BITS,
     EmbeddingBagConfig,
-    EmbeddingConfig,
     PoolingType,
 )
 from torchrec.modules.embedding_modules import (
     EmbeddingBagCollection,
     EmbeddingBagCollectionInterface,
-    EmbeddingCollection,
     get_embedding_names_by_table,
 )
-from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_multihash.modules.combine import Combine, OutputSpec
 from torchrec_multihash.modules.config import MultiHashConfigError, MultiHashEmbeddingBagConfig, logical_fields
 from torchrec_multihash.modules.id_transform import FeatureLookup, IdTransform
 from torchrec_multihash.modules.learned_mapping import LearnedMapping
-from torchrec_multihash.modules.lookup_group import PerIdLookup, PooledLookup
+from torchrec_multihash.modules.lookup_group import Lookup
 from torchrec_multihash.modules.strategies import SubTable, sub_feature_name
 
 POOLED_GROUP = "pooled"
@@ -38,8 +36,8 @@ def _per_id_group(dim: int) -> str:
 class _LookupGroups:
     """The sub-tables, features and outputs of every lookup group, as the tables are added."""
 
-    configs: Dict[str, List[Union[EmbeddingBagConfig, EmbeddingConfig]]] = field(default_factory=dict)
-    in_table_order: List[Union[EmbeddingBagConfig, EmbeddingConfig]] = field(default_factory=list)
+    configs: Dict[str, List[EmbeddingBagConfig]] = field(default_factory=dict)
+    in_table_order: List[EmbeddingBagConfig] = field(default_factory=list)
     lookups: Dict[str, List[FeatureLookup]] = field(default_factory=dict)
     outputs: List[OutputSpec] = field(default_factory=list)
 
@@ -60,9 +58,10 @@ def _check_tables(tables: List[MultiHashEmbeddingBagConfig]) -> None:
         raise MultiHashConfigError(f"table names must be unique; repeated: {dup}")
 
 
-def _inner_config(t: MultiHashEmbeddingBagConfig, sub: SubTable, features: List[str], per_id: bool) -> Union[EmbeddingBagConfig, EmbeddingConfig]:
-    """The stock TorchRec config of one sub-table: unpooled for per-id lookups, else SUM-pooled."""
-    kwargs = dict(
+def _inner_config(t: MultiHashEmbeddingBagConfig, sub: SubTable, features: List[str]) -> EmbeddingBagConfig:
+    """The stock TorchRec config of one sub-table, SUM-pooled (per-id lookups pool bags of one id)."""
+    return EmbeddingBagConfig(
+        pooling=PoolingType.SUM,
         name=sub.name,
         num_embeddings=sub.num_embeddings,
         embedding_dim=sub.embedding_dim,
@@ -72,7 +71,6 @@ def _inner_config(t: MultiHashEmbeddingBagConfig, sub: SubTable, features: List[
         weight_init_max=sub.init_range[1],
         init_fn=t.init_fn,
     )
-    return EmbeddingConfig(**kwargs) if per_id else EmbeddingBagConfig(pooling=PoolingType.SUM, **kwargs)
 
 
 def _group_tables(tables: List[MultiHashEmbeddingBagConfig], device: torch.device) -> _LookupGroups:
@@ -90,7 +88,7 @@ def _group_tables(tables: List[MultiHashEmbeddingBagConfig], device: torch.devic
         sub_features = {f: [sub_feature_name(f, s.suffix, t.name if feature_tables[f] > 1 else None) for s in subs] for f in t.feature_names}
         for i, sub in enumerate(subs):
             features = [sub_features[f][i] for f in t.feature_names]
-            inner = _inner_config(t, sub, features, per_id)
+            inner = _inner_config(t, sub, features)
             groups.configs.setdefault(group, []).append(inner)
             groups.in_table_order.append(inner)
         for f, name in zip(t.feature_names, names):
@@ -108,25 +106,39 @@ def _resolve_device(device: Optional[torch.device]) -> torch.device:
     return torch.device(device) if device is not None else torch.get_default_device()
 
 
+def _refuse_per_id_collection(module: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load pre-hook: refuses a state dict of the former per-id layout (an ``EmbeddingCollection``,
+    ``per_id.<group>.tables.embeddings.<sub-table>.weight``), which would otherwise load partly."""
+    old = [k for k in state_dict if k.startswith(prefix + "per_id.") and ".tables.embeddings." in k]
+    if old:
+        raise MultiHashConfigError(
+            f"state dict key '{old[0]}' is of the former per-id layout (mult tables in a TorchRec EmbeddingCollection); "
+            "this version looks them up in an EmbeddingBagCollection ('...tables.embedding_bags.<sub-table>.weight'): "
+            "rename the keys' '.tables.embeddings.' to '.tables.embedding_bags.' (same weights) to load it"
+        )
+
+
 class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     """An ``EmbeddingBagCollection`` whose tables are compositional (multi-hash) embeddings.
 
     KJT in, KeyedTensor out (keyed by the original feature names), so it drops into
     ``torchrec.models.dlrm.DLRM``. The data path::
 
-        KJT -> IdTransform (ids -> sub-table rows) -> inner EmbeddingBagCollection /
-        EmbeddingCollection (ordinary TorchRec tables) -> Combine (add | mult | concat, pool)
-        -> KeyedTensor
+        KJT -> IdTransform (ids -> sub-table rows) -> inner EmbeddingBagCollection (ordinary
+        TorchRec tables) -> Combine (add | mult | concat, pool) -> KeyedTensor
 
     Tables with add or concat (and single-table strategies) are looked up pooled in one inner
     ``EmbeddingBagCollection`` (``pooled["pooled"].tables``): pooling commutes with them. Tables
-    with mult are looked up per id in an inner ``EmbeddingCollection`` (``per_id["per_id_d{dim}"]
-    .tables``) and multiplied per id before pooling, unless declared one-hot (``max_ids_per_bag=1``):
-    those are looked up pooled and their pooled parts multiplied. Both are stock TorchRec modules, so
-    TorchRec's planner and sharders place the sub-tables like any other table. The forward is
+    with mult are looked up per id in another SUM ``EmbeddingBagCollection`` per dim
+    (``per_id["per_id_d{dim}"].tables``), whose transform explodes every bag into bags of one id,
+    and multiplied per id before pooling; unless declared one-hot (``max_ids_per_bag=1``): those are
+    looked up pooled and their pooled parts multiplied. All are stock TorchRec modules, so TorchRec's
+    planner, sharders and pipelines handle the sub-tables like any other table. The forward is
     fx-traceable (TorchRec's tracer) and scriptable; state dict keys: ``pooled.pooled.tables.
-    embedding_bags.<sub-table>.weight``, ``per_id.per_id_d<dim>.tables.embeddings.<sub-table>.weight``
-    and, for learned tables, ``<group>.<name>.transform.mappings.<table>.{ids,rows,shape}``.
+    embedding_bags.<sub-table>.weight``, ``per_id.per_id_d<dim>.tables.embedding_bags.<sub-table>.
+    weight`` and, for learned tables, ``<group>.<name>.transform.mappings.<table>.{ids,rows,shape}``.
+    A state dict of the former per-id layout (``...tables.embeddings.<sub-table>.weight``, an
+    ``EmbeddingCollection``) is refused on load.
 
     Args:
         tables: one ``MultiHashEmbeddingBagConfig`` per logical table.
@@ -156,25 +168,26 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._sub_table_configs = groups.in_table_order
         self._groups = list(groups.configs)
         all_features = sorted({f for t in tables for f in t.feature_names})
-        # at most one pooled group; one per-id group per dim (an EmbeddingCollection has one dim)
+        # at most one pooled group; one per-id group per dim (read as one [ids, features, parts, dim] view)
         self.pooled = nn.ModuleDict()
         self.per_id = nn.ModuleDict()
         for i, group in enumerate(self._groups):
+            pooled = group == POOLED_GROUP
             transform = IdTransform(
                 groups.lookups[group],
                 is_weighted=is_weighted,
                 validate_ids=validate_ids,
                 # one transform checks for unknown keys; the rest need not repeat it
                 known_features=all_features if (strict_features and i == 0) else None,
+                explode=not pooled,
             )
-            if group == POOLED_GROUP:
-                ebc = EmbeddingBagCollection(tables=groups.configs[group], is_weighted=is_weighted, device=self._device)
-                self.pooled[group] = PooledLookup(transform, ebc)
-            else:
-                self.per_id[group] = PerIdLookup(transform, EmbeddingCollection(tables=groups.configs[group], device=self._device))
+            # per-id lookups are unweighted: the combine weights each id's product
+            ebc = EmbeddingBagCollection(tables=groups.configs[group], is_weighted=is_weighted and pooled, device=self._device)
+            (self.pooled if pooled else self.per_id)[group] = Lookup(transform, ebc)
         self.combine = Combine(groups.outputs, is_weighted=is_weighted)
         self._sharding_checked = False
         self._traced_by_pipeline = False
+        self._register_load_state_dict_pre_hook(_refuse_per_id_collection, with_module=True)
 
     @torch.jit.unused
     def _check_use(self, features: KeyedJaggedTensor) -> None:
@@ -196,13 +209,12 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """Looks up and pools every feature; returns ``[B, sum of embedding dims]`` keyed by feature."""
         if not torch.jit.is_scripting():
             self._check_use(features)
-        pooled: Dict[str, KeyedTensor] = {}
+        looked_up: Dict[str, KeyedTensor] = {}
         for group, pooled_lookup in self.pooled.items():
-            pooled[group] = pooled_lookup(features)
-        per_id: Dict[str, Dict[str, JaggedTensor]] = {}
+            looked_up[group] = pooled_lookup(features)
         for group, per_id_lookup in self.per_id.items():
-            per_id[group] = per_id_lookup(features)
-        return self.combine(features, pooled, per_id)
+            looked_up[group] = per_id_lookup(features)
+        return self.combine(features, looked_up)
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         """The logical tables as plain TorchRec configs (what DLRM reads its dims and features from)."""
@@ -212,7 +224,7 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """The configs this module was built from."""
         return list(self._configs)
 
-    def sub_table_configs(self) -> List[Union[EmbeddingBagConfig, EmbeddingConfig]]:
+    def sub_table_configs(self) -> List[EmbeddingBagConfig]:
         """The physical sub-tables (``t_C1``, ``t_C1__r``, ...) the planner sees."""
         return list(self._sub_table_configs)
 
@@ -220,9 +232,8 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """Weight of every sub-table by name (unsharded module)."""
         weights: Dict[str, torch.Tensor] = {}
         for group in [*self.pooled.values(), *self.per_id.values()]:
-            inner = cast(Union[EmbeddingBagCollection, EmbeddingCollection], group.tables)
-            tables = inner.embedding_bags if isinstance(inner, EmbeddingBagCollection) else inner.embeddings
-            for name, table in tables.items():
+            inner = cast(EmbeddingBagCollection, group.tables)
+            for name, table in inner.embedding_bags.items():
                 weights[name] = cast(torch.Tensor, table.weight)
         return weights
 

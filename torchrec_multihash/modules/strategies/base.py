@@ -113,9 +113,9 @@ class Strategy(ABC):
 
     def looks_up_per_id(self) -> bool:
         """True for mult of several partitions: the product is taken per id, before pooling, so
-        the sub-tables are looked up unpooled (an EmbeddingCollection) -- unless the table is
-        one-hot (``max_ids_per_bag=1``), where a bag's pooled rows are its id's rows, or composes
-        pooled partitions (``compose="pooled"``, the original DLRM code's Q-R)."""
+        the sub-tables are looked up per id (bags of one id) -- unless the table is one-hot
+        (``max_ids_per_bag=1``), where a bag's pooled rows are its id's rows, or composes pooled
+        partitions (``compose="pooled"``, the original DLRM code's Q-R)."""
         return self.is_composed() and self.config.operation == "mult" and not self.one_hot() and self.config.compose != "pooled"
 
     def one_hot(self) -> bool:
