@@ -16,13 +16,13 @@ import yaml
 from torchrec_multihash.convert import DEFAULT_THRESHOLD
 from torchrec_multihash.distributed.constraints import DEFAULT_SMALL_TABLE_ROWS
 from torchrec_multihash.errors import MultiHashError
+from torchrec_multihash.modules.config import COMPOSITIONS
 from torchrec_multihash.modules.strategies import StrategyName, registered_strategies
 
 AUTO = "auto"  # embeddings.strategy: each table's strategy and size chosen from the data (torchrec_multihash.auto)
 MCH = "mch"  # embeddings.strategy: TorchRec's ManagedCollisionEmbeddingBagCollection (MCH remapper), a baseline
 MCH_EVICTIONS = ("lfu", "distance_lfu")
 MCH_SIZINGS = ("bytes", "rows")
-COMPOSITIONS = ("per_id", "pooled")
 
 
 class ConfigError(MultiHashError, ValueError):

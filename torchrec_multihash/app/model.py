@@ -81,12 +81,12 @@ def build_tables(cfg: Config, choices: Optional[List[TableChoice]] = None) -> Li
         raise ConfigError("embeddings.strategy mch has no multi-hash tables: it builds TorchRec's MCH tables (build_mch)")
     plain = plain_tables(cfg)
     overrides = {name: dict(fields) for name, fields in emb.overrides.items()}
-    if emb.max_ids_per_bag is not None:  # every table's, unless an override says otherwise
-        for c in plain:
-            overrides.setdefault(c.name, {}).setdefault("max_ids_per_bag", emb.max_ids_per_bag)
-    if emb.compose != "per_id":  # every table's, unless an override says otherwise
-        for c in plain:
-            overrides.setdefault(c.name, {}).setdefault("compose", emb.compose)
+    # table fields set for every table by ``embeddings``, unless an override says otherwise
+    defaults = {"max_ids_per_bag": emb.max_ids_per_bag, "compose": emb.compose if emb.compose != "per_id" else None}
+    for c in plain:
+        for key, value in defaults.items():
+            if value is not None:
+                overrides.setdefault(c.name, {}).setdefault(key, value)
     try:
         if is_auto(cfg):
             return auto_configs(plain, choices if choices is not None else load_choices(cfg), overrides)
@@ -128,9 +128,9 @@ def embedding_module(model: nn.Module) -> EmbeddingModule:
 
 def multihash_module(model: nn.Module) -> MultiHashEmbeddingBagCollection:
     """The MultiHashEmbeddingBagCollection of a model built by ``build_model`` (or its DLRMTrain)."""
-    ebc = next((m for m in model.modules() if isinstance(m, MultiHashEmbeddingBagCollection)), None)
-    if ebc is None:
-        raise ConfigError(f"the model ({type(model).__name__}) holds no MultiHashEmbeddingBagCollection")
+    ebc = embedding_module(model)
+    if not isinstance(ebc, MultiHashEmbeddingBagCollection):
+        raise ConfigError(f"the model ({type(model).__name__}) holds TorchRec's MCH tables, no MultiHashEmbeddingBagCollection")
     return ebc
 
 

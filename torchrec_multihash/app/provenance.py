@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from torchrec_multihash.app.config import Config
+from torchrec_multihash.app.config import MCH, Config
 
 Record = Dict[str, Any]
 
@@ -67,8 +67,8 @@ def data_record(cfg: Config, exact: bool = True) -> Record:
 # keys that decide the tables only where set: recorded then alone, so records of runs without them stay as they were
 _TABLE_KEYS_IF_USED = {
     "compose": lambda cfg: cfg.embeddings.compose != "per_id",
-    "mch_eviction": lambda cfg: cfg.embeddings.strategy == "mch",
-    "mch_sizing": lambda cfg: cfg.embeddings.strategy == "mch",
+    "mch_eviction": lambda cfg: cfg.embeddings.strategy == MCH,
+    "mch_sizing": lambda cfg: cfg.embeddings.strategy == MCH,
 }
 
 

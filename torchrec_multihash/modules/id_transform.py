@@ -220,7 +220,7 @@ class IdTransform(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         if not torch.jit.is_scripting():
             if self._identity and not (is_fx_symbolic_tracing() or torch.compiler.is_compiling()) and self._passes_as_is(features):
-                self.check(features, features.to_dict())
+                self.check(features, features.to_dict() if self._validate_ids else {})
                 return features
         by_key: Dict[str, JaggedTensor] = features.to_dict()
         if not torch.jit.is_scripting():
