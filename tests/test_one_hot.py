@@ -14,7 +14,7 @@ from torchrec.models.dlrm import DLRM, DLRMTrain
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from torchrec_multihash import InvalidInputError, MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig, PoolingType
-from torchrec_multihash.modules.combine import _in_layout
+from torchrec_multihash.modules.combine import _column_runs, _compose_pooled
 from torchrec_multihash.modules.config import MultiHashConfigError
 
 from tests.helpers.distributed import run_multiprocess
@@ -132,14 +132,45 @@ def test_one_hot_tables_trace_and_script_with_the_eager_outputs(weighted):
         ebc(KeyedJaggedTensor.from_jt_dict(by_key))  # the traced module leaves the eager checks in place
 
 
-def test_combine_reads_a_regrouped_pooled_output_in_its_layout():
-    values = torch.arange(2 * 10, dtype=torch.float).view(2, 10)
-    kt = KeyedTensor(keys=["b", "a", "c"], length_per_key=[3, 2, 5], values=values)
-    assert _in_layout(kt, ["b", "a", "c"]) is values  # TorchRec's order: no copy
-    torch.testing.assert_close(_in_layout(kt, ["a", "b", "c"]), torch.cat([values[:, 3:5], values[:, 0:3], values[:, 5:]], dim=1))
-    torch.testing.assert_close(_in_layout(kt, ["a", "c"]), values[:, 3:])  # adjacent runs read as one
-    scripted = torch.jit.script(_in_layout)
-    torch.testing.assert_close(scripted(kt, ["c", "a"]), torch.cat([values[:, 5:], values[:, 3:5]], dim=1))
+def test_pooled_outputs_are_composed_where_torchrec_put_their_parts():
+    """Runs of outputs whose parts advance by one stride are one op over strided views, read in any
+    key order (a sharded EBC groups its keys by sharding type), forward and gradient."""
+    keys = ["a_q", "b_q", "c", "a_r", "b_r", "d_0", "d_1", "e_0", "f_0", "e_1", "f_1"]
+    widths = [4, 4, 4, 4, 4, 3, 5, 2, 2, 2, 2]
+    # mult, mult, as is, concat of unequal parts, two concats of equal parts
+    outputs = [["a_q", "a_r"], ["b_q", "b_r"], ["c"], ["d_1", "d_0"], ["e_0", "e_1"], ["f_0", "f_1"]]
+    ops = [2, 2, 0, 0, 0, 0]
+    assert _column_runs(KeyedTensor(keys=keys, length_per_key=widths, values=torch.zeros(1, 36)), outputs, ops) == [
+        [2, 2, 2, 4, 0, 0, 4, 12, 4],  # a and b: q at 0 and 4, r at 12 and 16, one product
+        [0, 1, 1, 4, 8, 8, 4],
+        [0, 1, 1, 5, 12, 23, 5],  # d: one copy per part
+        [0, 1, 1, 3, 17, 20, 3],
+        [3, 2, 2, 2, 20, 28, 2, 32, 2],  # e and f: one side-by-side copy
+    ]
+    values = torch.randn(3, 36, dtype=torch.double, requires_grad=True)
+    by_key = dict(zip(keys, values.split(widths, dim=1)))
+    naive = torch.cat(
+        [by_key["a_q"] * by_key["a_r"], by_key["b_q"] * by_key["b_r"], by_key["c"], by_key["d_1"], by_key["d_0"]]
+        + [by_key["e_0"], by_key["e_1"], by_key["f_0"], by_key["f_1"]],
+        dim=1,
+    )
+    kt = KeyedTensor(keys=keys, length_per_key=widths, values=values)
+    fused = _compose_pooled(kt, outputs, ops, 28)
+    torch.testing.assert_close(fused, naive, atol=0, rtol=0)
+    upstream = torch.randn(3, 28, dtype=torch.double)
+    (g_naive,) = torch.autograd.grad(naive, values, upstream)
+    (g_fused,) = torch.autograd.grad(fused, values, upstream)
+    torch.testing.assert_close(g_fused, g_naive, atol=0, rtol=0)
+    # add of three parts, and columns no output reads (zero gradient there)
+    add = [["a_q", "a_r", "c"]]
+    (g_add,) = torch.autograd.grad(_compose_pooled(kt, add, [1], 4), values, upstream[:, :4])
+    expected = torch.zeros_like(values)
+    for s in (0, 8, 12):
+        expected[:, s : s + 4] = upstream[:, :4]
+    torch.testing.assert_close(g_add, expected, atol=0, rtol=0)
+    torch.autograd.gradcheck(lambda v: _compose_pooled(KeyedTensor(keys=keys, length_per_key=widths, values=v), outputs, ops, 28), (values,))
+    scripted = torch.jit.script(_compose_pooled)
+    torch.testing.assert_close(scripted(kt, outputs, ops, 28), naive, atol=0, rtol=0)
 
 
 # sharded == unsharded: one-hot mult tables in the pooled EBC, its sub-tables placed by several
@@ -199,8 +230,8 @@ def _sharded_worker(rank, world_size):
     per_rank = [[task.batch(8, i * world_size + r) for i in range(steps)] for r in range(world_size)]
     sharded_ebc = dmp.module.model.sparse_arch.embedding_bag_collection
     out_keys = sharded_ebc.pooled["pooled"](per_rank[rank][0].sparse_features).keys()
-    assert out_keys != sharded_ebc.combine._layouts[0]  # regrouped by sharding type: the copying path
-    assert sorted(out_keys) == sorted(sharded_ebc.combine._layouts[0])
+    in_order = [key for parts in sharded_ebc.combine._pooled_keys for key in parts]
+    assert out_keys != in_order and sorted(out_keys) == sorted(in_order)  # grouped by sharding type
     sm.train_side_by_side(dmp, ref, opt, per_rank, rank, lr)
     assert sm.assert_state_equal(dmp.state_dict(), ref.state_dict()) >= len(names) // world_size
 

@@ -1,6 +1,5 @@
 """The parameter-free module that composes sub-table lookups into one pooled embedding per feature."""
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -177,38 +176,163 @@ def _per_id_bags(
     return _compose_fused(values, columns, dim, index, scale, batch, n, k)
 
 
-@torch.fx.wrap
-def _in_layout(kt: KeyedTensor, layout: List[str]) -> torch.Tensor:
-    """``kt``'s values with its columns in the order of the keys ``layout``: the values themselves
-    when TorchRec's output already has that order (an unsharded or single-sharding-type EBC), else one
-    ``index_select`` of its columns (a sharded EBC orders its keys by sharding type)."""
-    keys = kt.keys()
-    values = kt.values()
-    if keys == layout:
-        return values
+def _column_runs(kt: KeyedTensor, keys: List[List[str]], ops: List[int]) -> List[List[int]]:
+    """The outputs ``keys`` (each output's parts, read from ``kt``) cut into runs composed by one
+    op each: ``[op, n, k, dim, out_start, src_0, stride_0, ..., src_k-1, stride_k-1]``, the run's
+    ``n`` outputs at ``out_start`` of the result, part ``p`` of its ``i``-th output (``dim``
+    columns) at column ``src_p + i * stride_p`` of ``kt``, wherever TorchRec put it. Ops: 0 copies
+    one part, 1 adds, 2 multiplies the parts (an output of ``dim`` columns), 3 puts them side by
+    side (concat of equal parts, ``k * dim``; unequal ones are one copy per part). Consecutive
+    outputs join a run while each part's columns advance by one constant stride."""
     offsets = kt.offset_per_key()
-    index: Dict[str, int] = {}
-    for i in range(len(keys)):
-        index[keys[i]] = i
-    starts: List[int] = []
-    ends: List[int] = []
-    for key in layout:
-        i = index[key]
-        if len(ends) > 0 and ends[-1] == offsets[i]:
-            ends[-1] = offsets[i + 1]
+    where: Dict[str, int] = {}
+    width: Dict[str, int] = {}
+    kt_keys = kt.keys()
+    for i in range(len(kt_keys)):
+        where[kt_keys[i]] = offsets[i]
+        width[kt_keys[i]] = offsets[i + 1] - offsets[i]
+    runs: List[List[int]] = []
+    out = 0
+    for j in range(len(keys)):
+        units: List[List[int]] = []
+        part_widths = [width[key] for key in keys[j]]
+        if ops[j] == 0 and (len(keys[j]) == 1 or min(part_widths) != max(part_widths)):
+            for key in keys[j]:
+                units.append([0, width[key], where[key]])
+        elif ops[j] == 0:
+            units.append([3, part_widths[0]] + [where[key] for key in keys[j]])
         else:
-            starts.append(offsets[i])
-            ends.append(offsets[i + 1])
-    if len(starts) == 1:
-        return values[:, starts[0] : ends[0]]
-    # one index_select of blocks of columns (a gather of rows of a [batch, blocks, block] view;
-    # a gather of single columns is several times slower, forward and backward, on CPU)
-    block = 0
-    for j in range(len(starts)):
-        block = math.gcd(block, math.gcd(starts[j], ends[j]))
-    block = math.gcd(block, values.size(1))
-    blocks = torch.cat([torch.arange(starts[j] // block, ends[j] // block, device=values.device) for j in range(len(starts))])
-    return values.view(values.size(0), -1, block).index_select(1, blocks).view(values.size(0), -1)
+            units.append([ops[j], width[keys[j][0]]] + [where[key] for key in keys[j]])
+        for u in units:
+            op, dim, srcs = u[0], u[1], u[2:]
+            k = len(srcs)
+            span = k * dim if op == 3 else dim
+            joined = False
+            if len(runs) > 0:
+                r = runs[-1]
+                if r[0] == op and r[2] == k and r[3] == dim and r[4] + r[1] * span == out:
+                    n = r[1]
+                    fits = True
+                    for p in range(k):
+                        step = srcs[p] - r[5 + 2 * p]
+                        if n == 1:
+                            fits = fits and step > 0
+                        else:
+                            fits = fits and step == n * r[6 + 2 * p]
+                    if fits:
+                        if n == 1:
+                            for p in range(k):
+                                r[6 + 2 * p] = srcs[p] - r[5 + 2 * p]
+                        r[1] = n + 1
+                        joined = True
+            if not joined:
+                run = [op, 1, k, dim, out]
+                for s in srcs:
+                    run.extend([s, dim])
+                runs.append(run)
+            out += span
+    return runs
+
+
+def _run_parts(values: torch.Tensor, run: List[int]) -> List[torch.Tensor]:
+    """Run ``run``'s parts as ``[batch, n, dim]`` views of ``values`` (contiguous ``[batch, width]``)."""
+    n, k, dim = run[1], run[2], run[3]
+    parts: List[torch.Tensor] = []
+    for p in range(k):
+        parts.append(values.as_strided([values.size(0), n, dim], [values.size(1), run[6 + 2 * p], 1], values.storage_offset() + run[5 + 2 * p]))
+    return parts
+
+
+def _compose_runs_plain(values: torch.Tensor, runs: List[List[int]]) -> torch.Tensor:
+    """``_ComposeRuns`` in plain ops (scripted and traced models; autograd's own backward)."""
+    values = values.contiguous()
+    pieces: List[torch.Tensor] = []
+    for run in runs:
+        parts = _run_parts(values, run)
+        if run[0] == 3:
+            pieces.append(torch.stack(parts, dim=2).reshape(values.size(0), -1))
+            continue
+        out = parts[0]
+        for p in range(1, len(parts)):
+            out = out + parts[p] if run[0] == 1 else out * parts[p]
+        pieces.append(out.reshape(values.size(0), -1))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+
+class _ComposeRuns(torch.autograd.Function):
+    """The pooled outputs composed from the pooled lookup's ``[batch, width]`` output in one op:
+    each run of outputs (``_column_runs``) is one copy, sum or product over strided views of the
+    columns where TorchRec put them, written into its place of the result; the backward writes
+    each part's gradient straight into its columns of the lookup's gradient (no regrouping, no
+    zero fill when the runs read every column)."""
+
+    @staticmethod
+    def forward(ctx: Any, values: torch.Tensor, runs: List[List[int]], width: int) -> torch.Tensor:
+        values = values.contiguous()
+        batch = values.size(0)
+        out = torch.empty(batch, width, dtype=values.dtype, device=values.device)
+        for run in runs:
+            n, dim, start = run[1], run[3], run[4]
+            parts = _run_parts(values, run)
+            if run[0] == 3:  # concat: [batch, n, k, dim]
+                side = out[:, start : start + n * len(parts) * dim].view(batch, n, len(parts), dim)
+                for p, part in enumerate(parts):
+                    side[:, :, p].copy_(part)
+                continue
+            dst = out[:, start : start + n * dim].view(batch, n, dim)
+            if len(parts) == 1:
+                dst.copy_(parts[0])
+                continue
+            (torch.add if run[0] == 1 else torch.mul)(parts[0], parts[1], out=dst)
+            for part in parts[2:]:
+                dst.add_(part) if run[0] == 1 else dst.mul_(part)
+        ctx.save_for_backward(values)
+        ctx.runs = runs
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        (values,) = ctx.saved_tensors
+        runs: List[List[int]] = ctx.runs
+        batch = values.size(0)
+        read = sum(r[1] * r[2] * r[3] for r in runs)
+        out = torch.empty_like(values) if read == values.size(1) else torch.zeros_like(values)
+        for run in runs:
+            n, k, dim, start = run[1], run[2], run[3], run[4]
+            dsts = _run_parts(out, run)
+            if run[0] == 3:  # concat: each part gets its columns of the output's gradient
+                side = grad[:, start : start + n * k * dim].reshape(batch, n, k, dim)
+                for p, dst in enumerate(dsts):
+                    dst.copy_(side[:, :, p])
+                continue
+            g = grad[:, start : start + n * dim].reshape(batch, n, dim)
+            if run[0] != 2:  # copy, add: each part gets the output's gradient
+                for dst in dsts:
+                    dst.copy_(g)
+                continue
+            parts = _run_parts(values, run)
+            for p, dst in enumerate(dsts):
+                others = [x for q, x in enumerate(parts) if q != p]
+                torch.mul(g, others[0], out=dst)
+                for x in others[1:]:
+                    dst.mul_(x)
+        return out, None, None
+
+
+@torch.jit.unused
+def _compose_runs_fused(values: torch.Tensor, runs: List[List[int]], width: int) -> torch.Tensor:
+    return _ComposeRuns.apply(values, runs, width)
+
+
+@torch.fx.wrap
+def _compose_pooled(kt: KeyedTensor, keys: List[List[str]], ops: List[int], width: int) -> torch.Tensor:
+    """The pooled outputs, ``[batch, width]`` in output order, from the pooled lookup's output
+    ``kt``: output ``j`` composes the parts ``keys[j]`` by ``ops[j]`` (0: as they are, side by side;
+    1: add; 2: mult), read where TorchRec put them (a leaf call for fx)."""
+    runs = _column_runs(kt, keys, ops)
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return _compose_runs_plain(kt.values(), runs)
+    return _compose_runs_fused(kt.values(), runs, width)
 
 
 @torch.fx.wrap
@@ -221,16 +345,13 @@ def _renamed(kt: KeyedTensor, names: Dict[str, str]) -> KeyedTensor:
 class Combine(nn.Module):
     """Composes the parts of each feature (add, mult or concat) and pools them into a KeyedTensor.
 
-    The outputs are cut into pieces: runs of consecutive outputs of one group and kind, each
-    composed by one op. The pooled group's output (a SUM-pooled EBC) is read in one layout, each
-    output's parts side by side in output order (TorchRec's own order unless a sharded EBC
-    regrouped its keys by sharding type: then one ``index_select`` of column blocks), each piece a
-    view of its columns.
+    Add and concat commute with pooling, so their parts arrive pooled from the pooled group's
+    SUM-pooled EBC (sum of q plus sum of r), and all pooled outputs are composed by one op
+    (``_ComposeRuns``): runs of outputs whose parts' columns advance by one stride, read where
+    TorchRec put them (a sharded EBC orders its keys by sharding type), are each one copy, sum or
+    product over strided views, and the backward writes each part's gradient into its columns.
 
-    Add and concat commute with pooling, so their parts arrive pooled (sum of q plus sum of r): a
-    run of single-part or concat outputs is the layout's columns as they are, a run of add (one-hot
-    mult) outputs one sum (product) over a ``[batch, outputs, parts, dim]`` view. Mult does not
-    commute with pooling: its parts arrive per id (the per-id group's transform made one bag per
+    Mult does not commute with pooling: its parts arrive per id (the per-id group's transform made one bag per
     id, so row ``i`` of the per-id EBC's output holds the ``i``-th id of every feature), and a run
     of them is multiplied over the parts, where TorchRec put them (no regrouping copy), and pooled
     back into bags -- sum_i w_i * q[x_i] * r[x_i] -- by one fused op with its own backward
@@ -245,22 +366,23 @@ class Combine(nn.Module):
 
     _keys: List[str]
     _dims: List[int]
-    _layout_groups: List[str]
-    _layouts: List[List[str]]
-    _splits: List[List[int]]
+    _pooled_group: str
+    _pooled_keys: List[List[str]]
+    _pooled_ops: List[int]
+    _pooled_width: int
+    _pooled_splits: List[int]
+    _mean_features: List[str]
+    _mean_index: List[int]
+    _piece_per_id: List[bool]
+    _piece_chunk: List[int]
     _piece_group: List[str]
-    _piece_start: List[int]
-    _piece_end: List[int]
-    _piece_op: List[int]
     _piece_n: List[int]
     _piece_k: List[int]
-    _piece_per_id: List[bool]
-    _piece_mean: List[List[str]]
+    _piece_dim: List[int]
     _piece_features: List[List[str]]
-    _piece_is_mean: List[bool]
     _piece_keys: List[List[str]]
+    _piece_is_mean: List[bool]
     _names: Dict[str, str]
-    _piece_chunk: List[int]
 
     def __init__(self, outputs: List[OutputSpec], is_weighted: bool) -> None:
         super().__init__()
@@ -268,88 +390,69 @@ class Combine(nn.Module):
         self._keys = [o.name for o in outputs]
         self._dims = [o.dim for o in outputs]
         self._needs_features = any(o.per_id or o.pooling == PoolingType.MEAN for o in outputs)
-        self._plan_pieces(outputs)
+        self._plan(outputs)
         # every output one sub-feature of one pooled group, as it is (full, hash, learned tables):
         # the lookup's KeyedTensor is the output, its keys renamed and in TorchRec's order (a
         # sharded EBC orders them by sharding type, as TorchRec's own EBC returns them)
         self._passthrough = (
-            len(self._layout_groups) == 1
-            and all(not o.per_id and len(o.sub_features) == 1 and o.pooling != PoolingType.MEAN for o in outputs)
+            all(not o.per_id and len(o.sub_features) == 1 and o.pooling != PoolingType.MEAN for o in outputs)
             and len({o.sub_features[0] for o in outputs}) == len(outputs)
+            and len(outputs) > 0
         )
         self._names = {o.sub_features[0]: o.name for o in outputs} if self._passthrough else {}
 
-    def _plan_pieces(self, outputs: List[OutputSpec]) -> None:
-        """The layout of each group and the outputs' pieces: runs of consecutive outputs of one
-        group and kind, each a column range of its group's layout."""
-        layouts: Dict[str, List[str]] = {}
-        width: Dict[str, int] = {}
-        self._piece_group, self._piece_start, self._piece_end, self._piece_op = [], [], [], []
-        self._piece_n, self._piece_k, self._piece_per_id, self._piece_mean, self._piece_features = [], [], [], [], []
-        self._piece_is_mean, self._piece_keys = [], []
+    def _plan(self, outputs: List[OutputSpec]) -> None:
+        """The pooled outputs (composed by one op from the pooled group's output) and the pieces of
+        the result: chunks of consecutive pooled outputs, and runs of consecutive per-id outputs of
+        one group and kind, each composed and pooled by one op."""
+        pooled_groups = {o.group for o in outputs if not o.per_id}
+        if len(pooled_groups) > 1:
+            raise ValueError(f"Combine reads one pooled lookup group, got {sorted(pooled_groups)}")
+        self._pooled_group = next(iter(pooled_groups)) if pooled_groups else ""
+        self._pooled_keys, self._pooled_ops, self._pooled_splits = [], [], []
+        self._mean_features, self._mean_index = [], []
+        self._piece_per_id, self._piece_chunk, self._piece_group = [], [], []
+        self._piece_n, self._piece_k, self._piece_dim = [], [], []
+        self._piece_features, self._piece_keys, self._piece_is_mean = [], [], []
         last: Optional[tuple] = None
         for o in outputs:
             mean = o.pooling == PoolingType.MEAN
             k = len(o.sub_features)
-            op = 0 if k == 1 or o.operation == "concat" else _OPS[o.operation]
-            if o.per_id:
-                op = 2
-            span = o.dim * (k if op else 1)
-            start = width.get(o.group, 0)
-            width[o.group] = start + span
-            if not o.per_id:  # per-id pieces read their parts where the lookup put them
-                layouts.setdefault(o.group, []).extend(o.sub_features)
-            # per-id pieces pool (and divide for MEAN) themselves; pooled ones divide afterwards
-            divide = [o.feature] if mean and not o.per_id else []
-            kind = (o.group, o.per_id, op, k, o.dim if (op or mean) else 0, mean)
-            if kind == last and start == self._piece_end[-1]:
-                self._piece_end[-1] += span
+            if not o.per_id:
+                self._pooled_keys.append(list(o.sub_features))
+                self._pooled_ops.append(0 if k == 1 or o.operation == "concat" else _OPS[o.operation])
+                if mean:  # pooled parts are summed: MEAN divides the composed output afterwards
+                    self._mean_features.append(o.feature)
+                self._mean_index.extend([len(self._mean_features) - 1 if mean else -1] * o.dim)
+                if last == ("pooled",):
+                    self._pooled_splits[-1] += o.dim
+                    continue
+                last = ("pooled",)
+                self._pooled_splits.append(o.dim)
+                self._append_piece(False, len(self._pooled_splits) - 1, o, k, mean)
+                continue
+            kind = (o.group, k, o.dim, mean)
+            if kind == last:
                 self._piece_n[-1] += 1
-                self._piece_mean[-1] += divide
                 self._piece_features[-1].append(o.feature)
                 self._piece_keys[-1].extend(o.sub_features)
-            else:
-                self._piece_group.append(o.group)
-                self._piece_start.append(start)
-                self._piece_end.append(start + span)
-                self._piece_op.append(op)
-                self._piece_n.append(1)
-                self._piece_k.append(k)
-                self._piece_per_id.append(o.per_id)
-                self._piece_mean.append(divide)
-                self._piece_features.append([o.feature])
-                self._piece_is_mean.append(mean)
-                self._piece_keys.append(list(o.sub_features))
+                continue
             last = kind
-        self._layout_groups = list(layouts)
-        self._layouts = list(layouts.values())
-        # each group's layout is cut into its pieces by one split (one cat in the backward; a
-        # slice per piece would zero-fill the whole layout's gradient once per piece)
-        self._splits = [
-            [e - b for g, b, e, i in zip(self._piece_group, self._piece_start, self._piece_end, self._piece_per_id) if g == group and not i]
-            for group in self._layout_groups
-        ]
-        chunk: Dict[str, int] = {}
-        self._piece_chunk = []
-        for g, per_id in zip(self._piece_group, self._piece_per_id):
-            self._piece_chunk.append(-1 if per_id else chunk.get(g, 0))
-            chunk[g] = chunk.get(g, 0) + (0 if per_id else 1)
+            self._append_piece(True, -1, o, k, mean)
+        self._pooled_width = sum(self._pooled_splits)
+        ones = len(self._mean_features)  # the index of a column of ones next to the bags' lengths
+        self._mean_index = [ones if i < 0 else i for i in self._mean_index]
 
-    def _pooled_piece(self, p: int, cols: torch.Tensor) -> torch.Tensor:
-        """Piece ``p`` from its columns of a pooled layout, [batch, its outputs' dims]."""
-        op = self._piece_op[p]
-        if op == 0:  # single parts, concat: the columns as they are
-            return cols
-        n, k = self._piece_n[p], self._piece_k[p]
-        parts = cols.reshape(cols.size(0), n, k, -1)
-        if op == 1:  # add
-            out = parts.sum(2)
-        else:  # mult of one-hot bags
-            each = parts.unbind(2)
-            out = each[0]
-            for j in range(1, k):
-                out = out * each[j]
-        return out.reshape(cols.size(0), -1)
+    def _append_piece(self, per_id: bool, chunk: int, o: OutputSpec, k: int, mean: bool) -> None:
+        self._piece_per_id.append(per_id)
+        self._piece_chunk.append(chunk)
+        self._piece_group.append(o.group)
+        self._piece_n.append(1)
+        self._piece_k.append(k)
+        self._piece_dim.append(o.dim)
+        self._piece_features.append([o.feature])
+        self._piece_keys.append(list(o.sub_features))
+        self._piece_is_mean.append(mean)
 
     def _per_id_piece(self, p: int, kt: KeyedTensor, by_key: Dict[str, JaggedTensor]) -> torch.Tensor:
         """Per-id piece ``p`` from its group's per-id lookup ``kt``, pooled: [batch, n * dim]."""
@@ -357,27 +460,30 @@ class Combine(nn.Module):
         lengths = [by_key[f].lengths() for f in fs]
         ids = [by_key[f].values() for f in fs]
         weights: Optional[List[torch.Tensor]] = [by_key[f].weights() for f in fs] if self._is_weighted else None
-        dim = (self._piece_end[p] - self._piece_start[p]) // (self._piece_n[p] * self._piece_k[p])
-        return _per_id_bags(kt, self._piece_keys[p], dim, lengths, ids, weights, self._piece_k[p], self._piece_is_mean[p])
+        return _per_id_bags(kt, self._piece_keys[p], self._piece_dim[p], lengths, ids, weights, self._piece_k[p], self._piece_is_mean[p])
+
+    def _pooled(self, kt: KeyedTensor, by_key: Dict[str, JaggedTensor]) -> List[torch.Tensor]:
+        """The pooled outputs from the pooled group's lookup, cut into their chunks."""
+        out = _compose_pooled(kt, self._pooled_keys, self._pooled_ops, self._pooled_width)
+        if len(self._mean_features) > 0:  # divide MEAN outputs by their bags' lengths (others by 1)
+            lengths = [by_key[f].lengths() for f in self._mean_features]
+            lengths.append(torch.ones_like(lengths[0]))
+            divisor = torch.stack(lengths, dim=1).clamp(min=1).to(out.dtype)
+            out = out / divisor.index_select(1, torch.tensor(self._mean_index, device=out.device))
+        return _split_columns(out, self._pooled_splits)
 
     def forward(self, features: KeyedJaggedTensor, looked_up: Dict[str, KeyedTensor]) -> KeyedTensor:
         if self._passthrough:
-            return _renamed(looked_up[self._layout_groups[0]], self._names)
+            return _renamed(looked_up[self._pooled_group], self._names)
         by_key: Dict[str, JaggedTensor] = features.to_dict() if self._needs_features else {}
-        chunks: Dict[str, List[torch.Tensor]] = {}
-        for g in range(len(self._layout_groups)):
-            values = _in_layout(looked_up[self._layout_groups[g]], self._layouts[g])
-            chunks[self._layout_groups[g]] = _split_columns(values, self._splits[g])
+        chunks: List[torch.Tensor] = []
+        if self._pooled_group != "":
+            chunks = self._pooled(looked_up[self._pooled_group], by_key)
         results: List[torch.Tensor] = []
-        for p in range(len(self._piece_op)):
+        for p in range(len(self._piece_per_id)):
             if self._piece_per_id[p]:
                 results.append(self._per_id_piece(p, looked_up[self._piece_group[p]], by_key))
-                continue
-            out = self._pooled_piece(p, chunks[self._piece_group[p]][self._piece_chunk[p]])
-            mean = self._piece_mean[p]
-            if len(mean) > 0:
-                lengths = torch.stack([by_key[f].lengths() for f in mean], dim=1).clamp(min=1).to(out.dtype)
-                out = (out.reshape(out.size(0), len(mean), -1) / lengths.unsqueeze(2)).reshape(out.size(0), -1)
-            results.append(out)
+            else:
+                results.append(chunks[self._piece_chunk[p]])
         values = results[0] if len(results) == 1 else torch.cat(results, dim=1)
         return KeyedTensor(keys=self._keys, length_per_key=self._dims, values=values)
