@@ -5,10 +5,10 @@ gradient, on ragged and empty bags, with weights and MEAN."""
 
 import pytest
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_multihash import MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig, PoolingType
-from torchrec_multihash.modules.combine import _compose_plain, _ComposePerId
+from torchrec_multihash.modules.combine import _column_runs, _compose_per_id_plain, _ComposePerId
 
 from tests.helpers.reference import reference_forward
 
@@ -93,29 +93,51 @@ def test_forward_and_gradient_match_the_naive_reference(pooling, weighted):
         torch.testing.assert_close(w.grad, weights[name].grad, msg=name)
 
 
-def _case(k, dtype=torch.double):
+def _case(k, n=2, dtype=torch.double):
+    """A per-id output with ``n`` features of ``k`` parts in random column order, one block unread."""
     g = torch.Generator().manual_seed(k)
-    n, dim, batch, rows = 2, 3, 4, 6
+    dim, batch, rows = 3, 4, 6
     width = n * k * dim + dim  # one column block that this piece does not read
     values = torch.randn(rows, width, generator=g, dtype=dtype)
-    columns = [dim + c * dim for c in torch.randperm(n * k, generator=g).tolist()]
+    order = torch.randperm(n * k, generator=g).tolist()
+    keys = ["unread"] + [f"f{i // k}_p{i % k}" for i in order]
+    kt = KeyedTensor(keys=keys, length_per_key=[dim] * len(keys), values=values)
+    runs = _column_runs(kt, [[f"f{f}_p{p}" for p in range(k)] for f in range(n)], [2 if k > 1 else 0] * n)
     index = torch.randint(0, batch * n, (rows * n,), generator=g)
     scale = torch.rand(rows * n, generator=g, dtype=dtype)
     scale[-3:] = 0  # padding rows
-    return values, columns, dim, index, scale, batch, n, k
+    # naive: per row and feature the product of its parts, scaled, summed into its bag
+    naive = torch.zeros(batch * n, dim, dtype=dtype)
+    for r in range(rows):
+        for f in range(n):
+            prod = torch.ones(dim, dtype=dtype)
+            for p in range(k):
+                c = keys.index(f"f{f}_p{p}") * dim
+                prod = prod * values[r, c : c + dim]
+            naive[index[r * n + f]] += scale[r * n + f] * prod
+    return values, runs, index, scale, batch, n, dim, naive.view(batch, n * dim)
 
 
-@pytest.mark.parametrize("k", [1, 2, 3])
-def test_the_fused_op_passes_gradcheck_and_equals_the_plain_ops(k):
-    values, columns, dim, index, scale, batch, n, k = _case(k)
+@pytest.mark.parametrize("k,n", [(1, 2), (2, 2), (3, 2), (2, 5)])
+def test_the_fused_op_passes_gradcheck_and_equals_the_plain_ops_and_a_naive_loop(k, n):
+    values, runs, index, scale, batch, n, dim, naive = _case(k, n)
     values.requires_grad_()
-    fused = _ComposePerId.apply(values, columns, dim, index, scale, batch, n, k)
-    plain = _compose_plain(values, columns, dim, index, scale, batch, n, k)
-    torch.testing.assert_close(fused, plain)
-    assert torch.autograd.gradcheck(lambda v: _ComposePerId.apply(v, columns, dim, index, scale, batch, n, k), (values,))
+    fused = _ComposePerId.apply(values, runs, index, scale, batch, n, dim)
+    plain = _compose_per_id_plain(values, runs, index, scale, batch, n, dim)
+    torch.testing.assert_close(fused, naive)
+    torch.testing.assert_close(plain, naive)
+    assert torch.autograd.gradcheck(lambda v: _ComposePerId.apply(v, runs, index, scale, batch, n, dim), (values,))
     # the block no part reads gets a zero gradient, not garbage
     (grad,) = torch.autograd.grad(fused.sum(), values)
     assert not grad[:, :dim].any()
+
+
+def test_features_whose_parts_advance_by_one_stride_are_one_product():
+    keys = ["a_q", "b_q", "c_q", "a_r", "b_r", "c_r"]
+    kt = KeyedTensor(keys=keys, length_per_key=[4] * 6, values=torch.zeros(2, 24))
+    assert _column_runs(kt, [["a_q", "a_r"], ["b_q", "b_r"], ["c_q", "c_r"]], [2, 2, 2]) == [[2, 3, 2, 4, 0, 0, 4, 12, 4]]
+    interleaved = KeyedTensor(keys=["a_q", "a_r", "b_q", "b_r"], length_per_key=[4] * 4, values=torch.zeros(2, 16))
+    assert _column_runs(interleaved, [["a_q", "a_r"], ["b_q", "b_r"]], [2, 2]) == [[2, 2, 2, 4, 0, 0, 8, 4, 8]]
 
 
 def test_scripted_and_traced_models_give_the_eager_outputs():

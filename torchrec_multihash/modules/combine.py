@@ -69,83 +69,6 @@ def _bag_index(
     return index, scale
 
 
-def _compose_plain(
-    values: torch.Tensor, columns: List[int], dim: int, index: torch.Tensor, scale: torch.Tensor, batch: int, n: int, k: int
-) -> torch.Tensor:
-    """``_ComposePerId`` in plain ops (scripted and traced models; autograd's own backward)."""
-    rows = values.size(0)
-    prods: List[torch.Tensor] = []
-    for f in range(n):
-        prod = values[:, columns[f * k] : columns[f * k] + dim]
-        for p in range(1, k):
-            c = columns[f * k + p]
-            prod = prod * values[:, c : c + dim]
-        prods.append(prod)
-    stacked = torch.stack(prods, dim=1) * scale.view(rows, n, 1)
-    pooled = torch.zeros(batch * n, dim, dtype=values.dtype, device=values.device).index_add(0, index, stacked.reshape(rows * n, dim))
-    return pooled.view(batch, n * dim)
-
-
-class _ComposePerId(torch.autograd.Function):
-    """Product over parts, per id, then pooled into bags, in one op with a hand-written backward.
-
-    ``values``: the per-id lookup's output, ``[rows, width]``, row ``i`` the ``i``-th id of every
-    feature; part ``p`` of feature ``f`` is its ``dim`` columns from ``columns[f * k + p]`` (read
-    where TorchRec put them: no regrouping copy). Out: ``[batch, n * dim]``. The backward gathers
-    the output's gradient per id (one ``index_select``), scales it, and writes each part's gradient
-    (that times the other parts) straight into its columns of the lookup's gradient.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, values: torch.Tensor, columns: List[int], dim: int, index: torch.Tensor, scale: torch.Tensor, batch: int, n: int, k: int
-    ) -> torch.Tensor:
-        rows = values.size(0)
-        prod = torch.empty(rows, n, dim, dtype=values.dtype, device=values.device)
-        for f in range(n):
-            cols = [values[:, c : c + dim] for c in columns[f * k : (f + 1) * k]]
-            if k == 1:
-                prod[:, f].copy_(cols[0])
-                continue
-            torch.mul(cols[0], cols[1], out=prod[:, f])
-            for c in cols[2:]:
-                prod[:, f].mul_(c)
-        prod.mul_(scale.view(rows, n, 1))
-        pooled = torch.zeros(batch * n, dim, dtype=prod.dtype, device=prod.device).index_add_(0, index, prod.view(rows * n, dim))
-        ctx.save_for_backward(values, index, scale)
-        ctx.spec = (columns, dim, batch, n, k)
-        return pooled.view(batch, n * dim)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        values, index, scale = ctx.saved_tensors
-        columns, dim, batch, n, k = ctx.spec
-        rows = values.size(0)
-        g = grad.reshape(batch * n, dim).index_select(0, index).view(rows, n, dim).mul_(scale.view(rows, n, 1))
-        # every column written below: no zero fill, unless other pieces read other columns
-        covered = len(set(columns)) * dim == values.size(1)
-        out = torch.empty_like(values) if covered else torch.zeros_like(values)
-        for f in range(n):
-            cs = columns[f * k : (f + 1) * k]
-            for p in range(k):
-                dst = out[:, cs[p] : cs[p] + dim]
-                if k == 1:
-                    dst.copy_(g[:, f])
-                    continue
-                others = [c for q, c in enumerate(cs) if q != p]
-                torch.mul(g[:, f], values[:, others[0] : others[0] + dim], out=dst)
-                for c in others[1:]:
-                    dst.mul_(values[:, c : c + dim])
-        return out, None, None, None, None, None, None, None
-
-
-@torch.jit.unused
-def _compose_fused(
-    values: torch.Tensor, columns: List[int], dim: int, index: torch.Tensor, scale: torch.Tensor, batch: int, n: int, k: int
-) -> torch.Tensor:
-    return _ComposePerId.apply(values, columns, dim, index, scale, batch, n, k)
-
-
 @torch.fx.wrap
 def _per_id_bags(
     kt: KeyedTensor,
@@ -161,19 +84,15 @@ def _per_id_bags(
     output ``kt`` (``rows`` >= each feature's id count, the rest padding): ``keys`` are the
     features' parts (feature-major), ``lengths``/``ids``/``weights`` the features' bags (a leaf
     call for fx)."""
-    offsets = kt.offset_per_key()
-    where: Dict[str, int] = {}
-    kt_keys = kt.keys()
-    for i in range(len(kt_keys)):
-        where[kt_keys[i]] = offsets[i]
-    columns: List[int] = [where[key] for key in keys]
+    n = len(lengths)
+    runs = _column_runs(kt, [keys[f * k : (f + 1) * k] for f in range(n)], [2 if k > 1 else 0] * n)
     values = kt.values()
     counts: List[int] = [v.numel() for v in ids]
     index, scale = _bag_index(lengths, weights, counts, values.size(0), mean, values.dtype)
-    batch, n = lengths[0].numel(), len(lengths)
+    batch = lengths[0].numel()
     if torch.jit.is_scripting() or torch.jit.is_tracing():
-        return _compose_plain(values, columns, dim, index, scale, batch, n, k)
-    return _compose_fused(values, columns, dim, index, scale, batch, n, k)
+        return _compose_per_id_plain(values, runs, index, scale, batch, n, dim)
+    return _compose_per_id_fused(values, runs, index, scale, batch, n, dim)
 
 
 def _column_runs(kt: KeyedTensor, keys: List[List[str]], ops: List[int]) -> List[List[int]]:
@@ -259,8 +178,59 @@ def _compose_runs_plain(values: torch.Tensor, runs: List[List[int]]) -> torch.Te
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
+def _forward_runs(values: torch.Tensor, runs: List[List[int]], width: int) -> torch.Tensor:
+    """The runs composed from ``values`` (contiguous ``[rows, columns]``), ``[rows, width]``: each
+    run one copy, sum or product over strided views, written into its place."""
+    rows = values.size(0)
+    out = torch.empty(rows, width, dtype=values.dtype, device=values.device)
+    for run in runs:
+        n, dim, start = run[1], run[3], run[4]
+        parts = _run_parts(values, run)
+        if run[0] == 3:  # concat: [rows, n, k, dim]
+            side = out[:, start : start + n * len(parts) * dim].view(rows, n, len(parts), dim)
+            for p, part in enumerate(parts):
+                side[:, :, p].copy_(part)
+            continue
+        dst = out[:, start : start + n * dim].view(rows, n, dim)
+        if len(parts) == 1:
+            dst.copy_(parts[0])
+            continue
+        (torch.add if run[0] == 1 else torch.mul)(parts[0], parts[1], out=dst)
+        for part in parts[2:]:
+            dst.add_(part) if run[0] == 1 else dst.mul_(part)
+    return out
+
+
+def _backward_runs(values: torch.Tensor, runs: List[List[int]], grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``_forward_runs`` for ``values``: each part's (the output's, times the other
+    parts for mult) written straight into its columns; zeros where no run reads."""
+    rows = values.size(0)
+    read = sum(r[1] * r[2] * r[3] for r in runs)
+    out = torch.empty_like(values) if read == values.size(1) else torch.zeros_like(values)
+    for run in runs:
+        n, k, dim, start = run[1], run[2], run[3], run[4]
+        dsts = _run_parts(out, run)
+        if run[0] == 3:  # concat: each part gets its columns of the output's gradient
+            side = grad[:, start : start + n * k * dim].reshape(rows, n, k, dim)
+            for p, dst in enumerate(dsts):
+                dst.copy_(side[:, :, p])
+            continue
+        g = grad[:, start : start + n * dim].reshape(rows, n, dim)
+        if run[0] != 2:  # copy, add: each part gets the output's gradient
+            for dst in dsts:
+                dst.copy_(g)
+            continue
+        parts = _run_parts(values, run)
+        for p, dst in enumerate(dsts):
+            others = [x for q, x in enumerate(parts) if q != p]
+            torch.mul(g, others[0], out=dst)
+            for x in others[1:]:
+                dst.mul_(x)
+    return out
+
+
 class _ComposeRuns(torch.autograd.Function):
-    """The pooled outputs composed from the pooled lookup's ``[batch, width]`` output in one op:
+    """The pooled outputs composed from the pooled lookup's ``[batch, columns]`` output in one op:
     each run of outputs (``_column_runs``) is one copy, sum or product over strided views of the
     columns where TorchRec put them, written into its place of the result; the backward writes
     each part's gradient straight into its columns of the lookup's gradient (no regrouping, no
@@ -269,59 +239,66 @@ class _ComposeRuns(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, values: torch.Tensor, runs: List[List[int]], width: int) -> torch.Tensor:
         values = values.contiguous()
-        batch = values.size(0)
-        out = torch.empty(batch, width, dtype=values.dtype, device=values.device)
-        for run in runs:
-            n, dim, start = run[1], run[3], run[4]
-            parts = _run_parts(values, run)
-            if run[0] == 3:  # concat: [batch, n, k, dim]
-                side = out[:, start : start + n * len(parts) * dim].view(batch, n, len(parts), dim)
-                for p, part in enumerate(parts):
-                    side[:, :, p].copy_(part)
-                continue
-            dst = out[:, start : start + n * dim].view(batch, n, dim)
-            if len(parts) == 1:
-                dst.copy_(parts[0])
-                continue
-            (torch.add if run[0] == 1 else torch.mul)(parts[0], parts[1], out=dst)
-            for part in parts[2:]:
-                dst.add_(part) if run[0] == 1 else dst.mul_(part)
         ctx.save_for_backward(values)
         ctx.runs = runs
-        return out
+        return _forward_runs(values, runs, width)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         (values,) = ctx.saved_tensors
-        runs: List[List[int]] = ctx.runs
-        batch = values.size(0)
-        read = sum(r[1] * r[2] * r[3] for r in runs)
-        out = torch.empty_like(values) if read == values.size(1) else torch.zeros_like(values)
-        for run in runs:
-            n, k, dim, start = run[1], run[2], run[3], run[4]
-            dsts = _run_parts(out, run)
-            if run[0] == 3:  # concat: each part gets its columns of the output's gradient
-                side = grad[:, start : start + n * k * dim].reshape(batch, n, k, dim)
-                for p, dst in enumerate(dsts):
-                    dst.copy_(side[:, :, p])
-                continue
-            g = grad[:, start : start + n * dim].reshape(batch, n, dim)
-            if run[0] != 2:  # copy, add: each part gets the output's gradient
-                for dst in dsts:
-                    dst.copy_(g)
-                continue
-            parts = _run_parts(values, run)
-            for p, dst in enumerate(dsts):
-                others = [x for q, x in enumerate(parts) if q != p]
-                torch.mul(g, others[0], out=dst)
-                for x in others[1:]:
-                    dst.mul_(x)
-        return out, None, None
+        return _backward_runs(values, ctx.runs, grad), None, None
 
 
 @torch.jit.unused
 def _compose_runs_fused(values: torch.Tensor, runs: List[List[int]], width: int) -> torch.Tensor:
     return _ComposeRuns.apply(values, runs, width)
+
+
+class _ComposePerId(torch.autograd.Function):
+    """Product over parts, per id, then pooled into bags, in one op with a hand-written backward.
+
+    ``values``: the per-id lookup's output, ``[rows, columns]``, row ``i`` the ``i``-th id of
+    every feature; ``runs`` (``_column_runs``) say where the ``n`` features' parts are (read where
+    TorchRec put them: no regrouping copy); ``index``/``scale`` (``_bag_index``) where each id's
+    product pools to and with what factor. Out: ``[batch, n * dim]``. The backward gathers the
+    output's gradient per id (one ``index_select``), scales it, and writes each part's gradient
+    (that times the other parts) straight into its columns of the lookup's gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, values: torch.Tensor, runs: List[List[int]], index: torch.Tensor, scale: torch.Tensor, batch: int, n: int, dim: int
+    ) -> torch.Tensor:
+        values = values.contiguous()
+        rows = values.size(0)
+        prod = _forward_runs(values, runs, n * dim).view(rows * n, dim).mul_(scale.unsqueeze(1))
+        pooled = torch.zeros(batch * n, dim, dtype=prod.dtype, device=prod.device).index_add_(0, index, prod)
+        ctx.save_for_backward(values, index, scale)
+        ctx.runs = runs
+        ctx.dim = dim
+        return pooled.view(batch, n * dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        values, index, scale = ctx.saved_tensors
+        g = grad.reshape(-1, ctx.dim).index_select(0, index).mul_(scale.unsqueeze(1))
+        return _backward_runs(values, ctx.runs, g.view(values.size(0), -1)), None, None, None, None, None, None
+
+
+@torch.jit.unused
+def _compose_per_id_fused(
+    values: torch.Tensor, runs: List[List[int]], index: torch.Tensor, scale: torch.Tensor, batch: int, n: int, dim: int
+) -> torch.Tensor:
+    return _ComposePerId.apply(values, runs, index, scale, batch, n, dim)
+
+
+def _compose_per_id_plain(
+    values: torch.Tensor, runs: List[List[int]], index: torch.Tensor, scale: torch.Tensor, batch: int, n: int, dim: int
+) -> torch.Tensor:
+    """``_ComposePerId`` in plain ops (scripted and traced models; autograd's own backward)."""
+    prod = _compose_runs_plain(values, runs).reshape(values.size(0) * n, dim) * scale.unsqueeze(1)
+    pooled = torch.zeros(batch * n, dim, dtype=values.dtype, device=values.device).index_add(0, index, prod)
+    return pooled.view(batch, n * dim)
 
 
 @torch.fx.wrap
