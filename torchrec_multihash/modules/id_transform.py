@@ -8,7 +8,7 @@ input-dist stage of the pipeline, overlapped with compute.
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -64,68 +64,51 @@ def _bag_error(lk: FeatureLookup, lengths: torch.Tensor) -> InvalidInputError:
     )
 
 
-_NO_LIMIT = 2**63 - 1
+def _bounds(tensors: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The min and max of each tensor: one reduction of them stacked when they are equally long."""
+    if len(tensors) > 1 and all(t.numel() == tensors[0].numel() for t in tensors):
+        return torch.aminmax(torch.stack(tensors), dim=1)
+    each = [torch.aminmax(t) for t in tensors]
+    return torch.stack([m for m, _ in each]), torch.stack([m for _, m in each])
 
 
-def check_id_ranges(lookups: Sequence[FeatureLookup], features: KeyedJaggedTensor, by_key: Dict[str, JaggedTensor]) -> None:
+def check_id_ranges(lookups: Sequence[FeatureLookup], jts: Sequence[JaggedTensor]) -> None:
     """Raises InvalidInputError if an id lies outside [0, num_embeddings) of its table, or a bag
     holds more than its table's ``max_ids_per_bag`` ids.
 
-    A few ops over the KJT's flat ids and lengths (each compared with its feature's bounds) and
-    one host sync for all features; the feature at fault is looked for only when one is.
+    One host sync for all features: their id bounds and largest bags are gathered and read together
+    (features of equally many ids, as one-hot ones, stacked and reduced by one op each).
     """
-    values, lengths = features.values(), features.lengths()
-    if values.device.type == "meta":  # meta has no ids to read
-        return
-    keys = features.keys()
-    lo: Dict[str, int] = {}
-    hi: Dict[str, int] = {}
-    bags: Dict[str, int] = {}
-    for lk in lookups:
-        if not lk.strategy.accepts_any_id:
-            lo[lk.feature] = 0
-            hi[lk.feature] = min(hi.get(lk.feature, _NO_LIMIT), lk.num_embeddings)
-        if lk.max_ids_per_bag is not None:
-            bags[lk.feature] = min(bags.get(lk.feature, _NO_LIMIT), lk.max_ids_per_bag)
-    if features.variable_stride_per_key() or not (lo or bags):
-        return _check_each(lookups, [by_key[lk.feature] for lk in lookups])
-    device = values.device
-    flags: List[torch.Tensor] = []
-    if lo and values.numel() > 0:
-        counts = torch.tensor(features.length_per_key(), device=device)
-        bounds = torch.tensor([[lo.get(k, -_NO_LIMIT - 1), hi.get(k, _NO_LIMIT)] for k in keys], device=device)
-        per_id = bounds.repeat_interleave(counts, dim=0, output_size=values.numel())
-        flags.append(((values < per_id[:, 0]) | (values >= per_id[:, 1])).any())
-    if bags and lengths.numel() > 0:
-        most = torch.tensor([bags.get(k, _NO_LIMIT) for k in keys], device=device)
-        flags.append((lengths.view(len(keys), -1) > most.unsqueeze(1)).any())
-    if flags and any(torch.stack(flags).tolist()):
-        _check_each(lookups, [by_key[lk.feature] for lk in lookups])
-
-
-def _check_each(lookups: Sequence[FeatureLookup], jts: Sequence[JaggedTensor]) -> None:
-    """``check_id_ranges`` feature by feature, naming the first at fault."""
-    stats: List[torch.Tensor] = []
     checks: List[tuple] = []  # (lookup, jagged tensor, what): "ids" reads 2 stats, "bags" 1
+    ids: List[torch.Tensor] = []
+    bags: List[torch.Tensor] = []
     for lk, jt in zip(lookups, jts):
         v = jt.values()
         if v.device.type == "meta":  # meta has no ids to read
             continue
         if not lk.strategy.accepts_any_id and v.numel() > 0:
-            stats += list(torch.aminmax(v))
+            ids.append(v)
             checks.append((lk, jt, "ids"))
         if lk.max_ids_per_bag is not None and jt.lengths().numel() > 0:
-            stats.append(jt.lengths().max().to(v.dtype))
+            bags.append(jt.lengths())
             checks.append((lk, jt, "bags"))
     if not checks:
         return
-    read = iter(torch.stack(stats).tolist())
+    stats: List[torch.Tensor] = []
+    if ids:
+        lo, hi = _bounds(ids)
+        stats.append(torch.stack([lo, hi], dim=1).view(-1).long())
+    if bags:
+        stats.append(_bounds(bags)[1].long())
+    read = torch.cat(stats).tolist() if len(stats) > 1 else stats[0].tolist()
+    read_ids = iter(read[: 2 * len(ids)])
+    read_bags = iter(read[2 * len(ids) :])
     for lk, jt, what in checks:
         if what == "bags":
-            if next(read) > lk.max_ids_per_bag:
+            if next(read_bags) > lk.max_ids_per_bag:
                 raise _bag_error(lk, jt.lengths())
             continue
-        lo, hi = next(read), next(read)
+        lo, hi = next(read_ids), next(read_ids)
         if lo < 0 or hi >= lk.num_embeddings:
             values = jt.values()
             bad = ((values < 0) | (values >= lk.num_embeddings)).nonzero()[0].item()
@@ -137,42 +120,26 @@ def _check_each(lookups: Sequence[FeatureLookup], jts: Sequence[JaggedTensor]) -
 
 
 @torch.fx.wrap
-def _partition(ids: List[torch.Tensor], source: List[int], divisors: List[int], moduli: List[int]) -> torch.Tensor:
-    """Every sub-feature's rows, ``(x // divisor) % modulus`` of its feature's ids, concatenated in
-    sub-feature order: one division and one remainder over all of them (a leaf call for fx)."""
-    parts = [ids[i] for i in source]
-    flat = torch.cat(parts) if len(parts) > 1 else parts[0]
-    if divisors.count(divisors[0]) == len(divisors) and moduli.count(moduli[0]) == len(moduli):
-        return partition_rows(flat, divisors[0], moduli[0])
-    device = flat.device
-    counts = torch.tensor([p.numel() for p in parts], device=device)
-    no_limit = 9223372036854775807  # remainder by it leaves an id as it is
-    spec = torch.tensor([[d, m if m > 0 else no_limit] for d, m in zip(divisors, moduli)], device=device)
-    per_id = spec.repeat_interleave(counts, dim=0, output_size=flat.numel())
-    rows = flat if max(divisors) == 1 else torch.div(flat, per_id[:, 0], rounding_mode="floor")
-    return rows if max(moduli) == 0 else torch.remainder(rows, per_id[:, 1])
-
-
-@torch.fx.wrap
-def _exploded(keys: List[str], values: torch.Tensor, counts: List[int], lengths_dtype: torch.dtype) -> KeyedJaggedTensor:
+def _exploded(keys: List[str], values: List[torch.Tensor], lengths_dtype: torch.dtype) -> KeyedJaggedTensor:
     """The KJT of sub-features with one bag per id: a batch of ``max(1, most ids of a sub-feature)``
-    bags per key, the ``n = counts[j]`` ids of sub-feature ``j`` in its first ``n`` bags (length 1),
-    the rest empty (padding). A leaf call for fx."""
+    bags per key, the ``n`` ids of a sub-feature in its first ``n`` bags (length 1), the rest empty
+    (padding). A leaf call for fx."""
+    counts: List[int] = [v.numel() for v in values]
     stride = max(1, max(counts))
-    device = values.device
+    device = values[0].device
     n = torch.tensor(counts, device=device)
     lengths = (torch.arange(stride, device=device).unsqueeze(0) < n.unsqueeze(1)).to(lengths_dtype).view(-1)
-    return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, stride=stride)
+    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=lengths, stride=stride)
 
 
 @torch.fx.wrap
 def _sub_features(
-    keys: List[str], values: torch.Tensor, lengths: List[torch.Tensor], weights: Optional[List[torch.Tensor]], stride: int
+    keys: List[str], values: List[torch.Tensor], lengths: List[torch.Tensor], weights: Optional[List[torch.Tensor]], stride: int
 ) -> KeyedJaggedTensor:
     """The KJT of sub-features (a leaf call for fx: a KJT cannot be built from proxies)."""
     return KeyedJaggedTensor(
         keys=keys,
-        values=values,
+        values=torch.cat(values),
         lengths=torch.cat(lengths),
         weights=torch.cat(weights) if weights is not None else None,
         stride=stride,
@@ -261,7 +228,7 @@ class IdTransform(nn.Module):
         if self._is_weighted and features.weights_or_none() is None:
             raise InvalidInputError("the module is weighted (is_weighted=True) but the KJT has no weights")
         if self._validate_ids:
-            check_id_ranges(self._lookups, features, by_key)
+            check_id_ranges(self._lookups, [by_key[lk.feature] for lk in self._lookups])
 
     @torch.jit.unused
     def _passes_as_is(self, features: KeyedJaggedTensor) -> bool:
@@ -282,15 +249,17 @@ class IdTransform(nn.Module):
             for i in range(len(self._tables)):
                 if self._tables[i] == table:
                     ids[i] = mapping(ids[i])
-        values = _partition(ids, self._source, self._divisors, self._moduli)
+        values: List[torch.Tensor] = []
         if self._explode:
-            counts: List[int] = [ids[i].numel() for i in self._source]
-            return _exploded(self._sub_keys, values, counts, features.lengths().dtype)
+            for j in range(len(self._sub_keys)):
+                values.append(partition_rows(ids[self._source[j]], self._divisors[j], self._moduli[j]))
+            return _exploded(self._sub_keys, values, features.lengths().dtype)
         lengths: List[torch.Tensor] = []
         weights: List[torch.Tensor] = []
         for j in range(len(self._sub_keys)):
             i = self._source[j]
             jt = by_key[self._features[i]]
+            values.append(partition_rows(ids[i], self._divisors[j], self._moduli[j]))
             lengths.append(jt.lengths())
             if self._is_weighted:
                 weights.append(torch.ones_like(jt.weights()) if self._unit_weights[j] else jt.weights())
