@@ -178,6 +178,7 @@ class IdTransform(nn.Module):
     _source: List[int]
     _divisors: List[int]
     _moduli: List[int]
+    _reuse: List[int]
     _unit_weights: List[bool]
 
     def __init__(
@@ -205,6 +206,13 @@ class IdTransform(nn.Module):
         spec = [p for lk in lookups for p in lk.strategy.partition_spec()]
         self._divisors = [d for d, _ in spec]
         self._moduli = [m for _, m in spec]
+        # per sub-feature x % m: the sub-feature of the same feature that takes x // m, if any
+        self._reuse = [
+            next((q for q in range(len(spec)) if self._source[q] == self._source[j] and spec[q] == (self._moduli[j], 0)), -1)
+            if self._divisors[j] == 1 and self._moduli[j] > 0
+            else -1
+            for j in range(len(spec))
+        ]
         # a one-hot mult bag pooled is w * q[x] times w * r[x]: weighting its first part alone
         # leaves w * q[x] * r[x], as per id
         self._unit_weights = [lk.pooled_mult and p > 0 for lk in lookups for p in range(len(lk.sub_features))]
@@ -217,6 +225,24 @@ class IdTransform(nn.Module):
             and all(d == 1 and m == 0 for d, m in spec)
             and not any(self._unit_weights)
         )
+
+    def _rows(self, ids: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Each sub-feature's rows, ``(x // divisor) % modulus`` of its feature's ids; a remainder
+        ``x % m`` whose quotient ``x // m`` another sub-feature takes anyway (Q-R) is ``x - (x // m)
+        * m``: int64 division dominates the transform's time."""
+        quotients: Dict[int, torch.Tensor] = {}
+        for j in range(len(self._sub_keys)):  # quotients first: remainders may reuse them
+            if self._moduli[j] == 0:
+                quotients[j] = partition_rows(ids[self._source[j]], self._divisors[j], 0)
+        out: List[torch.Tensor] = []
+        for j in range(len(self._sub_keys)):
+            if j in quotients:
+                out.append(quotients[j])
+            elif self._reuse[j] >= 0:
+                out.append(ids[self._source[j]] - quotients[self._reuse[j]] * self._moduli[j])
+            else:
+                out.append(partition_rows(ids[self._source[j]], self._divisors[j], self._moduli[j]))
+        return out
 
     @torch.jit.unused
     def check(self, features: KeyedJaggedTensor, by_key: Dict[str, JaggedTensor]) -> None:
@@ -249,17 +275,14 @@ class IdTransform(nn.Module):
             for i in range(len(self._tables)):
                 if self._tables[i] == table:
                     ids[i] = mapping(ids[i])
-        values: List[torch.Tensor] = []
+        values = self._rows(ids)
         if self._explode:
-            for j in range(len(self._sub_keys)):
-                values.append(partition_rows(ids[self._source[j]], self._divisors[j], self._moduli[j]))
             return _exploded(self._sub_keys, values, features.lengths().dtype)
         lengths: List[torch.Tensor] = []
         weights: List[torch.Tensor] = []
         for j in range(len(self._sub_keys)):
             i = self._source[j]
             jt = by_key[self._features[i]]
-            values.append(partition_rows(ids[i], self._divisors[j], self._moduli[j]))
             lengths.append(jt.lengths())
             if self._is_weighted:
                 weights.append(torch.ones_like(jt.weights()) if self._unit_weights[j] else jt.weights())
