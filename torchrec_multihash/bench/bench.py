@@ -48,10 +48,19 @@ class Results(TypedDict):
     train: List[Record]
 
 
-def run_method(method: str, spec: BenchSpec, nproc: int = 1, device: str = "auto") -> Record:
+# glibc's malloc hands large blocks back to the OS when they are freed (mmap, trim), so on CPU every
+# step page-faults its large tensors in again, at a cost that depends on the allocator's history more
+# than on the method; CUDA's caching allocator keeps freed blocks. These tunables make glibc keep
+# them too (no mmap, no trim), for every method and the baseline alike ("--malloc system": off).
+CACHING_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+MALLOCS = ("caching", "system")
+
+
+def run_method(method: str, spec: BenchSpec, nproc: int = 1, device: str = "auto", malloc: str = "caching") -> Record:
     args = ["-m", "torchrec_multihash.bench.step_time", "--method", method, "--spec", json.dumps(spec.to_dict()), "--device", device]
     cmd = python_command(args, nproc)
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(CACHING_MALLOC_ENV if malloc == "caching" else {})}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in r.stdout.splitlines():
         if line.startswith("BENCH "):
             return json.loads(line[len("BENCH ") :])
@@ -87,7 +96,7 @@ def loader_throughput(spec: BenchSpec, lines: int) -> List[Record]:
     return out
 
 
-def train_throughput(config: Path, samples: int, device: str) -> List[Record]:
+def train_throughput(config: Path, samples: int, device: str, malloc: str = "caching") -> List[Record]:
     """End-to-end ``train`` (DLRM, data, fused optimizer) on ``config``, full tables vs Q-R mult: its
     samples/s, each in a fresh process as a user runs it."""
     out: List[Record] = []
@@ -97,6 +106,7 @@ def train_throughput(config: Path, samples: int, device: str) -> List[Record]:
             overrides = [*sets, f"train.output_dir={tmp}/{name}", f"data.train_samples={samples}", "data.test_samples=10000"]
             args = ["-m", "torchrec_multihash.cli", "train", "--config", str(config), "--metrics-out", str(metrics)]
             env = {**os.environ, "OMP_NUM_THREADS": "1", **({"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {})}
+            env.update(CACHING_MALLOC_ENV if malloc == "caching" else {})
             r = subprocess.run([sys.executable, *args, *[a for o in overrides for a in ("--set", o)]], capture_output=True, text=True, env=env)
             if r.returncode != 0:
                 raise RuntimeError(f"train ({name}) failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
@@ -112,7 +122,8 @@ def _method_table(name: str, work: Workload) -> List[str]:
     bags = f"{spec['multi_hot']} multi-hot features (1-{spec['max_bag']} ids), the rest one-hot" if spec["multi_hot"] else "every feature one-hot"
     lines = [
         f"Workload {name}: {len(spec['rows'])} tables ({sum(spec['rows']):,} rows, dim {spec['dim']}), batch {spec['batch_size']}, "
-        f"{bags}, compression {spec['compression']:g}x; median of {spec['steps']} steps after {spec['warmup']} warm-up; device {base['device']}. "
+        f"{bags}, compression {spec['compression']:g}x; median of {spec['steps']} steps after {spec['warmup']} warm-up; device {base['device']}"
+        f"{'; malloc: ' + base['malloc'] if base['device'] == 'cpu' and 'malloc' in base else ''}. "
         f"`vs {BASELINE}`: the method and TorchRec's EBC timed step for step in one process on the same batches.",
         "",
         f"| method | step (ms) | vs {BASELINE} | vs {NAIVE} | samples/s | weights (MiB) | peak memory (MiB) |",
@@ -217,6 +228,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--train-samples", type=int, default=None, help="samples of the end-to-end train runs (0 to skip; default 200k, --quick 20k)")
     p.add_argument("--train-config", type=Path, default=TRAIN_CONFIG, help="config of the end-to-end train runs")
     p.add_argument("--steps", type=int, default=None, help="timed steps per method (default: 30, --quick 20)")
+    p.add_argument(
+        "--malloc",
+        choices=MALLOCS,
+        default="caching",
+        help="caching: glibc keeps freed memory (as CUDA's allocator does): no page faults for tensors of earlier steps; system: its defaults",
+    )
     args = p.parse_args(argv)
     workloads = [w for w in args.workloads.split(",") if w]
     if [w for w in workloads if w not in WORKLOADS]:
@@ -236,7 +253,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 spec.steps = args.steps
             work = Workload(spec=spec.to_dict(), methods=[])
             for m in tqdm(methods, desc=f"bench: {name}", unit="method"):
-                work["methods"].append(run_method(m, spec, device=args.device))
+                work["methods"].append({**run_method(m, spec, device=args.device, malloc=args.malloc), "malloc": args.malloc})
             results["workloads"][name] = work
         spec = BenchSpec.workload("multi_hot", args.quick)
         if args.steps:
@@ -246,13 +263,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         for m in ("torchrec_ebc", "qr_mult") if counts else ():
             for n in tqdm(counts, desc=f"bench: scaling {m}", unit="run"):
                 one = next((r for r in base_rows if r["method"] == m), None)
-                results["scaling"].append(one if n == 1 and one is not None else run_method(m, spec, nproc=n, device=args.device))
+                results["scaling"].append(one if n == 1 and one is not None else run_method(m, spec, nproc=n, device=args.device, malloc=args.malloc))
         lines = args.loader_lines if args.loader_lines is not None else (20_000 if args.quick else 200_000)
         if lines:
             results["loader"] = loader_throughput(spec, lines)
         samples = args.train_samples if args.train_samples is not None else (20_000 if args.quick else 200_000)
         if samples:
-            results["train"] = train_throughput(args.train_config, samples, args.device)
+            results["train"] = train_throughput(args.train_config, samples, args.device, args.malloc)
     except RuntimeError as e:
         print(f"torchrec-multihash bench: {e}", file=sys.stderr)
         return 1
