@@ -171,6 +171,10 @@ def test_pooled_outputs_are_composed_where_torchrec_put_their_parts():
     torch.autograd.gradcheck(lambda v: _compose_pooled(KeyedTensor(keys=keys, length_per_key=widths, values=v), outputs, ops, 28), (values,))
     scripted = torch.jit.script(_compose_pooled)
     torch.testing.assert_close(scripted(kt, outputs, ops, 28), naive, atol=0, rtol=0)
+    # single parts and concats already in TorchRec's order: the lookup's output itself, no copy
+    in_order = KeyedTensor(keys=["c", "e_0", "e_1", "d_0", "d_1"], length_per_key=[4, 2, 2, 3, 5], values=values[:, :16])
+    assert _compose_pooled(in_order, [["c"], ["e_0", "e_1"], ["d_0", "d_1"]], [0, 0, 0], 16) is in_order.values()
+    assert _compose_pooled(in_order, [["c"], ["e_1", "e_0"], ["d_0", "d_1"]], [0, 0, 0], 16) is not in_order.values()
 
 
 # sharded == unsharded: one-hot mult tables in the pooled EBC, its sub-tables placed by several

@@ -301,12 +301,33 @@ def _compose_per_id_plain(
     return pooled.view(batch, n * dim)
 
 
+def _as_they_are(runs: List[List[int]], width: int, columns: int) -> bool:
+    """Whether the runs only copy every column of the lookup's output to the same place (single
+    parts and concats in TorchRec's order): then the output is the lookup's, no copy."""
+    if width != columns:
+        return False
+    for run in runs:
+        op, n, k, dim, start = run[0], run[1], run[2], run[3], run[4]
+        if op == 0:
+            if run[5] != start or (n > 1 and run[6] != dim):
+                return False
+        elif op == 3:
+            for p in range(k):
+                if run[5 + 2 * p] != start + p * dim or (n > 1 and run[6 + 2 * p] != k * dim):
+                    return False
+        else:
+            return False
+    return True
+
+
 @torch.fx.wrap
 def _compose_pooled(kt: KeyedTensor, keys: List[List[str]], ops: List[int], width: int) -> torch.Tensor:
     """The pooled outputs, ``[batch, width]`` in output order, from the pooled lookup's output
     ``kt``: output ``j`` composes the parts ``keys[j]`` by ``ops[j]`` (0: as they are, side by side;
     1: add; 2: mult), read where TorchRec put them (a leaf call for fx)."""
     runs = _column_runs(kt, keys, ops)
+    if _as_they_are(runs, width, kt.values().size(1)):
+        return kt.values()
     if torch.jit.is_scripting() or torch.jit.is_tracing():
         return _compose_runs_plain(kt.values(), runs)
     return _compose_runs_fused(kt.values(), runs, width)
