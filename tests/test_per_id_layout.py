@@ -118,7 +118,7 @@ def _case(k, n=2, dtype=torch.double):
     return values, runs, index, scale, batch, n, dim, naive.view(batch, n * dim)
 
 
-@pytest.mark.parametrize("k,n", [(1, 2), (2, 2), (3, 2), (2, 5)])
+@pytest.mark.parametrize("k,n", [(1, 2), (2, 2), (3, 2), (4, 3), (2, 5)])
 def test_the_fused_op_passes_gradcheck_and_equals_the_plain_ops_and_a_naive_loop(k, n):
     values, runs, index, scale, batch, n, dim, naive = _case(k, n)
     values.requires_grad_()

@@ -178,14 +178,19 @@ def _compose_runs_plain(values: torch.Tensor, runs: List[List[int]]) -> torch.Te
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
-def _forward_runs(values: torch.Tensor, runs: List[List[int]], width: int) -> torch.Tensor:
+def _forward_runs(values: torch.Tensor, runs: List[List[int]], width: int) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
     """The runs composed from ``values`` (contiguous ``[rows, columns]``), ``[rows, width]``: each
-    run one copy, sum or product over strided views, written into its place."""
+    run one copy, sum or product over strided views, written into its place. Also, per run, the
+    prefix products ``p0 * p1``, ``p0 * p1 * p2``, ... of a product of more than two parts (what
+    its backward reuses)."""
     rows = values.size(0)
     out = torch.empty(rows, width, dtype=values.dtype, device=values.device)
+    prefixes: List[List[torch.Tensor]] = []
     for run in runs:
         n, dim, start = run[1], run[3], run[4]
         parts = _run_parts(values, run)
+        saved: List[torch.Tensor] = []
+        prefixes.append(saved)
         if run[0] == 3:  # concat: [rows, n, k, dim]
             side = out[:, start : start + n * len(parts) * dim].view(rows, n, len(parts), dim)
             for p, part in enumerate(parts):
@@ -194,20 +199,28 @@ def _forward_runs(values: torch.Tensor, runs: List[List[int]], width: int) -> to
         dst = out[:, start : start + n * dim].view(rows, n, dim)
         if len(parts) == 1:
             dst.copy_(parts[0])
-            continue
-        (torch.add if run[0] == 1 else torch.mul)(parts[0], parts[1], out=dst)
-        for part in parts[2:]:
-            dst.add_(part) if run[0] == 1 else dst.mul_(part)
-    return out
+        elif run[0] == 1:
+            torch.add(parts[0], parts[1], out=dst)
+            for part in parts[2:]:
+                dst.add_(part)
+        else:
+            prod = parts[0]
+            for part in parts[1:-1]:
+                prod = prod * part
+                saved.append(prod)
+            torch.mul(prod, parts[-1], out=dst)
+    return out, prefixes
 
 
-def _backward_runs(values: torch.Tensor, runs: List[List[int]], grad: torch.Tensor) -> torch.Tensor:
+def _backward_runs(values: torch.Tensor, runs: List[List[int]], grad: torch.Tensor, prefixes: List[List[torch.Tensor]]) -> torch.Tensor:
     """The gradient of ``_forward_runs`` for ``values``: each part's (the output's, times the other
-    parts for mult) written straight into its columns; zeros where no run reads."""
+    parts for mult) written straight into its columns; zeros where no run reads. A product of ``k``
+    parts takes ``2k - 2`` passes: part ``p``'s gradient is the output's times the suffix product
+    of the parts after ``p`` (built up from the last) times the prefix product before ``p``."""
     rows = values.size(0)
     read = sum(r[1] * r[2] * r[3] for r in runs)
     out = torch.empty_like(values) if read == values.size(1) else torch.zeros_like(values)
-    for run in runs:
+    for run, saved in zip(runs, prefixes):
         n, k, dim, start = run[1], run[2], run[3], run[4]
         dsts = _run_parts(out, run)
         if run[0] == 3:  # concat: each part gets its columns of the output's gradient
@@ -221,11 +234,13 @@ def _backward_runs(values: torch.Tensor, runs: List[List[int]], grad: torch.Tens
                 dst.copy_(g)
             continue
         parts = _run_parts(values, run)
-        for p, dst in enumerate(dsts):
-            others = [x for q, x in enumerate(parts) if q != p]
-            torch.mul(g, others[0], out=dst)
-            for x in others[1:]:
-                dst.mul_(x)
+        before = [parts[0], *saved]  # before[p]: the product of the parts before p+1
+        suffix = g
+        for p in range(k - 1, 1, -1):
+            torch.mul(suffix, before[p - 1], out=dsts[p])
+            suffix = suffix * parts[p]
+        torch.mul(suffix, parts[0], out=dsts[1])
+        torch.mul(suffix, parts[1], out=dsts[0])
     return out
 
 
@@ -239,14 +254,15 @@ class _ComposeRuns(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, values: torch.Tensor, runs: List[List[int]], width: int) -> torch.Tensor:
         values = values.contiguous()
+        out, prefixes = _forward_runs(values, runs, width)
         ctx.save_for_backward(values)
-        ctx.runs = runs
-        return _forward_runs(values, runs, width)
+        ctx.runs, ctx.prefixes = runs, prefixes
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         (values,) = ctx.saved_tensors
-        return _backward_runs(values, ctx.runs, grad), None, None
+        return _backward_runs(values, ctx.runs, grad, ctx.prefixes), None, None
 
 
 @torch.jit.unused
@@ -271,10 +287,11 @@ class _ComposePerId(torch.autograd.Function):
     ) -> torch.Tensor:
         values = values.contiguous()
         rows = values.size(0)
-        prod = _forward_runs(values, runs, n * dim).view(rows * n, dim).mul_(scale.unsqueeze(1))
+        prod, prefixes = _forward_runs(values, runs, n * dim)
+        prod = prod.view(rows * n, dim).mul_(scale.unsqueeze(1))
         pooled = torch.zeros(batch * n, dim, dtype=prod.dtype, device=prod.device).index_add_(0, index, prod)
         ctx.save_for_backward(values, index, scale)
-        ctx.runs = runs
+        ctx.runs, ctx.prefixes = runs, prefixes
         ctx.dim = dim
         return pooled.view(batch, n * dim)
 
@@ -282,7 +299,7 @@ class _ComposePerId(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         values, index, scale = ctx.saved_tensors
         g = grad.reshape(-1, ctx.dim).index_select(0, index).mul_(scale.unsqueeze(1))
-        return _backward_runs(values, ctx.runs, g.view(values.size(0), -1)), None, None, None, None, None, None
+        return _backward_runs(values, ctx.runs, g.view(values.size(0), -1), ctx.prefixes), None, None, None, None, None, None
 
 
 @torch.jit.unused
