@@ -155,6 +155,10 @@ class IdTransform(nn.Module):
     Feature ``C1`` of a Q-R table becomes ``C1`` (ids ``x // m``) and ``C1__r`` (ids ``x % m``),
     with the same lengths and per-sample weights. Tables with a learned mapping first map ids to
     rows; the mappings (buffers, no parameters) are children of the transform, in ``mappings``.
+    A table whose parts are stacked in one table (``stack_parts``, add) gives one sub-feature,
+    ``C1__stacked``: per id its k rows, each plus its part's first row in the stacked table, side
+    by side (each bag stays contiguous), lengths times k and each id's weight on each of its rows,
+    so that the table's SUM pooling is ``sum_i w_i (q_i + r_i)``.
 
     With ``explode`` (the per-id lookups of mult tables), every bag becomes one bag per id: the
     output KJT has a batch of ``max(1, most ids of a feature in the batch)`` bags per sub-feature,

@@ -75,7 +75,9 @@ def _inner_config(t: MultiHashEmbeddingBagConfig, sub: SubTable, features: List[
 
 def _group_tables(tables: List[MultiHashEmbeddingBagConfig], device: torch.device) -> _LookupGroups:
     """Sorts every table's sub-tables into lookup groups: pooled (add, concat, one partition) or
-    per id (mult), and records how each feature is looked up and combined."""
+    per id (mult), and records how each feature is looked up and combined. A ``stack_parts`` table
+    is one pooled table of all its parts, and each of its features one sub-feature (``C1__stacked``)
+    whose bags hold each id's k rows: to the combine, a single-part output."""
     groups = _LookupGroups()
     feature_tables = Counter(f for t in tables for f in t.feature_names)
     for t, names in zip(tables, get_embedding_names_by_table(tables)):
@@ -162,8 +164,10 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     fx-traceable (TorchRec's tracer) and scriptable; state dict keys: ``pooled.pooled.tables.
     embedding_bags.<sub-table>.weight``, ``per_id.per_id_d<dim>.tables.embedding_bags.<sub-table>.
     weight`` and, for learned tables, ``<group>.<name>.transform.mappings.<table>.{ids,rows,shape}``.
+    An add table with ``stack_parts`` is one pooled table, ``<table>__stacked``, of all its parts'
+    rows, and an id one bag of its k rows (offset into their parts): its SUM pooling is the add.
     A state dict of the former per-id layout (``...tables.embeddings.<sub-table>.weight``, an
-    ``EmbeddingCollection``) is refused on load.
+    ``EmbeddingCollection``), or of another ``stack_parts``, is refused on load.
 
     Args:
         tables: one ``MultiHashEmbeddingBagConfig`` per logical table.
