@@ -372,3 +372,24 @@ def _sharded_worker(rank, world_size, sharding_types):
 @pytest.mark.distributed
 def test_stacked_tables_sharded_equal_unsharded():
     run_multiprocess(_sharded_worker, 2, ("table_wise", "column_wise", "row_wise", "data_parallel"))
+
+
+def _pipelined_worker(rank, world_size):
+    from tests.test_pipeline import _train
+
+    plain, plain_losses, _ = _train(rank, world_size, pipelined=False, stacked=True)
+    piped, piped_losses, pipeline = _train(rank, world_size, pipelined=True, stacked=True)
+    # one lookup group (every table pooled), its transform run in the pipeline's input-dist stage
+    assert [p._fqn for p in pipeline._pipelined_postprocs] == ["model.sparse_arch.embedding_bag_collection.pooled.pooled.transform"]
+    assert len(set(plain_losses)) > 1
+    torch.testing.assert_close(piped_losses, plain_losses, atol=1e-6, rtol=1e-6)
+    a, b = list(sm.local_shards(piped.state_dict())), list(sm.local_shards(plain.state_dict()))
+    assert [(k, o) for k, _, o in a] == [(k, o) for k, _, o in b]
+    for (key, x, _), (_, y, _) in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_stacked_tables_train_pipelined_as_in_the_plain_loop():
+    run_multiprocess(_pipelined_worker, 2)

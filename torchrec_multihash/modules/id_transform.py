@@ -230,7 +230,7 @@ class IdTransform(nn.Module):
                 assert len(lk.sub_features) == k, lk
                 self._sub_parts.extend([[p] for p in range(part, part + k)])
             part += k
-        # per sub-feature x % m: the sub-feature of the same feature that takes x // m, if any
+        # per part x % m: the part of the same feature that takes x // m, if any
         self._reuse = [
             next((q for q in range(len(spec)) if self._source[q] == self._source[j] and spec[q] == (self._moduli[j], 0)), -1)
             if self._divisors[j] == 1 and self._moduli[j] > 0
