@@ -227,6 +227,23 @@ def test_constraints_reach_the_stacked_table_and_refuse_its_parts():
         sub_table_constraints([table], {"t__r": ParameterConstraints(sharding_types=["table_wise"])})
 
 
+def test_the_plan_report_names_each_stacked_table_with_its_logical_table():
+    from torchrec.distributed.planner import Topology
+
+    from torchrec_multihash.distributed import describe_plan, plan_model
+
+    cfgs = stacked(make_configs("qr", "add", PoolingType.SUM)) + [
+        MultiHashEmbeddingBagConfig(name="t_d", num_embeddings=N, embedding_dim=D, feature_names=["d"], num_collisions=5)
+    ]
+    meta = torch.device("meta")
+    ebc = MultiHashEmbeddingBagCollection(cfgs, device=meta)
+    model = DLRM(embedding_bag_collection=ebc, dense_in_features=3, dense_arch_layer_sizes=[D], over_arch_layer_sizes=[4, 1], dense_device=meta)
+    topo = Topology(world_size=2, compute_device="cuda", hbm_cap=2**30)
+    report = describe_plan(plan_model(model, topo, sub_table_constraints(cfgs), batch_size=64), model, topo)
+    assert {s.table: s.logical_table for s in report.shards} == {"t_a__stacked": "t_a", "t_bc__stacked": "t_bc", "t_d": "t_d", "t_d__r": "t_d"}
+    assert sum(s.bytes for s in report.shards) == ebc.memory_bytes()
+
+
 def _one(stack_parts, seed=0):
     torch.manual_seed(seed)
     cfg = MultiHashEmbeddingBagConfig(
