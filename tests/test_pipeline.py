@@ -14,8 +14,8 @@ from tests.helpers.distributed import run_multiprocess
 STEPS = 6
 
 
-def _train(rank, world_size, pipelined):
-    model = sm.build_model(seed=0)
+def _train(rank, world_size, pipelined, stacked=False):
+    model = sm.build_model(seed=0, stacked=stacked)
     dmp, _, _ = sm.shard_with(model, "table_wise", world_size, {"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": 0.1})
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda p: torch.optim.Adagrad(p, lr=0.1))
     opt = CombinedOptimizer([dmp.fused_optimizer, dense])

@@ -48,6 +48,26 @@ def tables() -> List[MultiHashEmbeddingBagConfig]:
     ]
 
 
+def stacked_tables() -> List[MultiHashEmbeddingBagConfig]:
+    """``tables()`` with every composed table an add whose parts are stacked in one table
+    (``stack_parts``): Q-R, CRT, generalized Q-R (MEAN) and Q-R behind a learned mapping, next to
+    the full, hash and learned tables."""
+
+    def t(i, **kw):
+        return MultiHashEmbeddingBagConfig(
+            name=f"t_f{i}", num_embeddings=VOCAB[i], embedding_dim=DIM, feature_names=[f"f{i}"], operation="add", stack_parts=True, **kw
+        )
+
+    plain = tables()
+    return [
+        t(0, strategy="qr", num_collisions=7),
+        t(1, strategy="crt", moduli=[13, 17]),
+        t(2, strategy="generalized_qr", moduli=[4, 5, 6], pooling=PoolingType.MEAN),
+        *plain[3:6],
+        t(6, strategy="qr", mapping_rows=100, num_collisions=10, mapping_ids=300),
+    ]
+
+
 def assign_mappings(ebc: MultiHashEmbeddingBagCollection, seed: int) -> None:
     """A random learned mapping per learned table (a different one for every seed)."""
     g = torch.Generator().manual_seed(1000 + seed)
@@ -58,11 +78,12 @@ def assign_mappings(ebc: MultiHashEmbeddingBagCollection, seed: int) -> None:
             ebc.learned_mappings()[c.name].assign(known, rows)
 
 
-def build_model(seed: int = 0, device: torch.device = torch.device("cpu")) -> DLRMTrain:
+def build_model(seed: int = 0, device: torch.device = torch.device("cpu"), stacked: bool = False) -> DLRMTrain:
     """The test model, its learned mappings assigned from ``seed``; none on the meta device (a
-    mapping is assigned once DistributedModelParallel materialised the module)."""
+    mapping is assigned once DistributedModelParallel materialised the module). ``stacked``: the
+    tables of ``stacked_tables()``."""
     torch.manual_seed(seed)
-    ebc = MultiHashEmbeddingBagCollection(tables(), device=device)
+    ebc = MultiHashEmbeddingBagCollection(stacked_tables() if stacked else tables(), device=device)
     if device.type != "meta":
         assign_mappings(ebc, seed)
     return DLRMTrain(
@@ -99,9 +120,10 @@ def shard_with(model, sharding_type, world_size, fused_params):
     TorchRec offers it (the app's sub-table constraints); returns (model, plan, constraints).
     Types TorchRec offers only on CUDA (row_wise, table_row_wise) use the test-only sharders of
     ``cuda_types``; the others the app's own."""
+    configs = next(m for m in model.modules() if isinstance(m, MultiHashEmbeddingBagCollection)).multihash_configs()
     constraints = sub_table_constraints(
-        tables(),
-        {t.name: ParameterConstraints(sharding_types=[sharding_type], min_partition=8) for t in tables()},
+        configs,
+        {t.name: ParameterConstraints(sharding_types=[sharding_type], min_partition=8) for t in configs},
         small_table_sharding_types=None,
     )
     cpu_types = EmbeddingBagCollectionSharder().sharding_types("cpu")

@@ -1,6 +1,7 @@
 """Builds the multi-hash tables and the DLRM model a config describes."""
 
-from typing import Dict, List, Optional, Union
+import warnings
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -89,18 +90,37 @@ def build_tables(cfg: Config, choices: Optional[List[TableChoice]] = None) -> Li
                 overrides.setdefault(c.name, {}).setdefault(key, value)
     try:
         if is_auto(cfg):
-            return auto_configs(plain, choices if choices is not None else load_choices(cfg), overrides)
-        return to_multihash_configs(
-            plain,
-            emb.compression,
-            strategy=emb.strategy,
-            operation=emb.operation,
-            threshold=emb.threshold,
-            num_partitions=emb.num_partitions,
-            overrides=overrides,
-        )
+            tables = auto_configs(plain, choices if choices is not None else load_choices(cfg), overrides)
+        else:
+            tables = to_multihash_configs(
+                plain,
+                emb.compression,
+                strategy=emb.strategy,
+                operation=emb.operation,
+                threshold=emb.threshold,
+                num_partitions=emb.num_partitions,
+                overrides=overrides,
+            )
+        return stack_add_tables(tables, emb.overrides) if emb.stack_parts else tables
     except (MultiHashConfigError, AutoChoiceError, TypeError) as e:
         raise ConfigError(f"embeddings: {e}") from None
+
+
+def stack_add_tables(tables: List[MultiHashEmbeddingBagConfig], overrides: Dict[str, Dict[str, Any]]) -> List[MultiHashEmbeddingBagConfig]:
+    """``embeddings.stack_parts``: every table that adds several partitions gets ``stack_parts``
+    (unless ``embeddings.overrides`` sets it for the table); the others are left as they are (mult,
+    concat, tables kept full). Warns when no table is stacked: the option then changes nothing."""
+    for t in tables:
+        if "stack_parts" not in overrides.get(t.name, {}) and t.operation == "add" and t.strategy_impl().is_composed():
+            t.stack_parts = True
+            t.validate()
+    if not any(t.stack_parts for t in tables):
+        warnings.warn(
+            "embeddings.stack_parts is set but no table adds several partitions (operation add on qr, generalized_qr or crt), "
+            "so no table is stacked: it changes nothing here",
+            stacklevel=3,
+        )
+    return tables
 
 
 def build_constraints(cfg: Config, tables: List[MultiHashEmbeddingBagConfig]) -> Dict[str, ParameterConstraints]:

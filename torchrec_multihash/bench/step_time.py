@@ -9,7 +9,7 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,17 +28,28 @@ from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddin
 LR = 0.05
 BASELINE = "torchrec_ebc"
 DEVICES = ("auto", "cpu", "cuda")
-# method -> (strategy, operation) of a MultiHashEmbeddingBagCollection; the others are baselines
-METHODS: Dict[str, Optional[Tuple[str, str]]] = {
+
+
+class MethodSpec(NamedTuple):
+    """A MultiHashEmbeddingBagCollection's tables: strategy, operation and table options."""
+
+    strategy: str
+    operation: str
+    stack_parts: bool = False  # add: each table's parts stored as one table, an id's rows one bag
+
+
+# method -> its MultiHashEmbeddingBagCollection's tables; None: a baseline
+METHODS: Dict[str, Optional[MethodSpec]] = {
     "torchrec_ebc": None,  # TorchRec's EmbeddingBagCollection, full tables
     "naive_qr": None,  # two torch.nn.EmbeddingBag per table, torch.optim.Adagrad (sparse)
-    "full": ("full", "mult"),
-    "hash": ("hash", "mult"),
-    "qr_add": ("qr", "add"),
-    "qr_mult": ("qr", "mult"),
-    "qr_concat": ("qr", "concat"),
-    "generalized_qr": ("generalized_qr", "mult"),
-    "learned": ("learned", "mult"),
+    "full": MethodSpec("full", "mult"),
+    "hash": MethodSpec("hash", "mult"),
+    "qr_add": MethodSpec("qr", "add"),
+    "qr_add_stacked": MethodSpec("qr", "add", stack_parts=True),
+    "qr_mult": MethodSpec("qr", "mult"),
+    "qr_concat": MethodSpec("qr", "concat"),
+    "generalized_qr": MethodSpec("generalized_qr", "mult"),
+    "learned": MethodSpec("learned", "mult"),
 }
 
 
@@ -61,7 +72,7 @@ def build(method: str, spec: BenchSpec, device: torch.device) -> nn.Module:
         return NaiveQREmbeddingBags(tables, collisions=int(spec.compression)).to(device)
     method_spec = METHODS[method]
     assert method_spec is not None, f"{method} is a baseline, not a multi-hash method"
-    strategy, operation = method_spec
+    strategy, operation = method_spec.strategy, method_spec.operation
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tables too small to shrink stay as they are
         configs = to_multihash_configs(
@@ -72,6 +83,11 @@ def build(method: str, spec: BenchSpec, device: torch.device) -> nn.Module:
             num_partitions=3 if strategy == "generalized_qr" else None,
             overrides={t: {"max_ids_per_bag": 1} for t in spec.one_hot_tables()},
         )
+    if method_spec.stack_parts:  # the tables that were compressed (the others stay full)
+        for c in configs:
+            if c.strategy_impl().is_composed():
+                c.stack_parts = True
+                c.validate()
     return MultiHashEmbeddingBagCollection(configs, device=torch.device("meta"))
 
 

@@ -16,7 +16,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from torchrec_multihash.distributed.checkpoint_files import CheckpointError, check_storage, verify_checksums, write_manifest
+from torchrec_multihash.modules.strategies import STACKED_SUFFIX
 
 __all__ = ["CheckpointError", "find_checkpoint", "load_checkpoint", "load_entries", "read_index", "save_checkpoint"]
 
@@ -156,6 +157,11 @@ def _check_fits(path: Path, md: Metadata, state: Dict[str, Any]) -> None:
             wrong.append(f"{what} has shape {list(entry.size)} in the checkpoint, {list(t.size())} in this model")
     if not (missing or wrong):
         return
+    saved_tables = {n for n in map(_table, saved) if n}
+    for key, _ in _tensors(state):
+        hint = _stacking_hint(_table(key), saved_tables) if key not in saved else None
+        if hint is not None:
+            raise CheckpointError(f"checkpoint {path} was written for another configuration: {hint}")
     problems = wrong[:3] + ([f"{len(wrong) - 3} more of other shapes"] if len(wrong) > 3 else [])
     if missing:
         have = sorted({n for n in map(_table, saved) if n})
@@ -164,6 +170,30 @@ def _check_fits(path: Path, md: Metadata, state: Dict[str, Any]) -> None:
             f"(its tables: {', '.join(have[:8])}{' ...' if len(have) > 8 else ''})"
         )
     raise CheckpointError(f"checkpoint {path} was written for another configuration: " + "; ".join(problems))
+
+
+def _stacking_hint(table: Optional[str], saved_tables: Set[str]) -> Optional[str]:
+    """What to say when ``table`` (of the model) is missing from a checkpoint that holds the same
+    logical table stacked (``stack_parts``) where the model's is not, or the other way round."""
+    if table is None:
+        return None
+    if table.endswith(STACKED_SUFFIX):
+        logical = table[: -len(STACKED_SUFFIX)]
+        if logical in saved_tables:
+            return (
+                f"table {logical} is stacked in this model ({table}: stack_parts=True) and its parts are separate tables "
+                "in the checkpoint: stack_parts differs; build the model with the checkpoint's"
+            )
+        return None
+    logicals = [n[: -len(STACKED_SUFFIX)] for n in saved_tables if n.endswith(STACKED_SUFFIX)]
+    # a part's name is its table's, or that and a suffix "__..." (strategies' sub_tables)
+    stacked = sorted(n + STACKED_SUFFIX for n in logicals if table == n or table.startswith(n + "__"))
+    if stacked:
+        return (
+            f"table {table} is a part of a table stacked in the checkpoint ({stacked[-1]}: stack_parts=True) and a separate "
+            "table in this model: stack_parts differs; build the model with the checkpoint's"
+        )
+    return None
 
 
 def _old(path: Path) -> Path:

@@ -7,6 +7,7 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingType
 
 from torchrec_multihash.modules.config import MultiHashEmbeddingBagConfig
+from torchrec_multihash.modules.strategies import stacked_table_name
 
 # Sub-tables at most this many rows (a Q-R remainder table, small CRT moduli) are tiny and hot:
 # every id reads one of their rows. Splitting them buys nothing; keep them whole or replicate them.
@@ -36,9 +37,18 @@ def sub_table_constraints(
     - Sub-tables of at most ``small_table_rows`` rows get ``small_table_sharding_types``
       (default: table-wise or data-parallel, never split); pass None to leave them alone.
     - A constraint keyed by a sub-table name is taken as is and wins over both.
+    - A table with ``stack_parts`` has one sub-table, ``<table>__stacked`` (its rows: all the
+      parts'); a constraint keyed by one of its parts' names is an error naming it.
     """
     constraints = dict(constraints or {})
-    by_sub = {s.name: t for t in tables for s in t.strategy_impl().sub_tables()}
+    by_sub = {s.name: t for t in tables for s in t.strategy_impl().stored_tables()}
+    stacked_parts = {s.name: t for t in tables if t.strategy_impl().is_stacked() for s in t.strategy_impl().sub_tables()}
+    for name in sorted(set(constraints) & set(stacked_parts) - {t.name for t in tables}):
+        t = stacked_parts[name]
+        raise ValueError(
+            f"constraints name '{name}', a part of table '{t.name}', whose parts are stacked in one table (stack_parts): "
+            f"constrain '{stacked_table_name(t.name)}' (or '{t.name}') instead"
+        )
     unknown = set(constraints) - {t.name for t in tables} - set(by_sub)
     if unknown:
         raise ValueError(
@@ -48,7 +58,7 @@ def sub_table_constraints(
     out: Dict[str, ParameterConstraints] = {}
     for t in tables:
         impl = t.strategy_impl()
-        for sub_table in impl.sub_tables():
+        for sub_table in impl.stored_tables():
             sub = sub_table.name
             if sub in constraints and sub != t.name:
                 out[sub] = constraints[sub]

@@ -66,7 +66,7 @@ def describe_plan(plan: ShardingPlan, model: nn.Module, topology: Topology) -> P
             for t in mod.multihash_configs():
                 shape = t.mapping_shape()
                 mapping_bytes += shape.nbytes() if shape is not None else 0
-                logical.update((s.name, t.name) for s in t.strategy_impl().sub_tables())
+                logical.update((s.name, t.name) for s in t.strategy_impl().stored_tables())
             subs.update((c.name, c) for c in mod.sub_table_configs())
     world = topology.world_size
     per_rank = [mapping_bytes] * world

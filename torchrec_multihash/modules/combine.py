@@ -371,7 +371,8 @@ class Combine(nn.Module):
     of them is multiplied over the parts, where TorchRec put them (no regrouping copy), and pooled
     back into bags -- sum_i w_i * q[x_i] * r[x_i] -- by one fused op with its own backward
     (``_ComposePerId``; plain ops when scripted or traced). A module of single-part SUM tables
-    only (full, hash, learned) returns the lookup's KeyedTensor as it is, keys renamed (sharded:
+    only (full, hash, learned, and add tables with ``stack_parts``, whose one stacked lookup is the
+    sum of the parts) returns the lookup's KeyedTensor as it is, keys renamed (sharded:
     in TorchRec's order, by sharding type, as TorchRec's EBC returns them; read it by key). One-hot mult tables
     (``max_ids_per_bag=1``) are looked up pooled: a bag's pooled rows are its one id's rows (the id
     transform weights only the first part). MEAN divides the weighted sum by the number of ids in

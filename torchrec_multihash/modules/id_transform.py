@@ -37,6 +37,9 @@ class FeatureLookup:
     mapping: Optional[LearnedMapping] = None  # learned id -> row, applied before the partitions
     max_ids_per_bag: Optional[int] = None  # checked with the ids; 1: one-hot
     pooled_mult: bool = False  # one-hot mult looked up pooled: only the first part carries the weight
+    # stack_parts: the parts' first rows in the one stacked table; the feature is then one sub-feature
+    # whose bags hold each id's k rows (pooled by SUM: the add)
+    row_offsets: Optional[List[int]] = None
 
 
 def check_feature_keys(keys: Sequence[str], required: Sequence[str], known: Optional[Sequence[str]]) -> None:
@@ -152,6 +155,10 @@ class IdTransform(nn.Module):
     Feature ``C1`` of a Q-R table becomes ``C1`` (ids ``x // m``) and ``C1__r`` (ids ``x % m``),
     with the same lengths and per-sample weights. Tables with a learned mapping first map ids to
     rows; the mappings (buffers, no parameters) are children of the transform, in ``mappings``.
+    A table whose parts are stacked in one table (``stack_parts``, add) gives one sub-feature,
+    ``C1__stacked``: per id its k rows, each plus its part's first row in the stacked table, side
+    by side (each bag stays contiguous), lengths times k and each id's weight on each of its rows,
+    so that the table's SUM pooling is ``sum_i w_i (q_i + r_i)``.
 
     With ``explode`` (the per-id lookups of mult tables), every bag becomes one bag per id: the
     output KJT has a batch of ``max(1, most ids of a feature in the batch)`` bags per sub-feature,
@@ -175,9 +182,12 @@ class IdTransform(nn.Module):
     _features: List[str]
     _tables: List[str]
     _sub_keys: List[str]
+    _sub_source: List[int]
+    _sub_parts: List[List[int]]
     _source: List[int]
     _divisors: List[int]
     _moduli: List[int]
+    _offsets: List[int]
     _reuse: List[int]
     _unit_weights: List[bool]
 
@@ -197,16 +207,30 @@ class IdTransform(nn.Module):
         self._known_features = known_features
         self._required = sorted({lk.feature for lk in lookups})
         self.mappings = nn.ModuleDict({lk.table: lk.mapping for lk in lookups if lk.mapping is not None})
-        # what the forward reads, as plain lists: per lookup its feature and table; per sub-feature
-        # its key, its lookup and its partition (row = (id // divisor) % modulus)
+        # what the forward reads, as plain lists: per lookup its feature and table; per part its
+        # lookup, its partition (row = (id // divisor) % modulus) and its row offset (stacked
+        # tables); per sub-feature its key, its lookup and its parts (one, or a stacked table's k)
         self._features = [lk.feature for lk in lookups]
         self._tables = [lk.table for lk in lookups]
         self._sub_keys = [s for lk in lookups for s in lk.sub_features]
-        self._source = [i for i, lk in enumerate(lookups) for _ in lk.sub_features]
+        self._sub_source = [i for i, lk in enumerate(lookups) for _ in lk.sub_features]
         spec = [p for lk in lookups for p in lk.strategy.partition_spec()]
+        self._source = [i for i, lk in enumerate(lookups) for _ in lk.strategy.partition_spec()]
         self._divisors = [d for d, _ in spec]
         self._moduli = [m for _, m in spec]
-        # per sub-feature x % m: the sub-feature of the same feature that takes x // m, if any
+        self._offsets = [o for lk in lookups for o in (lk.row_offsets or [0] * len(lk.strategy.partition_spec()))]
+        self._sub_parts = []
+        part = 0
+        for lk in lookups:
+            k = len(lk.strategy.partition_spec())
+            if lk.row_offsets is not None:
+                assert len(lk.sub_features) == 1 and len(lk.row_offsets) == k, lk
+                self._sub_parts.append(list(range(part, part + k)))
+            else:
+                assert len(lk.sub_features) == k, lk
+                self._sub_parts.extend([[p] for p in range(part, part + k)])
+            part += k
+        # per part x % m: the part of the same feature that takes x // m, if any
         self._reuse = [
             next((q for q in range(len(spec)) if self._source[q] == self._source[j] and spec[q] == (self._moduli[j], 0)), -1)
             if self._divisors[j] == 1 and self._moduli[j] > 0
@@ -223,19 +247,20 @@ class IdTransform(nn.Module):
             and not self.mappings
             and self._sub_keys == self._features
             and all(d == 1 and m == 0 for d, m in spec)
+            and all(len(parts) == 1 for parts in self._sub_parts)
             and not any(self._unit_weights)
         )
 
     def _rows(self, ids: List[torch.Tensor]) -> List[torch.Tensor]:
-        """Each sub-feature's rows, ``(x // divisor) % modulus`` of its feature's ids; a remainder
+        """Each part's rows, ``(x // divisor) % modulus`` of its feature's ids; a remainder
         ``x % m`` whose quotient ``x // m`` another sub-feature takes anyway (Q-R) is ``x - (x // m)
         * m``: int64 division dominates the transform's time."""
         quotients: Dict[int, torch.Tensor] = {}
-        for j in range(len(self._sub_keys)):  # quotients first: remainders may reuse them
+        for j in range(len(self._source)):  # quotients first: remainders may reuse them
             if self._moduli[j] == 0:
                 quotients[j] = partition_rows(ids[self._source[j]], self._divisors[j], 0)
         out: List[torch.Tensor] = []
-        for j in range(len(self._sub_keys)):
+        for j in range(len(self._source)):
             if j in quotients:
                 out.append(quotients[j])
             elif self._reuse[j] >= 0:
@@ -275,15 +300,38 @@ class IdTransform(nn.Module):
             for i in range(len(self._tables)):
                 if self._tables[i] == table:
                     ids[i] = mapping(ids[i])
-        values = self._rows(ids)
+        values = self._values(self._rows(ids))
         if self._explode:
             return _exploded(self._sub_keys, values, features.lengths().dtype)
         lengths: List[torch.Tensor] = []
         weights: List[torch.Tensor] = []
         for j in range(len(self._sub_keys)):
-            i = self._source[j]
+            i = self._sub_source[j]
+            k = len(self._sub_parts[j])
             jt = by_key[self._features[i]]
-            lengths.append(jt.lengths())
+            lengths.append(jt.lengths() if k == 1 else jt.lengths() * k)
             if self._is_weighted:
-                weights.append(torch.ones_like(jt.weights()) if self._unit_weights[j] else jt.weights())
+                w = jt.weights()
+                if self._unit_weights[j]:
+                    weights.append(torch.ones_like(w))
+                elif k == 1:
+                    weights.append(w)
+                else:  # each of an id's k rows carries its weight: w * q + w * r = w * (q + r)
+                    weights.append(w.unsqueeze(1).expand(-1, k).reshape(-1))
         return _sub_features(self._sub_keys, values, lengths, weights if self._is_weighted else None, features.stride())
+
+    def _values(self, rows: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Each sub-feature's values from its parts' rows: a part's rows as they are, or a stacked
+        table's: per id its k parts' rows, each moved by its part's offset in the table, side by
+        side (``[q0, r0 + offset, q1, r1 + offset, ...]``), so every bag stays contiguous."""
+        values: List[torch.Tensor] = []
+        for j in range(len(self._sub_keys)):
+            parts = self._sub_parts[j]
+            if len(parts) == 1:
+                values.append(rows[parts[0]])
+                continue
+            moved: List[torch.Tensor] = []
+            for p in parts:
+                moved.append(rows[p] + self._offsets[p] if self._offsets[p] != 0 else rows[p])
+            values.append(torch.stack(moved, dim=1).view(-1))
+        return values

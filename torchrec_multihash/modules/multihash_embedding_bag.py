@@ -23,7 +23,7 @@ from torchrec_multihash.modules.config import MultiHashConfigError, MultiHashEmb
 from torchrec_multihash.modules.id_transform import FeatureLookup, IdTransform
 from torchrec_multihash.modules.learned_mapping import LearnedMapping
 from torchrec_multihash.modules.lookup_group import Lookup
-from torchrec_multihash.modules.strategies import SubTable, sub_feature_name
+from torchrec_multihash.modules.strategies import SubTable, stacked_table_name, sub_feature_name
 
 POOLED_GROUP = "pooled"
 
@@ -75,14 +75,18 @@ def _inner_config(t: MultiHashEmbeddingBagConfig, sub: SubTable, features: List[
 
 def _group_tables(tables: List[MultiHashEmbeddingBagConfig], device: torch.device) -> _LookupGroups:
     """Sorts every table's sub-tables into lookup groups: pooled (add, concat, one partition) or
-    per id (mult), and records how each feature is looked up and combined."""
+    per id (mult), and records how each feature is looked up and combined. A ``stack_parts`` table
+    is one pooled table of all its parts, and each of its features one sub-feature (``C1__stacked``)
+    whose bags hold each id's k rows: to the combine, a single-part output."""
     groups = _LookupGroups()
     feature_tables = Counter(f for t in tables for f in t.feature_names)
     for t, names in zip(tables, get_embedding_names_by_table(tables)):
         impl = t.strategy_impl()
         per_id = impl.looks_up_per_id()
         group = _per_id_group(t.embedding_dim) if per_id else POOLED_GROUP
-        subs = impl.sub_tables()
+        # stack_parts: one table of all the parts, one sub-feature per feature (each id's k rows)
+        subs = impl.stored_tables()
+        row_offsets = impl.row_offsets() if impl.is_stacked() else None
         mapping = LearnedMapping(t, device=device) if t.has_mapping() else None
         # a feature looked up by several tables gets the table in its sub-features' names
         sub_features = {f: [sub_feature_name(f, s.suffix, t.name if feature_tables[f] > 1 else None) for s in subs] for f in t.feature_names}
@@ -94,7 +98,7 @@ def _group_tables(tables: List[MultiHashEmbeddingBagConfig], device: torch.devic
         for f, name in zip(t.feature_names, names):
             # one-hot mult (per-id semantics): weights on the first part only; compose="pooled": on every part
             pooled_mult = impl.is_composed() and t.operation == "mult" and not per_id and t.compose == "per_id"
-            lookup = FeatureLookup(f, t.name, t.num_embeddings, impl, sub_features[f], mapping, t.max_ids_per_bag, pooled_mult)
+            lookup = FeatureLookup(f, t.name, t.num_embeddings, impl, sub_features[f], mapping, t.max_ids_per_bag, pooled_mult, row_offsets)
             groups.lookups.setdefault(group, []).append(lookup)
             groups.outputs.append(OutputSpec(name, f, group, per_id, sub_features[f], t.operation, t.pooling, t.embedding_dim))
     return groups
@@ -118,6 +122,29 @@ def _refuse_per_id_collection(module: nn.Module, state_dict: Dict[str, Any], pre
         )
 
 
+def _refuse_other_stacking(module: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load pre-hook: refuses a state dict whose tables are stacked where this module's are not
+    (``stack_parts``), or the other way round: it would otherwise load partly (``strict=False``)."""
+    bags = prefix + POOLED_GROUP + "." + POOLED_GROUP + ".tables.embedding_bags."
+    for t in cast(MultiHashEmbeddingBagCollection, module).multihash_configs():
+        impl = t.strategy_impl()
+        if not impl.is_composed():
+            continue
+        stacked = bags + stacked_table_name(t.name) + ".weight"
+        parts = [bags + s.name + ".weight" for s in impl.sub_tables()]
+        if impl.is_stacked() and stacked not in state_dict and any(k in state_dict for k in parts):
+            found = next(k for k in parts if k in state_dict)
+            raise MultiHashConfigError(
+                f"table '{t.name}': the state dict holds its parts as separate tables ('{found}'), this module stacks them "
+                f"in one ('{stacked}'): stack_parts differs (True here); build the module with the checkpoint's stack_parts"
+            )
+        if not impl.is_stacked() and stacked in state_dict:
+            raise MultiHashConfigError(
+                f"table '{t.name}': the state dict holds its parts stacked in one table ('{stacked}'), this module keeps them "
+                "separate: stack_parts differs (False here); build the module with the checkpoint's stack_parts"
+            )
+
+
 class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     """An ``EmbeddingBagCollection`` whose tables are compositional (multi-hash) embeddings.
 
@@ -137,8 +164,10 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     fx-traceable (TorchRec's tracer) and scriptable; state dict keys: ``pooled.pooled.tables.
     embedding_bags.<sub-table>.weight``, ``per_id.per_id_d<dim>.tables.embedding_bags.<sub-table>.
     weight`` and, for learned tables, ``<group>.<name>.transform.mappings.<table>.{ids,rows,shape}``.
+    An add table with ``stack_parts`` is one pooled table, ``<table>__stacked``, of all its parts'
+    rows, and an id one bag of its k rows (offset into their parts): its SUM pooling is the add.
     A state dict of the former per-id layout (``...tables.embeddings.<sub-table>.weight``, an
-    ``EmbeddingCollection``) is refused on load.
+    ``EmbeddingCollection``), or of another ``stack_parts``, is refused on load.
 
     Args:
         tables: one ``MultiHashEmbeddingBagConfig`` per logical table.
@@ -188,6 +217,7 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._sharding_checked = False
         self._traced_by_pipeline = False
         self._register_load_state_dict_pre_hook(_refuse_per_id_collection, with_module=True)
+        self._register_load_state_dict_pre_hook(_refuse_other_stacking, with_module=True)
 
     @torch.jit.unused
     def _check_use(self, features: KeyedJaggedTensor) -> None:
@@ -225,16 +255,34 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return list(self._configs)
 
     def sub_table_configs(self) -> List[EmbeddingBagConfig]:
-        """The physical sub-tables (``t_C1``, ``t_C1__r``, ...) the planner sees."""
+        """The physical sub-tables (``t_C1``, ``t_C1__r``, ...; ``t_C1__stacked`` for a table with
+        ``stack_parts``) the planner sees."""
         return list(self._sub_table_configs)
 
     def sub_table_weights(self) -> Dict[str, torch.Tensor]:
-        """Weight of every sub-table by name (unsharded module)."""
+        """Weight of every physical sub-table by name (unsharded module): a table with
+        ``stack_parts`` has one, ``<table>__stacked`` (see ``part_weights``)."""
         weights: Dict[str, torch.Tensor] = {}
         for group in [*self.pooled.values(), *self.per_id.values()]:
             inner = cast(EmbeddingBagCollection, group.tables)
             for name, table in inner.embedding_bags.items():
                 weights[name] = cast(torch.Tensor, table.weight)
+        return weights
+
+    def part_weights(self) -> Dict[str, torch.Tensor]:
+        """Weight of every logical sub-table by its strategy's name (``t_C1``, ``t_C1__r``, ...;
+        unsharded module): those of a table with ``stack_parts`` are views of its rows of the
+        stacked weight (writing one writes the stacked table), the others ``sub_table_weights``'."""
+        stored = self.sub_table_weights()
+        weights: Dict[str, torch.Tensor] = {}
+        for t in self._configs:
+            impl = t.strategy_impl()
+            if not impl.is_stacked():
+                weights.update((s.name, stored[s.name]) for s in impl.sub_tables())
+                continue
+            stacked = stored[stacked_table_name(t.name)]
+            for s, start in zip(impl.sub_tables(), impl.row_offsets()):
+                weights[s.name] = stacked[start : start + s.num_embeddings]
         return weights
 
     def learned_mappings(self) -> Dict[str, LearnedMapping]:

@@ -8,10 +8,12 @@ import importlib
 import pkgutil
 
 from torchrec_multihash.modules.strategies.base import (  # noqa: F401
+    STACKED_SUFFIX,
     TOLERANCE,
     Sizing,
     Strategy,
     SubTable,
+    stacked_table_name,
     sub_feature_name,
     sub_table_name,
 )

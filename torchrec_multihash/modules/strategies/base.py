@@ -20,6 +20,14 @@ def sub_table_name(table: str, suffix: str) -> str:
     return table + suffix
 
 
+STACKED_SUFFIX = "__stacked"
+
+
+def stacked_table_name(table: str) -> str:
+    """The name of the one table that holds a ``stack_parts`` table's parts (``t_C1__stacked``)."""
+    return sub_table_name(table, STACKED_SUFFIX)
+
+
 def sub_feature_name(feature: str, suffix: str, table: Optional[str] = None) -> str:
     """The KJT key a sub-table is looked up with (``C1`` + ``__r``); ``table`` is given for a
     feature that several tables look up (``C1@t_a__r``)."""
@@ -146,6 +154,33 @@ class Strategy(ABC):
             SubTable(sub_table_name(c.name, s), s, rows, dim, r)
             for s, rows, dim, r in zip(self.suffixes(), self.sizes(), self.dims(), self.init_ranges())
         ]
+
+    def is_stacked(self) -> bool:
+        """True when the parts are stored as one table (``stack_parts``, add of several partitions)."""
+        return bool(self.config.stack_parts) and self.is_composed()
+
+    def row_offsets(self) -> List[int]:
+        """Where each sub-table's rows start in the stacked table: the rows of the parts before it."""
+        offsets = [0]
+        for rows in self.sizes()[:-1]:
+            offsets.append(offsets[-1] + rows)
+        return offsets
+
+    def stacked_table(self) -> SubTable:
+        """The one table holding every sub-table's rows, in partition order (``stack_parts``)."""
+        c = self.config
+        subs = self.sub_tables()
+        ranges = {s.init_range for s in subs}
+        dims = {s.embedding_dim for s in subs}
+        if len(ranges) != 1 or dims != {c.embedding_dim}:
+            c.fail(f"stack_parts needs parts of one dim and one init range, got dims {sorted(dims)} and ranges {sorted(ranges)}")
+        rows = sum(s.num_embeddings for s in subs)
+        return SubTable(stacked_table_name(c.name), STACKED_SUFFIX, rows, c.embedding_dim, subs[0].init_range)
+
+    def stored_tables(self) -> List[SubTable]:
+        """The tables a module holds for this logical table (what the planner and checkpoints see):
+        the stacked one (``stack_parts``), else the sub-tables."""
+        return [self.stacked_table()] if self.is_stacked() else self.sub_tables()
 
     def memory_bytes(self) -> int:
         """Bytes of the sub-tables' weights and of the learned mapping in front of them, if any."""

@@ -1,0 +1,412 @@
+"""``stack_parts``: an add table's parts stored as one TorchRec table, each id's rows one bag (its
+SUM pooling is the add). Exact against the per-id reference and against the same tables unstacked,
+traced and scripted, sharded like the unsharded module, refused where it cannot work (other
+operations, constraints on a part, checkpoints of the other layout), reached from the app's config
+and the bench, and a DLRM learns with it."""
+
+import dataclasses
+import itertools
+import warnings
+
+import pytest
+import torch
+import torchrec
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.models.dlrm import DLRM
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_multihash import (
+    CheckpointError,
+    MultiHashEmbeddingBagCollection,
+    MultiHashEmbeddingBagConfig,
+    PoolingType,
+    load_checkpoint,
+    save_checkpoint,
+    sub_table_constraints,
+    to_multihash_configs,
+)
+from torchrec_multihash.modules.config import MultiHashConfigError
+
+from tests.helpers import sharded_model as sm
+from tests.helpers.distributed import run_multiprocess
+from tests.helpers.reference import reference_forward
+from tests.test_one_hot import make_kjt as one_hot_kjt
+from tests.test_reference import make_configs
+from tests.test_reference import make_kjt as multi_hot_kjt
+
+N, D = 50, 8
+ADD_STRATEGIES = ["qr", "crt", "generalized_qr"]
+
+
+def stacked(cfgs, **kw):
+    return [dataclasses.replace(c, stack_parts=True, **kw) for c in cfgs]
+
+
+def configs_and_kjt(strategy, pooling, weighted, one_hot):
+    """Two add tables (one of them shared by two features), stacked; one-hot or multi-hot bags,
+    the first bag of every feature empty."""
+    plain = make_configs(strategy, "add", pooling)
+    if one_hot:
+        plain = [dataclasses.replace(c, max_ids_per_bag=1) for c in plain]
+    kjt = one_hot_kjt(plain, weighted) if one_hot else multi_hot_kjt(plain, weighted)
+    return plain, stacked(plain), kjt
+
+
+def leaf_copies(weights):
+    return {n: w.detach().clone().requires_grad_(True) for n, w in weights.items()}
+
+
+CASES = list(itertools.product(ADD_STRATEGIES, [PoolingType.SUM, PoolingType.MEAN], [False, True], [False, True]))
+
+
+@pytest.mark.parametrize("strategy,pooling,weighted,one_hot", CASES, ids=lambda v: str(v).replace("PoolingType.", ""))
+def test_forward_and_gradients_equal_the_reference_and_the_unstacked_module(strategy, pooling, weighted, one_hot):
+    torch.manual_seed(0)
+    plain, cfgs, kjt = configs_and_kjt(strategy, pooling, weighted, one_hot)
+    ebc = MultiHashEmbeddingBagCollection(cfgs, is_weighted=weighted)
+    # one table per logical table, holding every part's rows, looked up pooled
+    assert [c.name for c in ebc.sub_table_configs()] == ["t_a__stacked", "t_bc__stacked"]
+    assert [c.num_embeddings for c in ebc.sub_table_configs()] == [sum(c.strategy_impl().sizes()) for c in cfgs]
+    assert [c.feature_names for c in ebc.sub_table_configs()] == [["a__stacked"], ["b__stacked", "c__stacked"]]
+    assert not ebc.per_id and list(ebc.sub_table_weights()) == ["t_a__stacked", "t_bc__stacked"]
+    assert sorted(ebc.part_weights()) == sorted(s.name for c in cfgs for s in c.strategy_impl().sub_tables())
+
+    kt = ebc(kjt)
+    assert kt.keys() == ["a", "b", "c"]
+    parts = leaf_copies(ebc.part_weights())
+    ref = reference_forward(cfgs, parts, kjt)
+    for f in kt.keys():
+        torch.testing.assert_close(kt.to_dict()[f], ref[f], rtol=1e-5, atol=1e-6, msg=f)
+
+    # the same tables unstacked, given the same part weights
+    unstacked = MultiHashEmbeddingBagCollection(plain, is_weighted=weighted)
+    with torch.no_grad():
+        for name, w in unstacked.sub_table_weights().items():
+            w.copy_(ebc.part_weights()[name])
+    other = unstacked(kjt)
+    assert other.keys() == kt.keys()
+    torch.testing.assert_close(kt.values(), other.values(), rtol=1e-5, atol=1e-6)
+
+    upstream = torch.randn_like(kt.values())
+    (kt.values() * upstream).sum().backward()
+    (torch.cat([ref[f] for f in kt.keys()], dim=1) * upstream).sum().backward()
+    (other.values() * upstream).sum().backward()
+    for c in cfgs:
+        grad = ebc.sub_table_weights()[f"{c.name}__stacked"].grad
+        assert grad is not None, c.name
+        subs = c.strategy_impl().sub_tables()
+        want = torch.cat([parts[s.name].grad for s in subs])
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6, msg=c.name)
+        got = torch.cat([unstacked.sub_table_weights()[s.name].grad for s in subs])
+        torch.testing.assert_close(grad, got, rtol=1e-5, atol=1e-6, msg=c.name)
+
+
+def test_each_id_is_one_bag_of_its_parts_rows_offset_into_the_stacked_table():
+    cfg = MultiHashEmbeddingBagConfig(
+        name="t", num_embeddings=100, embedding_dim=4, feature_names=["f"], strategy="qr", num_collisions=8, operation="add", stack_parts=True
+    )
+    ebc = MultiHashEmbeddingBagCollection([cfg], is_weighted=True)
+    kjt = KeyedJaggedTensor(keys=["f"], values=torch.tensor([3, 99, 42, 7]), lengths=torch.tensor([1, 2, 0, 1]), weights=torch.tensor([1.0, 2, 3, 4]))
+    out = ebc.pooled["pooled"].transform(kjt)
+    # quotient rows 0..12, remainder rows at 13..20: id x -> [x // 8, 13 + x % 8], bag by bag
+    assert out.keys() == ["f__stacked"]
+    assert out.values().tolist() == [0, 16, 12, 16, 5, 15, 0, 20]
+    assert out.lengths().tolist() == [2, 4, 0, 2]
+    assert out.weights().tolist() == [1.0, 1, 2, 2, 3, 3, 4, 4]
+    # the parts are rows of the stacked weight: writing one writes the table
+    parts = ebc.part_weights()
+    assert parts["t"].shape == (13, 4) and parts["t__r"].shape == (8, 4)
+    with torch.no_grad():
+        parts["t__r"][3].fill_(7.0)
+    assert torch.equal(ebc.sub_table_weights()["t__stacked"][16], torch.full((4,), 7.0))
+
+
+def test_init_bytes_and_passthrough_are_those_of_the_unstacked_tables():
+    plain = make_configs("crt", "add", PoolingType.SUM) + [
+        MultiHashEmbeddingBagConfig(name="t_full", num_embeddings=N, embedding_dim=D, feature_names=["d"], strategy="full")
+    ]
+    cfgs = stacked(plain[:2]) + plain[2:]
+    ours, theirs = MultiHashEmbeddingBagCollection(cfgs), MultiHashEmbeddingBagCollection(plain)
+    assert ours.memory_bytes() == theirs.memory_bytes()
+    stacked_cfg = ours.sub_table_configs()[0]
+    part_cfgs = {c.name: c for c in theirs.sub_table_configs()}
+    # the parts' init range (add: all parts share it), SUM pooling whatever the table's
+    assert (stacked_cfg.weight_init_min, stacked_cfg.weight_init_max) == (part_cfgs["t_a"].weight_init_min, part_cfgs["t_a"].weight_init_max)
+    assert stacked_cfg.pooling == PoolingType.SUM
+    w = ours.sub_table_weights()["t_a__stacked"]
+    assert w.min() >= stacked_cfg.weight_init_min and w.max() <= stacked_cfg.weight_init_max
+    # every output one sub-feature: the lookup's KeyedTensor passes through as it is
+    assert ours.combine._passthrough and not theirs.combine._passthrough
+    mean = MultiHashEmbeddingBagCollection(stacked(make_configs("qr", "add", PoolingType.MEAN)))
+    assert not mean.combine._passthrough  # MEAN divides by the bags' lengths afterwards
+
+
+TRACE_TABLES = [
+    MultiHashEmbeddingBagConfig(
+        name="a", num_embeddings=1000, embedding_dim=D, feature_names=["f0", "f1"], strategy="qr", num_collisions=9, operation="add", stack_parts=True
+    ),
+    MultiHashEmbeddingBagConfig(
+        name="b", num_embeddings=1000, embedding_dim=D, feature_names=["f4"], strategy="crt", moduli=[31, 37], operation="add", pooling=PoolingType.MEAN, stack_parts=True
+    ),
+    MultiHashEmbeddingBagConfig(name="c", num_embeddings=1000, embedding_dim=D, feature_names=["f2"], strategy="qr", num_collisions=9),  # mult, per id
+    MultiHashEmbeddingBagConfig(
+        name="d", num_embeddings=1000, embedding_dim=D, feature_names=["f3"], strategy="qr", num_collisions=5, mapping_rows=60, mapping_ids=100, operation="add", stack_parts=True
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_traced_and_scripted_models_give_the_eager_outputs(weighted):
+    torch.manual_seed(0)
+    ebc = MultiHashEmbeddingBagCollection(TRACE_TABLES, is_weighted=weighted)
+    mapping = ebc.learned_mappings()["d"]
+    ids = torch.randperm(1000, generator=torch.Generator().manual_seed(1))[:100]
+    mapping.assign(ids, torch.randint(0, mapping.expected.known_rows(), (100,)))
+    model = DLRM(embedding_bag_collection=ebc, dense_in_features=3, dense_arch_layer_sizes=[D], over_arch_layer_sizes=[4, 1])
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(0, 4, (5 * 3,), generator=g)
+    lengths[0] = 0
+    values = torch.randint(0, 1000, (int(lengths.sum()),), generator=g)
+    kjt = KeyedJaggedTensor(
+        keys=["f0", "f1", "f2", "f3", "f4"], values=values, lengths=lengths, weights=torch.rand(values.numel(), generator=g) if weighted else None
+    )
+    dense = torch.randn(3, 3)
+    eager = model(dense, kjt)
+    traced = torchrec.fx.symbolic_trace(model)
+    assert "check" not in traced.code
+    for m in (traced, torch.jit.script(traced), torch.jit.script(model)):
+        torch.testing.assert_close(m(dense, kjt), eager, atol=0, rtol=0)
+    # and TorchRec's quantized inference path
+    from torchrec_multihash.inference import quantize_embeddings
+
+    quantized = quantize_embeddings(model, torch.qint8, row_alignment=4)
+    want = quantized(dense, kjt)
+    torch.testing.assert_close(torch.jit.script(torchrec.fx.symbolic_trace(quantized))(dense, kjt), want, atol=0, rtol=0)
+    assert (want - eager).abs().max() < 0.05
+
+
+@pytest.mark.parametrize(
+    "kw,why",
+    [
+        (dict(operation="mult"), "operation='mult'"),
+        (dict(operation="concat"), "operation='concat'"),
+        (dict(operation="add", strategy="full", num_collisions=None), "strategy='full'"),
+        (dict(operation="add", strategy="hash"), "strategy='hash'"),
+        (dict(operation="add", strategy="learned"), "strategy='learned'"),
+    ],
+    ids=["mult", "concat", "full", "hash", "learned"],
+)
+def test_stack_parts_needs_an_add_of_several_partitions(kw, why):
+    args = dict(name="t_x", num_embeddings=N, embedding_dim=D, feature_names=["x"], strategy="qr", num_collisions=5, stack_parts=True)
+    args.update(kw)
+    args = {k: v for k, v in args.items() if v is not None}
+    with pytest.raises(
+        MultiHashConfigError, match=rf"table 't_x': stack_parts=True .* needs operation='add' on a multi-partition strategy, got .*{why}"
+    ):
+        MultiHashEmbeddingBagConfig(**args)
+    with pytest.raises(MultiHashConfigError, match="table 't_x': stack_parts must be a bool"):
+        MultiHashEmbeddingBagConfig(name="t_x", num_embeddings=N, embedding_dim=D, feature_names=["x"], operation="add", stack_parts="yes")
+    assert not MultiHashEmbeddingBagConfig(name="t_x", num_embeddings=N, embedding_dim=D, feature_names=["x"]).stack_parts  # opt-in
+
+
+def test_constraints_reach_the_stacked_table_and_refuse_its_parts():
+    # Q-R of 1000 ids, m = 10: parts of 100 and 10 rows, stacked: 110
+    plain = MultiHashEmbeddingBagConfig(name="t", num_embeddings=1000, embedding_dim=D, feature_names=["f"], num_collisions=10, operation="add")
+    table = dataclasses.replace(plain, stack_parts=True)
+    row_wise = {"t": ParameterConstraints(sharding_types=["row_wise"])}
+    # the logical table's constraint applies to the stacked table; the small-table rule reads its rows
+    out = sub_table_constraints([table], row_wise, small_table_rows=100)
+    assert list(out) == ["t__stacked"] and out["t__stacked"].sharding_types == ["row_wise"]
+    assert sub_table_constraints([table], row_wise, small_table_rows=110)["t__stacked"].sharding_types == ["table_wise", "data_parallel"]
+    assert sub_table_constraints([plain], row_wise, small_table_rows=100)["t__r"].sharding_types == ["table_wise", "data_parallel"]
+    # keyed by the stacked table's own name: taken as it is
+    own = {"t__stacked": ParameterConstraints(sharding_types=["column_wise"])}
+    assert sub_table_constraints([table], own)["t__stacked"].sharding_types == ["column_wise"]
+    with pytest.raises(ValueError, match=r"constraints name 't__r', a part of table 't', whose parts are stacked .*constrain 't__stacked'"):
+        sub_table_constraints([table], {"t__r": ParameterConstraints(sharding_types=["table_wise"])})
+
+
+def test_the_plan_report_names_each_stacked_table_with_its_logical_table():
+    from torchrec.distributed.planner import Topology
+
+    from torchrec_multihash.distributed import describe_plan, plan_model
+
+    cfgs = stacked(make_configs("qr", "add", PoolingType.SUM)) + [
+        MultiHashEmbeddingBagConfig(name="t_d", num_embeddings=N, embedding_dim=D, feature_names=["d"], num_collisions=5)
+    ]
+    meta = torch.device("meta")
+    ebc = MultiHashEmbeddingBagCollection(cfgs, device=meta)
+    model = DLRM(embedding_bag_collection=ebc, dense_in_features=3, dense_arch_layer_sizes=[D], over_arch_layer_sizes=[4, 1], dense_device=meta)
+    topo = Topology(world_size=2, compute_device="cuda", hbm_cap=2**30)
+    report = describe_plan(plan_model(model, topo, sub_table_constraints(cfgs), batch_size=64), model, topo)
+    assert {s.table: s.logical_table for s in report.shards} == {"t_a__stacked": "t_a", "t_bc__stacked": "t_bc", "t_d": "t_d", "t_d__r": "t_d"}
+    assert sum(s.bytes for s in report.shards) == ebc.memory_bytes()
+
+
+def _one(stack_parts, seed=0):
+    torch.manual_seed(seed)
+    cfg = MultiHashEmbeddingBagConfig(
+        name="t_C1", num_embeddings=1000, embedding_dim=D, feature_names=["C1"], num_collisions=8, operation="add", stack_parts=stack_parts
+    )
+    return MultiHashEmbeddingBagCollection([cfg])
+
+
+@pytest.mark.parametrize("saved_stacked", [False, True], ids=["unstacked_into_stacked", "stacked_into_unstacked"])
+def test_a_state_dict_or_checkpoint_of_the_other_layout_is_refused(tmp_path, saved_stacked):
+    saved, loading = _one(saved_stacked), _one(not saved_stacked, seed=1)
+    before = {k: v.clone() for k, v in loading.state_dict().items()}
+    here = "True" if not saved_stacked else "False"
+    for strict in (True, False):
+        with pytest.raises(MultiHashConfigError, match=rf"table 't_C1': .*stack_parts differs \({here} here\)"):
+            loading.load_state_dict(saved.state_dict(), strict=strict)
+    save_checkpoint(tmp_path / "ckpt", saved)
+    with pytest.raises(CheckpointError, match="stack_parts differs"):
+        load_checkpoint(tmp_path / "ckpt", loading)
+    for k, v in loading.state_dict().items():  # nothing was loaded
+        assert torch.equal(v, before[k]), k
+    # the same layout loads
+    same = _one(saved_stacked, seed=2)
+    load_checkpoint(tmp_path / "ckpt", same)
+    for k, v in same.state_dict().items():
+        assert torch.equal(v, saved.state_dict()[k]), k
+
+
+def test_the_app_config_stacks_the_add_tables_it_builds():
+    from pathlib import Path
+
+    from torchrec_multihash.app.config import load_config
+    from torchrec_multihash.app.model import build_constraints, build_model, build_tables, multihash_module
+    from torchrec_multihash.app.provenance import tables_record
+
+    quickstart = Path(__file__).resolve().parents[1] / "configs/quickstart.yaml"
+    cfg = load_config(quickstart, ["embeddings.operation=add", "embeddings.stack_parts=true", "embeddings.overrides={t_C2: {stack_parts: false}}"])
+    tables = {t.name: t for t in build_tables(cfg)}
+    # compressed add tables stacked, but t_C2 (its override) and the small tables kept full
+    assert tables["t_C1"].stack_parts and tables["t_C5"].stack_parts and not tables["t_C2"].stack_parts
+    assert tables["t_C13"].strategy == "full" and not tables["t_C13"].stack_parts
+    ebc = multihash_module(build_model(cfg, device=torch.device("meta")))
+    names = [c.name for c in ebc.sub_table_configs()]
+    assert "t_C1__stacked" in names and "t_C2__r" in names and "t_C1__r" not in names
+    # the small-table rule reads the stacked tables' rows: t_C10's (500 ids) are few, t_C1's not
+    constraints = build_constraints(cfg, list(tables.values()))
+    assert constraints["t_C10__stacked"].sharding_types == ["table_wise", "data_parallel"] and "t_C1__stacked" not in constraints
+    # recorded with the tables' keys when set (it changes what a checkpoint holds), absent when not
+    assert tables_record(cfg)["embeddings.stack_parts"] is True
+    assert "embeddings.stack_parts" not in tables_record(load_config(quickstart))
+    # no add table to stack: a warning, the tables unchanged
+    mult = load_config(quickstart, ["embeddings.stack_parts=true"])
+    with pytest.warns(UserWarning, match="embeddings.stack_parts is set but no table adds several partitions"):
+        assert not any(t.stack_parts for t in build_tables(mult))
+
+
+def test_the_bench_method_stacks_the_compressed_tables():
+    from torchrec_multihash.bench.step_time import METHODS, build
+    from torchrec_multihash.bench.workload import BenchSpec
+
+    assert METHODS["qr_add_stacked"] == ("qr", "add", True) and not METHODS["qr_add"].stack_parts
+    spec = BenchSpec.one_hot(quick=True)
+    module, plain = build("qr_add_stacked", spec, torch.device("cpu")), build("qr_add", spec, torch.device("cpu"))
+    composed = [c.name for c in module.multihash_configs() if c.strategy_impl().is_composed()]
+    assert composed and all(c.stack_parts for c in module.multihash_configs() if c.name in composed)
+    assert len(module.sub_table_configs()) == len(plain.sub_table_configs()) - len(composed)
+    assert module.memory_bytes() == plain.memory_bytes()
+
+
+def test_dlrm_learns_with_stacked_add_tables():
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    from torchrec_multihash.datasets.synthetic import SyntheticCriteo
+
+    torch.manual_seed(0)
+    vocab = [5_000, 2_000, 500, 100]
+    plain = [EmbeddingBagConfig(name=f"t_f{i}", num_embeddings=n, embedding_dim=D, feature_names=[f"f{i}"]) for i, n in enumerate(vocab)]
+    configs = to_multihash_configs(plain, 4, strategy="qr", operation="add")
+    configs = [dataclasses.replace(c, stack_parts=True) if c.strategy_impl().is_composed() else c for c in configs]
+    assert sum(c.stack_parts for c in configs) == 3
+    ebc = MultiHashEmbeddingBagCollection(configs)
+    model = DLRM(embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[16, D], over_arch_layer_sizes=[16, 1])
+    task = SyntheticCriteo.toy(vocab, seed=1)
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.05)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    def eval_loss():
+        with torch.no_grad():
+            batches = list(task.batches(512, 4, start=1_000_000))
+            return sum(float(loss_fn(model(b.dense_features, b.sparse_features).squeeze(1), b.labels)) for b in batches) / len(batches)
+
+    start = eval_loss()
+    for b in task.batches(256, 300):
+        loss = loss_fn(model(b.dense_features, b.sparse_features).squeeze(1), b.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    end = eval_loss()
+    bayes, base = task.bayes_logloss(4096, 1_000_000)
+    # as tests/test_dlrm.py asks of Q-R add unstacked
+    assert end < base - 0.2 * (base - bayes), (start, end, base, bayes)
+    assert end < start - 0.05
+
+
+# sharded == unsharded: the stacked tables under each sharding type, 2 processes (gloo)
+LR = 0.1
+STEPS = 3
+
+
+def _check_sharded(rank, world_size, sharding_type):
+    ref = sm.build_model(seed=0, stacked=True)
+    model = sm.build_model(seed=1, stacked=True)  # another init: the copy below must set every weight
+    ebc = model.model.sparse_arch.embedding_bag_collection
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fbgemm's CPU kernels' notes
+        dmp, plan, _ = sm.shard_with(model, sharding_type, world_size, {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR})
+    types = {t: ps.sharding_type for mod in plan.plan.values() for t, ps in mod.items()}
+    assert sorted(types) == sorted(c.name for c in ebc.sub_table_configs())
+    stacked_names = [n for n in types if n.endswith("__stacked")]
+    assert len(stacked_names) == 4 and all(types[n] == sharding_type for n in stacked_names), types
+    if sharding_type == "row_wise":  # the stacked rows really split over both ranks
+        ranks = {t: ps.ranks for mod in plan.plan.values() for t, ps in mod.items()}
+        assert all(sorted(ranks[n]) == list(range(world_size)) for n in stacked_names), ranks
+    start = dmp.state_dict()
+    sm.copy_into_sharded(start, ref.state_dict())
+    dmp.load_state_dict(start)
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    dense_opt = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda p: torch.optim.SGD(p, lr=LR))
+    opt = CombinedOptimizer([dmp.fused_optimizer, dense_opt])
+    per_rank = [list(sm.batches(r, world_size, STEPS)) for r in range(world_size)]
+    sm.train_side_by_side(dmp, ref, opt, per_rank, rank, LR, label=f"stacked, {sharding_type}")
+    assert sm.assert_state_equal(dmp.state_dict(), ref.state_dict()) >= len(types) / world_size
+
+
+def _sharded_worker(rank, world_size, sharding_types):
+    for sharding_type in sharding_types:  # several in one process group: one start-up
+        _check_sharded(rank, world_size, sharding_type)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_stacked_tables_sharded_equal_unsharded():
+    run_multiprocess(_sharded_worker, 2, ("table_wise", "column_wise", "row_wise", "data_parallel"))
+
+
+def _pipelined_worker(rank, world_size):
+    from tests.test_pipeline import _train
+
+    plain, plain_losses, _ = _train(rank, world_size, pipelined=False, stacked=True)
+    piped, piped_losses, pipeline = _train(rank, world_size, pipelined=True, stacked=True)
+    # one lookup group (every table pooled), its transform run in the pipeline's input-dist stage
+    assert [p._fqn for p in pipeline._pipelined_postprocs] == ["model.sparse_arch.embedding_bag_collection.pooled.pooled.transform"]
+    assert len(set(plain_losses)) > 1
+    torch.testing.assert_close(piped_losses, plain_losses, atol=1e-6, rtol=1e-6)
+    a, b = list(sm.local_shards(piped.state_dict())), list(sm.local_shards(plain.state_dict()))
+    assert [(k, o) for k, _, o in a] == [(k, o) for k, _, o in b]
+    for (key, x, _), (_, y, _) in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_stacked_tables_train_pipelined_as_in_the_plain_loop():
+    run_multiprocess(_pipelined_worker, 2)
