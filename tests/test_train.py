@@ -29,11 +29,30 @@ def test_synthetic_one_process_learns_and_writes_metrics(tmp_path):
     assert "Test AUC" in r.stdout and "Run outputs in" in r.stdout
 
 
+# torchrun --max-restarts=1 and --resume auto: the job restarts a rank that dies from its last
+# checkpoint. TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 works around pytorch#135712 (torch 2.13 keeps the
+# rendezvous store across restarts: restarted ranks can read the dead ranks' addresses).
+RESTARTS = ["--standalone", "--max-restarts=1"]
+RESTARTS_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+RESTARTABLE = [*SMALL, "--set", "train.eval_every=25", "--set", "train.checkpoint_every=20", "--resume", "auto"]
+
+
+@pytest.fixture(scope="module")
+def straight_two_ranks(tmp_path_factory):
+    """SMALL on 2 ranks, an evaluation every 25 steps and a checkpoint every 20, from start to end
+    without a fault (as a restartable job: no checkpoint to resume yet): (process, metrics, its
+    folder). The 2-process run checked below, and the uninterrupted run that the resumed and the
+    restarted runs must equal."""
+    tmp = tmp_path_factory.mktemp("straight_two_ranks")
+    r, m = train(tmp, *RESTARTABLE, nproc=2, torchrun=RESTARTS, env=RESTARTS_ENV)
+    return r, m, tmp
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_synthetic_two_processes(tmp_path):
+def test_synthetic_two_processes(straight_two_ranks):
     # evaluation in the middle of training must not collide with batches in flight
-    r, m = train(tmp_path, *SMALL, "--set", "train.eval_every=25", nproc=2)
+    r, m, _ = straight_two_ranks  # SMALL, eval_every=25, on 2 processes
     assert r.returncode == 0, r.stderr[-3000:]
     assert m["world_size"] == 2 and m["steps"] == 58
     assert [h["step"] for h in m["eval_history"]] == [25, 50]
@@ -76,29 +95,11 @@ def test_bad_config_is_a_clear_error(tmp_path, args, message):
     assert "Traceback" not in r.stderr
 
 
-# torchrun --max-restarts=1 and --resume auto: the job restarts a rank that dies from its last
-# checkpoint. TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 works around pytorch#135712 (torch 2.13 keeps the
-# rendezvous store across restarts: restarted ranks can read the dead ranks' addresses).
-RESTARTS = ["--standalone", "--max-restarts=1"]
-RESTARTS_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-RESTARTABLE = [*SMALL, "--set", "train.checkpoint_every=20", "--resume", "auto"]
-
-
-@pytest.fixture(scope="module")
-def straight_two_ranks(tmp_path_factory):
-    """SMALL on 2 ranks, a checkpoint every 20 steps, from start to end without a fault (as a
-    restartable job: no checkpoint to resume yet): (process, metrics, its folder). The uninterrupted
-    run that the resumed and the restarted runs below must equal."""
-    tmp = tmp_path_factory.mktemp("straight_two_ranks")
-    r, m = train(tmp, *RESTARTABLE, nproc=2, torchrun=RESTARTS, env=RESTARTS_ENV)
-    return r, m, tmp
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_checkpoint_then_resume_continues_where_it_stopped(tmp_path, straight_two_ranks):
     """2 ranks: 20 steps and a checkpoint, then --resume to the end == one uninterrupted run."""
-    common = [*SMALL, "--set", "train.checkpoint_every=20"]
+    common = [*SMALL, "--set", "train.eval_every=25", "--set", "train.checkpoint_every=20"]
     r, first = train(tmp_path / "a", *common, "--set", "train.max_steps=20", "--set", f"train.output_dir={tmp_path / 'run'}", nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert first["steps"] == 20 and (tmp_path / "run" / "checkpoint" / ".metadata").is_file()
