@@ -1,7 +1,16 @@
 import os
 import pathlib
 
-import pytest
+# One intra-op thread per test process, as the commands the tests start already run
+# (tests/helpers/cli.py); set before torch is imported, so processes spawned by the tests
+# (tests/helpers/distributed.py) inherit it too. Several threads per process on a machine whose
+# cores are all busy (2-rank runs, other jobs) make in-process tests many times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -152,9 +152,16 @@ def test_plan_prints_the_mch_bytes_and_refuses_more_ranks():
 MCH_RUN = [*SMALL, "--set", "embeddings.strategy=mch", "--set", "embeddings.num_embeddings_per_feature=[20000,5000,1000,100]"]
 
 
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """MCH_RUN from start to end with a checkpoint every 40 steps (process, metrics): the run that
+    trains on one rank and the uninterrupted run a resumed one must equal."""
+    return train(tmp_path_factory.mktemp("mch_straight"), *MCH_RUN, "--set", "train.checkpoint_every=40")
+
+
 @pytest.mark.slow
-def test_trains_on_one_rank_and_counts_its_bytes(tmp_path):
-    r, m = train(tmp_path, *MCH_RUN)
+def test_trains_on_one_rank_and_counts_its_bytes(straight_run):
+    r, m = straight_run
     assert r.returncode == 0, r.stderr[-3000:]
     assert m["steps"] == 117 and m["auc"] > 0.56  # it learns (base rate: 0.5)
     cfg = load_config("configs/quickstart.yaml", [s for s in MCH_RUN if s != "--set" and "=" in s])
@@ -169,7 +176,7 @@ def test_two_ranks_are_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_checkpoint_holds_the_remapper_and_resume_equals_a_straight_run(tmp_path):
+def test_checkpoint_holds_the_remapper_and_resume_equals_a_straight_run(tmp_path, straight_run):
     common = [*MCH_RUN, "--set", "train.checkpoint_every=40"]
     r, first = train(tmp_path / "a", *common, "--set", "train.max_steps=40", "--set", f"train.output_dir={tmp_path / 'run'}")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -177,7 +184,7 @@ def test_checkpoint_holds_the_remapper_and_resume_equals_a_straight_run(tmp_path
     assert any(k.endswith("_mch_sorted_raw_ids") for k in entries) and any(k.endswith("_mch_counts") for k in entries)
     r, resumed = train(tmp_path / "b", *common, "--set", f"train.output_dir={tmp_path / 'run'}", "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
-    r, straight = train(tmp_path / "c", *common)
+    r, straight = straight_run  # *common, uninterrupted
     assert r.returncode == 0, r.stderr[-3000:]
     assert resumed["steps"] == straight["steps"] == 117
     assert resumed["auc"] == pytest.approx(straight["auc"], abs=1e-6)

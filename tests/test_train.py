@@ -29,11 +29,30 @@ def test_synthetic_one_process_learns_and_writes_metrics(tmp_path):
     assert "Test AUC" in r.stdout and "Run outputs in" in r.stdout
 
 
+# torchrun --max-restarts=1 and --resume auto: the job restarts a rank that dies from its last
+# checkpoint. TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 works around pytorch#135712 (torch 2.13 keeps the
+# rendezvous store across restarts: restarted ranks can read the dead ranks' addresses).
+RESTARTS = ["--standalone", "--max-restarts=1"]
+RESTARTS_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+RESTARTABLE = [*SMALL, "--set", "train.eval_every=25", "--set", "train.checkpoint_every=20", "--resume", "auto"]
+
+
+@pytest.fixture(scope="module")
+def straight_two_ranks(tmp_path_factory):
+    """SMALL on 2 ranks, an evaluation every 25 steps and a checkpoint every 20, from start to end
+    without a fault (as a restartable job: no checkpoint to resume yet): (process, metrics, its
+    folder). The 2-process run checked below, and the uninterrupted run that the resumed and the
+    restarted runs must equal."""
+    tmp = tmp_path_factory.mktemp("straight_two_ranks")
+    r, m = train(tmp, *RESTARTABLE, nproc=2, torchrun=RESTARTS, env=RESTARTS_ENV)
+    return r, m, tmp
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_synthetic_two_processes(tmp_path):
+def test_synthetic_two_processes(straight_two_ranks):
     # evaluation in the middle of training must not collide with batches in flight
-    r, m = train(tmp_path, *SMALL, "--set", "train.eval_every=25", nproc=2)
+    r, m, _ = straight_two_ranks  # SMALL, eval_every=25, on 2 processes
     assert r.returncode == 0, r.stderr[-3000:]
     assert m["world_size"] == 2 and m["steps"] == 58
     assert [h["step"] for h in m["eval_history"]] == [25, 50]
@@ -78,9 +97,9 @@ def test_bad_config_is_a_clear_error(tmp_path, args, message):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_checkpoint_then_resume_continues_where_it_stopped(tmp_path):
+def test_checkpoint_then_resume_continues_where_it_stopped(tmp_path, straight_two_ranks):
     """2 ranks: 20 steps and a checkpoint, then --resume to the end == one uninterrupted run."""
-    common = [*SMALL, "--set", "train.checkpoint_every=20"]
+    common = [*SMALL, "--set", "train.eval_every=25", "--set", "train.checkpoint_every=20"]
     r, first = train(tmp_path / "a", *common, "--set", "train.max_steps=20", "--set", f"train.output_dir={tmp_path / 'run'}", nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert first["steps"] == 20 and (tmp_path / "run" / "checkpoint" / ".metadata").is_file()
@@ -95,7 +114,7 @@ def test_checkpoint_then_resume_continues_where_it_stopped(tmp_path):
     r, resumed = train(tmp_path / "b", *common, "--set", f"train.output_dir={tmp_path / 'run'}", "--resume", nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Resumed from" in r.stdout and "step 20" in r.stdout
-    r, straight = train(tmp_path / "c", *common, nproc=2)
+    r, straight, _ = straight_two_ranks  # *common on 2 ranks, uninterrupted
     assert r.returncode == 0, r.stderr[-3000:]
     assert resumed["steps"] == straight["steps"] == 58
     assert resumed["logloss"] == pytest.approx(straight["logloss"], abs=1e-6)
@@ -169,29 +188,24 @@ def _train_state(flat: dict) -> TrainState:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_rank_killed_mid_epoch_restarts_from_the_checkpoint_and_ends_as_an_uninterrupted_run(tmp_path):
+def test_a_rank_killed_mid_epoch_restarts_from_the_checkpoint_and_ends_as_an_uninterrupted_run(tmp_path, straight_two_ranks):
     """2 ranks under ``torchrun --max-restarts=1``, a checkpoint every 20 steps, ``--resume auto``;
     rank 1 dies after step 25 of the 58 of epoch 0 (first attempt only). torchrun restarts both
     ranks, they resume from step 20 and redo steps 21-25 on the same batches. The job ends with
     exactly (bit for bit) the weights, optimizer state and data position (epoch, steps, samples) of
     the same command run without the fault: nothing random is drawn during training, the CPU
-    kernels are deterministic and a 2-rank gloo sum does not depend on order.
-    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 works around pytorch#135712 (torch 2.13 keeps the
-    rendezvous store across restarts: restarted ranks can read the dead ranks' addresses)."""
-    restarts = ["--standalone", "--max-restarts=1"]
-    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    common = [*SMALL, "--set", "train.checkpoint_every=20", "--resume", "auto"]
-    r, straight = train(tmp_path / "a", *common, nproc=2, torchrun=restarts, env=env)
+    kernels are deterministic and a 2-rank gloo sum does not depend on order."""
+    r, straight, straight_dir = straight_two_ranks  # the same command without the fault
     assert r.returncode == 0, r.stderr[-3000:]
     assert "--resume auto: no checkpoint" in r.stdout
-    fault = {**env, "MULTIHASH_FAULT_AT_STEP": "25", "MULTIHASH_FAULT_RANK": "1"}
-    r, restarted = train(tmp_path / "b", *common, nproc=2, torchrun=restarts, env=fault)
+    fault = {**RESTARTS_ENV, "MULTIHASH_FAULT_AT_STEP": "25", "MULTIHASH_FAULT_RANK": "1"}
+    r, restarted = train(tmp_path / "b", *RESTARTABLE, nproc=2, torchrun=RESTARTS, env=fault)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rank 1 exits after step 25" in r.stderr
     assert "Resumed from" in r.stdout and "step 20 (restart 1)" in r.stdout
     assert restarted["steps"] == straight["steps"] == 58
     assert restarted["logloss"] == straight["logloss"] and restarted["auc"] == straight["auc"]
-    a = _checkpoint_tensors(tmp_path / "a" / "run" / "checkpoint", tmp_path / "a.pt")
+    a = _checkpoint_tensors(straight_dir / "run" / "checkpoint", tmp_path / "a.pt")
     b = _checkpoint_tensors(tmp_path / "b" / "run" / "checkpoint", tmp_path / "b.pt")
     assert a.keys() == b.keys() and len(a) > 50
     assert _train_state(a) == _train_state(b) == TrainState(epoch=1, batches_in_epoch=0, step=58, samples=58 * 1024, seed=0, world_size=2)
