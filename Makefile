@@ -14,7 +14,7 @@ demo: venv
 test: venv
 	.venv/bin/python -m pytest -q tests
 
-# the tests not marked slow (no trainings in subprocesses, no multi-process runs): about a minute
+# the tests not marked slow (no trainings in subprocesses, no multi-process runs): about 3 minutes
 test-fast: venv
 	.venv/bin/python -m pytest -q -m "not slow" tests
 
