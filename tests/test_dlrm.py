@@ -7,16 +7,19 @@ import torch
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRM_Projection
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from torchrec_multihash import MultiHashEmbeddingBagCollection, to_multihash_configs
+from torchrec_multihash import MultiHashEmbeddingBagCollection, stack_add_tables, to_multihash_configs
 from torchrec_multihash.datasets.synthetic import SyntheticCriteo
 
 VOCAB = [5_000, 2_000, 500, 100]
 DIM = 8
 
 
-def build(arch, strategy, operation):
+def build(arch, strategy, operation, stacked=False):
     tables = [EmbeddingBagConfig(name=f"t_f{i}", num_embeddings=n, embedding_dim=DIM, feature_names=[f"f{i}"]) for i, n in enumerate(VOCAB)]
-    ebc = MultiHashEmbeddingBagCollection(to_multihash_configs(tables, 4, strategy=strategy, operation=operation))
+    configs = to_multihash_configs(tables, 4, strategy=strategy, operation=operation)
+    if stacked:  # add tables' parts stored as one table each (stack_parts)
+        assert sum(c.stack_parts for c in stack_add_tables(configs)) == 3
+    ebc = MultiHashEmbeddingBagCollection(configs)
     kw = dict(embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[16, DIM], over_arch_layer_sizes=[16, 1])
     if arch == "dcn":
         return DLRM_DCN(dcn_num_layers=2, dcn_low_rank_dim=4, **kw), ebc
@@ -26,22 +29,23 @@ def build(arch, strategy, operation):
 
 
 @pytest.mark.parametrize(
-    "arch,strategy,operation",
+    "arch,strategy,operation,stacked",
     [
-        ("dlrm", "full", "mult"),
-        ("dlrm", "qr", "mult"),
-        ("dlrm", "qr", "add"),
-        ("dlrm", "generalized_qr", "mult"),
-        ("dlrm", "crt", "concat"),
-        ("dcn", "qr", "mult"),
-        ("dcn", "hash", "mult"),
-        ("projection", "qr", "mult"),
+        ("dlrm", "full", "mult", False),
+        ("dlrm", "qr", "mult", False),
+        ("dlrm", "qr", "add", False),
+        ("dlrm", "qr", "add", True),
+        ("dlrm", "generalized_qr", "mult", False),
+        ("dlrm", "crt", "concat", False),
+        ("dcn", "qr", "mult", False),
+        ("dcn", "hash", "mult", False),
+        ("projection", "qr", "mult", False),
     ],
 )
-def test_dlrm_learns(arch, strategy, operation):
+def test_dlrm_learns(arch, strategy, operation, stacked):
     torch.manual_seed(0)
     task = SyntheticCriteo.toy(VOCAB, seed=1)
-    model, ebc = build(arch, strategy, operation)
+    model, ebc = build(arch, strategy, operation, stacked)
     if strategy != "full":
         assert ebc.memory_bytes() * 3.5 < ebc.full_memory_bytes()
     opt = torch.optim.Adagrad(model.parameters(), lr=0.05)

@@ -48,13 +48,7 @@ def _worker(rank, world_size):
     postprocs = sorted(p._fqn for p in pipeline._pipelined_postprocs)
     assert postprocs == [f"{prefix}.per_id.per_id_d16.transform", f"{prefix}.pooled.pooled.transform"], postprocs
 
-    assert len(set(plain_losses)) > 1
-    torch.testing.assert_close(piped_losses, plain_losses, atol=1e-6, rtol=1e-6)
-    a = list(sm.local_shards(piped.state_dict()))
-    b = list(sm.local_shards(plain.state_dict()))
-    assert [(k, o) for k, _, o in a] == [(k, o) for k, _, o in b]
-    for (key, x, _), (_, y, _) in zip(a, b):
-        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+    sm.assert_trained_alike(piped, plain, piped_losses, plain_losses)
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 from torchrec.modules.embedding_configs import PoolingType  # noqa: F401  re-exported for configs
 
-from torchrec_multihash.convert import to_multihash_configs  # noqa: F401
+from torchrec_multihash.convert import stack_add_tables, to_multihash_configs  # noqa: F401
 from torchrec_multihash.deeprec import get_multihash_variable  # noqa: F401
 from torchrec_multihash.distributed import (  # noqa: F401
     CheckpointError,

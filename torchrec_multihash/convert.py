@@ -73,3 +73,22 @@ def to_multihash_configs(
             raise MultiHashConfigError(msg)
         warnings.warn(msg, stacklevel=2)
     return out
+
+
+def stack_add_tables(
+    tables: List[MultiHashEmbeddingBagConfig], keep: Sequence[str] = (), option: str = "stack_parts"
+) -> List[MultiHashEmbeddingBagConfig]:
+    """Sets ``stack_parts`` on every table that adds several partitions (its parts stored as one
+    table), except those named in ``keep``; the others are left as they are (mult, concat, tables
+    kept full). Warns when no table is stacked: ``option`` (what the user set) then changes nothing."""
+    for t in tables:
+        if t.name not in keep and t.operation == "add" and t.strategy_impl().is_composed():
+            t.stack_parts = True
+            t.validate()
+    if not any(t.stack_parts for t in tables):
+        warnings.warn(
+            f"{option} is set but no table adds several partitions (operation add on qr, generalized_qr or crt), "
+            "so no table is stacked: it changes nothing here",
+            stacklevel=3,
+        )
+    return tables

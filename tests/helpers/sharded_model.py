@@ -150,6 +150,16 @@ def local_shards(state: Dict[str, object]) -> Iterator[Tuple[str, torch.Tensor, 
             yield key, value, (0,) * value.dim()
 
 
+def assert_trained_alike(piped, plain, piped_losses: List[float], plain_losses: List[float]) -> None:
+    """A pipelined training equals the plain loop's: its losses (which must move) and every local shard."""
+    assert len(set(plain_losses)) > 1
+    torch.testing.assert_close(piped_losses, plain_losses, atol=1e-6, rtol=1e-6)
+    a, b = list(local_shards(piped.state_dict())), list(local_shards(plain.state_dict()))
+    assert [(k, o) for k, _, o in a] == [(k, o) for k, _, o in b]
+    for (key, x, _), (_, y, _) in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+
+
 def slice_at(full: torch.Tensor, local: torch.Tensor, offsets: Tuple[int, ...]) -> torch.Tensor:
     idx = tuple(slice(o, o + s) for o, s in zip(offsets, local.shape))
     return full[idx]

@@ -1,7 +1,6 @@
 """Builds the multi-hash tables and the DLRM model a config describes."""
 
-import warnings
-from typing import Any, Dict, List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -12,7 +11,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec_multihash.app.auto_choice import is_auto, load_choices
 from torchrec_multihash.app.config import MCH, Config, ConfigError, EmbeddingsConfig
 from torchrec_multihash.auto import AutoChoiceError, TableChoice, auto_configs
-from torchrec_multihash.convert import to_multihash_configs
+from torchrec_multihash.convert import stack_add_tables, to_multihash_configs
 from torchrec_multihash.distributed.constraints import sub_table_constraints
 from torchrec_multihash.modules.config import MultiHashConfigError, MultiHashEmbeddingBagConfig
 from torchrec_multihash.modules.mch import MCHEmbeddingBagCollection
@@ -101,26 +100,12 @@ def build_tables(cfg: Config, choices: Optional[List[TableChoice]] = None) -> Li
                 num_partitions=emb.num_partitions,
                 overrides=overrides,
             )
-        return stack_add_tables(tables, emb.overrides) if emb.stack_parts else tables
+        if not emb.stack_parts:
+            return tables
+        own = [n for n, o in emb.overrides.items() if "stack_parts" in o]  # an override setting it keeps its own
+        return stack_add_tables(tables, own, "embeddings.stack_parts")
     except (MultiHashConfigError, AutoChoiceError, TypeError) as e:
         raise ConfigError(f"embeddings: {e}") from None
-
-
-def stack_add_tables(tables: List[MultiHashEmbeddingBagConfig], overrides: Dict[str, Dict[str, Any]]) -> List[MultiHashEmbeddingBagConfig]:
-    """``embeddings.stack_parts``: every table that adds several partitions gets ``stack_parts``
-    (unless ``embeddings.overrides`` sets it for the table); the others are left as they are (mult,
-    concat, tables kept full). Warns when no table is stacked: the option then changes nothing."""
-    for t in tables:
-        if "stack_parts" not in overrides.get(t.name, {}) and t.operation == "add" and t.strategy_impl().is_composed():
-            t.stack_parts = True
-            t.validate()
-    if not any(t.stack_parts for t in tables):
-        warnings.warn(
-            "embeddings.stack_parts is set but no table adds several partitions (operation add on qr, generalized_qr or crt), "
-            "so no table is stacked: it changes nothing here",
-            stacklevel=3,
-        )
-    return tables
 
 
 def build_constraints(cfg: Config, tables: List[MultiHashEmbeddingBagConfig]) -> Dict[str, ParameterConstraints]:

@@ -20,7 +20,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_multihash.app.quiet import quiet_warnings
 from torchrec_multihash.bench.naive_qr import NaiveQREmbeddingBags
 from torchrec_multihash.bench.workload import BenchSpec
-from torchrec_multihash.convert import to_multihash_configs
+from torchrec_multihash.convert import stack_add_tables, to_multihash_configs
 from torchrec_multihash.distributed.constraints import sub_table_constraints
 from torchrec_multihash.distributed.sharding import shard_model
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
@@ -83,11 +83,8 @@ def build(method: str, spec: BenchSpec, device: torch.device) -> nn.Module:
             num_partitions=3 if strategy == "generalized_qr" else None,
             overrides={t: {"max_ids_per_bag": 1} for t in spec.one_hot_tables()},
         )
-    if method_spec.stack_parts:  # the tables that were compressed (the others stay full)
-        for c in configs:
-            if c.strategy_impl().is_composed():
-                c.stack_parts = True
-                c.validate()
+    if method_spec.stack_parts:
+        stack_add_tables(configs)
     return MultiHashEmbeddingBagCollection(configs, device=torch.device("meta"))
 
 
