@@ -30,12 +30,14 @@ DIM = 16
 VOCAB = [300, 200, 120, 50, 500, 400, 600]
 
 
-def tables() -> List[MultiHashEmbeddingBagConfig]:
+def tables(one_hot: bool = False) -> List[MultiHashEmbeddingBagConfig]:
     """One table per kind of lookup: per-id mult (EC), pooled add / concat / full / hash (EBC),
-    learned mappings (alone, pooled; before Q-R mult, per id)."""
+    learned mappings (alone, pooled; before Q-R mult, per id). ``one_hot``: every table declared
+    ``max_ids_per_bag=1`` (mult looked up pooled; feed it ``batches(..., max_bag=1)``)."""
 
     def t(i, **kw):
-        return MultiHashEmbeddingBagConfig(name=f"t_f{i}", num_embeddings=VOCAB[i], embedding_dim=DIM, feature_names=[f"f{i}"], **kw)
+        one = {"max_ids_per_bag": 1} if one_hot else {}
+        return MultiHashEmbeddingBagConfig(name=f"t_f{i}", num_embeddings=VOCAB[i], embedding_dim=DIM, feature_names=[f"f{i}"], **one, **kw)
 
     return [
         t(0, strategy="qr", operation="mult", num_collisions=7),
@@ -78,12 +80,12 @@ def assign_mappings(ebc: MultiHashEmbeddingBagCollection, seed: int) -> None:
             ebc.learned_mappings()[c.name].assign(known, rows)
 
 
-def build_model(seed: int = 0, device: torch.device = torch.device("cpu"), stacked: bool = False) -> DLRMTrain:
+def build_model(seed: int = 0, device: torch.device = torch.device("cpu"), stacked: bool = False, one_hot: bool = False) -> DLRMTrain:
     """The test model, its learned mappings assigned from ``seed``; none on the meta device (a
     mapping is assigned once DistributedModelParallel materialised the module). ``stacked``: the
-    tables of ``stacked_tables()``."""
+    tables of ``stacked_tables()``; ``one_hot``: of ``tables(one_hot=True)``."""
     torch.manual_seed(seed)
-    ebc = MultiHashEmbeddingBagCollection(stacked_tables() if stacked else tables(), device=device)
+    ebc = MultiHashEmbeddingBagCollection(stacked_tables() if stacked else tables(one_hot), device=device)
     if device.type != "meta":
         assign_mappings(ebc, seed)
     return DLRMTrain(
@@ -91,9 +93,9 @@ def build_model(seed: int = 0, device: torch.device = torch.device("cpu"), stack
     )
 
 
-def batches(rank: int, world_size: int, n: int, batch_size: int = 8) -> Iterator[Batch]:
-    """Rank ``rank``'s share of ``n`` global batches."""
-    task = SyntheticCriteo.toy(VOCAB, seed=3, max_bag=3)
+def batches(rank: int, world_size: int, n: int, batch_size: int = 8, max_bag: int = 3) -> Iterator[Batch]:
+    """Rank ``rank``'s share of ``n`` global batches (the last feature's bags of 1..``max_bag`` ids)."""
+    task = SyntheticCriteo.toy(VOCAB, seed=3, max_bag=max_bag)
     for i in range(n):
         yield task.batch(batch_size, i * world_size + rank)
 
@@ -115,22 +117,22 @@ def equal_id_counts(per_rank: List[List[Batch]]) -> List[List[Batch]]:
     return out
 
 
-def shard_with(model, sharding_type, world_size, fused_params):
-    """``model`` under DistributedModelParallel, every sub-table sharded with ``sharding_type`` where
-    TorchRec offers it (the app's sub-table constraints); returns (model, plan, constraints).
-    Types TorchRec offers only on CUDA (row_wise, table_row_wise) use the test-only sharders of
-    ``cuda_types``; the others the app's own."""
+def shard_with(model, sharding_type, world_size, fused_params, device: torch.device = torch.device("cpu")):
+    """``model`` under DistributedModelParallel on ``device``, every sub-table sharded with
+    ``sharding_type`` where TorchRec offers it (the app's sub-table constraints); returns (model,
+    plan, constraints). On CPU, types TorchRec offers only on CUDA (row_wise, table_row_wise) use the
+    test-only sharders of ``cuda_types``; the others, and every type on CUDA, the app's own."""
     configs = next(m for m in model.modules() if isinstance(m, MultiHashEmbeddingBagCollection)).multihash_configs()
     constraints = sub_table_constraints(
         configs,
         {t.name: ParameterConstraints(sharding_types=[sharding_type], min_partition=8) for t in configs},
         small_table_sharding_types=None,
     )
-    cpu_types = EmbeddingBagCollectionSharder().sharding_types("cpu")
-    shard = sharders(fused_params=fused_params) if sharding_type in cpu_types else cuda_type_sharders(fused_params)
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device="cpu"), constraints=constraints)
+    offered = EmbeddingBagCollectionSharder().sharding_types(device.type)
+    shard = sharders(fused_params=fused_params) if sharding_type in offered else cuda_type_sharders(fused_params)
+    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device=device.type), constraints=constraints)
     plan = planner.collective_plan(model, shard, dist.GroupMember.WORLD)
-    return DistributedModelParallel(model, plan=plan, sharders=shard, device=torch.device("cpu")), plan, constraints
+    return DistributedModelParallel(model, plan=plan, sharders=shard, device=device), plan, constraints
 
 
 def local_shards(state: Dict[str, object]) -> Iterator[Tuple[str, torch.Tensor, Tuple[int, ...]]]:
@@ -172,33 +174,36 @@ def copy_into_sharded(sharded_state: Dict[str, object], full_state: Dict[str, to
             local.copy_(slice_at(full_state[key], local, offsets))
 
 
-def assert_state_equal(sharded_state: Dict[str, object], full_state: Dict[str, torch.Tensor], atol: float = 1e-5) -> int:
+def assert_state_equal(sharded_state: Dict[str, object], full_state: Dict[str, torch.Tensor], atol: float = 1e-5, rtol: float = 1e-5) -> int:
     """Every local shard equals its slice of the unsharded tensor; returns how many were compared."""
     n = 0
     for key, local, offsets in local_shards(sharded_state):
         if local.numel() == 0:
             continue
-        torch.testing.assert_close(local, slice_at(full_state[key], local, offsets), atol=atol, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(local.cpu(), slice_at(full_state[key], local, offsets), atol=atol, rtol=rtol, msg=lambda m, key=key: f"{key}: {m}")
         n += 1
     return n
 
 
-def train_side_by_side(dmp, ref, opt, per_rank: List[List[Batch]], rank: int, lr: float, label: str = "") -> float:
-    """SGD steps of the sharded ``dmp`` (this rank's batches) and the unsharded ``ref`` (every rank's
-    batches, as the sharded model sees them all), asserting equal logits at every step; returns the
-    largest logit difference seen."""
+def train_side_by_side(
+    dmp, ref, opt, per_rank: List[List[Batch]], rank: int, lr: float, label: str = "", device: torch.device = torch.device("cpu"), tol: float = 1e-5
+) -> float:
+    """SGD steps of the sharded ``dmp`` on ``device`` (this rank's batches) and the unsharded ``ref``
+    on CPU (every rank's batches, as the sharded model sees them all), asserting logits equal within
+    ``tol`` at every step; returns the largest logit difference seen."""
     world_size = len(per_rank)
     ref_params = dict(ref.named_parameters())
     logits_diff = 0.0
     for step in range(len(per_rank[rank])):
-        loss, (_, logits, _) = dmp(per_rank[rank][step])
+        loss, (_, logits, _) = dmp(per_rank[rank][step].to(device))
+        logits = logits.cpu()
         ref.zero_grad()
         for r in range(world_size):  # the reference sees every rank's batch
             ref_loss, (_, ref_logits, _) = ref(per_rank[r][step])
             ref_loss.backward()
             if r == rank:
                 msg = lambda m, step=step: f"{label}, step {step}: {m}"  # noqa: E731
-                torch.testing.assert_close(logits, ref_logits.detach(), atol=1e-5, rtol=1e-5, msg=msg)
+                torch.testing.assert_close(logits, ref_logits.detach(), atol=tol, rtol=tol, msg=msg)
                 logits_diff = max(logits_diff, float((logits - ref_logits).abs().max()))
         loss.backward()
         opt.step()
