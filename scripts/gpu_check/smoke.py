@@ -1,15 +1,16 @@
 """TorchRec + FBGEMM on CUDA, alone: a sharded EBC's forward and backward."""
+
 import os
 
+import fbgemm_gpu
 import torch
 import torch.distributed as dist
-
-import fbgemm_gpu
 import torchrec
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.distributed import DistributedModelParallel
 
-print("torch", torch.__version__, "cuda", torch.version.cuda, "fbgemm_gpu", fbgemm_gpu.__version__, "torchrec", getattr(torchrec, "__version__", "?"), flush=True)
+versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "fbgemm_gpu": fbgemm_gpu.__version__}
+print(versions, "torchrec", getattr(torchrec, "__version__", "?"), flush=True)
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29531")
 torch.cuda.set_device(0)
 dist.init_process_group("nccl", rank=0, world_size=1)
