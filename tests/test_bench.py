@@ -100,3 +100,30 @@ def test_quality_summary_pairs_against_qr_too_when_it_ran():
     assert "AUC - qr (same seed)" in md and "| mch | 8x |" in md and "-0.0550 [-0.0800, -0.0300]" in md
     # without qr runs the table keeps its former columns
     assert "AUC - qr" not in markdown(summarize([r for r in rows if r["strategy"] != "qr"]), "t")
+
+
+@pytest.mark.slow
+def test_bench_keeps_the_other_methods_when_one_fails_and_takes_a_batch_size(tmp_path, monkeypatch, capsys):
+    from torchrec_multihash.bench import bench
+
+    real = bench.run_method
+
+    def run_method(method, spec, *args, **kwargs):
+        if method == "qr_mult":
+            raise RuntimeError("qr_mult on 1 process(es) failed (exit 1):\nTraceback ...\nRuntimeError: CUDA out of memory")
+        return real(method, spec, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_method", run_method)
+    argv = ["--quick", "--steps", "2", "--methods", "qr_mult,qr_add", "--workloads", "one_hot", "--batch-size", "96"]
+    argv += ["--scaling", "", "--loader-lines", "0", "--train-samples", "0", "--device", "cpu", "--out", str(tmp_path)]
+    assert bench.main(argv) == 1  # a failed run fails the command, after the results are written
+    res = json.loads((tmp_path / "results.json").read_text())
+    work = res["workloads"]["one_hot"]
+    assert work["spec"]["batch_size"] == 96 and all(m["samples_per_s"] > 0 for m in work["methods"])
+    assert [m["method"] for m in work["methods"]] == ["torchrec_ebc", "qr_add"]
+    assert len(res["failed"]) == 1 and res["failed"][0]["method"] == "qr_mult" and "out of memory" in res["failed"][0]["error"]
+    md = (tmp_path / "results.md").read_text()
+    assert "| qr_add |" in md and "- one_hot, qr_mult: RuntimeError: CUDA out of memory" in md
+    assert (tmp_path / "step_time.png").exists()
+    err = capsys.readouterr().err
+    assert "one_hot: qr_mult on 1 process(es) failed" in err and "1 method run(s) failed" in err

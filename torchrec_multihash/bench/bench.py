@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, TypedDict
+from typing import Any, Callable, Dict, List, Optional, TypedDict
 
 from tqdm import tqdm
 
@@ -40,12 +40,13 @@ class Workload(TypedDict):
 
 class Results(TypedDict):
     """``results.json``: per workload its spec and methods; the scaling runs (multi-hot), the reader
-    runs, the end-to-end ``train`` runs."""
+    runs, the end-to-end ``train`` runs; the method runs that failed (the others still count)."""
 
     workloads: Dict[str, Workload]
     scaling: List[Record]
     loader: List[Record]
     train: List[Record]
+    failed: List[Record]  # a method's run that failed: workload, method, the end of its stderr
 
 
 # glibc's malloc hands large blocks back to the OS when they are freed (mmap, trim), so on CPU every
@@ -117,7 +118,7 @@ def train_throughput(config: Path, samples: int, device: str, malloc: str = "cac
 
 def _method_table(name: str, work: Workload) -> List[str]:
     spec, rows = work["spec"], work["methods"]
-    base = next(r for r in rows if r["method"] == BASELINE)
+    base = next((r for r in rows if r["method"] == BASELINE), rows[0])
     naive = next((r for r in rows if r["method"] == NAIVE), None)
     bags = f"{spec['multi_hot']} multi-hot features (1-{spec['max_bag']} ids), the rest one-hot" if spec["multi_hot"] else "every feature one-hot"
     lines = [
@@ -131,9 +132,9 @@ def _method_table(name: str, work: Workload) -> List[str]:
     ]
     for r in rows:
         vs_naive = f"{naive['step_ms'] / r['step_ms']:.2f}x faster" if naive else "-"
-        ratio = r.get("vs_baseline", r["step_ms"] / base["step_ms"])
+        ratio = r.get("vs_baseline", r["step_ms"] / base["step_ms"] if base["method"] == BASELINE else None)
         lines.append(
-            f"| {r['method']} | {r['step_ms']:.1f} | {ratio:.2f}x time | {vs_naive} | "
+            f"| {r['method']} | {r['step_ms']:.1f} | {'-' if ratio is None else f'{ratio:.2f}x time'} | {vs_naive} | "
             f"{r['samples_per_s']:,.0f} | {r['weights_bytes_rank0'] / 2**20:,.1f} | {r['peak_mib']:,.0f} |"
         )
     return lines
@@ -186,6 +187,11 @@ def markdown(results: Results) -> str:
             lines.append(
                 f"| {t['method']} | {t['samples_per_s']:,.0f} | {t['samples_per_s'] / full['samples_per_s']:.2f}x | {t['steps']} | {t['auc']:.4f} |"
             )
+    if results.get("failed"):
+        lines += ["", "Failed (the other runs above still count):", ""]
+        for f in results["failed"]:
+            last = f["error"].strip().splitlines()[-1:] or ["no output"]
+            lines.append(f"- {f['workload']}, {f['method']}: {last[0]}")
     return "\n".join(lines) + "\n"
 
 
@@ -200,7 +206,7 @@ def plots(results: Results, out: Path) -> None:
         fig, axes = plt.subplots(1, len(works), figsize=(8 * len(works), 4), squeeze=False)
         for ax, (name, work) in zip(axes[0], works.items()):
             rows = work["methods"]
-            base = next(r for r in rows if r["method"] == BASELINE)["step_ms"]
+            base = next((r for r in rows if r["method"] == BASELINE), rows[0])["step_ms"]
             names = [r["method"] for r in rows]
             vals = [float(r[key]) for r in rows]
             bars = ax.bar(names, vals, color=["#888" if n in (BASELINE, NAIVE) else "#3a7" for n in names])
@@ -228,6 +234,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--train-samples", type=int, default=None, help="samples of the end-to-end train runs (0 to skip; default 200k, --quick 20k)")
     p.add_argument("--train-config", type=Path, default=TRAIN_CONFIG, help="config of the end-to-end train runs")
     p.add_argument("--steps", type=int, default=None, help="timed steps per method (default: 30, --quick 20)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size of every workload (per rank) instead of its own (GPUs: try 16384)")
     p.add_argument(
         "--malloc",
         choices=MALLOCS,
@@ -245,42 +252,71 @@ def main(argv: Optional[List[str]] = None) -> int:
     for needed in (BASELINE,):
         if needed not in methods:
             methods.insert(0, needed)
-    results = Results(workloads={}, scaling=[], loader=[], train=[])
-    try:
-        for name in workloads:
-            spec = BenchSpec.workload(name, args.quick)
-            if args.steps:
-                spec.steps = args.steps
-            work = Workload(spec=spec.to_dict(), methods=[])
-            for m in tqdm(methods, desc=f"bench: {name}", unit="method"):
-                work["methods"].append({**run_method(m, spec, device=args.device, malloc=args.malloc), "malloc": args.malloc})
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error(f"--batch-size must be positive, got {args.batch_size}")
+
+    def workload_spec(name: str) -> BenchSpec:
+        spec = BenchSpec.workload(name, args.quick)
+        spec.steps = args.steps or spec.steps
+        spec.batch_size = args.batch_size or spec.batch_size
+        return spec
+
+    results = Results(workloads={}, scaling=[], loader=[], train=[], failed=[])
+
+    def attempt(stage: str, what: str, run: Callable[..., Any], *run_args: Any) -> Any:
+        """``run(*run_args)``, or None when it fails: the failure is reported and recorded, the
+        bench goes on."""
+        try:
+            return run(*run_args)
+        except RuntimeError as e:
+            print(f"torchrec-multihash bench: {stage}: {e}", file=sys.stderr)
+            results["failed"].append({"workload": stage, "method": what, "error": str(e)})
+            return None
+
+    for name in workloads:
+        spec = workload_spec(name)
+        work = Workload(spec=spec.to_dict(), methods=[])
+        for m in tqdm(methods, desc=f"bench: {name}", unit="method"):
+            rec = attempt(name, m, run_method, m, spec, 1, args.device, args.malloc)
+            if rec is not None:
+                work["methods"].append({**rec, "malloc": args.malloc})
+        if work["methods"]:
             results["workloads"][name] = work
-        spec = BenchSpec.workload("multi_hot", args.quick)
-        if args.steps:
-            spec.steps = args.steps
-        counts = [int(n) for n in args.scaling.split(",") if n]
-        base_rows = results["workloads"]["multi_hot"]["methods"] if "multi_hot" in results["workloads"] else []
-        for m in ("torchrec_ebc", "qr_mult") if counts else ():
-            for n in tqdm(counts, desc=f"bench: scaling {m}", unit="run"):
-                one = next((r for r in base_rows if r["method"] == m), None)
-                results["scaling"].append(one if n == 1 and one is not None else run_method(m, spec, nproc=n, device=args.device, malloc=args.malloc))
-        lines = args.loader_lines if args.loader_lines is not None else (20_000 if args.quick else 200_000)
-        if lines:
-            results["loader"] = loader_throughput(spec, lines)
-        samples = args.train_samples if args.train_samples is not None else (20_000 if args.quick else 200_000)
-        if samples:
-            results["train"] = train_throughput(args.train_config, samples, args.device, args.malloc)
-    except RuntimeError as e:
-        print(f"torchrec-multihash bench: {e}", file=sys.stderr)
-        return 1
+    spec = workload_spec("multi_hot")
+    counts = [int(n) for n in args.scaling.split(",") if n]
+    base_rows = results["workloads"]["multi_hot"]["methods"] if "multi_hot" in results["workloads"] else []
+    for m in ("torchrec_ebc", "qr_mult") if counts else ():
+        runs: List[Record] = []
+        for n in tqdm(counts, desc=f"bench: scaling {m}", unit="run"):
+            one = next((r for r in base_rows if r["method"] == m), None)
+            if n == 1 and one is not None:
+                rec = one
+            else:
+                rec = attempt("scaling", f"{m} on {n} process(es)", run_method, m, spec, n, args.device, args.malloc)
+            if rec is None:
+                break
+            runs.append(rec)
+        if any(r["world_size"] == 1 for r in runs):  # the table's reference point
+            results["scaling"] += runs
+    lines = args.loader_lines if args.loader_lines is not None else (20_000 if args.quick else 200_000)
+    if lines:
+        results["loader"] = attempt("loader", "Criteo TSV reader", loader_throughput, spec, lines) or []
+    samples = args.train_samples if args.train_samples is not None else (20_000 if args.quick else 200_000)
+    if samples:
+        results["train"] = attempt("train", "end-to-end train", train_throughput, args.train_config, samples, args.device, args.malloc) or []
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     table = markdown(results)
     (args.out / "results.md").write_text(table)
+    written = ["results.json", "results.md"]
     if results["workloads"]:
         plots(results, args.out)
+        written += ["step_time.png", "memory.png"]
     print(table)
-    print(f"Results in {args.out.resolve()} (results.json, results.md, step_time.png, memory.png)")
+    print(f"Results in {args.out.resolve()} ({', '.join(written)})")
+    if results["failed"]:
+        print(f"torchrec-multihash bench: {len(results['failed'])} method run(s) failed: see above and results.md", file=sys.stderr)
+        return 1
     return 0
 
 
