@@ -127,3 +127,16 @@ def test_bench_keeps_the_other_methods_when_one_fails_and_takes_a_batch_size(tmp
     assert (tmp_path / "step_time.png").exists()
     err = capsys.readouterr().err
     assert "one_hot: qr_mult on 1 process(es) failed" in err and "1 method run(s) failed" in err
+
+
+def test_op_counts_counts_each_methods_operators_per_step(capsys):
+    from torchrec_multihash.bench.op_counts import main
+
+    assert main(["--quick", "--methods", "torchrec_ebc,qr_add", "--batch-size", "16", "--device", "cpu", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    rows = {
+        line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| torchrec_ebc") or line.startswith("| qr_add")
+    }
+    ebc, qr = float(rows["torchrec_ebc"][3]), float(rows["qr_add"][3])
+    assert 0 < ebc < qr  # the id transform and the combine add operators to TorchRec's step
+    assert "aten::" in out  # --top lists them
