@@ -2,7 +2,8 @@
 # The GPU checks of one device lease, in one call (see README.md beside this): installs .gpu/'s
 # FBGEMM and TorchRec into /tmp/site, a smoke test, tests/test_cuda.py, then the bench's methods one
 # process each (step_time, as `bench` runs them) until BUDGET seconds are spent. Writes log.txt,
-# tests.log, bench.jsonl (one JSON object per method and workload) and bench_err.txt under $OUT.
+# tests.log, op_counts.md, bench.jsonl (one JSON object per method and workload) and bench_err.txt
+# under $OUT.
 set -u
 export PYTHONUNBUFFERED=1
 REPO=$PWD
@@ -44,12 +45,14 @@ bench() { # tag spec methods...
 }
 M="torchrec_ebc full hash qr_add qr_add_stacked qr_mult qr_concat generalized_qr"
 export OMP_NUM_THREADS=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1099511627776
+log "operators and kernel launches per step"
+timeout $(( $(left) < 90 ? $(left) : 90 )) python3 -m torchrec_multihash.bench.op_counts --device cuda 2>>"$OUT/bench_err.txt" | tee "$OUT/op_counts.md"
 log "bench, default batches"
 bench one_hot .gpu/spec_one_hot.json $M
 bench multi_hot .gpu/spec_multi_hot.json $M naive_qr
 log "bench, batch 16384"
-bench one_hot_b16k .gpu/spec_one_hot_b16k.json $M
 bench multi_hot_b16k .gpu/spec_multi_hot_b16k.json $M
+bench one_hot_b16k .gpu/spec_one_hot_b16k.json $M
 if [ "$(left)" -gt 60 ]; then
   log "train end-to-end"
   timeout $(( $(left) - 5 )) python3 -m torchrec_multihash.cli bench --device cuda --workloads "" --scaling "" --loader-lines 0 --train-samples 200000 --out "$OUT/train" 2>&1 | tail -15
