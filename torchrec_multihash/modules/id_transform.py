@@ -20,7 +20,6 @@ from torchrec_multihash.modules.learned_mapping import LearnedMapping
 from torchrec_multihash.modules.strategies import Strategy
 from torchrec_multihash.modules.strategies.base import partition_rows
 
-
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 
@@ -162,7 +161,7 @@ class _FlatPlan:
     ``order``), repeated over each lookup's ids."""
 
     def __init__(self, lookups: List[FeatureLookup], validate_ids: bool) -> None:
-        slots = {}
+        slots: Dict[tuple, List[int]] = {}
         specs = [lk.strategy.partition_spec() for lk in lookups]
         for i, lk in enumerate(lookups):
             sig = tuple(_slot(lk, p, specs[i]) for p in range(len(specs[i])))
@@ -174,7 +173,8 @@ class _FlatPlan:
         segment = 0
         first: Dict[Tuple[int, int], int] = {}  # (lookup, part) -> its segment in the blocks
         for sig, members in slots.items():
-            g = _FlatGroup(members, [s[0] for s in sig], [s[1] for s in sig], [s[2] for s in sig], [s[3] for s in sig], [], [], [], [], [s[4] for s in sig])
+            kinds, reuse, divides, reduces, unit_weights = (list(column) for column in zip(*sig))
+            g = _FlatGroup(members, kinds, reuse, divides, reduces, [], [], [], [], unit_weights)
             for p in range(len(sig)):
                 for values, rows, column in ((g.divisor, g.divisor_row, 0), (g.modulus, g.modulus_row, 1)):
                     value, row = self._value_or_row(members, position, [specs[i][p][column] for i in members])
@@ -516,7 +516,9 @@ class IdTransform(nn.Module):
         )
 
     @torch.jit.unused
-    def _check_flat(self, source: KeyedJaggedTensor, values: torch.Tensor, lengths: torch.Tensor, per_id: torch.Tensor, max_bags: torch.Tensor) -> None:
+    def _check_flat(
+        self, source: KeyedJaggedTensor, values: torch.Tensor, lengths: torch.Tensor, per_id: torch.Tensor, max_bags: torch.Tensor
+    ) -> None:
         """``check_id_ranges`` for the flat forward: whether any id is out of its table's range or
         any bag too large, read at once (one host sync); if so, ``check_id_ranges`` says which."""
         plan = self._flat
