@@ -190,22 +190,26 @@ class _FlatPlan:
         checked = [not lookups[i].strategy.accepts_any_id for i in self.order]
         self.check_ids = validate_ids and any(checked)
         low = [0 if c else _INT64_MIN for c in checked]
-        high = [lookups[i].num_embeddings if c else _INT64_MAX for i, c in zip(self.order, checked)]
-        self.low, self.low_row = self._value_or_row(self.order, position, low)
-        self.high, self.high_row = self._value_or_row(self.order, position, high)
+        last = [lookups[i].num_embeddings - 1 if c else _INT64_MAX for i, c in zip(self.order, checked)]
+        self.bounds: Tuple[int, int] = (low[0], last[0])  # all lookups': [low, last], else per id, rows
+        self.bound_rows: Optional[Tuple[int, int]] = None
+        if len(set(low)) > 1 or len(set(last)) > 1:
+            self.bound_rows = (self._row(self.order, position, low), self._row(self.order, position, last))
         self.max_bags = [lookups[i].max_ids_per_bag or _INT64_MAX for i in self.order]
         self.check_bags = validate_ids and any(lk.max_ids_per_bag is not None for lk in lookups)
 
     def _value_or_row(self, members: List[int], position: Dict[int, int], each: List[int]) -> Tuple[int, int]:
-        """``members``' parameter ``each``: ``(value, -1)`` if they share it, else ``(0, row)``, a
-        new row of ``params`` holding it (0 for other lookups)."""
-        if len(set(each)) == 1:
-            return each[0], -1
+        """``members``' parameter ``each``: ``(value, -1)`` if they share it, else ``(0, row)``,
+        its row of ``params``."""
+        return (each[0], -1) if len(set(each)) == 1 else (0, self._row(members, position, each))
+
+    def _row(self, members: List[int], position: Dict[int, int], each: List[int]) -> int:
+        """Adds a row of ``params``, ``each`` for ``members`` (0 for other lookups); its index."""
         row = [0] * len(position)
         for i, v in zip(members, each):
             row[position[i]] = v
         self.params.append(row)
-        return 0, len(self.params) - 1
+        return len(self.params) - 1
 
 
 @torch.fx.wrap
@@ -488,13 +492,11 @@ class IdTransform(nn.Module):
                 w = weights[start : start + count] if weights is not None else None
                 start, first = start + count, first + k
             rows = _group_rows(g, x, per)
-            blocks.append(rows[0] if len(rows) == 1 else torch.stack(rows).view(-1))
-            block_lengths.append(bags if len(rows) == 1 else bags.repeat(len(rows)))
+            blocks.append(rows[0] if len(rows) == 1 else torch.cat(rows))
+            block_lengths.append(bags if len(rows) == 1 else torch.cat([bags] * len(rows)))
             if w is not None:
-                if not any(g.unit_weights):
-                    block_weights.append(w if len(rows) == 1 else w.repeat(len(rows)))
-                else:
-                    block_weights.append(torch.cat([torch.ones_like(w) if u else w for u in g.unit_weights]))
+                each = [torch.ones_like(w) if u else w for u in g.unit_weights]
+                block_weights.append(each[0] if len(each) == 1 else torch.cat(each))
         out_values = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
         out_lengths = block_lengths[0] if len(blocks) == 1 else torch.cat(block_lengths)
         out_weights = (block_weights[0] if len(blocks) == 1 else torch.cat(block_weights)) if weights is not None else None
@@ -524,12 +526,13 @@ class IdTransform(nn.Module):
         plan = self._flat
         assert plan is not None
         bad: List[torch.Tensor] = []
-        if plan.check_ids and values.numel() > 0:
-            low = per_id[plan.low_row] if plan.low_row >= 0 else plan.low
-            high = per_id[plan.high_row] if plan.high_row >= 0 else plan.high
-            bad.append(((values < low) | (values >= high)).any())
+        if plan.check_ids and values.numel() > 0:  # clamped into [low, last]: unchanged if in range
+            if plan.bound_rows is None:
+                bad.append(values.clamp(plan.bounds[0], plan.bounds[1]).ne(values).any())
+            else:
+                bad.append(values.clamp(per_id[plan.bound_rows[0]], per_id[plan.bound_rows[1]]).ne(values).any())
         if plan.check_bags and lengths.numel() > 0:
-            bad.append((lengths > max_bags.unsqueeze(1)).any())
+            bad.append((lengths > (max_bags.unsqueeze(1) if len(set(plan.max_bags)) > 1 else plan.max_bags[0])).any())
         if len(bad) > 0 and bool((bad[0] | bad[1]) if len(bad) == 2 else bad[0]):
             by_key = source.to_dict()
             check_id_ranges(self._lookups, [by_key[lk.feature] for lk in self._lookups])
