@@ -408,12 +408,12 @@ class IdTransform(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         if not torch.jit.is_scripting():
-            if self._identity and not (is_fx_symbolic_tracing() or torch.compiler.is_compiling()) and self._passes_as_is(features):
-                self.check(features, features.to_dict() if self._validate_ids else {})
-                return features
-        if not torch.jit.is_scripting():
-            if self._flat is not None and not (is_fx_symbolic_tracing() or torch.compiler.is_compiling()) and features.device().type != "meta":
-                return self._forward_flat(features)
+            if not (is_fx_symbolic_tracing() or torch.compiler.is_compiling()):
+                if self._flat is not None and features.device().type != "meta":
+                    return self._forward_flat(features)
+                if self._identity and self._passes_as_is(features):
+                    self.check(features, features.to_dict() if self._validate_ids else {})
+                    return features
         by_key: Dict[str, JaggedTensor] = features.to_dict()
         if not torch.jit.is_scripting():
             if not (is_fx_symbolic_tracing() or torch.compiler.is_compiling()):
@@ -475,6 +475,8 @@ class IdTransform(nn.Module):
         n, lookups = values.numel(), len(plan.order)
         per_id = params.repeat_interleave(lengths.view(lookups, batch).sum(1), dim=1, output_size=n) if plan.params else params
         self._check_flat(source, values, lengths.view(lookups, batch), per_id, max_bags)
+        if self._identity and features is source and values.dtype == torch.long:  # passed on as it is
+            return source
         ids = values if values.dtype == torch.long else values.long()
         weights = features.weights() if self._is_weighted else None
         blocks: List[torch.Tensor] = []
