@@ -161,3 +161,28 @@ def test_flat_path_raises_the_per_feature_errors(feature, value, message):
         d[feature] = type(jt)(values=values, lengths=jt.lengths())
     with pytest.raises(InvalidInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ebc(KeyedJaggedTensor.from_jt_dict(d))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("order,int32", [(None, False), (["c", "b", "a", "e"], True)], ids=["in-order", "reordered-int32"])
+def test_flat_exploded_path_equals_per_feature_path_and_reference(weighted, order, int32):
+    def t(name, features, n, **kw):
+        return MultiHashEmbeddingBagConfig(name=name, num_embeddings=n, embedding_dim=D, feature_names=features, operation="mult", **kw)
+
+    cfgs = [
+        t("q1", ["a", "b"], 50, strategy="qr", num_collisions=7),
+        t("q2", ["c"], 40, strategy="qr", num_collisions=6, pooling=PoolingType.MEAN),
+        t("g", ["e"], 60, strategy="generalized_qr", moduli=[3, 4, 5]),
+        t("c", ["a"], 35, strategy="crt", moduli=[5, 7]),
+    ]
+    ebc = MultiHashEmbeddingBagCollection(cfgs, is_weighted=weighted)
+    transform = ebc.per_id["per_id_d4"].transform
+    assert transform._flat is not None and len(transform._flat.groups) > 1
+    kjt = mixed_kjt(cfgs, weighted, order=order, int32=int32)
+    assert_same_kjt(transform(kjt), per_feature(transform, kjt))
+    w = ebc.sub_table_weights()
+    got = ebc(kjt).to_dict()
+    for c in cfgs:
+        for f in c.feature_names:
+            name = f if f != "a" else f"a@{c.name}"
+            torch.testing.assert_close(got[name], reference_forward([c], w, kjt)[f])

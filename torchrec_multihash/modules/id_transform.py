@@ -153,8 +153,8 @@ def _slot(lk: FeatureLookup, p: int, spec: List[Tuple[int, int]]) -> Tuple[int, 
 
 
 class _FlatPlan:
-    """How ``IdTransform`` maps all features at once (pooled lookups without learned mappings or
-    stacked parts): the KJT regrouped by lookups of equal slots (``order``, lookup indices), each
+    """How ``IdTransform`` maps all features at once (lookups without learned mappings or stacked
+    parts): the KJT regrouped by lookups of equal slots (``order``, lookup indices), each
     group's parts computed over its ids at once into a ``[slots, ids]`` block, and one
     ``permute_2D_sparse_data`` (``perm``) putting the blocks' segments in the sub-features' order.
     Per-id divisors, moduli and id bounds come from ``params`` (rows of per-lookup values, in
@@ -358,9 +358,9 @@ class IdTransform(nn.Module):
             and all(len(parts) == 1 for parts in self._sub_parts)
             and not any(self._unit_weights)
         )
-        # pooled lookups without learned mappings or stacked parts: all features mapped at once (eager)
+        # lookups without learned mappings or stacked parts: all features mapped at once (eager mode)
         self._flat: Optional[_FlatPlan] = None
-        if not explode and not self.mappings and all(lk.row_offsets is None for lk in lookups):
+        if not self.mappings and all(lk.row_offsets is None for lk in lookups):
             self._flat = _FlatPlan(lookups, validate_ids)
         self._flat_features = [self._features[i] for i in self._flat.order] if self._flat is not None else []
         self._flat_constants: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -456,9 +456,10 @@ class IdTransform(nn.Module):
 
     @torch.jit.unused
     def _forward_flat(self, source: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """The forward for pooled lookups without learned mappings or stacked parts (eager mode):
-        every part of every feature computed by one op per group of lookups of equal slots and
-        part, and the sub-features put in order by one ``permute_2D_sparse_data`` (see ``_FlatPlan``)."""
+        """The forward for lookups without learned mappings or stacked parts (eager mode): every
+        part of every feature computed by one op per group of lookups of equal slots and part, and
+        the sub-features put in order by one ``permute_2D_sparse_data`` (see ``_FlatPlan``);
+        exploded, each part's ids are one segment, whose bags of one id are made afterwards."""
         plan = self._flat
         assert plan is not None
         self._check_kjt(source)
@@ -468,29 +469,32 @@ class IdTransform(nn.Module):
             index = {k: n for n, k in enumerate(source.keys())}
             features = source.permute([index[self._features[i]] for i in plan.order])
             length_per_key = features.length_per_key()
-        elif len(plan.groups) > 1:
+        elif len(plan.groups) > 1 or self._explode:
             length_per_key = features.length_per_key()
         values, lengths, batch = features.values(), features.lengths(), features.stride()
         params, perm, max_bags = self._constants(values.device)
         n, lookups = values.numel(), len(plan.order)
-        per_id = params.repeat_interleave(lengths.view(lookups, batch).sum(1), dim=1, output_size=n) if plan.params else params
+        counts = lengths.view(lookups, batch).sum(1) if plan.params or self._explode else lengths
+        per_id = params.repeat_interleave(counts, dim=1, output_size=n) if plan.params else params
         self._check_flat(source, values, lengths.view(lookups, batch), per_id, max_bags)
         if self._identity and features is source and values.dtype == torch.long:  # passed on as it is
             return source
         ids = values if values.dtype == torch.long else values.long()
-        weights = features.weights() if self._is_weighted else None
+        weights = features.weights() if self._is_weighted and not self._explode else None
+        # per lookup its bags' lengths; exploded: its id count, the one bag of each of its parts
+        bags_2d = counts.view(lookups, 1) if self._explode else lengths.view(lookups, batch)
         blocks: List[torch.Tensor] = []
         block_lengths: List[torch.Tensor] = []
         block_weights: List[torch.Tensor] = []
         start, first = 0, 0
         for g in plan.groups:
             k = len(g.lookups)
-            x, per, bags, w = ids, per_id, lengths, weights
+            x, per, bags, w = ids, per_id, bags_2d.view(-1), weights
             if len(plan.groups) > 1:
                 assert length_per_key is not None
                 count = sum(length_per_key[first : first + k])
                 x, per = ids[start : start + count], per_id[:, start : start + count]
-                bags = lengths[first * batch : (first + k) * batch]
+                bags = bags_2d[first : first + k].view(-1)
                 w = weights[start : start + count] if weights is not None else None
                 start, first = start + count, first + k
             rows = _group_rows(g, x, per)
@@ -504,12 +508,17 @@ class IdTransform(nn.Module):
         out_weights = (block_weights[0] if len(blocks) == 1 else torch.cat(block_weights)) if weights is not None else None
         if plan.perm != list(range(plan.segments)):
             out_lengths, out_values, out_weights = torch.ops.fbgemm.permute_2D_sparse_data(
-                perm, out_lengths.view(plan.segments, batch), out_values, out_weights, out_values.numel()
+                perm, out_lengths.view(plan.segments, bags_2d.size(1)), out_values, out_weights, out_values.numel()
             )
         sub_length_per_key = None
         if length_per_key is not None:
             where = {i: n for n, i in enumerate(plan.order)}
             sub_length_per_key = [length_per_key[where[self._sub_source[j]]] for j in range(len(self._sub_keys))]
+        if self._explode:  # as _exploded: per sub-feature, its n ids in its first n of the most ids' bags
+            assert length_per_key is not None
+            batch = max([1, *length_per_key])
+            rank = torch.arange(batch, device=values.device)
+            out_lengths = (rank.unsqueeze(0) < out_lengths.view(-1, 1)).to(lengths.dtype)
         return KeyedJaggedTensor(
             keys=self._sub_keys,
             values=out_values,
