@@ -84,18 +84,24 @@ def _per_id_bags(
     """``_pooled_per_id`` of ``n`` features' bags, ``lengths``/``ids``/``weights`` (a leaf call for fx)."""
     flat_weights = (torch.cat(weights) if len(weights) > 1 else weights[0]) if weights is not None else None
     counts: List[int] = [v.numel() for v in ids]
-    return _pooled_per_id(kt, keys, dim, torch.cat(lengths) if len(lengths) > 1 else lengths[0], counts, flat_weights, k, mean)
+    n = len(counts)
+    runs = _column_runs(kt, _per_id_outputs(keys, n, k), [2 if k > 1 else 0] * n)
+    return _pooled_per_id(kt, runs, dim, torch.cat(lengths) if len(lengths) > 1 else lengths[0], counts, flat_weights, mean)
+
+
+def _per_id_outputs(keys: List[str], n: int, k: int) -> List[List[str]]:
+    """The parts of each of ``n`` per-id outputs of ``k`` parts, ``keys`` feature-major."""
+    return [keys[f * k : (f + 1) * k] for f in range(n)]
 
 
 def _pooled_per_id(
-    kt: KeyedTensor, keys: List[str], dim: int, lengths: torch.Tensor, counts: List[int], weights: Optional[torch.Tensor], k: int, mean: bool
+    kt: KeyedTensor, runs: List[List[int]], dim: int, lengths: torch.Tensor, counts: List[int], weights: Optional[torch.Tensor], mean: bool
 ) -> torch.Tensor:
     """The pooled products of ``n`` per-id features, ``[batch, n * dim]``, from the per-id lookup's
-    output ``kt`` (``rows`` >= each feature's id count, the rest padding): ``keys`` are the
-    features' parts (feature-major); ``lengths``, ``counts`` and ``weights`` the features' bag
-    lengths, id counts and ids' weights, one feature after another."""
+    output ``kt`` (``rows`` >= each feature's id count, the rest padding): ``runs`` (``_column_runs``)
+    where their parts are; ``lengths``, ``counts`` and ``weights`` the features' bag lengths, id
+    counts and ids' weights, one feature after another."""
     n = len(counts)
-    runs = _column_runs(kt, [keys[f * k : (f + 1) * k] for f in range(n)], [2 if k > 1 else 0] * n)
     values = kt.values()
     index, scale = _bag_index(lengths, weights, counts, values.size(0), mean, values.dtype)
     batch = lengths.numel() // n
@@ -347,11 +353,12 @@ def _as_they_are(runs: List[List[int]], width: int, columns: int) -> bool:
 
 
 @torch.fx.wrap
-def _compose_pooled(kt: KeyedTensor, keys: List[List[str]], ops: List[int], width: int) -> torch.Tensor:
+def _compose_pooled(kt: KeyedTensor, keys: List[List[str]], ops: List[int], width: int, runs: Optional[List[List[int]]] = None) -> torch.Tensor:
     """The pooled outputs, ``[batch, width]`` in output order, from the pooled lookup's output
     ``kt``: output ``j`` composes the parts ``keys[j]`` by ``ops[j]`` (0: as they are, side by side;
     1: add; 2: mult), read where TorchRec put them (a leaf call for fx)."""
-    runs = _column_runs(kt, keys, ops)
+    if runs is None:
+        runs = _column_runs(kt, keys, ops)
     if _as_they_are(runs, width, kt.values().size(1)):
         return kt.values()
     if torch.jit.is_scripting() or torch.jit.is_tracing():
@@ -425,6 +432,7 @@ class Combine(nn.Module):
             and len(outputs) > 0
         )
         self._names = {o.sub_features[0]: o.name for o in outputs} if self._passthrough else {}
+        self._runs: Dict[str, List[List[int]]] = {}  # see _cached_runs
 
     def _plan(self, outputs: List[OutputSpec]) -> None:
         """The pooled outputs (composed by one op from the pooled group's output) and the pieces of
@@ -500,7 +508,17 @@ class Combine(nn.Module):
         counts = length_per_key[first : first + n]
         lengths = features.lengths()[first * batch : (first + n) * batch]
         weights = features.weights()[start : start + sum(counts)] if self._is_weighted else None
-        return _pooled_per_id(kt, self._piece_keys[p], self._piece_dim[p], lengths, counts, weights, self._piece_k[p], self._piece_is_mean[p])
+        runs = self._cached_runs(p, kt, _per_id_outputs(self._piece_keys[p], n, self._piece_k[p]), [2 if self._piece_k[p] > 1 else 0] * n)
+        return _pooled_per_id(kt, runs, self._piece_dim[p], lengths, counts, weights, self._piece_is_mean[p])
+
+    @torch.jit.unused
+    def _cached_runs(self, piece: int, kt: KeyedTensor, keys: List[List[str]], ops: List[int]) -> List[List[int]]:
+        """``_column_runs`` of piece ``piece`` (-1: the pooled outputs), made once per order of
+        ``kt``'s keys (eager mode: they are what the module's lookups return, in their order)."""
+        at = f"{piece}:" + ",".join(kt.keys())
+        if at not in self._runs:
+            self._runs[at] = _column_runs(kt, keys, ops)
+        return self._runs[at]
 
     @torch.jit.unused
     def _runs_in_order(self, features: KeyedJaggedTensor) -> bool:
@@ -517,7 +535,11 @@ class Combine(nn.Module):
 
     def _pooled(self, kt: KeyedTensor, by_key: Dict[str, JaggedTensor]) -> List[torch.Tensor]:
         """The pooled outputs from the pooled group's lookup, cut into their chunks."""
-        out = _compose_pooled(kt, self._pooled_keys, self._pooled_ops, self._pooled_width)
+        runs: Optional[List[List[int]]] = None
+        if not torch.jit.is_scripting():
+            if not (is_fx_symbolic_tracing() or torch.compiler.is_compiling()):
+                runs = self._cached_runs(-1, kt, self._pooled_keys, self._pooled_ops)
+        out = _compose_pooled(kt, self._pooled_keys, self._pooled_ops, self._pooled_width, runs)
         if len(self._mean_features) > 0:  # divide MEAN outputs by their bags' lengths (others by 1)
             lengths = [by_key[f].lengths() for f in self._mean_features]
             lengths.append(torch.ones_like(lengths[0]))
