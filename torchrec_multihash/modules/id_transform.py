@@ -364,6 +364,8 @@ class IdTransform(nn.Module):
             self._flat = _FlatPlan(lookups, validate_ids)
         self._flat_features = [self._features[i] for i in self._flat.order] if self._flat is not None else []
         self._flat_constants: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._flat_order = self._flat.order if self._flat is not None else []
+        self._flat_regroupings: Dict[str, Tuple[List[int], torch.Tensor]] = {}  # see _regrouping
 
     def _rows(self, ids: List[torch.Tensor]) -> List[torch.Tensor]:
         """Each part's rows, ``(x // divisor) % modulus`` of its feature's ids; a remainder
@@ -455,6 +457,17 @@ class IdTransform(nn.Module):
         return self._flat_constants[device]
 
     @torch.jit.unused
+    def _regrouping(self, keys: List[str], device: torch.device) -> Tuple[List[int], torch.Tensor]:
+        """The indices of the KJT's keys that put its features in the flat plan's order, as a list
+        and a tensor on ``device`` (made once per order of keys)."""
+        at = f"{device}:" + ",".join(keys)
+        if at not in self._flat_regroupings:
+            index = {k: n for n, k in enumerate(keys)}
+            indices = [index[self._features[i]] for i in self._flat_order]
+            self._flat_regroupings[at] = (indices, torch.tensor(indices, dtype=torch.int, device=device))
+        return self._flat_regroupings[at]
+
+    @torch.jit.unused
     def _forward_flat(self, source: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """The forward for lookups without learned mappings or stacked parts (eager mode): every
         part of every feature computed by one op per group of lookups of equal slots and part, and
@@ -466,8 +479,7 @@ class IdTransform(nn.Module):
         features = source
         length_per_key: Optional[List[int]] = None
         if source.keys() != self._flat_features:
-            index = {k: n for n, k in enumerate(source.keys())}
-            features = source.permute([index[self._features[i]] for i in plan.order])
+            features = source.permute(*self._regrouping(source.keys(), source.device()))
             length_per_key = features.length_per_key()
         elif len(plan.groups) > 1 or self._explode:
             length_per_key = features.length_per_key()
