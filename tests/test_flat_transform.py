@@ -126,7 +126,8 @@ def test_flat_path_all_bags_empty():
     assert torch.equal(ebc(kjt).values(), torch.zeros(3, sum(D for c in cfgs for _ in c.feature_names)))
 
 
-def test_flat_path_single_group_of_equal_tables_needs_no_per_id_parameters():
+@pytest.mark.parametrize("int32", [False, True])
+def test_flat_path_single_group_of_equal_tables_needs_no_per_id_parameters(int32):
     cfgs = [
         MultiHashEmbeddingBagConfig(name=f"t{i}", num_embeddings=50, embedding_dim=D, feature_names=[f"f{i}"], num_collisions=7, operation="add")
         for i in range(3)
@@ -134,7 +135,7 @@ def test_flat_path_single_group_of_equal_tables_needs_no_per_id_parameters():
     ebc = MultiHashEmbeddingBagCollection(cfgs)
     transform = ebc.pooled["pooled"].transform
     assert len(transform._flat.groups) == 1 and transform._flat.params == []
-    kjt = mixed_kjt(cfgs, weighted=False)
+    kjt = mixed_kjt(cfgs, weighted=False, int32=int32)
     assert_same_kjt(transform(kjt), per_feature(transform, kjt))
 
 

@@ -274,6 +274,10 @@ class IdTransform(nn.Module):
     feature's values, and the rest empty; no weights (the combine applies them after the product).
     A SUM-pooled ``EmbeddingBagCollection`` then returns one row per id, which ``Combine`` reads
     as an ``[ids, features, parts, dim]`` view.
+    In eager mode, lookups without learned mappings or stacked parts map all features at once
+    (``_FlatPlan``): one op per part for each group of lookups of the same strategy, and one
+    ``permute_2D_sparse_data`` into the sub-features' order; traced and scripted modules map
+    feature by feature, to the same KJT.
     The forward reads only plain lists of ints and strings, so it can be fx-traced (TorchRec's
     tracer) and scripted; the input checks run in eager mode only (not in a traced or scripted
     model, as TorchRec's own modules check nothing).
@@ -411,7 +415,7 @@ class IdTransform(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         if not torch.jit.is_scripting():
             if not (is_fx_symbolic_tracing() or torch.compiler.is_compiling()):
-                if self._flat is not None and features.device().type != "meta":
+                if self._flat is not None and features.device().type != "meta" and not features.variable_stride_per_key():
                     return self._forward_flat(features)
                 if self._identity and self._passes_as_is(features):
                     self.check(features, features.to_dict() if self._validate_ids else {})
@@ -488,10 +492,10 @@ class IdTransform(nn.Module):
         n, lookups = values.numel(), len(plan.order)
         counts = lengths.view(lookups, batch).sum(1) if plan.params or self._explode else lengths
         per_id = params.repeat_interleave(counts, dim=1, output_size=n) if plan.params else params
-        self._check_flat(source, values, lengths.view(lookups, batch), per_id, max_bags)
+        ids = values if values.dtype == torch.long else values.long()
+        self._check_flat(source, ids, lengths.view(lookups, batch), per_id, max_bags)
         if self._identity and features is source and values.dtype == torch.long:  # passed on as it is
             return source
-        ids = values if values.dtype == torch.long else values.long()
         weights = features.weights() if self._is_weighted and not self._explode else None
         # per lookup its bags' lengths; exploded: its id count, the one bag of each of its parts
         bags_2d = counts.view(lookups, 1) if self._explode else lengths.view(lookups, batch)
