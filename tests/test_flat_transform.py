@@ -7,6 +7,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_multihash import MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig, PoolingType
+from torchrec_multihash.modules import id_transform
 from torchrec_multihash.modules.id_transform import IdTransform, InvalidInputError
 
 from tests.helpers.reference import reference_forward
@@ -187,3 +188,14 @@ def test_flat_exploded_path_equals_per_feature_path_and_reference(weighted, orde
         for f in c.feature_names:
             name = f if f != "a" else f"a@{c.name}"
             torch.testing.assert_close(got[name], reference_forward([c], w, kjt)[f])
+
+
+def test_flat_path_on_cpu_only_up_to_its_id_limit(monkeypatch):
+    cfgs = mixed_configs(PoolingType.SUM)
+    ebc = MultiHashEmbeddingBagCollection(cfgs)
+    transform = ebc.pooled["pooled"].transform
+    kjt = mixed_kjt(cfgs, weighted=False)
+    assert transform._flat_applies(kjt)
+    monkeypatch.setattr(id_transform, "FLAT_CPU_MAX_IDS", kjt.values().numel() - 1)
+    assert not transform._flat_applies(kjt)
+    assert_same_kjt(transform(kjt), per_feature(transform, kjt))

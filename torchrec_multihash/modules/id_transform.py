@@ -22,6 +22,10 @@ from torchrec_multihash.modules.strategies.base import partition_rows
 
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
+# On CPU, past this many ids the flat path's extra passes over them (the parts side by side, then
+# permuted) cost more than the per-feature path's ops; on a GPU, where each op is a kernel launch
+# and passes over the ids are cheap, the flat path runs at any size.
+FLAT_CPU_MAX_IDS = 1 << 16
 
 
 class InvalidInputError(MultiHashError, ValueError):
@@ -156,7 +160,7 @@ class _FlatPlan:
     """How ``IdTransform`` maps all features at once (lookups without learned mappings or stacked
     parts): the KJT regrouped by lookups of equal slots (``order``, lookup indices), each
     group's parts computed over its ids at once into a ``[slots, ids]`` block, and one
-    ``permute_2D_sparse_data`` (``perm``) putting the blocks' segments in the sub-features' order.
+    ``permute_1D_sparse_data`` (``perm``) putting the blocks' segments in the sub-features' order.
     Per-id divisors, moduli and id bounds come from ``params`` (rows of per-lookup values, in
     ``order``), repeated over each lookup's ids."""
 
@@ -191,10 +195,9 @@ class _FlatPlan:
         self.check_ids = validate_ids and any(checked)
         low = [0 if c else _INT64_MIN for c in checked]
         last = [lookups[i].num_embeddings - 1 if c else _INT64_MAX for i, c in zip(self.order, checked)]
-        self.bounds: Tuple[int, int] = (low[0], last[0])  # all lookups': [low, last], else per id, rows
-        self.bound_rows: Optional[Tuple[int, int]] = None
-        if len(set(low)) > 1 or len(set(last)) > 1:
-            self.bound_rows = (self._row(self.order, position, low), self._row(self.order, position, last))
+        # [low, last] of every id: an int where all lookups share it, else a row of params
+        self.low, self.low_row = self._value_or_row(self.order, position, low)
+        self.last, self.last_row = self._value_or_row(self.order, position, last)
         self.max_bags = [lookups[i].max_ids_per_bag or _INT64_MAX for i in self.order]
         self.check_bags = validate_ids and any(lk.max_ids_per_bag is not None for lk in lookups)
 
@@ -204,12 +207,14 @@ class _FlatPlan:
         return (each[0], -1) if len(set(each)) == 1 else (0, self._row(members, position, each))
 
     def _row(self, members: List[int], position: Dict[int, int], each: List[int]) -> int:
-        """Adds a row of ``params``, ``each`` for ``members`` (0 for other lookups); its index."""
+        """The row of ``params`` with ``each`` for ``members`` (0 for other lookups), added unless
+        there is one already (a Q-R table's divisor and modulus are one)."""
         row = [0] * len(position)
         for i, v in zip(members, each):
             row[position[i]] = v
-        self.params.append(row)
-        return len(self.params) - 1
+        if row not in self.params:
+            self.params.append(row)
+        return self.params.index(row)
 
 
 @torch.fx.wrap
@@ -239,7 +244,7 @@ def _sub_features(
     )
 
 
-def _group_rows(g: _FlatGroup, ids: torch.Tensor, per_id: torch.Tensor) -> List[torch.Tensor]:
+def _group_rows(g: _FlatGroup, ids: torch.Tensor, per_id: List[torch.Tensor]) -> List[torch.Tensor]:
     """Each slot's rows of a group's ``ids`` (int64, the group's lookups' ids one after another):
     ``(x // d) % m``, a remainder whose quotient another slot takes as ``x - q * m`` (see
     ``IdTransform._rows``); divisors and moduli per id from ``per_id`` where they differ."""
@@ -276,7 +281,7 @@ class IdTransform(nn.Module):
     as an ``[ids, features, parts, dim]`` view.
     In eager mode, lookups without learned mappings or stacked parts map all features at once
     (``_FlatPlan``): one op per part for each group of lookups of the same strategy, and one
-    ``permute_2D_sparse_data`` into the sub-features' order; traced and scripted modules map
+    ``permute_1D_sparse_data`` into the sub-features' order; traced and scripted modules map
     feature by feature, to the same KJT.
     The forward reads only plain lists of ints and strings, so it can be fx-traced (TorchRec's
     tracer) and scripted; the input checks run in eager mode only (not in a traced or scripted
@@ -415,7 +420,7 @@ class IdTransform(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         if not torch.jit.is_scripting():
             if not (is_fx_symbolic_tracing() or torch.compiler.is_compiling()):
-                if self._flat is not None and features.device().type != "meta" and not features.variable_stride_per_key():
+                if self._flat is not None and self._flat_applies(features):
                     return self._forward_flat(features)
                 if self._identity and self._passes_as_is(features):
                     self.check(features, features.to_dict() if self._validate_ids else {})
@@ -461,6 +466,15 @@ class IdTransform(nn.Module):
         return self._flat_constants[device]
 
     @torch.jit.unused
+    def _flat_applies(self, features: KeyedJaggedTensor) -> bool:
+        """Whether the flat path maps ``features``: not on meta (no ids), not a variable-stride KJT,
+        on CPU at most ``FLAT_CPU_MAX_IDS`` ids."""
+        device = features.device().type
+        if device == "meta" or features.variable_stride_per_key():
+            return False
+        return device != "cpu" or features.values().numel() <= FLAT_CPU_MAX_IDS
+
+    @torch.jit.unused
     def _regrouping(self, keys: List[str], device: torch.device) -> Tuple[List[int], torch.Tensor]:
         """The indices of the KJT's keys that put its features in the flat plan's order, as a list
         and a tensor on ``device`` (made once per order of keys)."""
@@ -475,57 +489,63 @@ class IdTransform(nn.Module):
     def _forward_flat(self, source: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """The forward for lookups without learned mappings or stacked parts (eager mode): every
         part of every feature computed by one op per group of lookups of equal slots and part, and
-        the sub-features put in order by one ``permute_2D_sparse_data`` (see ``_FlatPlan``);
+        the sub-features put in order by one ``permute_1D_sparse_data`` (see ``_FlatPlan``);
         exploded, each part's ids are one segment, whose bags of one id are made afterwards."""
         plan = self._flat
         assert plan is not None
         self._check_kjt(source)
-        features = source
+        keys, values, lengths, batch = source.keys(), source.values(), source.lengths(), source.stride()
+        weights = source.weights() if self._is_weighted and not self._explode else None
         length_per_key: Optional[List[int]] = None
-        if source.keys() != self._flat_features:
-            features = source.permute(*self._regrouping(source.keys(), source.device()))
-            length_per_key = features.length_per_key()
-        elif len(plan.groups) > 1 or self._explode:
-            length_per_key = features.length_per_key()
-        values, lengths, batch = features.values(), features.lengths(), features.stride()
+        if len(plan.groups) > 1 or self._explode:
+            length_per_key = source.length_per_key()
+        counts = lengths.view(len(keys), batch).sum(1)  # ids per key
+        in_order = keys == self._flat_features
+        if not in_order:  # regrouped: one copy per key's ids (permute_2D_sparse_data copies bag by bag)
+            indices, regroup = self._regrouping(keys, values.device)
+            lengths = lengths.view(len(keys), batch).index_select(0, regroup).view(-1)
+            _, values, weights = torch.ops.fbgemm.permute_1D_sparse_data(regroup, counts, values, weights, None)
+            counts = counts.index_select(0, regroup)
+            length_per_key = [length_per_key[i] for i in indices] if length_per_key is not None else None
         params, perm, max_bags = self._constants(values.device)
         n, lookups = values.numel(), len(plan.order)
-        counts = lengths.view(lookups, batch).sum(1) if plan.params or self._explode else lengths
-        per_id = params.repeat_interleave(counts, dim=1, output_size=n) if plan.params else params
+        # each row of params repeated over its lookups' ids (row by row: contiguous, far faster than along dim 1)
+        per_id = [params[r].repeat_interleave(counts, output_size=n) for r in range(len(plan.params))]
         ids = values if values.dtype == torch.long else values.long()
         self._check_flat(source, ids, lengths.view(lookups, batch), per_id, max_bags)
-        if self._identity and features is source and values.dtype == torch.long:  # passed on as it is
+        if self._identity and in_order and values.dtype == torch.long:  # passed on as it is
             return source
-        weights = features.weights() if self._is_weighted and not self._explode else None
         # per lookup its bags' lengths; exploded: its id count, the one bag of each of its parts
         bags_2d = counts.view(lookups, 1) if self._explode else lengths.view(lookups, batch)
         blocks: List[torch.Tensor] = []
         block_lengths: List[torch.Tensor] = []
+        block_counts: List[torch.Tensor] = []  # ids per segment
         block_weights: List[torch.Tensor] = []
         start, first = 0, 0
         for g in plan.groups:
             k = len(g.lookups)
-            x, per, bags, w = ids, per_id, bags_2d.view(-1), weights
+            x, per, bags, c, w = ids, per_id, bags_2d.view(-1), counts, weights
             if len(plan.groups) > 1:
                 assert length_per_key is not None
                 count = sum(length_per_key[first : first + k])
-                x, per = ids[start : start + count], per_id[:, start : start + count]
-                bags = bags_2d[first : first + k].view(-1)
+                x, per = ids[start : start + count], [row[start : start + count] for row in per_id]
+                bags, c = bags_2d[first : first + k].view(-1), counts[first : first + k]
                 w = weights[start : start + count] if weights is not None else None
                 start, first = start + count, first + k
             rows = _group_rows(g, x, per)
             blocks.append(rows[0] if len(rows) == 1 else torch.cat(rows))
             block_lengths.append(bags if len(rows) == 1 else torch.cat([bags] * len(rows)))
+            block_counts.append(c if len(rows) == 1 else torch.cat([c] * len(rows)))
             if w is not None:
                 each = [torch.ones_like(w) if u else w for u in g.unit_weights]
                 block_weights.append(each[0] if len(each) == 1 else torch.cat(each))
         out_values = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
         out_lengths = block_lengths[0] if len(blocks) == 1 else torch.cat(block_lengths)
         out_weights = (block_weights[0] if len(blocks) == 1 else torch.cat(block_weights)) if weights is not None else None
-        if plan.perm != list(range(plan.segments)):
-            out_lengths, out_values, out_weights = torch.ops.fbgemm.permute_2D_sparse_data(
-                perm, out_lengths.view(plan.segments, bags_2d.size(1)), out_values, out_weights, out_values.numel()
-            )
+        if plan.perm != list(range(plan.segments)):  # segments to sub-features: one copy per segment's ids
+            segment_counts = block_counts[0] if len(blocks) == 1 else torch.cat(block_counts)
+            _, out_values, out_weights = torch.ops.fbgemm.permute_1D_sparse_data(perm, segment_counts, out_values, out_weights, out_values.numel())
+            out_lengths = out_lengths.view(plan.segments, bags_2d.size(1)).index_select(0, perm)
         sub_length_per_key = None
         if length_per_key is not None:
             where = {i: n for n, i in enumerate(plan.order)}
@@ -546,18 +566,20 @@ class IdTransform(nn.Module):
 
     @torch.jit.unused
     def _check_flat(
-        self, source: KeyedJaggedTensor, values: torch.Tensor, lengths: torch.Tensor, per_id: torch.Tensor, max_bags: torch.Tensor
+        self, source: KeyedJaggedTensor, values: torch.Tensor, lengths: torch.Tensor, per_id: List[torch.Tensor], max_bags: torch.Tensor
     ) -> None:
         """``check_id_ranges`` for the flat forward: whether any id is out of its table's range or
         any bag too large, read at once (one host sync); if so, ``check_id_ranges`` says which."""
         plan = self._flat
         assert plan is not None
         bad: List[torch.Tensor] = []
-        if plan.check_ids and values.numel() > 0:  # clamped into [low, last]: unchanged if in range
-            if plan.bound_rows is None:
-                bad.append(values.clamp(plan.bounds[0], plan.bounds[1]).ne(values).any())
+        if plan.check_ids and values.numel() > 0:  # every id in [low, last] of its table
+            low = per_id[plan.low_row] if plan.low_row >= 0 else plan.low
+            last = per_id[plan.last_row] if plan.last_row >= 0 else plan.last
+            if isinstance(low, int) and isinstance(last, int):
+                bad.append(values.clamp(low, last).ne(values).any())
             else:
-                bad.append(values.clamp(per_id[plan.bound_rows[0]], per_id[plan.bound_rows[1]]).ne(values).any())
+                bad.append(((values < low) | (values > last)).any())
         if plan.check_bags and lengths.numel() > 0:
             bad.append((lengths > (max_bags.unsqueeze(1) if len(set(plan.max_bags)) > 1 else plan.max_bags[0])).any())
         if len(bad) > 0 and bool((bad[0] | bad[1]) if len(bad) == 2 else bad[0]):
