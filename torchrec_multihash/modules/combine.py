@@ -5,6 +5,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
@@ -40,16 +41,16 @@ def _split_columns(values: torch.Tensor, sizes: List[int]) -> List[torch.Tensor]
 
 
 def _bag_index(
-    lengths: List[torch.Tensor], weights: Optional[List[torch.Tensor]], counts: List[int], rows: int, mean: bool, dtype: torch.dtype
+    flat: torch.Tensor, weights: Optional[torch.Tensor], counts: List[int], rows: int, mean: bool, dtype: torch.dtype
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Where each per-id row of ``n`` features pools to, and with what factor: for the ``i``-th id
     of feature ``f`` (row ``i * n + f`` of an ``[rows, n]`` grid), ``index`` is its bag's row
     ``b * n + f`` of a ``[batch, n]`` output and ``scale`` its weight (1 unweighted), divided by its
-    bag's length for MEAN; padding rows (``i`` past the feature's ``counts[f]`` ids) scale by 0."""
-    n = len(lengths)
-    batch = lengths[0].numel()
-    device = lengths[0].device
-    flat = torch.cat(lengths) if n > 1 else lengths[0]
+    bag's length for MEAN; padding rows (``i`` past the feature's ``counts[f]`` ids) scale by 0.
+    ``flat``: the features' bag lengths one after another; ``weights``: their ids' weights."""
+    n = len(counts)
+    batch = flat.numel() // n
+    device = flat.device
     total = sum(counts)
     bag = torch.repeat_interleave(torch.arange(n * batch, device=device), flat, output_size=total)  # f * batch + b
     f = torch.div(bag, batch, rounding_mode="floor")
@@ -62,7 +63,7 @@ def _bag_index(
     index = torch.zeros(rows * n, dtype=torch.long, device=device).index_put_((dest,), b * n + f)
     factor = torch.ones(total, dtype=dtype, device=device)
     if weights is not None:
-        factor = (torch.cat(weights) if n > 1 else weights[0]).to(dtype)
+        factor = weights.to(dtype)
     if mean:
         factor = factor / flat.clamp(min=1).to(dtype).index_select(0, bag)
     scale = torch.zeros(rows * n, dtype=dtype, device=device).index_put_((dest,), factor)
@@ -80,16 +81,30 @@ def _per_id_bags(
     k: int,
     mean: bool,
 ) -> torch.Tensor:
-    """The pooled products of ``n`` per-id features, ``[batch, n * dim]``, from the per-id lookup's
-    output ``kt`` (``rows`` >= each feature's id count, the rest padding): ``keys`` are the
-    features' parts (feature-major), ``lengths``/``ids``/``weights`` the features' bags (a leaf
-    call for fx)."""
-    n = len(lengths)
-    runs = _column_runs(kt, [keys[f * k : (f + 1) * k] for f in range(n)], [2 if k > 1 else 0] * n)
-    values = kt.values()
+    """``_pooled_per_id`` of ``n`` features' bags, ``lengths``/``ids``/``weights`` (a leaf call for fx)."""
+    flat_weights = (torch.cat(weights) if len(weights) > 1 else weights[0]) if weights is not None else None
     counts: List[int] = [v.numel() for v in ids]
+    n = len(counts)
+    runs = _column_runs(kt, _per_id_outputs(keys, n, k), [2 if k > 1 else 0] * n)
+    return _pooled_per_id(kt, runs, dim, torch.cat(lengths) if len(lengths) > 1 else lengths[0], counts, flat_weights, mean)
+
+
+def _per_id_outputs(keys: List[str], n: int, k: int) -> List[List[str]]:
+    """The parts of each of ``n`` per-id outputs of ``k`` parts, ``keys`` feature-major."""
+    return [keys[f * k : (f + 1) * k] for f in range(n)]
+
+
+def _pooled_per_id(
+    kt: KeyedTensor, runs: List[List[int]], dim: int, lengths: torch.Tensor, counts: List[int], weights: Optional[torch.Tensor], mean: bool
+) -> torch.Tensor:
+    """The pooled products of ``n`` per-id features, ``[batch, n * dim]``, from the per-id lookup's
+    output ``kt`` (``rows`` >= each feature's id count, the rest padding): ``runs`` (``_column_runs``)
+    where their parts are; ``lengths``, ``counts`` and ``weights`` the features' bag lengths, id
+    counts and ids' weights, one feature after another."""
+    n = len(counts)
+    values = kt.values()
     index, scale = _bag_index(lengths, weights, counts, values.size(0), mean, values.dtype)
-    batch = lengths[0].numel()
+    batch = lengths.numel() // n
     if torch.jit.is_scripting() or torch.jit.is_tracing():
         return _compose_per_id_plain(values, runs, index, scale, batch, n, dim)
     return _compose_per_id_fused(values, runs, index, scale, batch, n, dim)
@@ -338,11 +353,12 @@ def _as_they_are(runs: List[List[int]], width: int, columns: int) -> bool:
 
 
 @torch.fx.wrap
-def _compose_pooled(kt: KeyedTensor, keys: List[List[str]], ops: List[int], width: int) -> torch.Tensor:
+def _compose_pooled(kt: KeyedTensor, keys: List[List[str]], ops: List[int], width: int, runs: Optional[List[List[int]]] = None) -> torch.Tensor:
     """The pooled outputs, ``[batch, width]`` in output order, from the pooled lookup's output
     ``kt``: output ``j`` composes the parts ``keys[j]`` by ``ops[j]`` (0: as they are, side by side;
     1: add; 2: mult), read where TorchRec put them (a leaf call for fx)."""
-    runs = _column_runs(kt, keys, ops)
+    if runs is None:
+        runs = _column_runs(kt, keys, ops)
     if _as_they_are(runs, width, kt.values().size(1)):
         return kt.values()
     if torch.jit.is_scripting() or torch.jit.is_tracing():
@@ -416,6 +432,7 @@ class Combine(nn.Module):
             and len(outputs) > 0
         )
         self._names = {o.sub_features[0]: o.name for o in outputs} if self._passthrough else {}
+        self._runs: Dict[str, List[List[int]]] = {}  # see _cached_runs
 
     def _plan(self, outputs: List[OutputSpec]) -> None:
         """The pooled outputs (composed by one op from the pooled group's output) and the pieces of
@@ -470,17 +487,59 @@ class Combine(nn.Module):
         self._piece_keys.append(list(o.sub_features))
         self._piece_is_mean.append(mean)
 
-    def _per_id_piece(self, p: int, kt: KeyedTensor, by_key: Dict[str, JaggedTensor]) -> torch.Tensor:
+    def _per_id_piece(self, p: int, kt: KeyedTensor, features: KeyedJaggedTensor, by_key: Dict[str, JaggedTensor], in_order: bool) -> torch.Tensor:
         """Per-id piece ``p`` from its group's per-id lookup ``kt``, pooled: [batch, n * dim]."""
         fs = self._piece_features[p]
+        if not torch.jit.is_scripting() and in_order:
+            return self._per_id_run(p, kt, features)
         lengths = [by_key[f].lengths() for f in fs]
         ids = [by_key[f].values() for f in fs]
         weights: Optional[List[torch.Tensor]] = [by_key[f].weights() for f in fs] if self._is_weighted else None
         return _per_id_bags(kt, self._piece_keys[p], self._piece_dim[p], lengths, ids, weights, self._piece_k[p], self._piece_is_mean[p])
 
+    @torch.jit.unused
+    def _per_id_run(self, p: int, kt: KeyedTensor, features: KeyedJaggedTensor) -> torch.Tensor:
+        """``_per_id_piece`` of features that are consecutive keys of the KJT, in order: their bags
+        read as one slice of its lengths and weights (eager mode; no ``to_dict``)."""
+        fs = self._piece_features[p]
+        first, n, batch = features.keys().index(fs[0]), len(fs), features.stride()
+        length_per_key = features.length_per_key()
+        start = sum(length_per_key[:first])
+        counts = length_per_key[first : first + n]
+        lengths = features.lengths()[first * batch : (first + n) * batch]
+        weights = features.weights()[start : start + sum(counts)] if self._is_weighted else None
+        runs = self._cached_runs(p, kt, _per_id_outputs(self._piece_keys[p], n, self._piece_k[p]), [2 if self._piece_k[p] > 1 else 0] * n)
+        return _pooled_per_id(kt, runs, self._piece_dim[p], lengths, counts, weights, self._piece_is_mean[p])
+
+    @torch.jit.unused
+    def _cached_runs(self, piece: int, kt: KeyedTensor, keys: List[List[str]], ops: List[int]) -> List[List[int]]:
+        """``_column_runs`` of piece ``piece`` (-1: the pooled outputs), made once per order of
+        ``kt``'s keys (eager mode: they are what the module's lookups return, in their order)."""
+        at = f"{piece}:" + ",".join(kt.keys())
+        if at not in self._runs:
+            self._runs[at] = _column_runs(kt, keys, ops)
+        return self._runs[at]
+
+    @torch.jit.unused
+    def _runs_in_order(self, features: KeyedJaggedTensor) -> bool:
+        """Whether each per-id piece's features are consecutive keys of ``features``, in order, and
+        its bags one stride each (then the eager forward reads them without ``to_dict``)."""
+        if features.variable_stride_per_key() or (len(self._mean_features) > 0 and self._pooled_group != ""):
+            return False
+        keys = features.keys()
+        for p in range(len(self._piece_per_id)):
+            fs = self._piece_features[p]
+            if self._piece_per_id[p] and (fs[0] not in keys or keys[keys.index(fs[0]) : keys.index(fs[0]) + len(fs)] != fs):
+                return False
+        return True
+
     def _pooled(self, kt: KeyedTensor, by_key: Dict[str, JaggedTensor]) -> List[torch.Tensor]:
         """The pooled outputs from the pooled group's lookup, cut into their chunks."""
-        out = _compose_pooled(kt, self._pooled_keys, self._pooled_ops, self._pooled_width)
+        runs: Optional[List[List[int]]] = None
+        if not torch.jit.is_scripting():
+            if not (is_fx_symbolic_tracing() or torch.compiler.is_compiling()):
+                runs = self._cached_runs(-1, kt, self._pooled_keys, self._pooled_ops)
+        out = _compose_pooled(kt, self._pooled_keys, self._pooled_ops, self._pooled_width, runs)
         if len(self._mean_features) > 0:  # divide MEAN outputs by their bags' lengths (others by 1)
             lengths = [by_key[f].lengths() for f in self._mean_features]
             lengths.append(torch.ones_like(lengths[0]))
@@ -491,14 +550,18 @@ class Combine(nn.Module):
     def forward(self, features: KeyedJaggedTensor, looked_up: Dict[str, KeyedTensor]) -> KeyedTensor:
         if self._passthrough:
             return _renamed(looked_up[self._pooled_group], self._names)
-        by_key: Dict[str, JaggedTensor] = features.to_dict() if self._needs_features else {}
+        in_order = False  # eager, each per-id piece's features consecutive in the KJT: no to_dict
+        if not torch.jit.is_scripting():
+            if self._needs_features and not (is_fx_symbolic_tracing() or torch.compiler.is_compiling()):
+                in_order = self._runs_in_order(features)
+        by_key: Dict[str, JaggedTensor] = features.to_dict() if self._needs_features and not in_order else {}
         chunks: List[torch.Tensor] = []
         if self._pooled_group != "":
             chunks = self._pooled(looked_up[self._pooled_group], by_key)
         results: List[torch.Tensor] = []
         for p in range(len(self._piece_per_id)):
             if self._piece_per_id[p]:
-                results.append(self._per_id_piece(p, looked_up[self._piece_group[p]], by_key))
+                results.append(self._per_id_piece(p, looked_up[self._piece_group[p]], features, by_key, in_order))
             else:
                 results.append(chunks[self._piece_chunk[p]])
         values = results[0] if len(results) == 1 else torch.cat(results, dim=1)

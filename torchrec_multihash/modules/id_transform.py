@@ -20,6 +20,13 @@ from torchrec_multihash.modules.learned_mapping import LearnedMapping
 from torchrec_multihash.modules.strategies import Strategy
 from torchrec_multihash.modules.strategies.base import partition_rows
 
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+# On CPU, past this many ids the flat path's extra passes over them (the parts side by side, then
+# permuted) cost more than the per-feature path's ops; on a GPU, where each op is a kernel launch
+# and passes over the ids are cheap, the flat path runs at any size.
+FLAT_CPU_MAX_IDS = 1 << 16
+
 
 class InvalidInputError(MultiHashError, ValueError):
     """An input KJT that the module cannot look up; the message names feature, table and id."""
@@ -122,6 +129,94 @@ def check_id_ranges(lookups: Sequence[FeatureLookup], jts: Sequence[JaggedTensor
             )
 
 
+@dataclass
+class _FlatGroup:
+    """Lookups whose parts are computed by the same ops (a slot per part), over their ids at once:
+    per slot, its kind (0: ``x // d``; 1: ``x - q * m``, ``q`` slot ``reuse`` of the same id; 2:
+    ``(x // d) % m``), whether it divides and reduces, and its divisor and modulus: an int when all
+    the group's lookups share it, else the row of the per-id parameter table that holds them."""
+
+    lookups: List[int]  # in the order their ids come in the regrouped KJT
+    kinds: List[int]
+    reuse: List[int]
+    divides: List[bool]
+    reduces: List[bool]
+    divisor: List[int]  # the value (if ``divisor_row < 0``)
+    divisor_row: List[int]
+    modulus: List[int]
+    modulus_row: List[int]
+    unit_weights: List[bool]
+
+
+def _slot(lk: FeatureLookup, p: int, spec: List[Tuple[int, int]]) -> Tuple[int, int, bool, bool, bool]:
+    """Part ``p`` of a lookup as (kind, reuse, divides, reduces, unit weight): see ``_FlatGroup``."""
+    d, m = spec[p]
+    reuse = next((q for q in range(len(spec)) if spec[q] == (m, 0)), -1) if d == 1 and m > 0 else -1
+    kind = 0 if m == 0 else (1 if reuse >= 0 else 2)
+    return kind, reuse, d != 1, m != 0, lk.pooled_mult and p > 0
+
+
+class _FlatPlan:
+    """How ``IdTransform`` maps all features at once (lookups without learned mappings or stacked
+    parts): the KJT regrouped by lookups of equal slots (``order``, lookup indices), each
+    group's parts computed over its ids at once into a ``[slots, ids]`` block, and one
+    ``permute_1D_sparse_data`` (``perm``) putting the blocks' segments in the sub-features' order.
+    Per-id divisors, moduli and id bounds come from ``params`` (rows of per-lookup values, in
+    ``order``), repeated over each lookup's ids."""
+
+    def __init__(self, lookups: List[FeatureLookup], validate_ids: bool) -> None:
+        slots: Dict[tuple, List[int]] = {}
+        specs = [lk.strategy.partition_spec() for lk in lookups]
+        for i, lk in enumerate(lookups):
+            sig = tuple(_slot(lk, p, specs[i]) for p in range(len(specs[i])))
+            slots.setdefault(sig, []).append(i)
+        self.order = [i for members in slots.values() for i in members]
+        position = {i: n for n, i in enumerate(self.order)}
+        self.params: List[List[int]] = []
+        self.groups: List[_FlatGroup] = []
+        segment = 0
+        first: Dict[Tuple[int, int], int] = {}  # (lookup, part) -> its segment in the blocks
+        for sig, members in slots.items():
+            kinds, reuse, divides, reduces, unit_weights = (list(column) for column in zip(*sig))
+            g = _FlatGroup(members, kinds, reuse, divides, reduces, [], [], [], [], unit_weights)
+            for p in range(len(sig)):
+                for values, rows, column in ((g.divisor, g.divisor_row, 0), (g.modulus, g.modulus_row, 1)):
+                    value, row = self._value_or_row(members, position, [specs[i][p][column] for i in members])
+                    values.append(value)
+                    rows.append(row)
+                for i in members:
+                    first[(i, p)] = segment
+                    segment += 1
+            self.groups.append(g)
+        self.perm = [first[(i, p)] for i in range(len(lookups)) for p in range(len(specs[i]))]
+        self.segments = segment
+        # id bounds (hash tables: any int64) and largest bags, checked at once
+        checked = [not lookups[i].strategy.accepts_any_id for i in self.order]
+        self.check_ids = validate_ids and any(checked)
+        low = [0 if c else _INT64_MIN for c in checked]
+        last = [lookups[i].num_embeddings - 1 if c else _INT64_MAX for i, c in zip(self.order, checked)]
+        # [low, last] of every id: an int where all lookups share it, else a row of params
+        self.low, self.low_row = self._value_or_row(self.order, position, low)
+        self.last, self.last_row = self._value_or_row(self.order, position, last)
+        self.max_bags = [lookups[i].max_ids_per_bag or _INT64_MAX for i in self.order]
+        self.check_bags = validate_ids and any(lk.max_ids_per_bag is not None for lk in lookups)
+
+    def _value_or_row(self, members: List[int], position: Dict[int, int], each: List[int]) -> Tuple[int, int]:
+        """``members``' parameter ``each``: ``(value, -1)`` if they share it, else ``(0, row)``,
+        its row of ``params``."""
+        return (each[0], -1) if len(set(each)) == 1 else (0, self._row(members, position, each))
+
+    def _row(self, members: List[int], position: Dict[int, int], each: List[int]) -> int:
+        """The row of ``params`` with ``each`` for ``members`` (0 for other lookups), added unless
+        there is one already (a Q-R table's divisor and modulus are one)."""
+        row = [0] * len(position)
+        for i, v in zip(members, each):
+            row[position[i]] = v
+        if row not in self.params:
+            self.params.append(row)
+        return self.params.index(row)
+
+
 @torch.fx.wrap
 def _exploded(keys: List[str], values: List[torch.Tensor], lengths_dtype: torch.dtype) -> KeyedJaggedTensor:
     """The KJT of sub-features with one bag per id: a batch of ``max(1, most ids of a sub-feature)``
@@ -149,6 +244,24 @@ def _sub_features(
     )
 
 
+def _group_rows(g: _FlatGroup, ids: torch.Tensor, per_id: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Each slot's rows of a group's ``ids`` (int64, the group's lookups' ids one after another):
+    ``(x // d) % m``, a remainder whose quotient another slot takes as ``x - q * m`` (see
+    ``IdTransform._rows``); divisors and moduli per id from ``per_id`` where they differ."""
+    rows: List[Optional[torch.Tensor]] = [None] * len(g.kinds)
+    for p in sorted(range(len(g.kinds)), key=lambda q: g.kinds[q] == 1):  # quotients first
+        d = per_id[g.divisor_row[p]] if g.divisor_row[p] >= 0 else g.divisor[p]
+        m = per_id[g.modulus_row[p]] if g.modulus_row[p] >= 0 else g.modulus[p]
+        if g.kinds[p] == 1:
+            q = rows[g.reuse[p]]
+            assert q is not None
+            rows[p] = ids - q * m
+            continue
+        r = torch.div(ids, d, rounding_mode="floor") if g.divides[p] else ids
+        rows[p] = torch.remainder(r, m) if g.reduces[p] else r
+    return [r for r in rows if r is not None]
+
+
 class IdTransform(nn.Module):
     """Maps a KJT of logical features to a KJT of sub-features, one per partition.
 
@@ -166,6 +279,10 @@ class IdTransform(nn.Module):
     feature's values, and the rest empty; no weights (the combine applies them after the product).
     A SUM-pooled ``EmbeddingBagCollection`` then returns one row per id, which ``Combine`` reads
     as an ``[ids, features, parts, dim]`` view.
+    In eager mode, lookups without learned mappings or stacked parts map all features at once
+    (``_FlatPlan``): one op per part for each group of lookups of the same strategy, and one
+    ``permute_1D_sparse_data`` into the sub-features' order; traced and scripted modules map
+    feature by feature, to the same KJT.
     The forward reads only plain lists of ints and strings, so it can be fx-traced (TorchRec's
     tracer) and scripted; the input checks run in eager mode only (not in a traced or scripted
     model, as TorchRec's own modules check nothing).
@@ -250,6 +367,14 @@ class IdTransform(nn.Module):
             and all(len(parts) == 1 for parts in self._sub_parts)
             and not any(self._unit_weights)
         )
+        # lookups without learned mappings or stacked parts: all features mapped at once (eager mode)
+        self._flat: Optional[_FlatPlan] = None
+        if not self.mappings and all(lk.row_offsets is None for lk in lookups):
+            self._flat = _FlatPlan(lookups, validate_ids)
+        self._flat_features = [self._features[i] for i in self._flat.order] if self._flat is not None else []
+        self._flat_constants: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._flat_order = self._flat.order if self._flat is not None else []
+        self._flat_regroupings: Dict[str, Tuple[List[int], torch.Tensor]] = {}  # see _regrouping
 
     def _rows(self, ids: List[torch.Tensor]) -> List[torch.Tensor]:
         """Each part's rows, ``(x // divisor) % modulus`` of its feature's ids; a remainder
@@ -270,14 +395,20 @@ class IdTransform(nn.Module):
         return out
 
     @torch.jit.unused
-    def check(self, features: KeyedJaggedTensor, by_key: Dict[str, JaggedTensor]) -> None:
-        """Raises InvalidInputError for a KJT the module cannot look up (eager mode only);
-        ``by_key``: its ``to_dict()``, which the forward reads too."""
+    def _check_kjt(self, features: KeyedJaggedTensor) -> None:
+        """Raises InvalidInputError for a KJT without the module's features, with ids that are not
+        integers or without the weights the module needs (eager mode only)."""
         check_feature_keys(features.keys(), self._required, self._known_features)
         if features.values().is_floating_point():  # .long() would truncate them to other rows
             raise InvalidInputError(f"the KJT's ids are {features.values().dtype}: pass integer ids (int64 or int32)")
         if self._is_weighted and features.weights_or_none() is None:
             raise InvalidInputError("the module is weighted (is_weighted=True) but the KJT has no weights")
+
+    @torch.jit.unused
+    def check(self, features: KeyedJaggedTensor, by_key: Dict[str, JaggedTensor]) -> None:
+        """Raises InvalidInputError for a KJT the module cannot look up (eager mode only);
+        ``by_key``: its ``to_dict()``, which the forward reads too."""
+        self._check_kjt(features)
         if self._validate_ids:
             check_id_ranges(self._lookups, [by_key[lk.feature] for lk in self._lookups])
 
@@ -288,9 +419,12 @@ class IdTransform(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         if not torch.jit.is_scripting():
-            if self._identity and not (is_fx_symbolic_tracing() or torch.compiler.is_compiling()) and self._passes_as_is(features):
-                self.check(features, features.to_dict() if self._validate_ids else {})
-                return features
+            if not (is_fx_symbolic_tracing() or torch.compiler.is_compiling()):
+                if self._flat is not None and self._flat_applies(features):
+                    return self._forward_flat(features)
+                if self._identity and self._passes_as_is(features):
+                    self.check(features, features.to_dict() if self._validate_ids else {})
+                    return features
         by_key: Dict[str, JaggedTensor] = features.to_dict()
         if not torch.jit.is_scripting():
             if not (is_fx_symbolic_tracing() or torch.compiler.is_compiling()):
@@ -319,6 +453,138 @@ class IdTransform(nn.Module):
                 else:  # each of an id's k rows carries its weight: w * q + w * r = w * (q + r)
                     weights.append(w.unsqueeze(1).expand(-1, k).reshape(-1))
         return _sub_features(self._sub_keys, values, lengths, weights if self._is_weighted else None, features.stride())
+
+    @torch.jit.unused
+    def _constants(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The flat plan's per-lookup parameters, permutation and largest bags on ``device`` (made once)."""
+        if device not in self._flat_constants:
+            plan = self._flat
+            assert plan is not None
+            params = torch.tensor(plan.params, dtype=torch.long, device=device).view(len(plan.params), len(plan.order))
+            perm = torch.tensor(plan.perm, dtype=torch.int, device=device)
+            self._flat_constants[device] = (params, perm, torch.tensor(plan.max_bags, dtype=torch.long, device=device))
+        return self._flat_constants[device]
+
+    @torch.jit.unused
+    def _flat_applies(self, features: KeyedJaggedTensor) -> bool:
+        """Whether the flat path maps ``features``: not on meta (no ids), not a variable-stride KJT,
+        on CPU at most ``FLAT_CPU_MAX_IDS`` ids."""
+        device = features.device().type
+        if device == "meta" or features.variable_stride_per_key():
+            return False
+        return device != "cpu" or features.values().numel() <= FLAT_CPU_MAX_IDS
+
+    @torch.jit.unused
+    def _regrouping(self, keys: List[str], device: torch.device) -> Tuple[List[int], torch.Tensor]:
+        """The indices of the KJT's keys that put its features in the flat plan's order, as a list
+        and a tensor on ``device`` (made once per order of keys)."""
+        at = f"{device}:" + ",".join(keys)
+        if at not in self._flat_regroupings:
+            index = {k: n for n, k in enumerate(keys)}
+            indices = [index[self._features[i]] for i in self._flat_order]
+            self._flat_regroupings[at] = (indices, torch.tensor(indices, dtype=torch.int, device=device))
+        return self._flat_regroupings[at]
+
+    @torch.jit.unused
+    def _forward_flat(self, source: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """The forward for lookups without learned mappings or stacked parts (eager mode): every
+        part of every feature computed by one op per group of lookups of equal slots and part, and
+        the sub-features put in order by one ``permute_1D_sparse_data`` (see ``_FlatPlan``);
+        exploded, each part's ids are one segment, whose bags of one id are made afterwards."""
+        plan = self._flat
+        assert plan is not None
+        self._check_kjt(source)
+        keys, values, lengths, batch = source.keys(), source.values(), source.lengths(), source.stride()
+        weights = source.weights() if self._is_weighted and not self._explode else None
+        length_per_key: Optional[List[int]] = None
+        if len(plan.groups) > 1 or self._explode:
+            length_per_key = source.length_per_key()
+        counts = lengths.view(len(keys), batch).sum(1)  # ids per key
+        in_order = keys == self._flat_features
+        if not in_order:  # regrouped: one copy per key's ids (permute_2D_sparse_data copies bag by bag)
+            indices, regroup = self._regrouping(keys, values.device)
+            lengths = lengths.view(len(keys), batch).index_select(0, regroup).view(-1)
+            _, values, weights = torch.ops.fbgemm.permute_1D_sparse_data(regroup, counts, values, weights, None)
+            counts = counts.index_select(0, regroup)
+            length_per_key = [length_per_key[i] for i in indices] if length_per_key is not None else None
+        params, perm, max_bags = self._constants(values.device)
+        n, lookups = values.numel(), len(plan.order)
+        # each row of params repeated over its lookups' ids (row by row: contiguous, far faster than along dim 1)
+        per_id = [params[r].repeat_interleave(counts, output_size=n) for r in range(len(plan.params))]
+        ids = values if values.dtype == torch.long else values.long()
+        self._check_flat(source, ids, lengths.view(lookups, batch), per_id, max_bags)
+        if self._identity and in_order and values.dtype == torch.long:  # passed on as it is
+            return source
+        # per lookup its bags' lengths; exploded: its id count, the one bag of each of its parts
+        bags_2d = counts.view(lookups, 1) if self._explode else lengths.view(lookups, batch)
+        blocks: List[torch.Tensor] = []
+        block_lengths: List[torch.Tensor] = []
+        block_counts: List[torch.Tensor] = []  # ids per segment
+        block_weights: List[torch.Tensor] = []
+        start, first = 0, 0
+        for g in plan.groups:
+            k = len(g.lookups)
+            x, per, bags, c, w = ids, per_id, bags_2d.view(-1), counts, weights
+            if len(plan.groups) > 1:
+                assert length_per_key is not None
+                count = sum(length_per_key[first : first + k])
+                x, per = ids[start : start + count], [row[start : start + count] for row in per_id]
+                bags, c = bags_2d[first : first + k].view(-1), counts[first : first + k]
+                w = weights[start : start + count] if weights is not None else None
+                start, first = start + count, first + k
+            rows = _group_rows(g, x, per)
+            blocks.append(rows[0] if len(rows) == 1 else torch.cat(rows))
+            block_lengths.append(bags if len(rows) == 1 else torch.cat([bags] * len(rows)))
+            block_counts.append(c if len(rows) == 1 else torch.cat([c] * len(rows)))
+            if w is not None:
+                each = [torch.ones_like(w) if u else w for u in g.unit_weights]
+                block_weights.append(each[0] if len(each) == 1 else torch.cat(each))
+        out_values = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        out_lengths = block_lengths[0] if len(blocks) == 1 else torch.cat(block_lengths)
+        out_weights = (block_weights[0] if len(blocks) == 1 else torch.cat(block_weights)) if weights is not None else None
+        if plan.perm != list(range(plan.segments)):  # segments to sub-features: one copy per segment's ids
+            segment_counts = block_counts[0] if len(blocks) == 1 else torch.cat(block_counts)
+            _, out_values, out_weights = torch.ops.fbgemm.permute_1D_sparse_data(perm, segment_counts, out_values, out_weights, out_values.numel())
+            out_lengths = out_lengths.view(plan.segments, bags_2d.size(1)).index_select(0, perm)
+        sub_length_per_key = None
+        if length_per_key is not None:
+            where = {i: n for n, i in enumerate(plan.order)}
+            sub_length_per_key = [length_per_key[where[self._sub_source[j]]] for j in range(len(self._sub_keys))]
+        if self._explode:  # as _exploded: per sub-feature, its n ids in its first n of the most ids' bags
+            assert length_per_key is not None
+            batch = max([1, *length_per_key])
+            rank = torch.arange(batch, device=values.device)
+            out_lengths = (rank.unsqueeze(0) < out_lengths.view(-1, 1)).to(lengths.dtype)
+        return KeyedJaggedTensor(
+            keys=self._sub_keys,
+            values=out_values,
+            lengths=out_lengths.view(-1),
+            weights=out_weights,
+            stride=batch,
+            length_per_key=sub_length_per_key,
+        )
+
+    @torch.jit.unused
+    def _check_flat(
+        self, source: KeyedJaggedTensor, values: torch.Tensor, lengths: torch.Tensor, per_id: List[torch.Tensor], max_bags: torch.Tensor
+    ) -> None:
+        """``check_id_ranges`` for the flat forward: whether any id is out of its table's range or
+        any bag too large, read at once (one host sync); if so, ``check_id_ranges`` says which."""
+        plan = self._flat
+        assert plan is not None
+        bad: List[torch.Tensor] = []
+        if plan.check_ids and values.numel() > 0:  # every id in [low, last] of its table
+            low = per_id[plan.low_row] if plan.low_row >= 0 else plan.low
+            last = per_id[plan.last_row] if plan.last_row >= 0 else plan.last
+            if isinstance(low, int) and isinstance(last, int):
+                bad.append(values.clamp(low, last).ne(values).any())
+            else:
+                bad.append(((values < low) | (values > last)).any())
+        if plan.check_bags and lengths.numel() > 0:
+            bad.append((lengths > (max_bags.unsqueeze(1) if len(set(plan.max_bags)) > 1 else plan.max_bags[0])).any())
+        if len(bad) > 0 and bool((bad[0] | bad[1]) if len(bad) == 2 else bad[0]):
+            by_key = source.to_dict()
+            check_id_ranges(self._lookups, [by_key[lk.feature] for lk in self._lookups])
 
     def _values(self, rows: List[torch.Tensor]) -> List[torch.Tensor]:
         """Each sub-feature's values from its parts' rows: a part's rows as they are, or a stacked

@@ -1,0 +1,201 @@
+"""The id transform's flat path (all features mapped at once, eager mode) equals its per-feature
+path (what scripted and traced modules run) exactly, and the module's outputs and gradients equal
+the naive reference."""
+
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_multihash import MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig, PoolingType
+from torchrec_multihash.modules import id_transform
+from torchrec_multihash.modules.id_transform import IdTransform, InvalidInputError
+
+from tests.helpers.reference import reference_forward
+
+D = 4
+
+
+def mixed_configs(pooling: PoolingType):
+    """Pooled tables of several strategies (and sizes) in one module, a feature in two tables."""
+
+    def t(name, features, n, **kw):
+        return MultiHashEmbeddingBagConfig(name=name, num_embeddings=n, embedding_dim=D, feature_names=features, pooling=pooling, **kw)
+
+    return [
+        t("q1", ["a"], 50, strategy="qr", num_collisions=7, operation="add"),
+        t("q2", ["b", "c"], 40, strategy="qr", num_collisions=6, operation="concat", dims=[1, 3]),
+        t("h", ["d"], 30, strategy="hash", num_collisions=4),
+        t("f", ["e"], 20, strategy="full"),
+        t("g", ["a"], 60, strategy="generalized_qr", moduli=[3, 4, 5], operation="add"),
+        t("c", ["f"], 35, strategy="crt", moduli=[5, 7], operation="add"),
+        t("m", ["g"], 45, strategy="qr", num_collisions=5, operation="mult", max_ids_per_bag=1),  # one-hot mult: pooled
+        t("q3", ["h"], 50, strategy="qr", num_collisions=7, operation="add"),  # as q1: its divisors are plain ints
+    ]
+
+
+def mixed_kjt(cfgs, weighted: bool, batch: int = 5, order=None, int32: bool = False, extra: bool = False) -> KeyedJaggedTensor:
+    """A KJT of the tables' features (in ``order``; with an unknown one if ``extra``), empty bags included."""
+    g = torch.Generator().manual_seed(0)
+    size = {}
+    for c in cfgs:
+        for f in c.feature_names:
+            size[f] = min(size.get(f, c.num_embeddings), c.num_embeddings)
+    keys = order or sorted(size)
+    if extra:
+        keys = [*keys, "unknown"]
+    values, lengths, weights = [], [], []
+    for f in keys:
+        one_hot = f == "g"
+        lens = torch.ones(batch, dtype=torch.long) if one_hot else torch.randint(0, 4, (batch,), generator=g)
+        if not one_hot:
+            lens[1] = 0
+        n = int(lens.sum())
+        ids = torch.randint(-(2**40), 2**40, (n,), generator=g) if f == "d" else torch.randint(0, size.get(f, 10), (n,), generator=g)
+        values.append(ids)
+        lengths.append(lens)
+        weights.append(torch.rand(n, generator=g) + 0.5)
+    v = torch.cat(values)
+    return KeyedJaggedTensor(keys=keys, values=v.int() if int32 else v, lengths=torch.cat(lengths), weights=torch.cat(weights) if weighted else None)
+
+
+def per_feature(transform: IdTransform, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """The transform's per-feature path (its flat plan switched off)."""
+    flat = transform._flat
+    transform._flat = None
+    try:
+        return transform(kjt)
+    finally:
+        transform._flat = flat
+
+
+def assert_same_kjt(a: KeyedJaggedTensor, b: KeyedJaggedTensor) -> None:
+    assert a.keys() == b.keys()
+    assert a.stride() == b.stride()
+    assert torch.equal(a.lengths(), b.lengths())
+    assert a.values().dtype == b.values().dtype and torch.equal(a.values(), b.values())
+    assert (a.weights_or_none() is None) == (b.weights_or_none() is None)
+    if a.weights_or_none() is not None:
+        assert torch.equal(a.weights(), b.weights())
+    for k, jt in b.to_dict().items():  # the length per key it may carry agrees
+        assert torch.equal(a.to_dict()[k].values(), jt.values())
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
+@pytest.mark.parametrize(
+    "order,int32,extra",
+    [(None, False, False), (["h", "g", "f", "e", "d", "c", "b", "a"], True, False), (None, False, True)],
+    ids=["in-order", "reordered-int32", "extra-key"],
+)
+def test_flat_path_equals_per_feature_path_and_reference(weighted, pooling, order, int32, extra):
+    cfgs = mixed_configs(pooling)
+    ebc = MultiHashEmbeddingBagCollection(cfgs, is_weighted=weighted, strict_features=not extra)
+    transform = ebc.pooled["pooled"].transform
+    assert transform._flat is not None and len(transform._flat.groups) > 1
+    kjt = mixed_kjt(cfgs, weighted, order=order, int32=int32, extra=extra)
+    assert_same_kjt(transform(kjt), per_feature(transform, kjt))
+    out = ebc(kjt)
+    w = ebc.sub_table_weights()
+    ref = reference_forward(cfgs, w, KeyedJaggedTensor.from_jt_dict({k: v for k, v in kjt.to_dict().items() if k != "unknown"}))
+    got = out.to_dict()
+    for c in cfgs:
+        for f in c.feature_names:
+            name = f if sum(f in c2.feature_names for c2 in cfgs) == 1 else f"{f}@{c.name}"
+            torch.testing.assert_close(got[name], ref[f] if name == f else reference_forward([c], w, kjt)[f])
+    # the gradients equal those of the per-feature path
+    up = torch.randn_like(out.values())
+    out.values().backward(up)
+    grads = {k: v.grad.clone() for k, v in w.items()}
+    for v in w.values():
+        v.grad = None
+    flat = transform._flat
+    transform._flat = None
+    ebc(kjt).values().backward(up)
+    transform._flat = flat
+    for k, v in w.items():
+        torch.testing.assert_close(v.grad, grads[k], msg=k)
+
+
+def test_flat_path_all_bags_empty():
+    cfgs = mixed_configs(PoolingType.SUM)
+    ebc = MultiHashEmbeddingBagCollection(cfgs, is_weighted=True)
+    transform = ebc.pooled["pooled"].transform
+    keys = sorted({f for c in cfgs for f in c.feature_names})
+    lengths = torch.zeros(len(keys) * 3, dtype=torch.long)
+    kjt = KeyedJaggedTensor(keys=keys, values=torch.zeros(0, dtype=torch.long), lengths=lengths, weights=torch.zeros(0))
+    assert_same_kjt(transform(kjt), per_feature(transform, kjt))
+    assert torch.equal(ebc(kjt).values(), torch.zeros(3, sum(D for c in cfgs for _ in c.feature_names)))
+
+
+@pytest.mark.parametrize("int32", [False, True])
+def test_flat_path_single_group_of_equal_tables_needs_no_per_id_parameters(int32):
+    cfgs = [
+        MultiHashEmbeddingBagConfig(name=f"t{i}", num_embeddings=50, embedding_dim=D, feature_names=[f"f{i}"], num_collisions=7, operation="add")
+        for i in range(3)
+    ]
+    ebc = MultiHashEmbeddingBagCollection(cfgs)
+    transform = ebc.pooled["pooled"].transform
+    assert len(transform._flat.groups) == 1 and transform._flat.params == []
+    kjt = mixed_kjt(cfgs, weighted=False, int32=int32)
+    assert_same_kjt(transform(kjt), per_feature(transform, kjt))
+
+
+@pytest.mark.parametrize(
+    "feature,value,message",
+    [
+        ("a", 50, "feature 'a' (table 'q1', num_embeddings=50): id 50 at position"),
+        ("e", -1, "feature 'e' (table 'f', num_embeddings=20): id -1 at position"),
+        ("g", None, "feature 'g' (table 'm', max_ids_per_bag=1): bag 0 holds 2 ids"),
+    ],
+)
+def test_flat_path_raises_the_per_feature_errors(feature, value, message):
+    cfgs = mixed_configs(PoolingType.SUM)
+    ebc = MultiHashEmbeddingBagCollection(cfgs)
+    d = mixed_kjt(cfgs, weighted=False).to_dict()
+    jt = d[feature]
+    if value is None:  # a bag of two ids in a one-hot feature
+        lengths = jt.lengths().clone()
+        lengths[0], lengths[1] = 2, 0
+        d[feature] = type(jt)(values=jt.values(), lengths=lengths)
+    else:
+        values = jt.values().clone()
+        values[-1] = value
+        d[feature] = type(jt)(values=values, lengths=jt.lengths())
+    with pytest.raises(InvalidInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ebc(KeyedJaggedTensor.from_jt_dict(d))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("order,int32", [(None, False), (["c", "b", "a", "e"], True)], ids=["in-order", "reordered-int32"])
+def test_flat_exploded_path_equals_per_feature_path_and_reference(weighted, order, int32):
+    def t(name, features, n, **kw):
+        return MultiHashEmbeddingBagConfig(name=name, num_embeddings=n, embedding_dim=D, feature_names=features, operation="mult", **kw)
+
+    cfgs = [
+        t("q1", ["a", "b"], 50, strategy="qr", num_collisions=7),
+        t("q2", ["c"], 40, strategy="qr", num_collisions=6, pooling=PoolingType.MEAN),
+        t("g", ["e"], 60, strategy="generalized_qr", moduli=[3, 4, 5]),
+        t("c", ["a"], 35, strategy="crt", moduli=[5, 7]),
+    ]
+    ebc = MultiHashEmbeddingBagCollection(cfgs, is_weighted=weighted)
+    transform = ebc.per_id["per_id_d4"].transform
+    assert transform._flat is not None and len(transform._flat.groups) > 1
+    kjt = mixed_kjt(cfgs, weighted, order=order, int32=int32)
+    assert_same_kjt(transform(kjt), per_feature(transform, kjt))
+    w = ebc.sub_table_weights()
+    got = ebc(kjt).to_dict()
+    for c in cfgs:
+        for f in c.feature_names:
+            name = f if f != "a" else f"a@{c.name}"
+            torch.testing.assert_close(got[name], reference_forward([c], w, kjt)[f])
+
+
+def test_flat_path_on_cpu_only_up_to_its_id_limit(monkeypatch):
+    cfgs = mixed_configs(PoolingType.SUM)
+    ebc = MultiHashEmbeddingBagCollection(cfgs)
+    transform = ebc.pooled["pooled"].transform
+    kjt = mixed_kjt(cfgs, weighted=False)
+    assert transform._flat_applies(kjt)
+    monkeypatch.setattr(id_transform, "FLAT_CPU_MAX_IDS", kjt.values().numel() - 1)
+    assert not transform._flat_applies(kjt)
+    assert_same_kjt(transform(kjt), per_feature(transform, kjt))
