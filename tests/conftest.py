@@ -33,8 +33,9 @@ _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADD
 @pytest.fixture(autouse=True)
 def _no_leaked_process_group(request):
     before = {k: os.environ.get(k) for k in _DIST_ENV}
+    was_initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
     yield
-    if "nccl_group" in request.fixturenames:  # tests/test_cuda.py shares one group on purpose
+    if was_initialized or "nccl_group" in request.fixturenames:  # tests/test_cuda.py shares one group on purpose
         return
     leaked = [k for k in _DIST_ENV if os.environ.get(k) != before[k]]
     for k in leaked:

@@ -13,8 +13,13 @@ import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_multihash import MultiHashEmbeddingBagCollection, PoolingType
+from torchrec_multihash.modules.id_transform import IdTransform, InvalidInputError
 
 from tests.helpers import sharded_model as sm
+from tests.test_flat_transform import mixed_configs, mixed_kjt
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -58,3 +63,39 @@ def test_cuda_sharded_equals_cpu_unsharded(nccl_group, sharding_type, layout):
     diff = sm.train_side_by_side(dmp, ref, opt, per_rank, 0, LR, label=f"{sharding_type}/{layout}", device=device, tol=TOL)
     print(f"{sharding_type}/{layout}: max |cuda - cpu| logits {diff:.2e}")
     assert sm.assert_state_equal(dmp.state_dict(), ref.state_dict(), atol=TOL, rtol=TOL) >= 1
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
+def test_cuda_flat_id_transform_equals_the_module_on_cpu(weighted, pooling, monkeypatch):
+    """The flat id transform (every feature at once; on a GPU at any size) and the combine on CUDA,
+    unsharded: the same outputs and gradients as the module on CPU, and the same error for a bad id."""
+    flat_devices = []
+    forward_flat = IdTransform._forward_flat
+
+    def spy(self, features):
+        flat_devices.append(features.device().type)
+        return forward_flat(self, features)
+
+    monkeypatch.setattr(IdTransform, "_forward_flat", spy)
+    cfgs = mixed_configs(pooling)
+    torch.manual_seed(0)
+    cpu = MultiHashEmbeddingBagCollection(cfgs, is_weighted=weighted)
+    gpu = MultiHashEmbeddingBagCollection(cfgs, is_weighted=weighted, device=torch.device("cuda", 0))
+    gpu.load_state_dict(cpu.state_dict())
+    kjt = mixed_kjt(cfgs, weighted, batch=33, order=["h", "g", "f", "e", "d", "c", "b", "a"])
+    # the GPU module its own KJT, as a loader gives: TorchRec's KJT.to() carries over the CPU
+    # JaggedTensors that to_dict() cached on the first module's forward
+    on_gpu = KeyedJaggedTensor(kjt.keys(), kjt.values(), kjt.weights_or_none(), kjt.lengths()).to(torch.device("cuda", 0))
+    out_cpu, out_gpu = cpu(kjt), gpu(on_gpu)
+    assert flat_devices == ["cpu", "cuda"]  # both ran the flat path
+    torch.testing.assert_close(out_gpu.values().cpu(), out_cpu.values(), atol=TOL, rtol=TOL)
+    out_cpu.values().sum().backward()
+    out_gpu.values().sum().backward()
+    grads = {n: p.grad for n, p in cpu.named_parameters()}
+    for n, p in gpu.named_parameters():
+        torch.testing.assert_close(p.grad.cpu(), grads[n], atol=TOL, rtol=TOL, msg=lambda m, n=n: f"{n}: {m}")
+    bad = KeyedJaggedTensor(kjt.keys(), kjt.values().clone(), kjt.weights_or_none(), kjt.lengths())
+    bad.values()[-1] = 10**6  # feature 'a': outside both of its tables
+    with pytest.raises(InvalidInputError, match="feature 'a'"):
+        gpu(bad.to(torch.device("cuda", 0)))
