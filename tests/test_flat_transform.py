@@ -2,6 +2,8 @@
 path (what scripted and traced modules run) exactly, and the module's outputs and gradients equal
 the naive reference."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -199,3 +201,40 @@ def test_flat_path_on_cpu_only_up_to_its_id_limit(monkeypatch):
     monkeypatch.setattr(id_transform, "FLAT_CPU_MAX_IDS", kjt.values().numel() - 1)
     assert not transform._flat_applies(kjt)
     assert_same_kjt(transform(kjt), per_feature(transform, kjt))
+
+
+def stacked_mixed_configs(pooling: PoolingType):
+    """``mixed_configs`` with its add tables' parts stacked (``stack_parts``): stacked Q-R of two
+    sizes, generalized Q-R and CRT next to unstacked concat, hash, full and one-hot mult."""
+    return [replace(c, stack_parts=True) if c.operation == "add" and c.strategy != "full" else c for c in mixed_configs(pooling)]
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("order,int32", [(None, False), (["h", "g", "f", "e", "d", "c", "b", "a"], True)], ids=["in-order", "reordered-int32"])
+def test_flat_path_of_stacked_parts_equals_per_feature_path_and_reference(weighted, order, int32):
+    cfgs = stacked_mixed_configs(PoolingType.SUM)
+    assert sum(c.stack_parts for c in cfgs) == 4
+    ebc = MultiHashEmbeddingBagCollection(cfgs, is_weighted=weighted)
+    transform = ebc.pooled["pooled"].transform
+    assert transform._flat is not None and any(g.stacked for g in transform._flat.groups)
+    kjt = mixed_kjt(cfgs, weighted, order=order, int32=int32)
+    assert_same_kjt(transform(kjt), per_feature(transform, kjt))
+    out = ebc(kjt)
+    parts = ebc.part_weights()
+    got = out.to_dict()
+    for c in cfgs:
+        for f in c.feature_names:
+            name = f if sum(f in c2.feature_names for c2 in cfgs) == 1 else f"{f}@{c.name}"
+            torch.testing.assert_close(got[name], reference_forward([c], parts, kjt)[f])
+    up = torch.randn_like(out.values())
+    out.values().backward(up)
+    w = ebc.sub_table_weights()
+    grads = {k: v.grad.clone() for k, v in w.items()}
+    for v in w.values():
+        v.grad = None
+    flat = transform._flat
+    transform._flat = None
+    ebc(kjt).values().backward(up)
+    transform._flat = flat
+    for k, v in w.items():
+        torch.testing.assert_close(v.grad, grads[k], msg=k)

@@ -7,7 +7,7 @@ Being parameter-free, ``TrainPipelineSparseDist(pipeline_postproc=True)`` runs i
 input-dist stage of the pipeline, overlapped with compute.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -146,19 +146,25 @@ class _FlatGroup:
     modulus: List[int]
     modulus_row: List[int]
     unit_weights: List[bool]
+    # stack_parts: each lookup one segment, per id its slots' rows side by side, each moved by its
+    # part's first row in the stacked table (an int, or the row of the per-id table that holds it)
+    stacked: bool = False
+    offset: List[int] = field(default_factory=list)
+    offset_row: List[int] = field(default_factory=list)
 
 
-def _slot(lk: FeatureLookup, p: int, spec: List[Tuple[int, int]]) -> Tuple[int, int, bool, bool, bool]:
-    """Part ``p`` of a lookup as (kind, reuse, divides, reduces, unit weight): see ``_FlatGroup``."""
+def _slot(lk: FeatureLookup, p: int, spec: List[Tuple[int, int]]) -> Tuple[int, int, bool, bool, bool, bool]:
+    """Part ``p`` of a lookup as (kind, reuse, divides, reduces, unit weight, stacked): see
+    ``_FlatGroup``."""
     d, m = spec[p]
     reuse = next((q for q in range(len(spec)) if spec[q] == (m, 0)), -1) if d == 1 and m > 0 else -1
     kind = 0 if m == 0 else (1 if reuse >= 0 else 2)
-    return kind, reuse, d != 1, m != 0, lk.pooled_mult and p > 0
+    return kind, reuse, d != 1, m != 0, lk.pooled_mult and p > 0, lk.row_offsets is not None
 
 
 class _FlatPlan:
-    """How ``IdTransform`` maps all features at once (lookups without learned mappings or stacked
-    parts): the KJT regrouped by lookups of equal slots (``order``, lookup indices), each
+    """How ``IdTransform`` maps all features at once (lookups without learned mappings): the KJT
+    regrouped by lookups of equal slots (``order``, lookup indices), each
     group's parts computed over its ids at once into a ``[slots, ids]`` block, and one
     ``permute_1D_sparse_data`` (``perm``) putting the blocks' segments in the sub-features' order.
     Per-id divisors, moduli and id bounds come from ``params`` (rows of per-lookup values, in
@@ -177,18 +183,27 @@ class _FlatPlan:
         segment = 0
         first: Dict[Tuple[int, int], int] = {}  # (lookup, part) -> its segment in the blocks
         for sig, members in slots.items():
-            kinds, reuse, divides, reduces, unit_weights = (list(column) for column in zip(*sig))
-            g = _FlatGroup(members, kinds, reuse, divides, reduces, [], [], [], [], unit_weights)
+            kinds, reuse, divides, reduces, unit_weights, stacked = (list(column) for column in zip(*sig))
+            g = _FlatGroup(members, kinds, reuse, divides, reduces, [], [], [], [], unit_weights, stacked[0])
             for p in range(len(sig)):
                 for values, rows, column in ((g.divisor, g.divisor_row, 0), (g.modulus, g.modulus_row, 1)):
                     value, row = self._value_or_row(members, position, [specs[i][p][column] for i in members])
                     values.append(value)
                     rows.append(row)
+                if g.stacked:
+                    value, row = self._value_or_row(members, position, [(lookups[i].row_offsets or [])[p] for i in members])
+                    g.offset.append(value)
+                    g.offset_row.append(row)
+                    continue
                 for i in members:
                     first[(i, p)] = segment
                     segment += 1
+            if g.stacked:  # one segment per lookup: its ids' rows, side by side
+                for i in members:
+                    first[(i, 0)] = segment
+                    segment += 1
             self.groups.append(g)
-        self.perm = [first[(i, p)] for i in range(len(lookups)) for p in range(len(specs[i]))]
+        self.perm = [first[(i, p)] for i in range(len(lookups)) for p in range(1 if lookups[i].row_offsets is not None else len(specs[i]))]
         self.segments = segment
         # id bounds (hash tables: any int64) and largest bags, checked at once
         checked = [not lookups[i].strategy.accepts_any_id for i in self.order]
@@ -279,8 +294,8 @@ class IdTransform(nn.Module):
     feature's values, and the rest empty; no weights (the combine applies them after the product).
     A SUM-pooled ``EmbeddingBagCollection`` then returns one row per id, which ``Combine`` reads
     as an ``[ids, features, parts, dim]`` view.
-    In eager mode, lookups without learned mappings or stacked parts map all features at once
-    (``_FlatPlan``): one op per part for each group of lookups of the same strategy, and one
+    In eager mode, lookups without learned mappings map all features at once (``_FlatPlan``): one
+    op per part for each group of lookups of the same strategy (and layout), and one
     ``permute_1D_sparse_data`` into the sub-features' order; traced and scripted modules map
     feature by feature, to the same KJT.
     The forward reads only plain lists of ints and strings, so it can be fx-traced (TorchRec's
@@ -367,9 +382,9 @@ class IdTransform(nn.Module):
             and all(len(parts) == 1 for parts in self._sub_parts)
             and not any(self._unit_weights)
         )
-        # lookups without learned mappings or stacked parts: all features mapped at once (eager mode)
+        # lookups without learned mappings: all features mapped at once (eager mode)
         self._flat: Optional[_FlatPlan] = None
-        if not self.mappings and all(lk.row_offsets is None for lk in lookups):
+        if not self.mappings:
             self._flat = _FlatPlan(lookups, validate_ids)
         self._flat_features = [self._features[i] for i in self._flat.order] if self._flat is not None else []
         self._flat_constants: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -487,10 +502,11 @@ class IdTransform(nn.Module):
 
     @torch.jit.unused
     def _forward_flat(self, source: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """The forward for lookups without learned mappings or stacked parts (eager mode): every
-        part of every feature computed by one op per group of lookups of equal slots and part, and
-        the sub-features put in order by one ``permute_1D_sparse_data`` (see ``_FlatPlan``);
-        exploded, each part's ids are one segment, whose bags of one id are made afterwards."""
+        """The forward for lookups without learned mappings (eager mode): every part of every
+        feature computed by one op per group of lookups of equal slots and part, and the
+        sub-features put in order by one ``permute_1D_sparse_data`` (see ``_FlatPlan``); stacked
+        parts side by side per id, one segment per lookup; exploded, each part's ids are one
+        segment, whose bags of one id are made afterwards."""
         plan = self._flat
         assert plan is not None
         self._check_kjt(source)
@@ -533,6 +549,15 @@ class IdTransform(nn.Module):
                 w = weights[start : start + count] if weights is not None else None
                 start, first = start + count, first + k
             rows = _group_rows(g, x, per)
+            if g.stacked:  # per id its k rows side by side, each moved to its part's rows
+                k = len(rows)
+                moved = [r + (per[g.offset_row[p]] if g.offset_row[p] >= 0 else g.offset[p]) for p, r in enumerate(rows)]
+                blocks.append(torch.stack(moved, dim=1).view(-1))
+                block_lengths.append(bags * k)
+                block_counts.append(c * k)
+                if w is not None:  # each of an id's k rows carries its weight
+                    block_weights.append(w.unsqueeze(1).expand(-1, k).reshape(-1))
+                continue
             blocks.append(rows[0] if len(rows) == 1 else torch.cat(rows))
             block_lengths.append(bags if len(rows) == 1 else torch.cat([bags] * len(rows)))
             block_counts.append(c if len(rows) == 1 else torch.cat([c] * len(rows)))
@@ -549,7 +574,7 @@ class IdTransform(nn.Module):
         sub_length_per_key = None
         if length_per_key is not None:
             where = {i: n for n, i in enumerate(plan.order)}
-            sub_length_per_key = [length_per_key[where[self._sub_source[j]]] for j in range(len(self._sub_keys))]
+            sub_length_per_key = [length_per_key[where[self._sub_source[j]]] * len(self._sub_parts[j]) for j in range(len(self._sub_keys))]
         if self._explode:  # as _exploded: per sub-feature, its n ids in its first n of the most ids' bags
             assert length_per_key is not None
             batch = max([1, *length_per_key])
