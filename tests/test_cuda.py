@@ -11,8 +11,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_multihash import MultiHashEmbeddingBagCollection, PoolingType
@@ -54,11 +52,7 @@ def test_cuda_sharded_equals_cpu_unsharded(nccl_group, sharding_type, layout):
     kernels = {ps.compute_kernel for mod in plan.plan.values() for ps in mod.values()}
     assert kernels <= {"fused", "dense"}, kernels  # FBGEMM's TBE kernels, on the GPU
 
-    start = dmp.state_dict()
-    sm.copy_into_sharded(start, ref.state_dict())
-    dmp.load_state_dict(start)
-    dense_opt = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda p: torch.optim.SGD(p, lr=LR))
-    opt = CombinedOptimizer([dmp.fused_optimizer, dense_opt])
+    opt = sm.start_from(dmp, ref, LR)
     per_rank = [list(sm.batches(0, 1, STEPS, batch_size=64, max_bag=1 if layout == "one_hot" else 3))]
     diff = sm.train_side_by_side(dmp, ref, opt, per_rank, 0, LR, label=f"{sharding_type}/{layout}", device=device, tol=TOL)
     print(f"{sharding_type}/{layout}: max |cuda - cpu| logits {diff:.2e}")

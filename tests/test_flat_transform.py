@@ -82,6 +82,24 @@ def assert_same_kjt(a: KeyedJaggedTensor, b: KeyedJaggedTensor) -> None:
         assert torch.equal(a.to_dict()[k].values(), jt.values())
 
 
+def assert_flat_gradients_equal(ebc: MultiHashEmbeddingBagCollection, transform: IdTransform, kjt: KeyedJaggedTensor, out) -> None:
+    """The sub-tables' gradients of ``out`` (``ebc(kjt)`` by the flat path) equal the per-feature path's."""
+    up = torch.randn_like(out.values())
+    out.values().backward(up)
+    w = ebc.sub_table_weights()
+    grads = {k: v.grad.clone() for k, v in w.items()}
+    for v in w.values():
+        v.grad = None
+    flat = transform._flat
+    transform._flat = None
+    try:
+        ebc(kjt).values().backward(up)
+    finally:
+        transform._flat = flat
+    for k, v in w.items():
+        torch.testing.assert_close(v.grad, grads[k], msg=k)
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
 @pytest.mark.parametrize(
@@ -104,18 +122,7 @@ def test_flat_path_equals_per_feature_path_and_reference(weighted, pooling, orde
         for f in c.feature_names:
             name = f if sum(f in c2.feature_names for c2 in cfgs) == 1 else f"{f}@{c.name}"
             torch.testing.assert_close(got[name], ref[f] if name == f else reference_forward([c], w, kjt)[f])
-    # the gradients equal those of the per-feature path
-    up = torch.randn_like(out.values())
-    out.values().backward(up)
-    grads = {k: v.grad.clone() for k, v in w.items()}
-    for v in w.values():
-        v.grad = None
-    flat = transform._flat
-    transform._flat = None
-    ebc(kjt).values().backward(up)
-    transform._flat = flat
-    for k, v in w.items():
-        torch.testing.assert_close(v.grad, grads[k], msg=k)
+    assert_flat_gradients_equal(ebc, transform, kjt, out)
 
 
 def test_flat_path_all_bags_empty():
@@ -226,15 +233,4 @@ def test_flat_path_of_stacked_parts_equals_per_feature_path_and_reference(weight
         for f in c.feature_names:
             name = f if sum(f in c2.feature_names for c2 in cfgs) == 1 else f"{f}@{c.name}"
             torch.testing.assert_close(got[name], reference_forward([c], parts, kjt)[f])
-    up = torch.randn_like(out.values())
-    out.values().backward(up)
-    w = ebc.sub_table_weights()
-    grads = {k: v.grad.clone() for k, v in w.items()}
-    for v in w.values():
-        v.grad = None
-    flat = transform._flat
-    transform._flat = None
-    ebc(kjt).values().backward(up)
-    transform._flat = flat
-    for k, v in w.items():
-        torch.testing.assert_close(v.grad, grads[k], msg=k)
+    assert_flat_gradients_equal(ebc, transform, kjt, out)

@@ -206,8 +206,6 @@ def _sharded_worker(rank, world_size):
     import torch.distributed as dist
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-    from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     from torchrec_multihash import sharders
     from torchrec_multihash.datasets.synthetic import SyntheticCriteo
@@ -225,11 +223,7 @@ def _sharded_worker(rank, world_size):
     dmp = DistributedModelParallel(model, plan=plan, sharders=shard, device=torch.device("cpu"))
     types = {t: ps.sharding_type for mod in plan.plan.values() for t, ps in mod.items()}
     assert types == {n: SHARDING.get(n, "table_wise") for n in names}
-    start = dmp.state_dict()
-    sm.copy_into_sharded(start, ref.state_dict())
-    dmp.load_state_dict(start)
-    dense_opt = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda p: torch.optim.SGD(p, lr=lr))
-    opt = CombinedOptimizer([dmp.fused_optimizer, dense_opt])
+    opt = sm.start_from(dmp, ref, lr)
     task = SyntheticCriteo.toy(VOCAB, seed=3, max_bag=3)
     per_rank = [[task.batch(8, i * world_size + r) for i in range(steps)] for r in range(world_size)]
     sharded_ebc = dmp.module.model.sparse_arch.embedding_bag_collection

@@ -10,8 +10,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from tests.helpers import sharded_model as sm
 from tests.helpers.distributed import run_multiprocess
@@ -46,11 +44,7 @@ def _check(rank, world_size, sharding_type):
         ranks = {t: ps.ranks for mod in plan.plan.values() for t, ps in mod.items()}
         assert all(sorted(r) == list(range(world_size)) for r in ranks.values()), ranks
 
-    start = dmp.state_dict()
-    sm.copy_into_sharded(start, ref.state_dict())
-    dmp.load_state_dict(start)
-    dense_opt = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda p: torch.optim.SGD(p, lr=LR))
-    opt = CombinedOptimizer([dmp.fused_optimizer, dense_opt])
+    opt = sm.start_from(dmp, ref, LR)
 
     per_rank = [list(sm.batches(r, world_size, STEPS)) for r in range(world_size)]
     if sharding_type in ("row_wise", "table_row_wise"):

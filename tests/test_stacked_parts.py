@@ -331,14 +331,7 @@ def _check_sharded(rank, world_size, sharding_type):
     if sharding_type == "row_wise":  # the stacked rows really split over both ranks
         ranks = {t: ps.ranks for mod in plan.plan.values() for t, ps in mod.items()}
         assert all(sorted(ranks[n]) == list(range(world_size)) for n in stacked_names), ranks
-    start = dmp.state_dict()
-    sm.copy_into_sharded(start, ref.state_dict())
-    dmp.load_state_dict(start)
-    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-    from torchrec.optim.optimizers import in_backward_optimizer_filter
-
-    dense_opt = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda p: torch.optim.SGD(p, lr=LR))
-    opt = CombinedOptimizer([dmp.fused_optimizer, dense_opt])
+    opt = sm.start_from(dmp, ref, LR)
     per_rank = [list(sm.batches(r, world_size, STEPS)) for r in range(world_size)]
     sm.train_side_by_side(dmp, ref, opt, per_rank, rank, LR, label=f"stacked, {sharding_type}")
     assert sm.assert_state_equal(dmp.state_dict(), ref.state_dict()) >= len(types) / world_size

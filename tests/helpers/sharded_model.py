@@ -13,6 +13,8 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.models.dlrm import DLRM, DLRMTrain
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_multihash import (
@@ -133,6 +135,16 @@ def shard_with(model, sharding_type, world_size, fused_params, device: torch.dev
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device=device.type), constraints=constraints)
     plan = planner.collective_plan(model, shard, dist.GroupMember.WORLD)
     return DistributedModelParallel(model, plan=plan, sharders=shard, device=device), plan, constraints
+
+
+def start_from(dmp: DistributedModelParallel, ref: torch.nn.Module, lr: float) -> CombinedOptimizer:
+    """Loads the unsharded ``ref``'s weights into ``dmp``'s shards; returns ``dmp``'s optimizer: its
+    fused one (the sharded tables') with SGD at ``lr`` for the dense parameters."""
+    start = dmp.state_dict()
+    copy_into_sharded(start, ref.state_dict())
+    dmp.load_state_dict(start)
+    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda p: torch.optim.SGD(p, lr=lr))
+    return CombinedOptimizer([dmp.fused_optimizer, dense])
 
 
 def local_shards(state: Dict[str, object]) -> Iterator[Tuple[str, torch.Tensor, Tuple[int, ...]]]:

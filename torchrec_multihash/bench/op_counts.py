@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from torchrec_multihash.app.quiet import quiet_warnings
-from torchrec_multihash.bench.step_time import DEVICES, METHODS, _step, build, shard
+from torchrec_multihash.bench.step_time import DEVICES, METHODS, _step, build, shard, upstream_gradient
 from torchrec_multihash.bench.workload import WORKLOADS, BenchSpec
 
 
@@ -36,7 +36,7 @@ def count(method: str, spec: BenchSpec, device: torch.device, steps: int = 10, t
     its most frequent operators to list."""
     model = shard(build(method, spec, device), device)
     batches = [b.to(device) for b in spec.batches()]
-    upstream = torch.randn(spec.batch_size, spec.dim * len(spec.rows), generator=torch.Generator().manual_seed(1)).to(device)
+    upstream = upstream_gradient(spec, device)
     times = [_step(model, None, kjt, upstream) for kjt in batches][spec.warmup :]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     profiled = batches[spec.warmup :][:steps]

@@ -105,6 +105,11 @@ def fit_learned(module: nn.Module, batches: List[KeyedJaggedTensor]) -> None:
     fit_learned_mappings(module, as_batches, 1, FitOptions(learn_vectors=False))
 
 
+def upstream_gradient(spec: BenchSpec, device: torch.device) -> torch.Tensor:
+    """The fixed gradient every method's output gets in its backward, the same for all."""
+    return torch.randn(spec.batch_size, spec.dim * len(spec.rows), generator=torch.Generator().manual_seed(1)).to(device)
+
+
 def fresh(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
     """``kjt``'s tensors in a new KJT, as a loader gives each batch: a KJT caches what it computes of
     itself (offsets, ids per key), which a step on a reused one would not pay for."""
@@ -171,7 +176,7 @@ def run(method: str, spec: BenchSpec, device_kind: str = "auto", paired: bool = 
         model, opt = shard(module, device), None
         if method == "learned":
             fit_learned(model, batches)
-    upstream = torch.randn(spec.batch_size, spec.dim * len(spec.rows), generator=torch.Generator().manual_seed(1)).to(device)
+    upstream = upstream_gradient(spec, device)
     times = [_step(model, opt, kjt, upstream) for kjt in batches][spec.warmup :]
     world = dist.get_world_size()
     gathered: List[float] = [0.0] * world

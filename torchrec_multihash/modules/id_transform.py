@@ -214,6 +214,7 @@ class _FlatPlan:
         self.low, self.low_row = self._value_or_row(self.order, position, low)
         self.last, self.last_row = self._value_or_row(self.order, position, last)
         self.max_bags = [lookups[i].max_ids_per_bag or _INT64_MAX for i in self.order]
+        self.max_bag = self.max_bags[0] if len(set(self.max_bags)) == 1 else -1  # -1: per lookup
         self.check_bags = validate_ids and any(lk.max_ids_per_bag is not None for lk in lookups)
 
     def _value_or_row(self, members: List[int], position: Dict[int, int], each: List[int]) -> Tuple[int, int]:
@@ -606,7 +607,7 @@ class IdTransform(nn.Module):
             else:
                 bad.append(((values < low) | (values > last)).any())
         if plan.check_bags and lengths.numel() > 0:
-            bad.append((lengths > (max_bags.unsqueeze(1) if len(set(plan.max_bags)) > 1 else plan.max_bags[0])).any())
+            bad.append((lengths > (max_bags.unsqueeze(1) if plan.max_bag < 0 else plan.max_bag)).any())
         if len(bad) > 0 and bool((bad[0] | bad[1]) if len(bad) == 2 else bad[0]):
             by_key = source.to_dict()
             check_id_ranges(self._lookups, [by_key[lk.feature] for lk in self._lookups])
