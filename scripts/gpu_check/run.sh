@@ -48,7 +48,7 @@ bench() { # tag spec methods...
 M="torchrec_ebc full hash qr_add qr_add_stacked qr_mult qr_concat generalized_qr"
 export OMP_NUM_THREADS=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1099511627776
 log "operators and kernel launches per step"
-timeout $(( $(left) < 90 ? $(left) : 90 )) python3 -m torchrec_multihash.bench.op_counts --device cuda 2>>"$OUT/bench_err.txt" | tee "$OUT/op_counts.md"
+timeout $(( $(left) < 90 ? $(left) : 90 )) python3 -m torchrec_multihash.bench.op_counts --device cuda --top "${OPS_TOP:-0}" 2>>"$OUT/bench_err.txt" | tee "$OUT/op_counts.md"
 log "bench, default batches"
 bench one_hot .gpu/spec_one_hot.json $M
 bench multi_hot .gpu/spec_multi_hot.json $M naive_qr
