@@ -149,6 +149,35 @@ def test_flat_path_single_group_of_equal_tables_needs_no_per_id_parameters(int32
     assert_same_kjt(transform(kjt), per_feature(transform, kjt))
 
 
+def test_add_and_mult_parts_come_as_column_blocks():
+    """Add and mult tables' sub-features come part by part (every first part of a group, then every
+    second), concat's feature by feature, in the transform's KJT and in the inner EBC alike: each
+    part of an add or mult group is one column block of the lookup's output, composed by one op over
+    contiguous rows."""
+    cfgs = mixed_configs(PoolingType.SUM)
+    ebc = MultiHashEmbeddingBagCollection(cfgs)
+    transform = ebc.pooled["pooled"].transform
+    keys = transform._sub_keys
+    assert keys[:4] == ["a@q1", "h", "a@q1__r", "h__r"]  # add Q-R of one partition (q1, q3): quotients, then remainders
+    assert keys[4:8] == ["b", "b__r", "c", "c__r"]  # concat: each feature's parts side by side, as in its output
+    assert keys[-2:] == ["g", "g__r"]  # one-hot mult, alone in its group
+    inner = [f for c in ebc.pooled["pooled"].tables.embedding_bag_configs() for f in c.feature_names]
+    # the inner EBC's features in the same order, but for the concat table of two features (a
+    # TorchRec table's features are consecutive)
+    assert inner == keys[:4] + ["b", "c", "b__r", "c__r"] + keys[8:]
+    kt = ebc.pooled["pooled"](mixed_kjt(cfgs, weighted=False))
+    assert kt.keys() == inner
+    assert transform._flat.perm[:4] == [0, 1, 2, 3]  # the add group's segments need no permute
+
+    mult = [
+        MultiHashEmbeddingBagConfig(name=f"m{i}", num_embeddings=50, embedding_dim=D, feature_names=[f"f{i}"], num_collisions=7, operation="mult")
+        for i in range(3)
+    ]
+    per_id = MultiHashEmbeddingBagCollection(mult).per_id["per_id_d4"]
+    assert per_id.transform._sub_keys == ["f0", "f1", "f2", "f0__r", "f1__r", "f2__r"]
+    assert [f for c in per_id.tables.embedding_bag_configs() for f in c.feature_names] == per_id.transform._sub_keys
+
+
 @pytest.mark.parametrize(
     "feature,value,message",
     [

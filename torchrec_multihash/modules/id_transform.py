@@ -47,6 +47,9 @@ class FeatureLookup:
     # stack_parts: the parts' first rows in the one stacked table; the feature is then one sub-feature
     # whose bags hold each id's k rows (pooled by SUM: the add)
     row_offsets: Optional[List[int]] = None
+    # add, mult: the combine composes the parts column block by column block, so the sub-features
+    # come part by part among the lookup's group (see ``sub_feature_order``)
+    part_major: bool = False
 
 
 def check_feature_keys(keys: Sequence[str], required: Sequence[str], known: Optional[Sequence[str]]) -> None:
@@ -162,6 +165,34 @@ def _slot(lk: FeatureLookup, p: int, spec: List[Tuple[int, int]]) -> Tuple[int, 
     return kind, reuse, d != 1, m != 0, lk.pooled_mult and p > 0, lk.row_offsets is not None
 
 
+def _lookup_groups(lookups: Sequence[FeatureLookup]) -> List[List[int]]:
+    """The lookups (indices) grouped by equal slots and layout, each group in order, groups in order
+    of first appearance: what the flat transform maps with the same ops."""
+    groups: Dict[tuple, List[int]] = {}
+    for i, lk in enumerate(lookups):
+        spec = lk.strategy.partition_spec()
+        sig = (tuple(_slot(lk, p, spec) for p in range(len(spec))), lk.part_major)
+        groups.setdefault(sig, []).append(i)
+    return list(groups.values())
+
+
+def sub_feature_order(lookups: Sequence[FeatureLookup]) -> List[Tuple[int, int]]:
+    """The order of the id transform's sub-features, ``(lookup, its sub-feature)``, which the inner
+    EmbeddingBagCollection's features follow too: lookups grouped as ``_lookup_groups``; in a group
+    of ``part_major`` lookups (add, mult) every lookup's first part, then every second part, ...,
+    so that the lookup's output holds each part of the group as one column block (each composed
+    by one op over contiguous rows); in other groups (concat, single tables) each lookup's
+    sub-features together, the output's own layout."""
+    order: List[Tuple[int, int]] = []
+    for members in _lookup_groups(lookups):
+        k = len(lookups[members[0]].sub_features)
+        if lookups[members[0]].part_major:
+            order.extend((i, s) for s in range(k) for i in members)
+        else:
+            order.extend((i, s) for i in members for s in range(k))
+    return order
+
+
 class _FlatPlan:
     """How ``IdTransform`` maps all features at once (lookups without learned mappings): the KJT
     regrouped by lookups of equal slots (``order``, lookup indices), each
@@ -171,18 +202,16 @@ class _FlatPlan:
     ``order``), repeated over each lookup's ids."""
 
     def __init__(self, lookups: List[FeatureLookup], validate_ids: bool) -> None:
-        slots: Dict[tuple, List[int]] = {}
         specs = [lk.strategy.partition_spec() for lk in lookups]
-        for i, lk in enumerate(lookups):
-            sig = tuple(_slot(lk, p, specs[i]) for p in range(len(specs[i])))
-            slots.setdefault(sig, []).append(i)
-        self.order = [i for members in slots.values() for i in members]
+        # each group's slots (those of its first lookup: the group shares them) and lookups
+        slots = [(tuple(_slot(lookups[m[0]], p, specs[m[0]]) for p in range(len(specs[m[0]]))), m) for m in _lookup_groups(lookups)]
+        self.order = [i for _, members in slots for i in members]
         position = {i: n for n, i in enumerate(self.order)}
         self.params: List[List[int]] = []
         self.groups: List[_FlatGroup] = []
         segment = 0
         first: Dict[Tuple[int, int], int] = {}  # (lookup, part) -> its segment in the blocks
-        for sig, members in slots.items():
+        for sig, members in slots:
             kinds, reuse, divides, reduces, unit_weights, stacked = (list(column) for column in zip(*sig))
             g = _FlatGroup(members, kinds, reuse, divides, reduces, [], [], [], [], unit_weights, stacked[0])
             for p in range(len(sig)):
@@ -203,7 +232,7 @@ class _FlatPlan:
                     first[(i, 0)] = segment
                     segment += 1
             self.groups.append(g)
-        self.perm = [first[(i, p)] for i in range(len(lookups)) for p in range(1 if lookups[i].row_offsets is not None else len(specs[i]))]
+        self.perm = [first[(i, p)] for i, p in sub_feature_order(lookups)]
         self.segments = segment
         # id bounds (hash tables: any int64) and largest bags, checked at once
         checked = [not lookups[i].strategy.accepts_any_id for i in self.order]
@@ -345,24 +374,29 @@ class IdTransform(nn.Module):
         # tables); per sub-feature its key, its lookup and its parts (one, or a stacked table's k)
         self._features = [lk.feature for lk in lookups]
         self._tables = [lk.table for lk in lookups]
-        self._sub_keys = [s for lk in lookups for s in lk.sub_features]
-        self._sub_source = [i for i, lk in enumerate(lookups) for _ in lk.sub_features]
+        order = sub_feature_order(lookups)
+        self._sub_keys = [lookups[i].sub_features[j] for i, j in order]
+        self._sub_source = [i for i, _ in order]
         spec = [p for lk in lookups for p in lk.strategy.partition_spec()]
         self._source = [i for i, lk in enumerate(lookups) for _ in lk.strategy.partition_spec()]
         self._divisors = [d for d, _ in spec]
         self._moduli = [m for _, m in spec]
         self._offsets = [o for lk in lookups for o in (lk.row_offsets or [0] * len(lk.strategy.partition_spec()))]
-        self._sub_parts = []
+        first_part: List[int] = []  # each lookup's first part in ``spec``
         part = 0
         for lk in lookups:
             k = len(lk.strategy.partition_spec())
             if lk.row_offsets is not None:
                 assert len(lk.sub_features) == 1 and len(lk.row_offsets) == k, lk
-                self._sub_parts.append(list(range(part, part + k)))
             else:
                 assert len(lk.sub_features) == k, lk
-                self._sub_parts.extend([[p] for p in range(part, part + k)])
+            first_part.append(part)
             part += k
+        # per sub-feature its parts: its one part, or a stacked table's k
+        self._sub_parts = []
+        for i, j in order:
+            k = len(lookups[i].strategy.partition_spec())
+            self._sub_parts.append(list(range(first_part[i], first_part[i] + k)) if lookups[i].row_offsets is not None else [first_part[i] + j])
         # per part x % m: the part of the same feature that takes x // m, if any
         self._reuse = [
             next((q for q in range(len(spec)) if self._source[q] == self._source[j] and spec[q] == (self._moduli[j], 0)), -1)
@@ -372,7 +406,7 @@ class IdTransform(nn.Module):
         ]
         # a one-hot mult bag pooled is w * q[x] times w * r[x]: weighting its first part alone
         # leaves w * q[x] * r[x], as per id
-        self._unit_weights = [lk.pooled_mult and p > 0 for lk in lookups for p in range(len(lk.sub_features))]
+        self._unit_weights = [lookups[i].pooled_mult and j > 0 for i, j in order]
         # every sub-feature its feature's ids as they are (full tables, one each): a KJT of exactly
         # those keys, in that order, is passed on as it is instead of being cut up and rebuilt
         self._identity = (

@@ -20,7 +20,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_multihash.modules.combine import Combine, OutputSpec
 from torchrec_multihash.modules.config import MultiHashConfigError, MultiHashEmbeddingBagConfig, logical_fields
-from torchrec_multihash.modules.id_transform import FeatureLookup, IdTransform
+from torchrec_multihash.modules.id_transform import FeatureLookup, IdTransform, sub_feature_order
 from torchrec_multihash.modules.learned_mapping import LearnedMapping
 from torchrec_multihash.modules.lookup_group import Lookup
 from torchrec_multihash.modules.strategies import SubTable, stacked_table_name, sub_feature_name
@@ -98,9 +98,16 @@ def _group_tables(tables: List[MultiHashEmbeddingBagConfig], device: torch.devic
         for f, name in zip(t.feature_names, names):
             # one-hot mult (per-id semantics): weights on the first part only; compose="pooled": on every part
             pooled_mult = impl.is_composed() and t.operation == "mult" and not per_id and t.compose == "per_id"
-            lookup = FeatureLookup(f, t.name, t.num_embeddings, impl, sub_features[f], mapping, t.max_ids_per_bag, pooled_mult, row_offsets)
+            # add, mult: composed part by part, so each part's sub-features one column block
+            part_major = impl.is_composed() and not impl.is_stacked() and t.operation in ("add", "mult")
+            lookup = FeatureLookup(
+                f, t.name, t.num_embeddings, impl, sub_features[f], mapping, t.max_ids_per_bag, pooled_mult, row_offsets, part_major
+            )
             groups.lookups.setdefault(group, []).append(lookup)
             groups.outputs.append(OutputSpec(name, f, group, per_id, sub_features[f], t.operation, t.pooling, t.embedding_dim))
+    for group, lookups in groups.lookups.items():  # the inner tables' features in the transform's order
+        position = {lookups[i].sub_features[j]: n for n, (i, j) in enumerate(sub_feature_order(lookups))}
+        groups.configs[group].sort(key=lambda c: position[c.feature_names[0]])
     return groups
 
 
