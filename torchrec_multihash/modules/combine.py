@@ -42,11 +42,12 @@ def _split_columns(values: torch.Tensor, sizes: List[int]) -> List[torch.Tensor]
 
 def _bag_index(
     flat: torch.Tensor, weights: Optional[torch.Tensor], counts: List[int], rows: int, mean: bool, dtype: torch.dtype
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Where each per-id row of ``n`` features pools to, and with what factor: for the ``i``-th id
     of feature ``f`` (row ``i * n + f`` of an ``[rows, n]`` grid), ``index`` is its bag's row
-    ``b * n + f`` of a ``[batch, n]`` output and ``scale`` its weight (1 unweighted), divided by its
-    bag's length for MEAN; padding rows (``i`` past the feature's ``counts[f]`` ids) scale by 0.
+    ``b * n + f`` of a ``[batch, n]`` output and ``scale`` its weight, divided by its bag's length
+    for MEAN; padding rows (``i`` past the feature's ``counts[f]`` ids) scale by 0. Unweighted SUM:
+    no ``scale`` (None), as every factor is 1 and a padding row's parts are zeros (an empty bag's).
     ``flat``: the features' bag lengths one after another; ``weights``: their ids' weights."""
     n = len(counts)
     batch = flat.numel() // n
@@ -61,6 +62,8 @@ def _bag_index(
     pos = torch.arange(total, device=device) - torch.tensor(starts, device=device).index_select(0, f)
     dest = pos * n + f
     index = torch.zeros(rows * n, dtype=torch.long, device=device).index_put_((dest,), b * n + f)
+    if weights is None and not mean:
+        return index, None
     factor = torch.ones(total, dtype=dtype, device=device)
     if weights is not None:
         factor = weights.to(dtype)
@@ -298,12 +301,14 @@ class _ComposePerId(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, values: torch.Tensor, runs: List[List[int]], index: torch.Tensor, scale: torch.Tensor, batch: int, n: int, dim: int
+        ctx: Any, values: torch.Tensor, runs: List[List[int]], index: torch.Tensor, scale: Optional[torch.Tensor], batch: int, n: int, dim: int
     ) -> torch.Tensor:
         values = values.contiguous()
         rows = values.size(0)
         prod, prefixes = _forward_runs(values, runs, n * dim)
-        prod = prod.view(rows * n, dim).mul_(scale.unsqueeze(1))
+        prod = prod.view(rows * n, dim)
+        if scale is not None:
+            prod.mul_(scale.unsqueeze(1))
         pooled = torch.zeros(batch * n, dim, dtype=prod.dtype, device=prod.device).index_add_(0, index, prod)
         ctx.save_for_backward(values, index, scale)
         ctx.runs, ctx.prefixes = runs, prefixes
@@ -313,22 +318,26 @@ class _ComposePerId(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         values, index, scale = ctx.saved_tensors
-        g = grad.reshape(-1, ctx.dim).index_select(0, index).mul_(scale.unsqueeze(1))
+        g = grad.reshape(-1, ctx.dim).index_select(0, index)
+        if scale is not None:
+            g.mul_(scale.unsqueeze(1))
         return _backward_runs(values, ctx.runs, g.view(values.size(0), -1), ctx.prefixes), None, None, None, None, None, None
 
 
 @torch.jit.unused
 def _compose_per_id_fused(
-    values: torch.Tensor, runs: List[List[int]], index: torch.Tensor, scale: torch.Tensor, batch: int, n: int, dim: int
+    values: torch.Tensor, runs: List[List[int]], index: torch.Tensor, scale: Optional[torch.Tensor], batch: int, n: int, dim: int
 ) -> torch.Tensor:
     return _ComposePerId.apply(values, runs, index, scale, batch, n, dim)
 
 
 def _compose_per_id_plain(
-    values: torch.Tensor, runs: List[List[int]], index: torch.Tensor, scale: torch.Tensor, batch: int, n: int, dim: int
+    values: torch.Tensor, runs: List[List[int]], index: torch.Tensor, scale: Optional[torch.Tensor], batch: int, n: int, dim: int
 ) -> torch.Tensor:
     """``_ComposePerId`` in plain ops (scripted and traced models; autograd's own backward)."""
-    prod = _compose_runs_plain(values, runs).reshape(values.size(0) * n, dim) * scale.unsqueeze(1)
+    prod = _compose_runs_plain(values, runs).reshape(values.size(0) * n, dim)
+    if scale is not None:
+        prod = prod * scale.unsqueeze(1)
     pooled = torch.zeros(batch * n, dim, dtype=values.dtype, device=values.device).index_add(0, index, prod)
     return pooled.view(batch, n * dim)
 
