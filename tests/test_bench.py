@@ -144,3 +144,33 @@ def test_op_counts_counts_each_methods_operators_per_step():
     ebc, qr = float(rows["torchrec_ebc"][3]), float(rows["qr_add"][3])
     assert 0 < ebc < qr  # the id transform and the combine add operators to TorchRec's step
     assert "aten::" in out  # --top lists them
+
+
+_DP_STEP = """
+import json, torch
+from torchrec_multihash.app.process_group import setup_distributed
+from torchrec_multihash.bench.step_time import _step, build, dense_optimizer, shard, upstream_gradient
+from torchrec_multihash.bench.workload import BenchSpec
+device = setup_distributed("cpu")
+spec = BenchSpec.one_hot(quick=True)
+spec.batch_size = 16
+model = shard(build("qr_add", spec, device), device)
+dp = sorted(t for m in model.plan.plan.values() for t, ps in m.items() if ps.sharding_type == "data_parallel")
+opt = dense_optimizer(model)
+params = {n: p for n, p in model.named_parameters() if n.endswith(".weight") and n.split(".")[-2] in dp}
+before = {n: p.detach().clone() for n, p in params.items()}
+_step(model, opt, spec.batches()[0], upstream_gradient(spec, device))
+print(json.dumps({"dp": dp, "trained": sorted(n.split(".")[-2] for n, p in params.items() if not torch.equal(p, before[n])),
+                  "in_optimizer": sum(len(g["params"]) for g in opt.param_groups) if opt else 0}))
+"""
+
+
+@pytest.mark.slow
+def test_bench_steps_train_the_data_parallel_tables_too():
+    # the quick one-hot plan makes the 8-row remainder tables data-parallel (TorchRec's dense
+    # kernel, outside the fused optimizer): the timed step must update them, as train does
+    r = subprocess.run([sys.executable, "-c", _DP_STEP], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(got["dp"]) == 26 and all(t.endswith("__r") for t in got["dp"])
+    assert got["in_optimizer"] == 26 and got["trained"] == got["dp"]

@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from torchrec_multihash.app.quiet import quiet_warnings
-from torchrec_multihash.bench.step_time import DEVICES, METHODS, _step, build, shard, upstream_gradient
+from torchrec_multihash.bench.step_time import DEVICES, METHODS, _step, build, dense_optimizer, shard, upstream_gradient
 from torchrec_multihash.bench.workload import WORKLOADS, BenchSpec
 
 
@@ -35,14 +35,15 @@ def count(method: str, spec: BenchSpec, device: torch.device, steps: int = 10, t
     """``method``'s step (time unprofiled, then ``steps`` steps profiled); ``top``: how many of
     its most frequent operators to list."""
     model = shard(build(method, spec, device), device)
+    opt = dense_optimizer(model)
     batches = [b.to(device) for b in spec.batches()]
     upstream = upstream_gradient(spec, device)
-    times = [_step(model, None, kjt, upstream) for kjt in batches][spec.warmup :]
+    times = [_step(model, opt, kjt, upstream) for kjt in batches][spec.warmup :]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     profiled = batches[spec.warmup :][:steps]
     with profile(activities=activities) as prof:
         for kjt in profiled:
-            _step(model, None, kjt, upstream)  # on a fresh KJT, as a loader gives
+            _step(model, opt, kjt, upstream)  # on a fresh KJT, as a loader gives
     n = len(profiled)
     ops: Dict[str, float] = {e.key: e.count / n for e in prof.key_averages() if e.key.startswith("aten::")}
     kernels = sum(e.count for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / n

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_multihash.app.quiet import quiet_warnings
@@ -95,6 +96,14 @@ def shard(module: nn.Module, device: torch.device) -> nn.Module:
     return shard_model(module, device, embedding_lr=LR, constraints=constraints)
 
 
+def dense_optimizer(model: nn.Module) -> Optional[torch.optim.Optimizer]:
+    """Adagrad at ``LR`` on what the fused optimizer leaves out: tables the planner made
+    data-parallel (TorchRec's dense kernel), which ``train`` gives its dense optimizer; None if
+    there are none. Without it their update would go untimed."""
+    params = [p for _, p in in_backward_optimizer_filter(model.named_parameters())]
+    return torch.optim.Adagrad(params, lr=LR) if params else None
+
+
 def fit_learned(module: nn.Module, batches: List[KeyedJaggedTensor]) -> None:
     """A frequency-only mapping from the benchmark's batches (step time does not depend on it)."""
     from torchrec.datasets.utils import Batch
@@ -146,10 +155,11 @@ def _paired(
     """The method and TorchRec's EBC (built here, in this process) timed step for step on the same
     batches, alternating: their ratio is free of what other processes did to the machine meanwhile."""
     base = shard(build(BASELINE, spec, device), device)
+    base_opt = dense_optimizer(base)
     ours: List[float] = []
     theirs: List[float] = []
     for i, kjt in enumerate(batches):
-        a = _step(base, None, kjt, upstream)
+        a = _step(base, base_opt, kjt, upstream)
         b = _step(model, opt, kjt, upstream)
         if i >= spec.warmup:
             theirs.append(a)
@@ -168,12 +178,14 @@ def run(method: str, spec: BenchSpec, device_kind: str = "auto", paired: bool = 
     batches = [b.to(device) for b in spec.batches()]
     rss_before = _rss_mib()
     module = build(method, spec, device)
+    opt: Optional[torch.optim.Optimizer]
     if method == "naive_qr":
         model, opt = module, torch.optim.Adagrad(module.parameters(), lr=LR)
         if dist.get_world_size() > 1:
             raise SystemExit("naive_qr runs on one process only")
     else:
-        model, opt = shard(module, device), None
+        model = shard(module, device)
+        opt = dense_optimizer(model)
         if method == "learned":
             fit_learned(model, batches)
     upstream = upstream_gradient(spec, device)
