@@ -178,6 +178,27 @@ def test_add_and_mult_parts_come_as_column_blocks():
     assert [f for c in per_id.tables.embedding_bag_configs() for f in c.feature_names] == per_id.transform._sub_keys
 
 
+def test_concat_and_single_tables_keep_the_features_order_so_the_output_is_the_lookups_own():
+    """Without add or mult tables, the sub-features come feature by feature in the tables' order,
+    each feature's parts side by side: the inner EBC's output is already the module's, no copy."""
+
+    def t(name, n, **kw):
+        return MultiHashEmbeddingBagConfig(name=name, num_embeddings=n, embedding_dim=D, feature_names=[f"f{name}"], **kw)
+
+    cfgs = [
+        t("0", 50, num_collisions=7, operation="concat", dims=[2, 2]),
+        t("1", 20, strategy="full"),
+        t("2", 40, num_collisions=6, operation="concat"),
+        t("3", 30, strategy="hash", num_collisions=4),
+    ]
+    ebc = MultiHashEmbeddingBagCollection(cfgs)
+    assert ebc.pooled["pooled"].transform._sub_keys == ["f0", "f0__r", "f1", "f2", "f2__r", "f3"]
+    looked_up = []
+    ebc.pooled["pooled"].tables.register_forward_hook(lambda m, i, o: looked_up.append(o))
+    out = ebc(mixed_kjt(cfgs, weighted=False))
+    assert out.values().data_ptr() == looked_up[0].values().data_ptr()
+
+
 @pytest.mark.parametrize(
     "feature,value,message",
     [

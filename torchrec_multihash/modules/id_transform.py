@@ -178,18 +178,20 @@ def _lookup_groups(lookups: Sequence[FeatureLookup]) -> List[List[int]]:
 
 def sub_feature_order(lookups: Sequence[FeatureLookup]) -> List[Tuple[int, int]]:
     """The order of the id transform's sub-features, ``(lookup, its sub-feature)``, which the inner
-    EmbeddingBagCollection's features follow too: lookups grouped as ``_lookup_groups``; in a group
-    of ``part_major`` lookups (add, mult) every lookup's first part, then every second part, ...,
-    so that the lookup's output holds each part of the group as one column block (each composed
-    by one op over contiguous rows); in other groups (concat, single tables) each lookup's
-    sub-features together, the output's own layout."""
+    EmbeddingBagCollection's features follow too: the lookups in order, each with its
+    sub-features side by side (concat, single tables: the output's own layout, which the combine
+    then passes on without a copy), except ``part_major`` lookups (add, mult): at the first of a
+    group of them (``_lookup_groups``), every first part of the group, then every second part, ...,
+    so that each part of the group is one column block of the lookup's output, composed by one op
+    over contiguous rows."""
+    group_of = {i: members for members in _lookup_groups(lookups) for i in members}
     order: List[Tuple[int, int]] = []
-    for members in _lookup_groups(lookups):
-        k = len(lookups[members[0]].sub_features)
-        if lookups[members[0]].part_major:
-            order.extend((i, s) for s in range(k) for i in members)
-        else:
-            order.extend((i, s) for i in members for s in range(k))
+    for i, lk in enumerate(lookups):
+        k = len(lk.sub_features)
+        if not lk.part_major:
+            order.extend((i, s) for s in range(k))
+        elif group_of[i][0] == i:
+            order.extend((m, s) for s in range(k) for m in group_of[i])
     return order
 
 
