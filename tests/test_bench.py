@@ -144,6 +144,13 @@ def test_op_counts_counts_each_methods_operators_per_step():
     ebc, qr = float(rows["torchrec_ebc"][3]), float(rows["qr_add"][3])
     assert 0 < ebc < qr  # the id transform and the combine add operators to TorchRec's step
     assert "aten::" in out  # --top lists them
+    # --by-time: the operators of most host time, FBGEMM's lookups among them
+    args = ["--quick", "--methods", "qr_add", "--batch-size", "16", "--device", "cpu", "--top", "3", "--by-time"]
+    r = subprocess.run([sys.executable, "-m", "torchrec_multihash.bench.op_counts", *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    listed = [line.split("|") for line in r.stdout.splitlines() if line.startswith("|   ")]
+    assert len(listed) == 3 and all(c[3].strip().endswith(" ms") for c in listed)
+    assert any(c[1].strip().startswith("fbgemm::split_embedding") for c in listed)
 
 
 _DP_STEP = """

@@ -4,6 +4,7 @@ mostly host time (Python, the dispatcher, launches), so a method's extra operato
 time; on CPU a tiny batch shows the same (``--batch-size 64``).
 
     python -m torchrec_multihash.bench.op_counts --methods torchrec_ebc,full,qr_mult --batch-size 64
+    python -m torchrec_multihash.bench.op_counts --methods torchrec_ebc,qr_mult --top 8 --by-time   # where the time goes
 
 Counts come from the torch profiler (reliable); its times are not reported (it inflates them).
 """
@@ -28,12 +29,13 @@ class OpCount(NamedTuple):
     step_ms: float
     ops_per_step: float
     kernels_per_step: Optional[float]  # CUDA kernels launched, on a GPU
-    top: List[Tuple[str, float]]  # the most frequent operators, per step
+    top: List[Tuple[str, float]]  # the most frequent (or costly) operators: count (or self ms) per step
 
 
-def count(method: str, spec: BenchSpec, device: torch.device, steps: int = 10, top: int = 0) -> OpCount:
+def count(method: str, spec: BenchSpec, device: torch.device, steps: int = 10, top: int = 0, by_time: bool = False) -> OpCount:
     """``method``'s step (time unprofiled, then ``steps`` steps profiled); ``top``: how many of
-    its most frequent operators to list."""
+    its most frequent operators to list, or with ``by_time`` of the operators (FBGEMM's and
+    TorchRec's too) that take the most self time on the host (the profiler's overhead included)."""
     model = shard(build(method, spec, device), device)
     opt = dense_optimizer(model)
     batches = [b.to(device) for b in spec.batches()]
@@ -47,7 +49,11 @@ def count(method: str, spec: BenchSpec, device: torch.device, steps: int = 10, t
     n = len(profiled)
     ops: Dict[str, float] = {e.key: e.count / n for e in prof.key_averages() if e.key.startswith("aten::")}
     kernels = sum(e.count for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / n
-    frequent = sorted(ops.items(), key=lambda kv: -kv[1])[:top]
+    if by_time:
+        host_ms = {e.key: e.self_cpu_time_total / 1000 / n for e in prof.key_averages() if "::" in e.key}
+        frequent = sorted(host_ms.items(), key=lambda kv: -kv[1])[:top]
+    else:
+        frequent = sorted(ops.items(), key=lambda kv: -kv[1])[:top]
     return OpCount(method, 1000 * statistics.median(times), sum(ops.values()), kernels if device.type == "cuda" else None, frequent)
 
 
@@ -63,6 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="instead of the workload's (64: a CPU run shows the host cost alone)")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--top", type=int, default=0, help="also list each method's N most frequent operators")
+    p.add_argument("--by-time", action="store_true", help="--top lists the operators of most self time (ms per step) instead")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS or m == "naive_qr"]
@@ -74,7 +81,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     with quiet_warnings():
         device = setup_distributed(args.device)
-        rows = [count(m, spec, device, top=args.top) for m in methods]
+        rows = [count(m, spec, device, top=args.top, by_time=args.by_time) for m in methods]
     base = next((r for r in rows if r.method == "torchrec_ebc"), None)
     kernels = device.type == "cuda"
     print(f"{args.workload}, batch {spec.batch_size}, {device.type}: per training step (forward, backward, fused optimizer)")
@@ -85,7 +92,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         k = f" {r.kernels_per_step:.0f} |" if r.kernels_per_step is not None else ""
         print(f"| {r.method} | {r.step_ms:.2f} | {r.ops_per_step:.0f} |{extra} |{k}")
         for name, n in r.top:
-            print(f"|   {name} | | {n:.0f} | |{' |' if kernels else ''}")
+            print(f"|   {name} | | {f'{n:.2f} ms' if args.by_time else f'{n:.0f}'} | |{' |' if kernels else ''}")
     return 0
 
 
