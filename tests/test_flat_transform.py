@@ -258,6 +258,15 @@ def test_flat_path_on_cpu_only_up_to_its_id_limit(monkeypatch):
     monkeypatch.setattr(id_transform, "FLAT_CPU_MAX_IDS", kjt.values().numel() - 1)
     assert not transform._flat_applies(kjt)
     assert_same_kjt(transform(kjt), per_feature(transform, kjt))
+    # full tables only, the KJT passed on as it is: the flat path is the id checks alone, at any size
+    full = [c for c in cfgs if c.strategy == "full"]
+    identity = MultiHashEmbeddingBagCollection(full).pooled["pooled"].transform
+    as_is = mixed_kjt(full, weighted=False, batch=50)
+    assert as_is.values().numel() > id_transform.FLAT_CPU_MAX_IDS and identity._flat_applies(as_is)
+    assert identity(as_is) is as_is
+    bad = KeyedJaggedTensor(keys=as_is.keys(), values=as_is.values() + 20, lengths=as_is.lengths())
+    with pytest.raises(InvalidInputError, match="feature 'e' \\(table 'f', num_embeddings=20\\): id 2"):
+        identity(bad)
 
 
 def stacked_mixed_configs(pooling: PoolingType):

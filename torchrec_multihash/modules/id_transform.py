@@ -24,7 +24,8 @@ _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 # On CPU, past this many ids the flat path's extra passes over them (the parts side by side, then
 # permuted) cost more than the per-feature path's ops; on a GPU, where each op is a kernel launch
-# and passes over the ids are cheap, the flat path runs at any size.
+# and passes over the ids are cheap, the flat path runs at any size; so does a KJT that is passed on
+# as it is (full tables only), whose flat path is the id checks alone.
 FLAT_CPU_MAX_IDS = 1 << 16
 
 
@@ -520,11 +521,11 @@ class IdTransform(nn.Module):
     @torch.jit.unused
     def _flat_applies(self, features: KeyedJaggedTensor) -> bool:
         """Whether the flat path maps ``features``: not on meta (no ids), not a variable-stride KJT,
-        on CPU at most ``FLAT_CPU_MAX_IDS`` ids."""
+        on CPU at most ``FLAT_CPU_MAX_IDS`` ids unless it is passed on as it is."""
         device = features.device().type
         if device == "meta" or features.variable_stride_per_key():
             return False
-        return device != "cpu" or features.values().numel() <= FLAT_CPU_MAX_IDS
+        return device != "cpu" or features.values().numel() <= FLAT_CPU_MAX_IDS or (self._identity and self._passes_as_is(features))
 
     @torch.jit.unused
     def _regrouping(self, keys: List[str], device: torch.device) -> Tuple[List[int], torch.Tensor]:
