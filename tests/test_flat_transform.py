@@ -167,7 +167,9 @@ def test_add_and_mult_parts_come_as_column_blocks():
     assert inner == keys[:4] + ["b", "c", "b__r", "c__r"] + keys[8:]
     kt = ebc.pooled["pooled"](mixed_kjt(cfgs, weighted=False))
     assert kt.keys() == inner
-    assert transform._flat.perm[:4] == [0, 1, 2, 3]  # the add group's segments need no permute
+    # add tables only: the flat transform's segments are already in that order, no permute
+    adds = MultiHashEmbeddingBagCollection([c for c in cfgs if c.operation == "add" and c.strategy == "qr"]).pooled["pooled"].transform
+    assert adds._sub_keys == ["a", "h", "a__r", "h__r"] and adds._flat.perm == list(range(adds._flat.segments))
 
     mult = [
         MultiHashEmbeddingBagConfig(name=f"m{i}", num_embeddings=50, embedding_dim=D, feature_names=[f"f{i}"], num_collisions=7, operation="mult")
@@ -258,15 +260,27 @@ def test_flat_path_on_cpu_only_up_to_its_id_limit(monkeypatch):
     monkeypatch.setattr(id_transform, "FLAT_CPU_MAX_IDS", kjt.values().numel() - 1)
     assert not transform._flat_applies(kjt)
     assert_same_kjt(transform(kjt), per_feature(transform, kjt))
-    # full tables only, the KJT passed on as it is: the flat path is the id checks alone, at any size
-    full = [c for c in cfgs if c.strategy == "full"]
-    identity = MultiHashEmbeddingBagCollection(full).pooled["pooled"].transform
-    as_is = mixed_kjt(full, weighted=False, batch=50)
-    assert as_is.values().numel() > id_transform.FLAT_CPU_MAX_IDS and identity._flat_applies(as_is)
-    assert identity(as_is) is as_is
-    bad = KeyedJaggedTensor(keys=as_is.keys(), values=as_is.values() + 20, lengths=as_is.lengths())
-    with pytest.raises(InvalidInputError, match="feature 'e' \\(table 'f', num_embeddings=20\\): id 2"):
-        identity(bad)
+
+
+def test_flat_path_passes_a_kjt_on_without_any_op_when_there_is_nothing_to_check():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    full = [c for c in mixed_configs(PoolingType.SUM) if c.strategy == "full"]
+    kjt = mixed_kjt(full, weighted=False)
+    for validate, expect_ops in ((False, False), (True, True)):
+        transform = MultiHashEmbeddingBagCollection(full, validate_ids=validate).pooled["pooled"].transform
+        with Ops() as seen:
+            assert transform(kjt) is kjt
+        assert bool(seen.ops) == expect_ops, seen.ops  # validate_ids: the checks' ops
 
 
 def stacked_mixed_configs(pooling: PoolingType):

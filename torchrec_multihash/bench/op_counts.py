@@ -6,7 +6,8 @@ time; on CPU a tiny batch shows the same (``--batch-size 64``).
     python -m torchrec_multihash.bench.op_counts --methods torchrec_ebc,full,qr_mult --batch-size 64
     python -m torchrec_multihash.bench.op_counts --methods torchrec_ebc,qr_mult --top 8 --by-time   # where the time goes
 
-Counts come from the torch profiler (reliable); its times are not reported (it inflates them).
+Counts come from the torch profiler (reliable); its times only with ``--by-time``, as a profile
+(the profiler inflates them: the step column is timed without it).
 """
 
 import argparse
@@ -84,7 +85,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows = [count(m, spec, device, top=args.top, by_time=args.by_time) for m in methods]
     base = next((r for r in rows if r.method == "torchrec_ebc"), None)
     kernels = device.type == "cuda"
-    print(f"{args.workload}, batch {spec.batch_size}, {device.type}: per training step (forward, backward, fused optimizer)")
+    step = "forward, backward, fused optimizer, dense one for data-parallel tables"
+    print(f"{args.workload}, batch {spec.batch_size}, {device.type}: per training step ({step})")
     print(f"| method | step (ms) | operators | vs torchrec_ebc |{' kernels |' if kernels else ''}")
     print(f"| --- | --- | --- | --- |{' --- |' if kernels else ''}")
     for r in rows:

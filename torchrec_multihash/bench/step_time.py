@@ -126,7 +126,7 @@ def fresh(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
 
 
 def _step(model: nn.Module, opt: Optional[torch.optim.Optimizer], kjt: KeyedJaggedTensor, upstream: torch.Tensor) -> float:
-    """One training step of the embeddings (forward, backward, the fused optimizer's update) on a
+    """One training step of the embeddings (forward, backward, the fused optimizer's update, ``opt``'s) on a
     fresh copy of ``kjt``; seconds."""
     kjt = fresh(kjt)
     if upstream.device.type == "cuda":

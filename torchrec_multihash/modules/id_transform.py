@@ -24,8 +24,7 @@ _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 # On CPU, past this many ids the flat path's extra passes over them (the parts side by side, then
 # permuted) cost more than the per-feature path's ops; on a GPU, where each op is a kernel launch
-# and passes over the ids are cheap, the flat path runs at any size; so does a KJT that is passed on
-# as it is (full tables only), whose flat path is the id checks alone.
+# and passes over the ids are cheap, the flat path runs at any size.
 FLAT_CPU_MAX_IDS = 1 << 16
 
 
@@ -166,33 +165,35 @@ def _slot(lk: FeatureLookup, p: int, spec: List[Tuple[int, int]]) -> Tuple[int, 
     return kind, reuse, d != 1, m != 0, lk.pooled_mult and p > 0, lk.row_offsets is not None
 
 
-def _lookup_groups(lookups: Sequence[FeatureLookup]) -> List[List[int]]:
-    """The lookups (indices) grouped by equal slots and layout, each group in order, groups in order
-    of first appearance: what the flat transform maps with the same ops."""
+def _lookup_groups(lookups: Sequence[FeatureLookup]) -> List[Tuple[tuple, List[int]]]:
+    """The lookups (indices) grouped by equal slots (``_slot`` of each part), each group in order,
+    groups in order of first appearance, with their slots: what the flat transform maps with the
+    same ops."""
     groups: Dict[tuple, List[int]] = {}
     for i, lk in enumerate(lookups):
         spec = lk.strategy.partition_spec()
-        sig = (tuple(_slot(lk, p, spec) for p in range(len(spec))), lk.part_major)
-        groups.setdefault(sig, []).append(i)
-    return list(groups.values())
+        groups.setdefault(tuple(_slot(lk, p, spec) for p in range(len(spec))), []).append(i)
+    return list(groups.items())
 
 
 def sub_feature_order(lookups: Sequence[FeatureLookup]) -> List[Tuple[int, int]]:
     """The order of the id transform's sub-features, ``(lookup, its sub-feature)``, which the inner
-    EmbeddingBagCollection's features follow too: the lookups in order, each with its
-    sub-features side by side (concat, single tables: the output's own layout, which the combine
-    then passes on without a copy), except ``part_major`` lookups (add, mult): at the first of a
-    group of them (``_lookup_groups``), every first part of the group, then every second part, ...,
-    so that each part of the group is one column block of the lookup's output, composed by one op
-    over contiguous rows."""
-    group_of = {i: members for members in _lookup_groups(lookups) for i in members}
+    EmbeddingBagCollection's features follow too (but for a concat table of several features: a
+    TorchRec table's features are consecutive): the lookups in order, each with its sub-features
+    side by side (concat, single tables: the output's own layout, which the combine then passes on
+    without a copy), except ``part_major`` lookups (add, mult): at the first of those of a group of
+    equal slots (``_lookup_groups``), every first part of them, then every second part, ..., so that
+    each part is one column block of the lookup's output, composed by one op over contiguous rows."""
+    group_of = {i: members for _, members in _lookup_groups(lookups) for i in members}
     order: List[Tuple[int, int]] = []
     for i, lk in enumerate(lookups):
         k = len(lk.sub_features)
         if not lk.part_major:
             order.extend((i, s) for s in range(k))
-        elif group_of[i][0] == i:
-            order.extend((m, s) for s in range(k) for m in group_of[i])
+            continue
+        block = [m for m in group_of[i] if lookups[m].part_major]
+        if block[0] == i:
+            order.extend((m, s) for s in range(k) for m in block)
     return order
 
 
@@ -206,8 +207,7 @@ class _FlatPlan:
 
     def __init__(self, lookups: List[FeatureLookup], validate_ids: bool) -> None:
         specs = [lk.strategy.partition_spec() for lk in lookups]
-        # each group's slots (those of its first lookup: the group shares them) and lookups
-        slots = [(tuple(_slot(lookups[m[0]], p, specs[m[0]]) for p in range(len(specs[m[0]]))), m) for m in _lookup_groups(lookups)]
+        slots = _lookup_groups(lookups)
         self.order = [i for _, members in slots for i in members]
         position = {i: n for n, i in enumerate(self.order)}
         self.params: List[List[int]] = []
@@ -521,11 +521,11 @@ class IdTransform(nn.Module):
     @torch.jit.unused
     def _flat_applies(self, features: KeyedJaggedTensor) -> bool:
         """Whether the flat path maps ``features``: not on meta (no ids), not a variable-stride KJT,
-        on CPU at most ``FLAT_CPU_MAX_IDS`` ids unless it is passed on as it is."""
+        on CPU at most ``FLAT_CPU_MAX_IDS`` ids."""
         device = features.device().type
         if device == "meta" or features.variable_stride_per_key():
             return False
-        return device != "cpu" or features.values().numel() <= FLAT_CPU_MAX_IDS or (self._identity and self._passes_as_is(features))
+        return device != "cpu" or features.values().numel() <= FLAT_CPU_MAX_IDS
 
     @torch.jit.unused
     def _regrouping(self, keys: List[str], device: torch.device) -> Tuple[List[int], torch.Tensor]:
@@ -548,6 +548,8 @@ class IdTransform(nn.Module):
         plan = self._flat
         assert plan is not None
         self._check_kjt(source)
+        if self._identity and not (plan.check_ids or plan.check_bags) and self._passes_as_is(source):
+            return source  # nothing to map or check
         keys, values, lengths, batch = source.keys(), source.values(), source.lengths(), source.stride()
         weights = source.weights() if self._is_weighted and not self._explode else None
         length_per_key: Optional[List[int]] = None
