@@ -307,3 +307,66 @@ def test_flat_path_of_stacked_parts_equals_per_feature_path_and_reference(weight
             name = f if sum(f in c2.feature_names for c2 in cfgs) == 1 else f"{f}@{c.name}"
             torch.testing.assert_close(got[name], reference_forward([c], parts, kjt)[f])
     assert_flat_gradients_equal(ebc, transform, kjt, out)
+
+
+_KINDS = {  # a table's strategy and operation, by kind
+    "qr_add": dict(num_collisions=7, operation="add"),
+    "qr_mult": dict(num_collisions=7, operation="mult"),
+    "qr_concat": dict(num_collisions=7, operation="concat"),
+    "gqr_add": dict(strategy="generalized_qr", moduli=[3, 4, 5], operation="add"),
+    "gqr_mult": dict(strategy="generalized_qr", moduli=[3, 4, 5], operation="mult"),
+    "crt_add": dict(strategy="crt", moduli=[7, 9], operation="add"),
+    "full": dict(strategy="full"),
+    "hash": dict(strategy="hash", num_collisions=4),
+    "stacked": dict(num_collisions=7, operation="add", stack_parts=True),
+    "one_hot_mult": dict(num_collisions=7, operation="mult", max_ids_per_bag=1),
+    "learned_add": dict(num_collisions=5, operation="add", mapping_rows=30),
+    "learned_mult": dict(num_collisions=5, operation="mult", mapping_rows=30),
+}
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_modules_flat_path_equals_per_feature_path_and_reference(seed):
+    """Random mixes of strategies and operations, tables of several features and features in
+    several tables, SUM and MEAN, weighted or not, KJT keys in any order: in every lookup group
+    the sub-features' keys, sources and parts agree, the flat path gives the per-feature path's
+    KJT and gradients, and the outputs are the reference's."""
+    import random
+
+    from tests.helpers.sharded_model import assign_mappings
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    cfgs = []
+    for t in range(rng.randint(2, 7)):
+        kind = _KINDS[rng.choice(sorted(_KINDS))]
+        one_hot = kind.get("max_ids_per_bag") == 1
+        pooling = PoolingType.SUM if kind.get("stack_parts") and rng.random() < 0.5 else rng.choice([PoolingType.SUM, PoolingType.MEAN])
+        features = rng.sample(["g"] if one_hot else list("abcefh"), 1 if one_hot else rng.choice([1, 1, 2, 3]))
+        cfgs.append(MultiHashEmbeddingBagConfig(name=f"t{t}", num_embeddings=50, embedding_dim=D, feature_names=features, pooling=pooling, **kind))
+    weighted = rng.random() < 0.5
+    ebc = MultiHashEmbeddingBagCollection(cfgs, is_weighted=weighted)
+    assign_mappings(ebc, seed)
+    keys = sorted({f for c in cfgs for f in c.feature_names})
+    rng.shuffle(keys)
+    kjt = mixed_kjt(cfgs, weighted, order=keys)
+    for group in [*ebc.pooled.values(), *ebc.per_id.values()]:
+        transform = group.transform
+        inner = [f for c in group.tables.embedding_bag_configs() for f in c.feature_names]
+        assert sorted(inner) == sorted(transform._sub_keys)
+        for j, key in enumerate(transform._sub_keys):
+            lookup = transform._sub_source[j]
+            assert key in transform._lookups[lookup].sub_features
+            assert all(transform._source[p] == lookup for p in transform._sub_parts[j])
+        if transform._flat is not None:
+            assert_same_kjt(transform(kjt), per_feature(transform, kjt))
+    out = ebc(kjt)
+    got, parts = out.to_dict(), ebc.part_weights()
+    mappings = {name: dict(zip(range(50), m(torch.arange(50)).tolist())) for name, m in ebc.learned_mappings().items()}
+    for c in cfgs:
+        for f in c.feature_names:
+            name = f if sum(f in c2.feature_names for c2 in cfgs) == 1 else f"{f}@{c.name}"
+            torch.testing.assert_close(got[name], reference_forward([c], parts, kjt, mappings)[f], msg=f"{c.name} {f}")
+    flat = next((g.transform for g in ebc.pooled.values() if g.transform._flat is not None), None)
+    if flat is not None and not ebc.per_id:
+        assert_flat_gradients_equal(ebc, flat, kjt, out)
