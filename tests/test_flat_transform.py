@@ -2,10 +2,12 @@
 path (what scripted and traced modules run) exactly, and the module's outputs and gradients equal
 the naive reference."""
 
+import random
 from dataclasses import replace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_multihash import MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig, PoolingType
@@ -13,6 +15,7 @@ from torchrec_multihash.modules import id_transform
 from torchrec_multihash.modules.id_transform import IdTransform, InvalidInputError
 
 from tests.helpers.reference import reference_forward
+from tests.helpers.sharded_model import assign_mappings
 
 D = 4
 
@@ -263,8 +266,6 @@ def test_flat_path_on_cpu_only_up_to_its_id_limit(monkeypatch):
 
 
 def test_flat_path_passes_a_kjt_on_without_any_op_when_there_is_nothing_to_check():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     class Ops(TorchDispatchMode):
         def __init__(self):
             super().__init__()
@@ -331,10 +332,6 @@ def test_random_modules_flat_path_equals_per_feature_path_and_reference(seed):
     several tables, SUM and MEAN, weighted or not, KJT keys in any order: in every lookup group
     the sub-features' keys, sources and parts agree, the flat path gives the per-feature path's
     KJT and gradients, and the outputs are the reference's."""
-    import random
-
-    from tests.helpers.sharded_model import assign_mappings
-
     rng = random.Random(seed)
     torch.manual_seed(seed)
     cfgs = []

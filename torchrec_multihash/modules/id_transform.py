@@ -201,11 +201,11 @@ class _FlatPlan:
     """How ``IdTransform`` maps all features at once (lookups without learned mappings): the KJT
     regrouped by lookups of equal slots (``order``, lookup indices), each
     group's parts computed over its ids at once into a ``[slots, ids]`` block, and one
-    ``permute_1D_sparse_data`` (``perm``) putting the blocks' segments in the sub-features' order.
-    Per-id divisors, moduli and id bounds come from ``params`` (rows of per-lookup values, in
-    ``order``), repeated over each lookup's ids."""
+    ``permute_1D_sparse_data`` (``perm``) putting the blocks' segments in the sub-features' order
+    (``sub_features``: ``sub_feature_order``). Per-id divisors, moduli and id bounds come from
+    ``params`` (rows of per-lookup values, in ``order``), repeated over each lookup's ids."""
 
-    def __init__(self, lookups: List[FeatureLookup], validate_ids: bool) -> None:
+    def __init__(self, lookups: List[FeatureLookup], validate_ids: bool, sub_features: List[Tuple[int, int]]) -> None:
         specs = [lk.strategy.partition_spec() for lk in lookups]
         slots = _lookup_groups(lookups)
         self.order = [i for _, members in slots for i in members]
@@ -235,8 +235,11 @@ class _FlatPlan:
                     first[(i, 0)] = segment
                     segment += 1
             self.groups.append(g)
-        self.perm = [first[(i, p)] for i, p in sub_feature_order(lookups)]
+        self.perm = [first[(i, p)] for i, p in sub_features]
+        # per sub-feature: its lookup's place in ``order`` and its ids per id (a stacked table's k)
+        self.sub_lengths = [(position[i], len(specs[i]) if lookups[i].row_offsets is not None else 1) for i, _ in sub_features]
         self.segments = segment
+        self.permutes = self.perm != list(range(segment))  # segments not already in the sub-features' order
         # id bounds (hash tables: any int64) and largest bags, checked at once
         checked = [not lookups[i].strategy.accepts_any_id for i in self.order]
         self.check_ids = validate_ids and any(checked)
@@ -423,7 +426,7 @@ class IdTransform(nn.Module):
         # lookups without learned mappings: all features mapped at once (eager mode)
         self._flat: Optional[_FlatPlan] = None
         if not self.mappings:
-            self._flat = _FlatPlan(lookups, validate_ids)
+            self._flat = _FlatPlan(lookups, validate_ids, order)
         self._flat_features = [self._features[i] for i in self._flat.order] if self._flat is not None else []
         self._flat_constants: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._flat_order = self._flat.order if self._flat is not None else []
@@ -607,14 +610,13 @@ class IdTransform(nn.Module):
         out_values = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
         out_lengths = block_lengths[0] if len(blocks) == 1 else torch.cat(block_lengths)
         out_weights = (block_weights[0] if len(blocks) == 1 else torch.cat(block_weights)) if weights is not None else None
-        if plan.perm != list(range(plan.segments)):  # segments to sub-features: one copy per segment's ids
+        if plan.permutes:  # segments to sub-features: one copy per segment's ids
             segment_counts = block_counts[0] if len(blocks) == 1 else torch.cat(block_counts)
             _, out_values, out_weights = torch.ops.fbgemm.permute_1D_sparse_data(perm, segment_counts, out_values, out_weights, out_values.numel())
             out_lengths = out_lengths.view(plan.segments, bags_2d.size(1)).index_select(0, perm)
         sub_length_per_key = None
         if length_per_key is not None:
-            where = {i: n for n, i in enumerate(plan.order)}
-            sub_length_per_key = [length_per_key[where[self._sub_source[j]]] * len(self._sub_parts[j]) for j in range(len(self._sub_keys))]
+            sub_length_per_key = [length_per_key[i] * k for i, k in plan.sub_lengths]
         if self._explode:  # as _exploded: per sub-feature, its n ids in its first n of the most ids' bags
             assert length_per_key is not None
             batch = max([1, *length_per_key])
