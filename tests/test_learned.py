@@ -1,6 +1,7 @@
 """Learned hash functions: the mapping module, clustering, fitting from data, saving and loading."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+import torchrec_multihash
 from torchrec_multihash import (
     MultiHashConfigError,
     MultiHashEmbeddingBagCollection,
@@ -286,8 +288,11 @@ def kjt_c1_c2():
 
 def test_an_unfitted_learned_table_refuses_to_look_up_and_says_how_to_fit():
     ebc = two_learned_tables()
-    with pytest.raises(UnfittedMappingError, match=r"learned table 't_C1' has no mapping yet.*fit-hash.*fit_learned_mappings"):
+    with pytest.raises(UnfittedMappingError, match=r"learned table 't_C1' has no mapping yet.*fit-hash.*fit_learned_mappings") as raised:
         ebc(kjt_c1_c2())
+    named = re.findall(r"torchrec_multihash\.(\w+)\(", str(raised.value))  # what it tells the user to call exists
+    assert {"apply_mappings", "load_mappings", "fit_learned_mappings"} <= set(named)
+    assert all(callable(getattr(torchrec_multihash, name, None)) for name in named), named
     # one table set is not enough: the other is named
     m = ebc.learned_mappings()
     m["t_C1"].assign(torch.tensor([7, 14]), torch.tensor([0, 1]))

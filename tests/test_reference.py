@@ -128,14 +128,17 @@ def test_feature_in_two_tables_gets_table_suffixed_key():
     torch.testing.assert_close(kt.to_dict()["f@t2"], ref2)
 
 
-def test_int32_ids_and_unordered_keys():
-    cfgs = make_configs("qr", "mult", PoolingType.SUM)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16])
+@pytest.mark.parametrize("strategy,operation", [("qr", "mult"), ("qr", "add"), ("full", "add")])
+def test_narrow_int_ids_and_unordered_keys(strategy, operation, dtype):
+    """int32 and int16 ids (TorchRec's EBC takes both), keys in another order than the tables'."""
+    cfgs = make_configs(strategy, operation, PoolingType.SUM)
     ebc = MultiHashEmbeddingBagCollection(cfgs)
     kjt = make_kjt(cfgs, weighted=False)
     d = kjt.to_dict()
     order = ["c", "a", "b"]
     shuffled = KeyedJaggedTensor.from_jt_dict({k: d[k] for k in order})
-    shuffled = KeyedJaggedTensor(keys=shuffled.keys(), values=shuffled.values().int(), lengths=shuffled.lengths())
+    shuffled = KeyedJaggedTensor(keys=shuffled.keys(), values=shuffled.values().to(dtype), lengths=shuffled.lengths())
     torch.testing.assert_close(ebc(shuffled).values(), ebc(kjt).values())
 
 

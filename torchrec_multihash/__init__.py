@@ -17,7 +17,7 @@ from torchrec_multihash.interop import (  # noqa: F401
     from_embedding_bag_collection,
     to_embedding_bag_collection,
 )
-from torchrec_multihash.learned.fit import FitOptions, fit_learned_mappings  # noqa: F401
+from torchrec_multihash.learned.fit import FitOptions, apply_mappings, fit_learned_mappings, load_mappings, save_mappings  # noqa: F401
 from torchrec_multihash.modules import (  # noqa: F401
     InvalidInputError,
     MultiHashConfigError,

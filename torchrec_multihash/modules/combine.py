@@ -9,6 +9,10 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
+from torchrec_multihash.modules.variable_batch import expand_variable_batch
+
+torch.fx.wrap("expand_variable_batch")  # a leaf for fx here too (wrap patches the caller's globals)
+
 
 @dataclass
 class OutputSpec:
@@ -559,6 +563,8 @@ class Combine(nn.Module):
     def forward(self, features: KeyedJaggedTensor, looked_up: Dict[str, KeyedTensor]) -> KeyedTensor:
         if self._passthrough:
             return _renamed(looked_up[self._pooled_group], self._names)
+        if self._needs_features:  # bag lengths as the transforms saw them: one batch size
+            features = expand_variable_batch(features)
         in_order = False  # eager, each per-id piece's features consecutive in the KJT: no to_dict
         if not torch.jit.is_scripting():
             if self._needs_features and not (is_fx_symbolic_tracing() or torch.compiler.is_compiling()):

@@ -15,10 +15,11 @@ from torch import nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from torchrec_multihash.errors import MultiHashError
+from torchrec_multihash.errors import InvalidInputError
 from torchrec_multihash.modules.learned_mapping import LearnedMapping
 from torchrec_multihash.modules.strategies import Strategy
 from torchrec_multihash.modules.strategies.base import partition_rows
+from torchrec_multihash.modules.variable_batch import expand_variable_batch
 
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
@@ -27,9 +28,7 @@ _INT64_MAX = 2**63 - 1
 # and passes over the ids are cheap, the flat path runs at any size.
 FLAT_CPU_MAX_IDS = 1 << 16
 
-
-class InvalidInputError(MultiHashError, ValueError):
-    """An input KJT that the module cannot look up; the message names feature, table and id."""
+torch.fx.wrap("expand_variable_batch")  # a leaf for fx here too (wrap patches the caller's globals)
 
 
 @dataclass
@@ -474,6 +473,7 @@ class IdTransform(nn.Module):
         return features.keys() == self._sub_keys and features.values().dtype == torch.long
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        features = expand_variable_batch(features)
         if not torch.jit.is_scripting():
             if not (is_fx_symbolic_tracing() or torch.compiler.is_compiling()):
                 if self._flat is not None and self._flat_applies(features):
@@ -524,9 +524,9 @@ class IdTransform(nn.Module):
     @torch.jit.unused
     def _flat_applies(self, features: KeyedJaggedTensor) -> bool:
         """Whether the flat path maps ``features``: not on meta (no ids), not a variable-stride KJT,
-        on CPU at most ``FLAT_CPU_MAX_IDS`` ids."""
+        int64 or int32 ids (FBGEMM's permutes take no others), on CPU at most ``FLAT_CPU_MAX_IDS`` ids."""
         device = features.device().type
-        if device == "meta" or features.variable_stride_per_key():
+        if device == "meta" or features.variable_stride_per_key() or features.values().dtype not in (torch.long, torch.int):
             return False
         return device != "cpu" or features.values().numel() <= FLAT_CPU_MAX_IDS
 

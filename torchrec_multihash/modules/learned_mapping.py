@@ -37,7 +37,7 @@ def unfitted_message(table: str) -> str:
     return (
         f"learned table '{table}' has no mapping yet (it would send every id to its fallback rows): fit one "
         "with `torchrec-multihash fit-hash --config CONFIG --out DIR` and train with embeddings.mapping=DIR "
-        "(or apply_mappings(module, load_mappings(DIR))), or from Python with "
+        "(or torchrec_multihash.apply_mappings(module, torchrec_multihash.load_mappings(DIR))), or from Python with "
         "torchrec_multihash.fit_learned_mappings(module, batches, num_dense=...); "
         "or load a state dict / checkpoint that holds one. A module built on the meta device gets it "
         "after it is materialised (e.g. by DistributedModelParallel)"
