@@ -122,3 +122,35 @@ def test_sigterm_saves_a_checkpoint_and_resume_auto_ends_as_an_uninterrupted_run
     assert r.returncode == 0, r.stderr[-2000:]
     assert resumed["steps"] == straight["steps"] == 16
     assert resumed["logloss"] == pytest.approx(straight["logloss"], abs=1e-6)
+
+
+SIGINT_AFTER_STEP_7 = """
+import os, signal, sys
+from torchrec_multihash.app.callbacks import ProgressReport
+from torchrec_multihash.cli import main
+
+TIMES = int(os.environ["SIGINTS"])
+call = ProgressReport.__call__
+def call_then_interrupt(self, run, loss):
+    call(self, run, loss)
+    if run.state.step == 7:
+        for _ in range(TIMES):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, once or twice
+ProgressReport.__call__ = call_then_interrupt
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_like_sigterm_and_a_second_one_stops_at_once(tmp_path):
+    """Ctrl-C after step 7: a checkpoint, one line, exit 130 (128 + SIGINT), then --resume auto
+    continues; pressed twice: no checkpoint is waited for, one line, exit 130."""
+    r, m = train(tmp_path / "a", *TINY, python=("-c", SIGINT_AFTER_STEP_7), env={"SIGINTS": "1"})
+    assert r.returncode == 130 and m is None and "SIGINT: stopped after step 7 with a checkpoint" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "a" / "run" / ".lock").exists()
+    r, resumed = train(tmp_path / "a", *TINY, "--resume", "auto")
+    assert r.returncode == 0 and "Resumed from" in r.stdout and "step 7" in r.stdout and resumed["steps"] == 16, r.stderr[-2000:]
+    r, m = train(tmp_path / "b", *TINY, python=("-c", SIGINT_AFTER_STEP_7), env={"SIGINTS": "2"})
+    assert r.returncode == 130 and m is None and "interrupted (Ctrl-C); nothing saved since the last checkpoint" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "b" / "run" / "checkpoint").exists()
+    assert not (tmp_path / "b" / "run" / ".lock").exists()

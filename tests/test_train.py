@@ -168,6 +168,10 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint_to_resume_from(tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Resumed from" in r.stdout and "step 10" in r.stdout and resumed["steps"] == 30
     assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint"]
+    # the throughput is of this process's steps: none when resumed at the end (was all 30 steps' samples / ~0 s)
+    r, again = train(tmp_path / "c", *common, "--resume")
+    assert r.returncode == 0 and again["steps"] == 30 and again["train_samples_per_s"] == 0, r.stderr[-3000:]
+    assert "no training step in this process" in r.stdout
 
 
 def _checkpoint_tensors(path: Path, tmp: Path) -> dict:

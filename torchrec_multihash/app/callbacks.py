@@ -35,7 +35,7 @@ class ProgressReport:
         if state.step % REPORT_EVERY:
             return
         # reading the loss syncs with the device: only when it is shown
-        rate = state.samples / max(run.step_seconds, 1e-9)
+        rate = run.samples_per_s()
         self.bar.set_postfix(epoch=state.epoch, loss=f"{loss.item():.4f}", samples_per_s=f"{rate:,.0f}")
         if not sys.stderr.isatty():
             print(f"step {state.step} epoch {state.epoch} loss {loss.item():.4f} samples/s {rate:,.0f}", flush=True)

@@ -259,7 +259,12 @@ def config_from_dict(raw: Dict[str, Any], source: str = "<config>") -> Config:
 def config_parser(prog: str, description: Optional[str]) -> argparse.ArgumentParser:
     """A command's parser with the ``--config FILE`` and ``--set KEY=VALUE`` options."""
     p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--config", default=None, help="YAML config (defaults if omitted)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="YAML config, e.g. configs/quickstart.yaml (without one: the built-in defaults, which name no tables: "
+        "--set embeddings.num_embeddings_per_feature=[...] then; output_dir runs/latest)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.batch_size=512")
     return p
 

@@ -34,7 +34,10 @@ def plain_tables(cfg: Config) -> List[EmbeddingBagConfig]:
     """One uncompressed table ``t_<feature>`` per sparse feature."""
     emb = cfg.embeddings
     if not emb.num_embeddings_per_feature:
-        raise ConfigError("embeddings.num_embeddings_per_feature is empty: give one vocabulary size per sparse feature")
+        raise ConfigError(
+            "embeddings.num_embeddings_per_feature is empty: give one vocabulary size per sparse feature "
+            "(or start from a config that does: --config configs/quickstart.yaml)"
+        )
     return [
         EmbeddingBagConfig(name=f"t_{f}", num_embeddings=n, embedding_dim=cfg.model.embedding_dim, feature_names=[f])
         for f, n in zip(feature_names(emb), emb.num_embeddings_per_feature)

@@ -1,5 +1,6 @@
 """What stops a training loop between steps: a NaN or inf loss (an error naming the first such
-step, before anything of it is checkpointed) and SIGTERM (a checkpoint, then a clean exit).
+step, before anything of it is checkpointed) and SIGTERM or Ctrl-C (SIGINT): a checkpoint, then a
+clean exit; a second Ctrl-C stops at once, without one.
 
 The loss is checked on the device with no host sync per step; the ranks agree on both every
 ``CHECK_EVERY`` steps and at the end of each segment (one small all-reduce), so they stop together.
@@ -23,14 +24,20 @@ class NonFiniteLoss(MultiHashError, ArithmeticError):
 
 
 class Preempted(Exception):
-    """SIGTERM stopped the run after saving a checkpoint (``--resume auto`` continues it)."""
+    """SIGTERM or Ctrl-C stopped the run after saving a checkpoint (``--resume auto`` continues it);
+    ``exit_code``: 128 + the signal's number, what a shell or scheduler expects."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class StepGuard:
     def __init__(self) -> None:
         self.first_bad: Optional[torch.Tensor] = None  # on the device: the first step with a non-finite loss
-        self.terminated = False  # SIGTERM received (by this rank)
-        self.stop = False  # all ranks agreed to stop for SIGTERM
+        self.terminated = False  # SIGTERM or SIGINT received (by this rank)
+        self.signal: signal.Signals = signal.SIGTERM  # which
+        self.stop = False  # all ranks agreed to stop for it
 
     def note(self, loss: torch.Tensor, step: int) -> None:
         """Records ``step`` if its loss is not finite and none before was (no host sync)."""
@@ -40,11 +47,11 @@ class StepGuard:
         self.first_bad = torch.where(bad & (self.first_bad == _NONE), step, self.first_bad)
 
     def due(self, step: int) -> bool:
-        """Whether to agree now: every CHECK_EVERY steps, every step on one rank after SIGTERM."""
+        """Whether to agree now: every CHECK_EVERY steps, every step on one rank after a stop signal."""
         return step % CHECK_EVERY == 0 or (self.terminated and dist.get_world_size() == 1)
 
     def check(self, device: torch.device) -> bool:
-        """All ranks agree (a collective): raises NonFiniteLoss, or returns True to stop for SIGTERM."""
+        """All ranks agree (a collective): raises NonFiniteLoss, or returns True to stop for a signal."""
         bad = self.first_bad if self.first_bad is not None else torch.full((), _NONE, dtype=torch.int64, device=device)
         flags = torch.stack([bad.to(device), torch.tensor(-int(self.terminated), device=device)])
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
@@ -57,16 +64,20 @@ class StepGuard:
         self.stop = terminated < 0
         return self.stop
 
-    def on_sigterm(self, *_: Any) -> None:
+    def on_signal(self, signum: int, *_: Any) -> None:
+        if signum == signal.SIGINT and self.terminated and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user won't wait for the checkpoint
         self.terminated = True
+        self.signal = signal.Signals(signum)
 
     def install(self) -> Any:
-        """Catches SIGTERM (main thread only); returns the previous handler for ``uninstall``."""
+        """Catches SIGTERM and SIGINT (main thread only); returns the previous handlers for ``uninstall``."""
         if threading.current_thread() is not threading.main_thread():
             return None
-        return signal.signal(signal.SIGTERM, self.on_sigterm)
+        return signal.signal(signal.SIGTERM, self.on_signal), signal.signal(signal.SIGINT, self.on_signal)
 
     @staticmethod
     def uninstall(previous: Any) -> None:
         if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, previous[0])
+            signal.signal(signal.SIGINT, previous[1])

@@ -7,6 +7,7 @@ import copy
 import itertools
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -60,7 +61,13 @@ class TrainRun:
     guard: StepGuard = field(default_factory=StepGuard)  # NaN losses, SIGTERM
     on_step: List[StepCallback] = field(default_factory=list)  # after each step, before the schedule's
     data_wait: DataWait = field(default_factory=DataWait)  # time waiting for this rank's next batch
-    step_seconds: float = 0.0  # time in training steps, waits included
+    step_seconds: float = 0.0  # time in training steps, waits included (this process's steps only)
+    step_samples: int = 0  # samples (over all ranks) of this process's steps: a resumed run's rate counts only these
+
+    def samples_per_s(self) -> float:
+        """Training throughput over all ranks, of the steps this process ran (0 if none)."""
+        return self.step_samples / self.step_seconds if self.step_samples else 0.0
+
     history: List[Dict[str, float]] = field(default_factory=list)  # evaluations during training
 
 
@@ -149,6 +156,7 @@ def train_segment(run: TrainRun, batches: Iterator[Batch]) -> int:
         run.step_seconds += time.perf_counter() - start
         run.state.step += 1
         run.state.samples += run.cfg.train.batch_size * run.state.world_size
+        run.step_samples += run.cfg.train.batch_size * run.state.world_size
         taken += 1
         run.guard.note(loss, run.state.step)
         for callback in run.on_step:  # they see the learning rates this step used
@@ -185,12 +193,14 @@ def after_segment(run: TrainRun, taken: int, finished_epoch: bool) -> None:
         save_train_checkpoint(run.cfg, run.dmp, run.opt, run.state, run.record)
 
 
-def stop_for_sigterm(run: TrainRun) -> None:
-    """After SIGTERM: a checkpoint of where the run is, then ``Preempted``."""
+def stop_for_signal(run: TrainRun) -> None:
+    """After SIGTERM or Ctrl-C: a checkpoint of where the run is, then ``Preempted``."""
     save_train_checkpoint(run.cfg, run.dmp, run.opt, run.state, run.record)
+    name = run.guard.signal.name if run.guard.terminated else "SIGTERM"  # a peer rank's signal: SIGTERM from the launcher
     raise Preempted(
-        f"SIGTERM: stopped after step {run.state.step} with a checkpoint in {Path(run.cfg.train.output_dir) / 'checkpoint'}; "
-        "run the same command with --resume auto to continue"
+        f"{name}: stopped after step {run.state.step} with a checkpoint in {Path(run.cfg.train.output_dir) / 'checkpoint'}; "
+        "run the same command with --resume auto to continue",
+        exit_code=128 + int(run.guard.signal if run.guard.terminated else signal.SIGTERM),
     )
 
 
@@ -215,7 +225,7 @@ def train_epoch(run: TrainRun) -> None:
         if finished_epoch and state.batches_in_epoch == 0:
             raise _no_batch(run)
         if run.guard.stop:
-            stop_for_sigterm(run)
+            stop_for_signal(run)
         if finished_epoch:
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
         after_segment(run, taken, finished_epoch)
@@ -242,7 +252,7 @@ def final_metrics(run: TrainRun) -> Dict[str, Any]:
         skipped_test_lines=int(skipped[1]),
         embedding_bytes=run.ebc.memory_bytes(),
         full_embedding_bytes=run.ebc.full_memory_bytes(),
-        train_samples_per_s=run.state.samples / max(run.step_seconds, 1e-9),
+        train_samples_per_s=run.samples_per_s(),
         steps=run.state.step,
         world_size=run.state.world_size,
         eval_history=run.history,
@@ -252,9 +262,11 @@ def final_metrics(run: TrainRun) -> Dict[str, Any]:
 
 def print_summary(metrics: Dict[str, Any], out_dir: Path, metrics_out: Optional[Path]) -> None:
     """Rank 0's last words: the test metrics, data and memory; the metrics as JSON in ``metrics_out``."""
+    rate = metrics["train_samples_per_s"]
+    speed = f"{rate:,.0f} samples/s" if rate else "no training step in this process (resumed at the end)"
     print(
         f"\nTest AUC {metrics['auc']:.4f}, log loss {metrics['logloss']:.4f}, NE {metrics['ne']:.4f} "
-        f"after {metrics['steps']} steps on {metrics['world_size']} rank(s), {metrics['train_samples_per_s']:,.0f} samples/s"
+        f"after {metrics['steps']} steps on {metrics['world_size']} rank(s), {speed}"
     )
     print(
         f"Data: training waited for batches {metrics['data_wait_fraction']:.1%} of its time; "
@@ -281,7 +293,7 @@ def train(
     """Trains and evaluates; ``resume``: True continues from ``output_dir/checkpoint`` (which must
     exist), ``"auto"`` continues from it if there is one (what a restarted job runs); ``overwrite``:
     starts over in a folder holding another run's checkpoint; ``on_step``: callbacks after every
-    training step. ``Preempted`` after SIGTERM (a checkpoint saved)."""
+    training step. ``Preempted`` after SIGTERM or Ctrl-C (a checkpoint saved)."""
     device = setup_distributed()
     record = run_record(cfg, dist.get_world_size())  # before the data sets the table sizes
     lock = claim_folder(cfg, record, resume, overwrite)
@@ -341,7 +353,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         except Preempted as e:
             print(f"torchrec-multihash train: {e}", file=sys.stderr)
-            return 143  # 128 + SIGTERM: what a scheduler expects of a terminated job
+            return e.exit_code  # 143 after SIGTERM, 130 after Ctrl-C: what a scheduler or shell expects
+        except KeyboardInterrupt:  # Ctrl-C before training began, or a second one during it
+            print("torchrec-multihash train: interrupted (Ctrl-C); nothing saved since the last checkpoint", file=sys.stderr)
+            return 130
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
