@@ -36,3 +36,9 @@ def test_demo_runs_and_reports_memory_and_auc():
     assert r.returncode == 0, r.stderr[-2000:]
     assert re.search(r"qr tables take [0-9.]+x less than the full tables", r.stdout)
     assert "test AUC" in r.stdout
+
+
+def test_fit_hash_errors_name_the_command_once(tmp_path):
+    r = run_cli("fit-hash", "--config", "configs/quickstart.yaml", "--out", str(tmp_path / "mapping"))
+    assert r.returncode == 2 and "torchrec-multihash fit-hash: the config has no learned table" in r.stderr, r.stderr[-2000:]
+    assert "fit-hash: fit-hash:" not in r.stderr and "Traceback" not in r.stderr

@@ -85,7 +85,24 @@ def test_movielens_full_and_qr(tmp_path, shared_data):
         (["--set", "data.format=parquet"], "data.format must be one of"),
         (
             ["--set", "data.format=criteo_tsv", "--set", "data.train=/nope.txt", "--set", "data.test=/nope.txt"],
-            "data.train: no such file(s) ['/nope.txt']",
+            "data.train: no such file(s) ['/nope.txt'] (relative paths are from the working directory",
+        ),
+        (
+            ["--set", "data.format=criteo_tsv", "--set", "data.train=/tmp", "--set", "data.test=/nope.txt"],
+            "data.train: ['/tmp'] is a folder: list the files in it",
+        ),
+        (
+            [
+                "--set",
+                "data.format=criteo_tsv",
+                "--set",
+                "data.train=README.md",
+                "--set",
+                "data.test=README.md",
+                "--set",
+                "embeddings.num_embeddings_per_feature=[5, 6]",
+            ],
+            "needs one size per categorical feature for hashing: 2 size(s) for 26 features",
         ),
     ],
 )

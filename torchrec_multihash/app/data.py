@@ -37,9 +37,12 @@ class RunData:
 def _paths(paths: Optional[List[str]], what: str) -> List[str]:
     if not paths:
         raise ConfigError(f"data.{what} is empty: give the Criteo file(s) to read")
+    folders = [p for p in paths if Path(p).is_dir()]
+    if folders:
+        raise ConfigError(f"data.{what}: {folders} is a folder: list the files in it (a YAML list of paths)")
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
-        raise ConfigError(f"data.{what}: no such file(s) {missing}")
+        raise ConfigError(f"data.{what}: no such file(s) {missing} (relative paths are from the working directory, {Path.cwd()})")
     empty = [p for p in paths if Path(p).stat().st_size == 0]
     if empty:
         raise ConfigError(f"data.{what}: empty file(s) {empty}")
@@ -154,7 +157,10 @@ def _id_mapping(cfg: Config, keys: List[str], rank: int, world_size: int, output
     d, sizes = cfg.data, list(cfg.embeddings.num_embeddings_per_feature)
     if d.ids == "hashing":
         if len(sizes) != len(keys) or not sizes:
-            raise ConfigError("embeddings.num_embeddings_per_feature needs one size per categorical feature for hashing")
+            raise ConfigError(
+                f"embeddings.num_embeddings_per_feature needs one size per categorical feature for hashing: "
+                f"{len(sizes)} size(s) for {len(keys)} features"
+            )
         return HashingIds(sizes)
     if d.ids != "vocabulary":
         raise ConfigError(f"data.ids must be hashing or vocabulary, got {d.ids!r}")

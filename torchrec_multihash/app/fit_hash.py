@@ -82,7 +82,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             ensure_choice(sized, plain_tables(sized))
         fit_for_config(cfg, args.out)
     except (ConfigError, CriteoFormatError, MultiHashConfigError) as e:
-        print(f"torchrec-multihash fit-hash: {e}", file=sys.stderr)
+        message = str(e).removeprefix("fit-hash: ")  # its own errors say fit-hash (for train, which fits too)
+        print(f"torchrec-multihash fit-hash: {message}", file=sys.stderr)
         return 2
     return 0
 
