@@ -214,3 +214,29 @@ def test_inside_dlrm_forward_and_backward(strategy):
     logits.sum().backward()
     grads = {name: w.grad for name, w in module.sub_table_weights().items()}
     assert all(g is not None and bool(g.abs().sum() > 0) for g in grads.values()), grads
+
+
+@pytest.mark.parametrize("strategy", ["qr_mult", "qr_add", "learned"])
+def test_reset_parameters_draws_the_sub_tables_again_within_their_ranges(strategy):
+    module = build(LAYOUTS["unweighted"], strategy)
+    mappings = {name: m.rows.clone() for name, m in module.learned_mappings().items()}
+    before = {name: w.detach().clone() for name, w in module.sub_table_weights().items()}
+    with torch.no_grad():
+        for w in module.sub_table_weights().values():
+            w.fill_(100.0)  # out of every initial range
+    module.reset_parameters()
+    for config in module.sub_table_configs():
+        w = module.sub_table_weights()[config.name]
+        assert not torch.equal(w, before[config.name]), config.name  # drawn again
+        assert config.get_weight_init_min() <= float(w.min()) and float(w.max()) <= config.get_weight_init_max(), config.name
+    for name, rows in mappings.items():  # fitted, not drawn: kept
+        assert torch.equal(module.learned_mappings()[name].rows, rows)
+
+
+def test_embedding_bags_is_refused_with_what_to_use_instead():
+    module = build(LAYOUTS["unweighted"], "qr_mult")
+    with pytest.raises(AttributeError, match=r"no embedding_bags.*sub_table_weights\(\)"):
+        _ = module.embedding_bags
+    assert isinstance(module.combine, torch.nn.Module)  # other attributes as before
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        _ = module.nothing

@@ -292,6 +292,22 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 weights[s.name] = stacked[start : start + s.num_embeddings]
         return weights
 
+    def reset_parameters(self) -> None:
+        """Draws every sub-table's weights again from its initial range, as TorchRec's EBC does
+        (unsharded sub-tables: TorchRec's sharded modules initialize their own); learned mappings
+        are kept (they are fitted, not drawn)."""
+        for group in [*self.pooled.values(), *self.per_id.values()]:
+            if isinstance(group.tables, EmbeddingBagCollection):
+                group.tables.reset_parameters()
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "embedding_bags":  # TorchRec's EBC has one table per name; ours are composed of sub-tables
+            raise AttributeError(
+                "MultiHashEmbeddingBagCollection has no embedding_bags: each table is composed of sub-tables; "
+                "use sub_table_weights() (by sub-table), part_weights() (by part) or torchrec_multihash.composed_embeddings(module, table, ids)"
+            )
+        return super().__getattr__(name)
+
     def learned_mappings(self) -> Dict[str, LearnedMapping]:
         """The learned id -> row mapping of each learned table, by table name."""
         return {name: cast(LearnedMapping, m) for module in self.modules() if isinstance(module, IdTransform) for name, m in module.mappings.items()}
