@@ -186,8 +186,8 @@ def test_npy_two_processes_train(kaggle, tmp_path):
         config="configs/criteo_kaggle_qr.yaml",
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    # 14 full global batches of 64, 7 per rank; the test set drops the last partial one too
-    assert m["world_size"] == 2 and m["steps"] == 7 and m["test_samples"] == 14 * 64
+    # 14 full global batches of 64, 7 per rank; the test set counts every row (the last batch padded)
+    assert m["world_size"] == 2 and m["steps"] == 7 and m["test_samples"] == 900
 
 
 def test_npy_ranks_split_rows_and_nan_names_file_and_row(kaggle, tmp_path):

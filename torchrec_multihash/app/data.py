@@ -30,6 +30,7 @@ class RunData:
     test: Callable[[], Iterator[Batch]]
     num_embeddings_per_feature: List[int]
     num_dense: int
+    keys: List[str]  # the sparse features' names, as the batches' KJTs key them
     # bad lines this rank skipped: in training (all epochs), in the latest test pass
     skipped_lines: Callable[[], Tuple[int, int]] = lambda: (0, 0)
 
@@ -118,12 +119,18 @@ def _synthetic_data(cfg: Config, rank: int, world_size: int) -> RunData:
     per_rank_train = d.train_samples // (bs * world_size)
     if per_rank_train == 0:
         raise ConfigError(f"data.train_samples={d.train_samples} is less than one batch per rank (train.batch_size={bs} x {world_size} rank(s))")
-    per_rank_test = max(1, d.test_samples // (bs * world_size))
+
+    def test() -> Iterator[Batch]:
+        """``data.test_samples`` samples at any world size: batch i (the last one smaller) on rank i % W."""
+        for i in range(rank, -(-d.test_samples // bs), world_size):
+            yield syn.batch(min(bs, d.test_samples - i * bs), 10**9 + i)
+
     return RunData(
         train=lambda epoch, skip: syn.batches(bs, per_rank_train - skip, start=rank + skip * world_size, step=world_size),
-        test=lambda: syn.batches(bs, per_rank_test, start=10**9 + rank, step=world_size),
+        test=test,
         num_embeddings_per_feature=cfg.embeddings.num_embeddings_per_feature,
         num_dense=cfg.model.dense_in_features,
+        keys=feature_names(cfg.embeddings),
     )
 
 
@@ -145,9 +152,10 @@ def _npy_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunD
         raise ConfigError("criteo_npy: embeddings.num_embeddings_per_feature needs 26 sizes (ids are hashed mod them)")
     return RunData(
         train=lambda epoch, skip: itertools.islice(_npy_batches(train_paths, cfg, rank, world_size, keys, True), skip, None),
-        test=lambda: _npy_batches(test_paths, cfg, rank, world_size, keys, world_size > 1),
+        test=lambda: _npy_batches(test_paths, cfg, rank, world_size, keys, False),  # every sample: evaluate pads
         num_embeddings_per_feature=sizes,
         num_dense=NUM_DENSE,
+        keys=keys,
     )
 
 
@@ -199,8 +207,7 @@ class _TsvSource:
 
     def test(self) -> Iterator[Batch]:
         self.test_bad = BadLines(self.cfg.data.skip_bad_lines)
-        # with several ranks every batch must be full (the sharded lookups exchange whole batches)
-        return self.batches(self.cfg.data.test, 0, self.world_size > 1, self.test_bad)
+        return self.batches(self.cfg.data.test, 0, False, self.test_bad)  # every sample: evaluate pads
 
     def skipped_lines(self) -> Tuple[int, int]:
         return self.train_bad.count, self.test_bad.count
@@ -212,7 +219,7 @@ def _tsv_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunD
     _paths(d.test, "test")
     to_id = _id_mapping(cfg, keys, rank, world_size, output_dir)
     source = _TsvSource(cfg, keys, to_id, rank, world_size, BadLines(d.skip_bad_lines), BadLines(d.skip_bad_lines))
-    return RunData(source.train, source.test, to_id.sizes(), NUM_DENSE, source.skipped_lines)
+    return RunData(source.train, source.test, to_id.sizes(), NUM_DENSE, keys, source.skipped_lines)
 
 
 _BUILDERS: Dict[str, Callable[[Config, int, int, Path], RunData]] = {

@@ -120,7 +120,7 @@ def build_sharded_model(cfg: Config, device: torch.device) -> Tuple[DistributedM
 
 def evaluate_during_training(run: TrainRun) -> None:
     """Evaluates at the current step, into ``run.history``, and says so on rank 0."""
-    m = evaluate(run.dmp, run.data.test(), run.device)
+    m = evaluate(run.dmp, run.data.test(), run.device, run.data.keys, run.data.num_dense)
     run.history.append({"step": run.state.step, **m})
     if dist.get_rank() == 0:
         print(f"eval at step {run.state.step}: auc {m['auc']:.4f} logloss {m['logloss']:.4f} ne {m['ne']:.4f}", flush=True)
@@ -241,7 +241,7 @@ def train_epochs(run: TrainRun) -> None:
 
 def final_metrics(run: TrainRun) -> Dict[str, Any]:
     """The last evaluation, with the run's data, memory and speed figures (over all ranks)."""
-    metrics: Dict[str, Any] = dict(evaluate(run.dmp, run.data.test(), run.device))
+    metrics: Dict[str, Any] = dict(evaluate(run.dmp, run.data.test(), run.device, run.data.keys, run.data.num_dense))
     skipped = torch.tensor(run.data.skipped_lines(), dtype=torch.int64, device=run.device)
     dist.all_reduce(skipped)
     wait = torch.tensor([run.data_wait.seconds / max(run.step_seconds, 1e-9)], dtype=torch.float64, device=run.device)
