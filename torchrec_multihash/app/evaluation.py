@@ -12,25 +12,33 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_multihash.datasets.criteo_tsv import CriteoFormatError
 
 
+def _agree(it: Iterator[Batch], device: torch.device) -> Tuple[Optional[Batch], int, int]:
+    """This rank's next batch (None at its end), and the smallest and the largest batch size over
+    all ranks (0: a rank's end; a collective). Bad data met by any rank stops every rank: that
+    rank raises its error, the others one that names it (none waits in a collective)."""
+    error: Optional[CriteoFormatError] = None
+    try:
+        b = next(it, None)
+    except CriteoFormatError as e:
+        b, error = None, e
+    n = 0 if b is None else b.labels.numel()
+    # MIN of: -1 - r if rank r met bad data (else 0), the batch size, minus the batch size
+    flags = torch.tensor([-1 - dist.get_rank() if error else 0, n, -n], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    code, smallest, largest = int(flags[0]), int(flags[1]), -int(flags[2])
+    if error is not None:
+        raise error
+    if code < 0:
+        raise CriteoFormatError(f"stopped: rank {-1 - code} met bad data (its error says where)")
+    return b, smallest, largest
+
+
 def synchronized(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
-    """Stops every rank as soon as one runs out (sharded steps need all ranks), or meets bad data:
-    that rank raises its error, the others one that names it (none waits in a collective)."""
+    """Stops every rank as soon as one runs out (sharded steps need all ranks), or meets bad data."""
     it = iter(batches)
     while True:
-        error: Optional[CriteoFormatError] = None
-        try:
-            b = next(it, None)
-        except CriteoFormatError as e:
-            b, error = None, e
-        # 1: a batch, 0: the end, -1 - r: rank r met bad data
-        flag = torch.tensor([-1 - dist.get_rank() if error else 0 if b is None else 1], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        code = int(flag.item())
-        if error is not None:
-            raise error
-        if code < 0:
-            raise CriteoFormatError(f"stopped: rank {-1 - code} met bad data (its error says where)")
-        if code == 0:
+        b, smallest, _ = _agree(it, device)
+        if b is None or smallest == 0:
             return
         yield b
 
@@ -60,27 +68,13 @@ def empty_batch(keys: List[str], num_dense: int, size: int) -> Batch:
 def _in_step(batches: Iterator[Batch], keys: List[str], num_dense: int, device: torch.device) -> Iterator[Tuple[Batch, int]]:
     """Every rank's test batches in steps all ranks take together, each padded to the step's
     largest batch (the sharded lookups exchange equal batches), with its number of real samples;
-    a rank that ran out takes empty batches until all have. Bad data stops every rank at once
-    (as ``synchronized``)."""
+    a rank that ran out takes empty batches until all have. Bad data stops every rank at once."""
     it = iter(batches)
     while True:
-        error: Optional[CriteoFormatError] = None
-        try:
-            b = next(it, None)
-        except CriteoFormatError as e:
-            b, error = None, e
-        n = 0 if b is None else b.labels.numel()
-        # MIN of: -1 - r if rank r met bad data (else 0), -(its batch size): the largest batch
-        flags = torch.tensor([-1 - dist.get_rank() if error else 0, -n], device=device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-        code, size = int(flags[0]), -int(flags[1])
-        if error is not None:
-            raise error
-        if code < 0:
-            raise CriteoFormatError(f"stopped: rank {-1 - code} met bad data (its error says where)")
-        if size == 0:
+        b, _, largest = _agree(it, device)
+        if largest == 0:
             return
-        yield padded(b, size) if b is not None else empty_batch(keys, num_dense, size), n
+        yield (padded(b, largest), b.labels.numel()) if b is not None else (empty_batch(keys, num_dense, largest), 0)
 
 
 def evaluate(dmp: torch.nn.Module, batches: Iterator[Batch], device: torch.device, keys: List[str], num_dense: int) -> Dict[str, float]:
