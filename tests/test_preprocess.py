@@ -146,6 +146,7 @@ def test_bad_line_is_named_and_leaves_no_finished_day(shared_data, tmp_path, cap
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{src}:3: expected 40 tab-separated columns" in err
     assert not (tmp_path / "npy" / "day_0_dense.npy").exists()
+    assert not list((tmp_path / "npy").glob(".*.part"))  # nor a half-written one
     assert _run([src], tmp_path / "npy", "--skip-bad-lines", "1") == 0
     assert len(np.load(tmp_path / "npy" / "day_0_labels.npy")) == 10
 

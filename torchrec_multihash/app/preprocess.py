@@ -103,6 +103,7 @@ def convert_day(
     writers = [_NpyWriter(tmp[0], np.float32, NUM_DENSE), _NpyWriter(tmp[1], id_dtype, NUM_SPARSE), _NpyWriter(tmp[2], np.int32, 1)]
     stream = LineStream([src], tolerate_corrupt=bad.limit > 0)
     bar = tqdm(desc=day, unit=" lines", unit_scale=True, disable=None if progress else True, dynamic_ncols=True)
+    bad_data = False
     try:
         while True:
             lines = stream.take(chunk_lines)
@@ -119,11 +120,17 @@ def convert_day(
                 writers[1].append(block_ids(block, to_id))
                 writers[2].append(block.labels.astype(np.int32))
             bar.update(len(lines))
+    except MultiHashError:  # bad data: nothing of the day stays (a killed run's half day is redone on resume)
+        bad_data = True
+        raise
     finally:
         bar.close()
         stream.close()
         for w in writers:
             w.close()
+        if bad_data:
+            for t in tmp:
+                t.unlink(missing_ok=True)
     for t, f in zip(tmp, final):
         t.replace(f)
     return writers[0].rows

@@ -55,7 +55,8 @@ class BadLines:
         if self.count > self.limit:
             raise CriteoFormatError(f"{self.count} bad lines, more than data.skip_bad_lines={self.limit}; the last: {error}")
         if self.count <= self.warn_first:
-            warnings.warn(f"skipped bad line ({self.count} so far): {error}", BadLineWarning, stacklevel=2)
+            # explicit, at no source line: the message names the data's file and line, not ours
+            warnings.warn_explicit(f"skipped bad line ({self.count} so far): {error}", BadLineWarning, "data.skip_bad_lines", 0)
 
 
 @dataclass
