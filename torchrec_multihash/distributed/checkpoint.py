@@ -142,6 +142,7 @@ def _check_fits(path: Path, md: Metadata, state: Dict[str, Any]) -> None:
         )
     saved_at = {(_table(k), k.rsplit(".", 1)[-1]): k for k in saved if _table(k)}
     missing: List[str] = []
+    missing_state = 0  # of them, optimizer state
     wrong: List[str] = []
     for key, t in _tensors(state):
         what = _describe(key)
@@ -151,6 +152,7 @@ def _check_fits(path: Path, md: Metadata, state: Dict[str, Any]) -> None:
             wrong.append(f"{what} is {_group_of(moved)} in the checkpoint, {_group_of(key)} in this model")
         elif entry is None:
             missing.append(what)
+            missing_state += key.startswith("optimizer.")
         elif not isinstance(entry, TensorStorageMetadata):
             wrong.append(f"{what} is not a tensor in the checkpoint")
         elif tuple(entry.size) != tuple(t.size()):
@@ -169,6 +171,8 @@ def _check_fits(path: Path, md: Metadata, state: Dict[str, Any]) -> None:
             f"not in the checkpoint: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
             f"(its tables: {', '.join(have[:8])}{' ...' if len(have) > 8 else ''})"
         )
+        if not wrong and missing_state == len(missing):  # the tables are there, their optimizer state is not
+            problems.append("the optimizer differs (its state has other names): was train.dense_optimizer, or a table's sharding, changed?")
     raise CheckpointError(f"checkpoint {path} was written for another configuration: " + "; ".join(problems))
 
 
