@@ -181,3 +181,16 @@ def test_bench_steps_train_the_data_parallel_tables_too():
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(got["dp"]) == 26 and all(t.endswith("__r") for t in got["dp"])
     assert got["in_optimizer"] == 26 and got["trained"] == got["dp"]
+
+
+def test_speed_table_shows_the_paired_steps_its_ratio_comes_from():
+    """The ratio is of steps timed in one process; the table shows them next to the standalone step."""
+    from torchrec_multihash.bench.bench import markdown as speed_markdown
+
+    def row(method, ms, **extra):
+        return dict(method=method, step_ms=ms, samples_per_s=1000.0, weights_bytes_rank0=2**20, peak_mib=10, device="cpu", **extra)
+
+    spec = {"multi_hot": 0, "max_bag": 1, "rows": [10, 20], "dim": 8, "batch_size": 4, "compression": 8, "steps": 3, "warmup": 1}
+    rows = [row("torchrec_ebc", 2.9), row("full", 2.2, vs_baseline=1.10, paired_step_ms=3.3, paired_baseline_step_ms=3.0)]
+    md = speed_markdown({"workloads": {"one_hot": {"spec": spec, "methods": rows}}})
+    assert "| full | 2.2 | 1.10x time | 3.3 / 3.0 |" in md and "| torchrec_ebc | 2.9 | 1.00x time | - |" in md
