@@ -80,6 +80,11 @@ def test_plan_command_text_and_json():
     assert "Plan for 16 cuda ranks (2 node(s) x 8)" in r.stdout
     assert "t_C1__r" in r.stdout and "uncompressed" in r.stdout
     assert "WARNING" not in r.stderr
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith("t_C")]
+    assert rows and all(row[3] in ("fused", "dense", "fused_uvm", "fused_uvm_caching") for row in rows), rows  # the kernel column
+    # little HBM: some tables go to UVM, and the text says where their weights live
+    r = run_cli("plan", "--config", "configs/criteo_kaggle_qr.yaml", "--world-size", "2", "--hbm-gib", "0.05")
+    assert r.returncode == 0 and "on a UVM kernel" in r.stdout and "live in host memory" in r.stdout, r.stdout[-2000:]
     r = run_cli("plan", "--config", CONFIG, "--world-size", "2", "--compute-device", "cpu", "--json", "--set", "embeddings.compression=16")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)

@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--world-size", type=int, required=True, help="total ranks (GPUs or processes)")
     p.add_argument("--local-world-size", type=int, default=None, help="ranks per node (default: world size)")
-    p.add_argument("--compute-device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument(
+        "--compute-device", choices=["cuda", "cpu"], default="cuda", help="the ranks' device (default: cuda; a GPU plan needs no GPU here)"
+    )
     p.add_argument(
         "--hbm-gib",
         type=float,
@@ -160,9 +162,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if auto:
         print(describe(auto) + "\n")
     print(f"Plan for {report.world_size} {report.compute_device} ranks ({nodes} node(s) x {report.local_world_size}); config {args.config}")
-    print(f"\n{'table':10s} {'sub-table':14s} {'sharding':18s} {'ranks':>10s} {'bytes':>12s}")
+    print(f"\n{'table':10s} {'sub-table':14s} {'sharding':18s} {'kernel':18s} {'ranks':>10s} {'bytes':>12s}")
     for s in report.shards:
-        print(f"{s.logical_table:10s} {s.table:14s} {s.sharding_type:18s} {_fmt_ranks(s.ranks):>10s} {_fmt_bytes(s.bytes):>12s}")
+        print(
+            f"{s.logical_table:10s} {s.table:14s} {s.sharding_type:18s} {s.compute_kernel:18s} {_fmt_ranks(s.ranks):>10s} {_fmt_bytes(s.bytes):>12s}"
+        )
+    uvm = [s.table for s in report.shards if "uvm" in s.compute_kernel]
+    if uvm:
+        print(
+            f"\n{len(uvm)} sub-table(s) on a UVM kernel ({', '.join(uvm[:4])}{' ...' if len(uvm) > 4 else ''}): their weights live in "
+            "host memory (fused_uvm_caching: the GPU caches their hot rows); the bytes per rank below count them whole"
+        )
     if report.mapping_bytes:
         print(f"\nLearned mappings: {_fmt_bytes(report.mapping_bytes)}, held whole by every rank")
     print("\nEmbedding weights per rank (replicated tables and learned mappings counted on every rank):")
