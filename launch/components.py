@@ -10,6 +10,7 @@ Checked when the component runs, before anything is submitted: the config (read 
 loader, overrides applied), one rank per GPU (``-j NxG`` with ``--gpu G``) and the named resource.
 """
 
+import logging
 import os
 import shlex
 import sys
@@ -55,8 +56,13 @@ def _resources(nproc: int, gpu: int, cpu: Optional[int], memMB: Optional[int], h
 def _check_config(config: str, overrides: Tuple[str, ...]) -> None:
     """Loads the config as ``train`` will (the app's own loader), so a missing file or a bad key
     is refused before the job waits in a queue."""
-    from torchrec_multihash.app.config import load_config
-
+    root = logging.getLogger()  # torchx logs INFO: FBGEMM's import would add a line per library it loads
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        from torchrec_multihash.app.config import load_config
+    finally:
+        root.setLevel(level)
     load_config(config, overrides)
 
 
