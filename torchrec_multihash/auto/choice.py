@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, EmbeddingBagConfig
 
 from torchrec_multihash.auto.statistics import TableStatistics
-from torchrec_multihash.convert import to_multihash_configs
+from torchrec_multihash.convert import check_overrides, to_multihash_configs
 from torchrec_multihash.errors import MultiHashError
 from torchrec_multihash.modules.config import MultiHashEmbeddingBagConfig
 from torchrec_multihash.modules.strategies import StrategyName
@@ -182,9 +182,7 @@ def auto_configs(
 ) -> List[MultiHashEmbeddingBagConfig]:
     """The multi-hash configs of ``choices`` (``overrides``: fields of yours that replace them)."""
     by_name = {ch.table: ch for ch in choices}
-    unknown = sorted(set(overrides or {}) - {c.name for c in configs})
-    if unknown:
-        raise AutoChoiceError(f"overrides name unknown table(s) {unknown}")
+    check_overrides(overrides or {}, [c.name for c in configs])
     missing = [c.name for c in configs if c.name not in by_name]
     if missing:
         raise AutoChoiceError(f"the automatic choice has no entry for table(s) {missing}: it was made for other tables")
