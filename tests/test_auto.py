@@ -1,6 +1,7 @@
 """``strategy: auto``: the per-table choice within a budget, and the app's use of it."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -119,6 +120,18 @@ def test_bad_candidates_and_missing_statistics_are_named():
     choices = choose_tables(tables, stats, 100_000, 200)
     with pytest.raises(AutoChoiceError, match="no entry for table\\(s\\) \\['t_b'\\]"):
         auto_configs([_table("t_b", 500)], choices)
+
+
+def test_a_coarse_step_does_not_end_the_options():
+    # generalized_qr's first size (radices 2, 2, N / 4) is 4x: sized for 2x and for 4x alike, which
+    # is no reason to stop before 16x
+    tables = [_table("t_a", 40_000)]
+    stats = {"t_a": _stats("t_a", torch.ones(40_000, dtype=torch.int64))}
+    budget = full_bytes(tables[0]) // 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (choice,) = choose_tables(tables, stats, budget, threshold=200, candidates=["generalized_qr"])
+    assert choice.strategy == "generalized_qr" and choice.compression >= 16 and choice.bytes <= budget
 
 
 TINY = [

@@ -19,7 +19,7 @@ from torchrec_multihash.auto.statistics import TableStatistics
 from torchrec_multihash.convert import check_overrides, to_multihash_configs
 from torchrec_multihash.errors import MultiHashError
 from torchrec_multihash.modules.config import MultiHashEmbeddingBagConfig
-from torchrec_multihash.modules.strategies import StrategyName
+from torchrec_multihash.modules.strategies import TOLERANCE, StrategyName
 
 # the compressions a table may get; each step halves its bytes
 LEVELS = tuple(2.0**i for i in range(0, 13))
@@ -101,10 +101,13 @@ def _options(c: EmbeddingBagConfig, stats: TableStatistics, candidates: Sequence
     for level in LEVELS[1:]:
         strategy, why = _strategy_at(c, level, candidates)
         nbytes = _sized(c, strategy, level).strategy_impl().memory_bytes()
-        if nbytes >= out[-1].bytes:  # the strategy's smallest configuration: no further to go
-            break
         loss = stats.accesses - stats.top_accesses(math.ceil(c.num_embeddings / level))
-        out.append(_Option(level, strategy, nbytes, loss, why))
+        if nbytes < out[-1].bytes:
+            out.append(_Option(level, strategy, nbytes, loss, why))
+        elif full_bytes(c) * (1 + TOLERANCE) < level * nbytes:  # short of the level: the strategy's smallest configuration
+            break
+        elif nbytes == out[-1].bytes and len(out) > 1:  # a coarse step (generalized_qr's 4x at 2x) that meets this level too
+            out[-1] = _Option(level, strategy, nbytes, loss, why)
     return out
 
 
