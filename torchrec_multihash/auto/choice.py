@@ -152,7 +152,7 @@ def choose_tables(
 ) -> List[TableChoice]:
     """One choice per table of ``configs`` (same order) within ``budget_bytes`` in all, mappings
     included. Tables of at most ``threshold`` rows stay full; a budget below the smallest the
-    strategies reach gives that smallest configuration (its bytes say by how much it is over)."""
+    strategies reach gives that smallest configuration, with a warning (``torchrec-multihash`` refuses it)."""
     unknown = [s for s in candidates if s not in [str(n) for n in StrategyName]]
     if unknown:
         raise AutoChoiceError(f"embeddings.auto_candidates: unknown strategies {unknown}; choose from {[str(n) for n in StrategyName]}")
@@ -162,6 +162,13 @@ def choose_tables(
     small = {c.name: full_bytes(c) for c in configs if c.num_embeddings <= threshold}
     options = {c.name: _options(c, statistics[c.name], candidates) for c in configs if c.name not in small}
     at = _allocate(options, budget_bytes - sum(small.values()))
+    least = sum(small.values()) + sum(opts[-1].bytes for opts in options.values())
+    if least > budget_bytes:
+        warnings.warn(
+            f"strategy auto: a budget of {budget_bytes:,} bytes is below the least these tables take, {least:,} bytes: "
+            "every table gets its strategies' smallest configuration (the small ones stay full)",
+            stacklevel=2,
+        )
     out = []
     for c in configs:
         if c.name in small:
