@@ -144,6 +144,23 @@ def test_a_coarse_step_does_not_end_the_options():
     assert choice.strategy == "generalized_qr" and choice.compression >= 16 and choice.bytes <= budget
 
 
+@pytest.mark.parametrize(
+    "strategy,says",
+    [
+        ("qr", "qr mult (learned is not a candidate): every id keeps its own pair of rows"),
+        ("crt", "crt mult (learned is not a candidate): every id keeps its own combination of rows"),
+        ("generalized_qr", "generalized_qr mult (learned is not a candidate): every id keeps its own combination of rows"),
+        ("hash", "hash (learned is not a candidate): the hashing trick, about 8 ids to a row, which they share"),
+    ],
+)
+def test_the_reason_says_what_the_strategy_does(strategy, says):
+    tables = [_table("t_a", 40_000)]
+    stats = {"t_a": _stats("t_a", torch.ones(40_000, dtype=torch.int64))}
+    (choice,) = choose_tables(tables, stats, full_bytes(tables[0]) // 8, threshold=200, candidates=[strategy])
+    assert choice.strategy == strategy
+    assert choice.reason.endswith(says), choice.reason
+
+
 TINY = [
     "--set",
     "embeddings.num_embeddings_per_feature=[20000,5000,1000,300,100]",

@@ -91,7 +91,10 @@ def _strategy_at(c: EmbeddingBagConfig, level: float, candidates: Sequence[str])
         why = "learned is not a candidate"
     for name in _COMPRESSIVE:
         if name in candidates:
-            return name, f"{name} mult ({why}): every id keeps its own combination of rows"
+            if name == StrategyName.HASH:  # one table: no operation, and ids share its rows
+                ids = _sized(c, name, level).num_collisions
+                return name, f"hash ({why}): the hashing trick, about {ids} ids to a row, which they share"
+            return name, f"{name} mult ({why}): every id keeps its own {'pair' if name == StrategyName.QR else 'combination'} of rows"
     raise AutoChoiceError(f"embeddings.auto_candidates {list(candidates)} holds no strategy that compresses (qr, crt, hash, ...)")
 
 
