@@ -1,6 +1,7 @@
 """``strategy: auto``: the per-table choice within a budget, and the app's use of it."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -121,6 +122,45 @@ def test_bad_candidates_and_missing_statistics_are_named():
         auto_configs([_table("t_b", 500)], choices)
 
 
+def test_a_budget_below_the_least_gives_the_smallest_with_a_warning():
+    tables = [_table("t_small", 150), _table("t_big", 40_000)]
+    stats = {"t_big": _stats("t_big", torch.arange(40_000, 0, -1))}
+    with pytest.warns(UserWarning):
+        least = sum(c.bytes for c in choose_tables(tables, stats, 1, threshold=200, candidates=["qr"]))
+    with pytest.warns(UserWarning, match=f"a budget of 1,000 bytes is below the least these tables take, {least:,} bytes"):
+        choices = choose_tables(tables, stats, 1000, threshold=200, candidates=["qr"])
+    assert sum(c.bytes for c in choices) == least > 1000
+
+
+def test_a_coarse_step_does_not_end_the_options():
+    # generalized_qr's first size (radices 2, 2, N / 4) is 4x: sized for 2x and for 4x alike, which
+    # is no reason to stop before 16x
+    tables = [_table("t_a", 40_000)]
+    stats = {"t_a": _stats("t_a", torch.ones(40_000, dtype=torch.int64))}
+    budget = full_bytes(tables[0]) // 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (choice,) = choose_tables(tables, stats, budget, threshold=200, candidates=["generalized_qr"])
+    assert choice.strategy == "generalized_qr" and choice.compression >= 16 and choice.bytes <= budget
+
+
+@pytest.mark.parametrize(
+    "strategy,says",
+    [
+        ("qr", "qr mult (learned is not a candidate): every id keeps its own pair of rows"),
+        ("crt", "crt mult (learned is not a candidate): every id keeps its own combination of rows"),
+        ("generalized_qr", "generalized_qr mult (learned is not a candidate): every id keeps its own combination of rows"),
+        ("hash", "hash (learned is not a candidate): the hashing trick, about 8 ids to a row, which they share"),
+    ],
+)
+def test_the_reason_says_what_the_strategy_does(strategy, says):
+    tables = [_table("t_a", 40_000)]
+    stats = {"t_a": _stats("t_a", torch.ones(40_000, dtype=torch.int64))}
+    (choice,) = choose_tables(tables, stats, full_bytes(tables[0]) // 8, threshold=200, candidates=[strategy])
+    assert choice.strategy == strategy
+    assert choice.reason.endswith(says), choice.reason
+
+
 TINY = [
     "--set",
     "embeddings.num_embeddings_per_feature=[20000,5000,1000,300,100]",
@@ -170,3 +210,18 @@ def test_budget_bytes_is_kept(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert m["embedding_bytes"] <= budget
     assert m["embedding_bytes"] > budget * 0.8  # spent, not left unused
+
+
+@pytest.mark.slow
+def test_a_budget_it_cannot_meet_is_refused(tmp_path):
+    common = ["--config", "configs/quickstart.yaml", *TINY, "--set", "embeddings.auto_candidates=[qr]", "--set", f"train.output_dir={tmp_path}"]
+    r = run_cli("plan", *common, "--set", "embeddings.budget_bytes=1000", "--world-size", "1")
+    assert r.returncode == 2, r.stdout[-2000:]
+    (line,) = r.stderr.strip().splitlines()
+    assert "strategy auto: embeddings.budget_bytes=1,000 cannot be met: the least the tables take is " in line and "give at least" in line
+    least = int(line.rsplit(" ", 1)[-1].replace(",", ""))
+    r = run_cli("plan", *common, "--set", f"embeddings.budget_bytes={least}", "--world-size", "1")
+    assert r.returncode == 0 and f"{least:,} bytes of a budget of {least:,}" in r.stdout, r.stderr[-2000:]
+    r = run_cli("train", *common, "--set", "embeddings.compression=1000")
+    assert r.returncode == 2 and "embeddings.compression=1000 (a budget of " in r.stderr and "give a compression of at most" in r.stderr, r.stderr
+    assert not (tmp_path / "auto.json").exists()

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_multihash.app.config import load_config
 from torchrec_multihash.app.model import build_model
@@ -106,3 +107,92 @@ def test_learning_rate_schedule_resumes_at_its_step():
     no_schedule = _schedule_config("unused").train
     no_schedule.warmup_steps = no_schedule.decay_steps = 0
     assert rates(no_schedule, 0, 3) == rates(no_schedule, 10**6, 3) == [0.01] * 3
+
+
+STRATEGIES = ["full", "hash", "qr", "generalized_qr", "crt", "learned"]
+SIZE_KEYS = ("num_collisions", "moduli", "mapping_rows", "mapping_ids", "fallback_rows")
+
+
+def _tables(strategy: str, overrides: str, compression: float = 4):
+    """The tables of a config of three features (50,000, 10,000 and 100 ids) at ``compression``."""
+    from torchrec_multihash.app.model import build_tables
+
+    cfg = load_config(
+        None,
+        [
+            "embeddings.num_embeddings_per_feature=[50000, 10000, 100]",
+            f"embeddings.strategy={strategy}",
+            f"embeddings.compression={compression}",
+            f"embeddings.overrides={overrides}",
+        ],
+    )
+    return {t.name: t for t in build_tables(cfg)}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("configured", STRATEGIES)
+def test_an_override_of_the_strategy_gets_that_strategy_sized_for_the_compression(configured, strategy):
+    """Nothing of the configured strategy's sizing (qr's num_collisions, crt's moduli, learned's
+    mapping_rows) is carried over to the strategy an override names: the table is that strategy
+    as the converter sizes it at embeddings.compression."""
+    from torchrec_multihash import to_multihash_configs
+
+    tables = _tables(configured, f"{{t_C1: {{strategy: {strategy}}}}}")
+    plain = EmbeddingBagConfig(name="t_C1", num_embeddings=50_000, embedding_dim=64, feature_names=["C1"])
+    want = to_multihash_configs([plain], 4, strategy=strategy)[0]
+    got = tables["t_C1"]
+    assert got.strategy == strategy
+    assert {k: getattr(got, k) for k in SIZE_KEYS} == {k: getattr(want, k) for k in SIZE_KEYS}
+    if strategy != "full":
+        impl = got.strategy_impl()
+        assert 3.9 < 50_000 * 64 * 4 / impl.memory_bytes() < 4.5
+    # the other tables keep the configured strategy
+    assert tables["t_C2"].strategy == configured and tables["t_C3"].strategy == "full"
+
+
+def test_an_override_that_gives_sizes_takes_them_and_nothing_else():
+    tables = _tables("qr", "{t_C1: {strategy: crt, moduli: [223, 227]}, t_C3: {strategy: crt, moduli: [9, 13]}}")
+    assert (tables["t_C1"].moduli, tables["t_C1"].num_collisions) == ([223, 227], None)
+    assert (tables["t_C3"].strategy, tables["t_C3"].moduli) == ("crt", [9, 13])  # under the threshold, as told
+    # learned sized by num_collisions: its rows come from them, not from the sizing at the compression
+    tables = _tables("qr", "{t_C1: {strategy: learned, num_collisions: 2}}")
+    assert (tables["t_C1"].mapping_rows, tables["t_C1"].num_collisions) == (25_000, 2)
+    # sizes without a strategy: the configured one, even for a table under the threshold
+    tables = _tables("qr", "{t_C3: {num_collisions: 5}}")
+    assert (tables["t_C3"].strategy, tables["t_C3"].num_collisions) == ("qr", 5)
+    # an operation of its own: sized for it (concat halves each partition's dim, so more rows)
+    tables = _tables("qr", "{t_C1: {operation: concat}}")
+    impl = tables["t_C1"].strategy_impl()
+    assert tables["t_C1"].operation == "concat" and 3.9 < 50_000 * 64 * 4 / impl.memory_bytes() < 4.5
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        (
+            "{t_C1: {num_embeddings: 10}}",
+            "embeddings.overrides.t_C1.num_embeddings cannot be set per table: it comes from embeddings.num_embeddings_per_feature",
+        ),
+        ("{t_C1: {embedding_dim: 8}}", "embeddings.overrides.t_C1.embedding_dim cannot be set per table: it comes from model.embedding_dim"),
+        ("{t_C2: {name: x}}", "embeddings.overrides.t_C2.name cannot be set per table: a table is named t_<feature>"),
+        ("{t_C1: {feature_names: [C2]}}", "embeddings.overrides.t_C1.feature_names cannot be set per table: each table looks up its own feature"),
+        ("{t_C1: {pooling: MEAN}}", "embeddings.overrides.t_C1.pooling cannot be set per table: the app builds every table with TorchRec's default"),
+        (
+            "{t_C1: {colisions: 4}}",
+            r"embeddings.overrides.t_C1.colisions: not a table option; an override may set \['strategy', 'operation', 'num_collisions'",
+        ),
+    ],
+)
+def test_an_override_of_a_field_the_app_sets_is_refused_naming_where_it_comes_from(override, match):
+    from torchrec_multihash.app.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match) as e:
+        _tables("qr", override)
+    assert "\n" not in str(e.value)
+
+
+def test_an_override_of_an_unknown_table_names_the_closest_and_the_tables():
+    from torchrec_multihash.app.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown table\(s\) \['C3'\] \(did you mean 't_C3'\?\); the tables are \['t_C1', 't_C2', 't_C3'\]"):
+        _tables("qr", "{C3: {strategy: full}}")

@@ -72,3 +72,26 @@ def test_deeprec_entry_point():
         get_multihash_variable("x", 100, dims=[8, 8], operation="add")
     with pytest.raises(MultiHashConfigError, match="2 partitions"):
         get_multihash_variable("x", 100, dims=[8], num_of_partitions=3)
+
+
+def test_overrides_of_the_logical_table_or_of_no_field_are_named():
+    t = [EmbeddingBagConfig(name="t_item", num_embeddings=10_000, embedding_dim=16, feature_names=["item"])]
+    with pytest.raises(MultiHashConfigError, match=r"override of table 't_item' sets \['num_embeddings'\]: the logical table's"):
+        to_multihash_configs(t, 4, overrides={"t_item": {"num_embeddings": 10}})
+    with pytest.raises(MultiHashConfigError, match=r"override of table 't_item' sets \['colisions'\], which are not"):
+        to_multihash_configs(t, 4, overrides={"t_item": {"colisions": 2}})
+    with pytest.raises(MultiHashConfigError, match=r"unknown table\(s\) \['item'\] \(did you mean 't_item'\?\); the tables are \['t_item'\]"):
+        to_multihash_configs(t, 4, overrides={"item": {"strategy": "full"}})
+
+
+def test_an_override_naming_a_strategy_is_sized_for_it():
+    t = [EmbeddingBagConfig(name="t", num_embeddings=10_000, embedding_dim=16, feature_names=["f"])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # full by the override's word: no "cannot shrink"
+        assert to_multihash_configs(t, 4, overrides={"t": {"strategy": "full"}})[0].strategy == "full"
+    (c,) = to_multihash_configs(t, 4, strategy="generalized_qr", num_partitions=3, overrides={"t": {"strategy": "crt"}})
+    assert c.strategy == "crt" and len(c.moduli) == 3 and c.num_collisions is None
+    with pytest.raises(MultiHashConfigError, match="table 't': num_partitions=3 does not suit the strategy its override names.*num_collisions"):
+        to_multihash_configs(t, 4, strategy="generalized_qr", num_partitions=3, overrides={"t": {"strategy": "qr"}})
+    with pytest.raises(MultiHashConfigError, match="table 't': strategy must be one of"):
+        to_multihash_configs(t, 4, overrides={"t": {"strategy": "bogus"}})

@@ -1,13 +1,21 @@
 """Turns TorchRec EmbeddingBagConfigs into multi-hash configs at a target memory reduction."""
 
+import difflib
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_multihash.errors import MultiHashError
-from torchrec_multihash.modules.config import OPERATIONS, MultiHashConfigError, MultiHashEmbeddingBagConfig, logical_fields
-from torchrec_multihash.modules.strategies import TOLERANCE, StrategyName, parse_strategy, strategy_class
+from torchrec_multihash.modules.config import (
+    LOGICAL_FIELDS,
+    OPERATIONS,
+    SIZING_FIELDS,
+    MultiHashConfigError,
+    MultiHashEmbeddingBagConfig,
+    logical_fields,
+)
+from torchrec_multihash.modules.strategies import TOLERANCE, Sizing, StrategyName, parse_strategy, strategy_class
 
 # tables with at most this many rows stay full, as in the original DLRM code (--qr-threshold)
 DEFAULT_THRESHOLD = 200
@@ -25,6 +33,46 @@ def _check_arguments(strategy: Union[str, StrategyName], operation: str, compres
     return name
 
 
+def check_overrides(overrides: Mapping[str, Mapping[str, Any]], tables: Sequence[str]) -> None:
+    """Refuses overrides of tables not in ``tables`` (naming the closest ones and the tables there
+    are), of the logical table's fields (they come from the converted config), and of no field."""
+    unknown = [name for name in overrides if name not in tables]
+    if unknown:
+        close = [m for name in unknown for m in difflib.get_close_matches(name, tables, n=1)]
+        hint = f" (did you mean {', '.join(repr(m) for m in close)}?)" if close else ""
+        raise MultiHashConfigError(f"overrides name unknown table(s) {sorted(unknown)}{hint}; the tables are {list(tables)}")
+    fields = MultiHashEmbeddingBagConfig.__dataclass_fields__
+    for name, own in overrides.items():
+        logical = [k for k in own if k in LOGICAL_FIELDS]
+        if logical:
+            raise MultiHashConfigError(
+                f"the override of table '{name}' sets {logical}: the logical table's, which come from the config converted; set them there"
+            )
+        bad = [k for k in own if k not in fields]
+        if bad:
+            raise MultiHashConfigError(f"the override of table '{name}' sets {bad}, which are not MultiHashEmbeddingBagConfig fields")
+
+
+def _override_sizing(
+    c: EmbeddingBagConfig, own: Mapping[str, Any], compression: float, operation: str, num_partitions: Optional[int]
+) -> Optional[Tuple[Union[StrategyName, str], Sizing]]:
+    """The strategy the override of table ``c`` names, sized for ``compression`` (None: full)."""
+    try:
+        name = parse_strategy(own["strategy"])
+    except MultiHashError as e:
+        raise MultiHashConfigError(f"table '{c.name}': {e}") from None
+    cls = strategy_class(name)
+    k = cls.default_partitions if num_partitions is None else num_partitions
+    try:
+        cls.check_num_partitions(k)
+    except ValueError as e:
+        size = f"give its size in the override ({', '.join(cls.uses)})" if cls.uses else "leave num_partitions out"
+        raise MultiHashConfigError(f"table '{c.name}': num_partitions={k} does not suit the strategy its override names: {e}; {size}") from None
+    if name == StrategyName.FULL:
+        return None
+    return name, cls.sized_for(c.num_embeddings, c.embedding_dim, compression, own.get("operation", operation), k)
+
+
 def to_multihash_configs(
     configs: Sequence[EmbeddingBagConfig],
     compression: float,
@@ -38,17 +86,19 @@ def to_multihash_configs(
     """Converts TorchRec configs to multi-hash configs that shrink each table by ``compression``.
 
     Tables with at most ``threshold`` rows stay full. ``overrides`` maps a table name to
-    MultiHashEmbeddingBagConfig fields that replace the chosen ones. A table the strategy cannot
-    shrink enough gets the strategy's smallest configuration and a warning (an error if ``strict``).
+    MultiHashEmbeddingBagConfig fields that replace the chosen ones: an override naming a strategy
+    gets that strategy sized for ``compression`` (whatever the table's rows), with its ``operation``
+    if it gives one; an override giving a size field (``num_collisions``, ``moduli``, ``mapping_rows``,
+    ``mapping_ids``, ``fallback_rows``) sizes the table itself: none of the chosen size fields is
+    kept. A table the strategy cannot shrink enough gets the strategy's smallest configuration and a
+    warning (an error if ``strict``).
 
     Example: ``MultiHashEmbeddingBagCollection(to_multihash_configs(ebc_configs, compression=4))``
     """
     name = _check_arguments(strategy, operation, compression)
     cls = strategy_class(name)
     overrides = dict(overrides or {})
-    unknown = set(overrides) - {c.name for c in configs}
-    if unknown:
-        raise MultiHashConfigError(f"overrides name unknown table(s) {sorted(unknown)}")
+    check_overrides(overrides, [c.name for c in configs])
     if isinstance(threshold, bool) or not isinstance(threshold, int):
         raise MultiHashConfigError(f"threshold must be an int (rows), got {threshold!r}")
     k = cls.default_partitions if num_partitions is None else num_partitions
@@ -59,16 +109,27 @@ def to_multihash_configs(
     out: List[MultiHashEmbeddingBagConfig] = []
     short: List[str] = []
     for c in configs:
+        own = overrides.get(c.name, {})
         fields: Dict[str, Any] = dict(strategy=StrategyName.FULL, operation=operation)
-        if name != StrategyName.FULL and c.num_embeddings > threshold and compression > 1:
-            s = cls.sized_for(c.num_embeddings, c.embedding_dim, compression, operation, k)
+        sized: Optional[Tuple[Union[StrategyName, str], Sizing]] = None
+        if any(key in own for key in SIZING_FIELDS):  # sized by the user: the config's strategy unless it names one
+            fields.update(strategy=name)
+        elif "strategy" in own:
+            sized = _override_sizing(c, own, compression, operation, num_partitions)
+        elif name != StrategyName.FULL and c.num_embeddings > threshold and compression > 1:
+            sized = (name, cls.sized_for(c.num_embeddings, c.embedding_dim, compression, str(own.get("operation", operation)), k))
+        if sized is not None:
+            table_strategy, s = sized
             if s.factor * (1 + TOLERANCE) < compression * (1 - 1e-9):
-                short.append(f"{c.name} (N={c.num_embeddings}): {s.factor:.2f}x")
-            fields.update(strategy=name, **s.fields)
-        fields.update(overrides.get(c.name, {}))
+                short.append(f"{c.name} (N={c.num_embeddings}{'' if table_strategy == name else f', {table_strategy}'}): {s.factor:.2f}x")
+            fields.update(strategy=table_strategy, **s.fields)
+        fields.update(own)
         out.append(MultiHashEmbeddingBagConfig(**logical_fields(c), **fields))
     if short:
-        msg = f"strategy '{name}' cannot shrink these tables {compression}x; they use its smallest configuration instead: {', '.join(short)}"
+        msg = (
+            f"strategy '{name}' (or the one a table's override names) cannot shrink these tables {compression}x; "
+            f"they use its smallest configuration instead: {', '.join(short)}"
+        )
         if strict:
             raise MultiHashConfigError(msg)
         warnings.warn(msg, stacklevel=2)

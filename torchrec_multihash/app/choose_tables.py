@@ -3,6 +3,8 @@ on rank 0 before training, and kept in the run folder while the data and config 
 
 import copy
 import json
+import math
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -25,6 +27,21 @@ def budget_bytes(cfg: Config, plain: List[EmbeddingBagConfig]) -> int:
     return int(sum(full_bytes(c) / (emb.compression if c.num_embeddings > emb.threshold else 1) for c in plain))
 
 
+def _unmet(cfg: Config, plain: List[EmbeddingBagConfig], budget: int, least: int) -> str:
+    """Why a budget of ``budget`` bytes cannot be met (the tables take ``least`` at the least), and what would do."""
+    emb = cfg.embeddings
+    small = sum(full_bytes(c) for c in plain if c.num_embeddings <= emb.threshold)
+    why = (
+        f"the least the tables take is {least:,} bytes: those over embeddings.threshold={emb.threshold} rows at the smallest "
+        f"configuration of embeddings.auto_candidates {list(emb.auto_candidates)}, the others full ({small:,} bytes)"
+    )
+    if emb.budget_bytes is not None:
+        return f"strategy auto: embeddings.budget_bytes={budget:,} cannot be met: {why}; give at least {least:,}"
+    big = sum(full_bytes(c) for c in plain) - small
+    most = f"; give a compression of at most {math.floor(10 * big / (least - small)) / 10:g}" if least > small else ""
+    return f"strategy auto: embeddings.compression={emb.compression:g} (a budget of {budget:,} bytes) cannot be met: {why}{most}"
+
+
 def _source(cfg: Config) -> Record:
     return {**data_record(cfg), **tables_record(cfg)}
 
@@ -36,9 +53,14 @@ def choose_for_config(cfg: Config, plain: List[EmbeddingBagConfig], show_progres
     stats = table_statistics(plain, data.train(0, 0), show_progress=show_progress)
     budget = budget_bytes(cfg, plain)
     try:
-        choices = choose_tables(plain, stats, budget, cfg.embeddings.threshold, cfg.embeddings.auto_candidates)
+        with warnings.catch_warnings():  # a budget it cannot meet: refused below, naming the key
+            warnings.filterwarnings("ignore", message="strategy auto: a budget of")
+            choices = choose_tables(plain, stats, budget, cfg.embeddings.threshold, cfg.embeddings.auto_candidates)
     except AutoChoiceError as e:
         raise ConfigError(str(e)) from None
+    least = sum(ch.bytes for ch in choices)  # over the budget: every table at its smallest
+    if least > budget:
+        raise ConfigError(_unmet(cfg, plain, budget, least))
     return {
         "budget_bytes": budget,
         "bytes": sum(ch.bytes for ch in choices),

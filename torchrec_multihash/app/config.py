@@ -16,7 +16,7 @@ import yaml
 from torchrec_multihash.convert import DEFAULT_THRESHOLD
 from torchrec_multihash.distributed.constraints import DEFAULT_SMALL_TABLE_ROWS
 from torchrec_multihash.errors import MultiHashError
-from torchrec_multihash.modules.config import COMPOSITIONS
+from torchrec_multihash.modules.config import COMPOSITIONS, LOGICAL_FIELDS, TABLE_FIELDS
 from torchrec_multihash.modules.strategies import StrategyName, registered_strategies
 
 AUTO = "auto"  # embeddings.strategy: each table's strategy and size chosen from the data (torchrec_multihash.auto)
@@ -65,7 +65,9 @@ class EmbeddingsConfig:
     auto_choice: Optional[str] = None  # auto: an auto.json to use (default: chosen before training, in the run folder)
     threshold: int = DEFAULT_THRESHOLD  # tables this small stay full
     num_partitions: Optional[int] = None  # generalized_qr / crt (default 3 / 2)
-    overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # table -> config fields
+    # table (t_<feature>) -> its multi-hash fields (strategy, operation, num_collisions, moduli, ...): a strategy
+    # without sizes is sized for the compression; sizes given are the table's (see to_multihash_configs)
+    overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     constraints: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # table -> ParameterConstraints fields
     small_table_rows: int = DEFAULT_SMALL_TABLE_ROWS  # sub-tables this small are kept whole or replicated
     validate_ids: bool = True
@@ -238,9 +240,32 @@ def _check_strategy(emb: EmbeddingsConfig) -> None:
             raise ConfigError(f"embeddings.{key} must be one of {list(allowed)}, got {getattr(emb, key)!r}")
 
 
+# the table fields the app sets itself, which an override cannot: where each comes from
+_DERIVED = {
+    "name": "a table is named t_<feature> after the feature it looks up (embeddings.feature_names)",
+    "feature_names": "each table looks up its own feature, named by embeddings.feature_names (default C1, C2, ...)",
+    "num_embeddings": "it comes from embeddings.num_embeddings_per_feature (with data.ids: vocabulary, from the data)",
+    "embedding_dim": "it comes from model.embedding_dim, which every table shares (the DLRM interaction needs one width)",
+}
+
+
+def _check_overrides(emb: EmbeddingsConfig) -> None:
+    """``embeddings.overrides`` set only the multi-hash fields of a table (strategy, sizes, ...)."""
+    for table, fields in emb.overrides.items():
+        for key in fields:
+            where = f"embeddings.overrides.{table}.{key}"
+            if key in _DERIVED:
+                raise ConfigError(f"{where} cannot be set per table: {_DERIVED[key]}")
+            if key in LOGICAL_FIELDS:
+                raise ConfigError(f"{where} cannot be set per table: the app builds every table with TorchRec's default {key}")
+            if key not in TABLE_FIELDS:
+                raise ConfigError(f"{where}: not a table option; an override may set {list(TABLE_FIELDS)}")
+
+
 def validate(cfg: Config) -> Config:
     """Refuses values no run can use (a batch of 0, NaN learning rates, ...), naming the key."""
     _check_strategy(cfg.embeddings)
+    _check_overrides(cfg.embeddings)
     for section, key, least in _LEAST:
         value = getattr(getattr(cfg, section), key)
         if not least <= value < float("inf"):  # NaN too

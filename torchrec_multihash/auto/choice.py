@@ -16,10 +16,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, EmbeddingBagConfig
 
 from torchrec_multihash.auto.statistics import TableStatistics
-from torchrec_multihash.convert import to_multihash_configs
+from torchrec_multihash.convert import check_overrides, to_multihash_configs
 from torchrec_multihash.errors import MultiHashError
 from torchrec_multihash.modules.config import MultiHashEmbeddingBagConfig
-from torchrec_multihash.modules.strategies import StrategyName
+from torchrec_multihash.modules.strategies import TOLERANCE, StrategyName
 
 # the compressions a table may get; each step halves its bytes
 LEVELS = tuple(2.0**i for i in range(0, 13))
@@ -91,7 +91,10 @@ def _strategy_at(c: EmbeddingBagConfig, level: float, candidates: Sequence[str])
         why = "learned is not a candidate"
     for name in _COMPRESSIVE:
         if name in candidates:
-            return name, f"{name} mult ({why}): every id keeps its own combination of rows"
+            if name == StrategyName.HASH:  # one table: no operation, and ids share its rows
+                ids = _sized(c, name, level).num_collisions
+                return name, f"hash ({why}): the hashing trick, about {ids} ids to a row, which they share"
+            return name, f"{name} mult ({why}): every id keeps its own {'pair' if name == StrategyName.QR else 'combination'} of rows"
     raise AutoChoiceError(f"embeddings.auto_candidates {list(candidates)} holds no strategy that compresses (qr, crt, hash, ...)")
 
 
@@ -101,10 +104,13 @@ def _options(c: EmbeddingBagConfig, stats: TableStatistics, candidates: Sequence
     for level in LEVELS[1:]:
         strategy, why = _strategy_at(c, level, candidates)
         nbytes = _sized(c, strategy, level).strategy_impl().memory_bytes()
-        if nbytes >= out[-1].bytes:  # the strategy's smallest configuration: no further to go
-            break
         loss = stats.accesses - stats.top_accesses(math.ceil(c.num_embeddings / level))
-        out.append(_Option(level, strategy, nbytes, loss, why))
+        if nbytes < out[-1].bytes:
+            out.append(_Option(level, strategy, nbytes, loss, why))
+        elif full_bytes(c) * (1 + TOLERANCE) < level * nbytes:  # short of the level: the strategy's smallest configuration
+            break
+        elif nbytes == out[-1].bytes and len(out) > 1:  # a coarse step (generalized_qr's 4x at 2x) that meets this level too
+            out[-1] = _Option(level, strategy, nbytes, loss, why)
     return out
 
 
@@ -149,7 +155,7 @@ def choose_tables(
 ) -> List[TableChoice]:
     """One choice per table of ``configs`` (same order) within ``budget_bytes`` in all, mappings
     included. Tables of at most ``threshold`` rows stay full; a budget below the smallest the
-    strategies reach gives that smallest configuration (its bytes say by how much it is over)."""
+    strategies reach gives that smallest configuration, with a warning (``torchrec-multihash`` refuses it)."""
     unknown = [s for s in candidates if s not in [str(n) for n in StrategyName]]
     if unknown:
         raise AutoChoiceError(f"embeddings.auto_candidates: unknown strategies {unknown}; choose from {[str(n) for n in StrategyName]}")
@@ -159,6 +165,13 @@ def choose_tables(
     small = {c.name: full_bytes(c) for c in configs if c.num_embeddings <= threshold}
     options = {c.name: _options(c, statistics[c.name], candidates) for c in configs if c.name not in small}
     at = _allocate(options, budget_bytes - sum(small.values()))
+    least = sum(small.values()) + sum(opts[-1].bytes for opts in options.values())
+    if least > budget_bytes:
+        warnings.warn(
+            f"strategy auto: a budget of {budget_bytes:,} bytes is below the least these tables take, {least:,} bytes: "
+            "every table gets its strategies' smallest configuration (the small ones stay full)",
+            stacklevel=2,
+        )
     out = []
     for c in configs:
         if c.name in small:
@@ -182,9 +195,7 @@ def auto_configs(
 ) -> List[MultiHashEmbeddingBagConfig]:
     """The multi-hash configs of ``choices`` (``overrides``: fields of yours that replace them)."""
     by_name = {ch.table: ch for ch in choices}
-    unknown = sorted(set(overrides or {}) - {c.name for c in configs})
-    if unknown:
-        raise AutoChoiceError(f"overrides name unknown table(s) {unknown}")
+    check_overrides(overrides or {}, [c.name for c in configs])
     missing = [c.name for c in configs if c.name not in by_name]
     if missing:
         raise AutoChoiceError(f"the automatic choice has no entry for table(s) {missing}: it was made for other tables")

@@ -39,15 +39,22 @@ def quantize_embeddings(model: nn.Module, dtype: torch.dtype = torch.qint8, inpl
     )
 
 
+def _stored_bytes(module: nn.Module) -> int:
+    """Bytes of one table module's weights as stored."""
+    if isinstance(module, (QuantEmbeddingBagCollection, QuantEmbeddingCollection)):
+        # FBGEMM's kernels hold each group's rows in one buffer (int4 packed two to a byte, the per-row
+        # scale and bias, rows padded to the row alignment), which a TorchScript export stores as it is;
+        # the module's state_dict shows int4 rows as UInt4Tensor views of twice their bytes
+        kernels = module._emb_modules
+        return sum(t.numel() * t.element_size() for k in kernels for t in (k.weights_host, k.weights_dev, k.weights_uvm))
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values() if isinstance(t, torch.Tensor))
+
+
 def embedding_bytes(model: nn.Module) -> int:
-    """Bytes the model's embedding tables take as stored: float weights of TorchRec's modules, or
-    the quantized rows (with their per-row scale and bias) of its quantized modules, plus our
-    learned mappings."""
+    """Bytes the model's embedding tables take as stored (what a TorchScript export of it holds): float
+    weights of TorchRec's modules, or the quantized rows of its quantized modules as FBGEMM keeps them
+    (packed, with their per-row scale and bias, padded to the row alignment), plus our learned mappings."""
     from torchrec_multihash.modules.learned_mapping import LearnedMapping
 
     tables = (EmbeddingBagCollection, EmbeddingCollection, QuantEmbeddingBagCollection, QuantEmbeddingCollection, LearnedMapping)
-    total = 0
-    for module in model.modules():
-        if isinstance(module, tables):
-            total += sum(t.numel() * t.element_size() for t in module.state_dict().values() if isinstance(t, torch.Tensor))
-    return total
+    return sum(_stored_bytes(module) for module in model.modules() if isinstance(module, tables))

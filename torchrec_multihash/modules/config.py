@@ -1,5 +1,6 @@
 """Configuration of one logical multi-hash embedding table."""
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Type, Union
 
@@ -21,6 +22,7 @@ POOLINGS = (PoolingType.SUM, PoolingType.MEAN)
 DEFAULT_NUM_COLLISIONS = 4  # as the original DLRM code's --qr-collisions
 SIZE_FIELDS = ("num_collisions", "moduli")
 MAPPING_FIELDS = ("mapping_rows", "mapping_ids", "fallback_rows")
+SIZING_FIELDS = SIZE_FIELDS + MAPPING_FIELDS  # what a strategy's sizing sets (``Strategy.sized_for``)
 
 
 class MultiHashConfigError(MultiHashError, ValueError):
@@ -256,3 +258,8 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
                 "stack_parts=True stores the parts of an add in one table (its pooling adds them): it needs "
                 f"operation='add' on a multi-partition strategy, got strategy='{self.strategy}', operation={self.operation!r}"
             )
+
+
+# the fields a multi-hash table adds to TorchRec's EmbeddingBagConfig (strategy, operation, sizes, ...): what
+# the converter's overrides may set
+TABLE_FIELDS = tuple(f.name for f in dataclasses.fields(MultiHashEmbeddingBagConfig) if f.name not in EmbeddingBagConfig.__dataclass_fields__)
