@@ -42,3 +42,18 @@ def test_fit_hash_errors_name_the_command_once(tmp_path):
     r = run_cli("fit-hash", "--config", "configs/quickstart.yaml", "--out", str(tmp_path / "mapping"))
     assert r.returncode == 2 and "torchrec-multihash fit-hash: the config has no learned table" in r.stderr, r.stderr[-2000:]
     assert "fit-hash: fit-hash:" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """``plan ... | head -n 0``: the reader is gone before the first line; exit 141 (SIGPIPE), no traceback."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen(
+        [sys.executable, "-m", "torchrec_multihash.cli", "plan", "--config", "configs/quickstart.yaml", "--world-size", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    p.stdout.close()  # the reader stops before the command writes
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 141 and "Traceback" not in err and "BrokenPipeError" not in err, err[-2000:]

@@ -101,6 +101,10 @@ def test_plan_command_text_and_json():
         (["--world-size", "2", "--set", "embeddings.strategy=lsh"], "embeddings.strategy must be one of"),
         (["--world-size", "2", "--set", "embeddings.compresion=4"], "unknown key(s) ['embeddings.compresion']"),
         (["--world-size", "2", "--set", "train.batch_size=big"], "train.batch_size: expected int"),
+        (
+            ["--world-size", "2", "--set", "embeddings.constraints={t_C3: {sharding_type: [row_wise]}}"],
+            "embeddings.constraints.t_C3: unknown key(s) ['sharding_type']; TorchRec's ParameterConstraints takes ['sharding_types'",
+        ),
     ],
 )
 def test_plan_command_errors(args, message, capsys):

@@ -3,6 +3,7 @@
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -39,8 +40,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, _ = parser.parse_known_args(argv[:1])
     # torch's note that is_fx_tracing covers torch.export too says nothing to a user of this tool,
     # and every rank of a job would print it
-    with loggers_at(logging.ERROR, [FX_TRACING_LOGGER]):
-        return importlib.import_module(COMMANDS[args.command][0]).main(argv[1:])
+    try:
+        with loggers_at(logging.ERROR, [FX_TRACING_LOGGER]):
+            return importlib.import_module(COMMANDS[args.command][0]).main(argv[1:])
+    except BrokenPipeError:  # the output piped into a reader that stopped (`plan ... | head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's final flush must not fail again
+        return 141  # 128 + SIGPIPE, what a shell reports
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Builds the multi-hash tables and the DLRM model a config describes."""
 
+import dataclasses
 from typing import Dict, List, Optional, Union
 
 import torch
@@ -114,7 +115,11 @@ def build_tables(cfg: Config, choices: Optional[List[TableChoice]] = None) -> Li
 def build_constraints(cfg: Config, tables: List[MultiHashEmbeddingBagConfig]) -> Dict[str, ParameterConstraints]:
     """Planner constraints on the sub-tables, from ``embeddings.constraints`` on logical tables."""
     logical: Dict[str, ParameterConstraints] = {}
+    allowed = [f.name for f in dataclasses.fields(ParameterConstraints)]
     for name, fields in cfg.embeddings.constraints.items():
+        unknown = sorted(set(fields) - set(allowed)) if isinstance(fields, dict) else []
+        if unknown:
+            raise ConfigError(f"embeddings.constraints.{name}: unknown key(s) {unknown}; TorchRec's ParameterConstraints takes {allowed}")
         try:
             logical[name] = ParameterConstraints(**fields)
         except TypeError as e:
