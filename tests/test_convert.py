@@ -95,3 +95,14 @@ def test_an_override_naming_a_strategy_is_sized_for_it():
         to_multihash_configs(t, 4, strategy="generalized_qr", num_partitions=3, overrides={"t": {"strategy": "qr"}})
     with pytest.raises(MultiHashConfigError, match="table 't': strategy must be one of"):
         to_multihash_configs(t, 4, overrides={"t": {"strategy": "bogus"}})
+
+
+def test_override_sizes_that_make_a_table_larger_than_full_are_warned_of():
+    configs = [
+        EmbeddingBagConfig(name="t_a", num_embeddings=1460, embedding_dim=16, feature_names=["a"]),
+        EmbeddingBagConfig(name="t_b", num_embeddings=100_000, embedding_dim=16, feature_names=["b"]),
+    ]
+    overrides = {"t_a": {"strategy": "learned", "mapping_rows": 100_000}, "t_b": {"num_collisions": 4}}
+    with pytest.warns(UserWarning, match=r"larger than uncompressed: t_a \(learned, mapping_rows=100000\): [\d,]+ bytes against 93,440") as caught:
+        to_multihash_configs(configs, compression=4, strategy="qr", overrides=overrides)
+    assert not any("t_b" in str(w.message) for w in caught)  # 4x smaller: not named

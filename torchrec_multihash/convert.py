@@ -108,6 +108,7 @@ def to_multihash_configs(
         raise MultiHashConfigError(str(e)) from None
     out: List[MultiHashEmbeddingBagConfig] = []
     short: List[str] = []
+    larger: List[str] = []  # tables an override's sizes make larger than full
     for c in configs:
         own = overrides.get(c.name, {})
         fields: Dict[str, Any] = dict(strategy=StrategyName.FULL, operation=operation)
@@ -125,6 +126,14 @@ def to_multihash_configs(
             fields.update(strategy=table_strategy, **s.fields)
         fields.update(own)
         out.append(MultiHashEmbeddingBagConfig(**logical_fields(c), **fields))
+        if any(key in own for key in SIZING_FIELDS):
+            mine = out[-1].strategy_impl().memory_bytes()
+            full = MultiHashEmbeddingBagConfig(**logical_fields(c), strategy=StrategyName.FULL).strategy_impl().memory_bytes()
+            if mine > full:
+                given = ", ".join(f"{k}={own[k]}" for k in SIZING_FIELDS if k in own)
+                larger.append(f"{c.name} ({out[-1].strategy}, {given}): {mine:,} bytes against {full:,} for the full table")
+    if larger:
+        warnings.warn(f"the sizes an override gives make these tables larger than uncompressed: {'; '.join(larger)}", stacklevel=2)
     if short:
         msg = (
             f"strategy '{name}' (or the one a table's override names) cannot shrink these tables {compression}x; "
