@@ -3,6 +3,7 @@
 import bisect
 import functools
 import itertools
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -95,7 +96,13 @@ def _npy_batches(paths: List[str], cfg: Config, rank: int, world_size: int, keys
         f = bisect.bisect_right(file_starts, start + row) - 1
         return f"{triplets[f][0]} row {start + row - file_starts[f]}"
 
-    for i, b in enumerate(pipe):
+    batches = iter(pipe)
+    for i in itertools.count():
+        with warnings.catch_warnings():  # TorchRec wraps the read-only memory map in tensors; nothing writes to them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            b = next(batches, None)
+        if b is None:
+            return
         check_labels(check_finite(b, functools.partial(where, i)), functools.partial(where, i))
         kjt = b.sparse_features  # keyed cat_0..cat_25: rename to the model's features
         yield Batch(
