@@ -87,6 +87,9 @@ def test_quality_summary_pairs_seeds_against_hash():
     assert (round(lo, 4), round(mean, 4), round(hi, 4)) == (0.01, 0.015, 0.02)
     assert summary["hash"]["auc_vs_hash"] is None and summary["learned"]["reduction"] == 4.0
     assert "+0.0150 [+0.0100, +0.0200]" in markdown(summarize(rows), "t")
+    assert "| 0.6500 ± 0.0707 |" in markdown(summarize(rows), "t")  # the std over the 2 seeds
+    one_seed = markdown(summarize([r for r in rows if r["seed"] == 0]), "t")
+    assert "| 0.7200 | 0.5000 |" in one_seed and "±" not in one_seed  # no std of one value
 
 
 def test_quality_summary_pairs_against_qr_too_when_it_ran():

@@ -145,9 +145,12 @@ def markdown(summary: List[Summary], title: str) -> str:
     ]
     for s in summary:
         qr_cell = f" {_vs(s.get('auc_vs_qr'))} |" if with_qr else ""
+        spread = s["seeds"] > 1  # a std over one seed says nothing: left out
+        auc = f"{s['auc']:.4f}" + (f" ± {s['auc_std']:.4f}" if spread else "")
+        logloss = f"{s['logloss']:.4f}" + (f" ± {s['logloss_std']:.4f}" if spread else "")
         lines.append(
             f"| {s['strategy']} | {s['compression']:g}x | {s['reduction']:.2f}x | {s['embedding_bytes']:,.0f} | "
-            f"{s['auc']:.4f} ± {s['auc_std']:.4f} | {s['logloss']:.4f} ± {s['logloss_std']:.4f} | {_vs(s['auc_vs_hash'])} |{qr_cell} {s['seeds']} |"
+            f"{auc} | {logloss} | {_vs(s['auc_vs_hash'])} |{qr_cell} {s['seeds']} |"
         )
     return "\n".join(lines) + "\n"
 
