@@ -161,6 +161,30 @@ def test_a_vocabulary_of_other_data_or_min_count_is_rebuilt_a_corrupt_one_refuse
         make_data(_kaggle_cfg(tmp_path, shared_data, half), 0, 1, out)
 
 
+def test_the_checkpoint_of_a_replaced_run_is_not_the_folders(tmp_path):
+    """run.json names the run the folder belongs to, each checkpoint the run that wrote it."""
+    from torchrec_multihash.app.run_folder import run_checkpoint
+
+    cfg, out = _cfg(tmp_path), tmp_path / "run"
+    save_checkpoint(out / "checkpoint", one_table_ebc(), meta={"run": run_record(cfg, 1), "run_id": "a"})
+    assert run_checkpoint(out) == out / "checkpoint"  # no run.json: a folder of an older version
+    (out / "run.json").write_text(json.dumps({"run_id": "a", "started": 0}))
+    assert check_owner(cfg, run_record(cfg, 1), True, False) == out / "checkpoint"
+    (out / "run.json").write_text(json.dumps({"run_id": "b", "started": 0}))
+    assert run_checkpoint(out) is None
+    with pytest.raises(
+        ConfigError, match="--resume: .*checkpoint holds the checkpoint of an earlier run, not of the run .* belongs to now \\(started at"
+    ):
+        check_owner(cfg, run_record(cfg, 1), "auto", False)
+    save_checkpoint(out / "checkpoint", one_table_ebc(), meta={"run": run_record(cfg, 1)})  # recording no writer (older version)
+    assert run_checkpoint(out) == out / "checkpoint"  # the run replaced none: as before run ids
+    (out / "run.json").write_text(json.dumps({"run_id": "b", "started": 0, "replaced": True}))
+    assert run_checkpoint(out) is None  # the one the run replaced
+    (out / "run.json").write_text("{trunc")
+    with pytest.raises(ConfigError, match="run.json: not a run record \\(damaged\\?\\)"):
+        check_owner(cfg, run_record(cfg, 1), True, False)
+
+
 def test_a_corrupt_mapping_report_is_a_clear_error(tmp_path):
     from torchrec_multihash import MultiHashConfigError
     from torchrec_multihash.learned.fit import load_mappings

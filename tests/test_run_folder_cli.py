@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.helpers.cli import train
+from tests.helpers.cli import run_cli, train
 
 # 16 steps of 256 samples on small tables
 TINY = [
@@ -122,3 +122,54 @@ def test_sigterm_saves_a_checkpoint_and_resume_auto_ends_as_an_uninterrupted_run
     assert r.returncode == 0, r.stderr[-2000:]
     assert resumed["steps"] == straight["steps"] == 16
     assert resumed["logloss"] == pytest.approx(straight["logloss"], abs=1e-6)
+
+
+def _export(tmp_path, *args: str):
+    common = ["--config", "configs/quickstart.yaml", "--set", f"train.output_dir={tmp_path / 'run'}", *args]
+    return run_cli("export", *common, "--out", str(tmp_path / "model.pt"), "--evaluate")
+
+
+@pytest.mark.slow
+def test_an_overwriting_run_never_passes_the_old_checkpoint_off_as_its_own(tmp_path):
+    """Once a run started over (--overwrite), export and --resume never take the old model for
+    its: the old checkpoint is moved aside when the run ends without one of its own, and refused
+    while the run goes on or after it was killed."""
+    checkpoints = ["--set", "train.checkpoint_every=8"]
+    r, _ = train(tmp_path, *TINY, *checkpoints)
+    assert r.returncode == 0, r.stderr[-2000:]
+    overwrite, new = train(tmp_path, *TINY, "--set", "train.max_steps=2", "--overwrite")  # ends without a checkpoint
+    assert overwrite.returncode == 0 and new["steps"] == 2, overwrite.stderr[-2000:]
+    r = _export(tmp_path, *TINY)
+    assert r.returncode == 2 and "no checkpoint in" in r.stderr and "Traceback" not in r.stderr, r.stdout[-2000:]
+    r, _ = train(tmp_path, *TINY, "--resume")
+    assert r.returncode == 2 and "--resume: no checkpoint in" in r.stderr, r.stdout[-2000:]
+    replaced = tmp_path / "run" / "checkpoint.replaced"
+    assert f"Moved the checkpoint of the run this one replaced (--overwrite) to {replaced}" in overwrite.stdout
+    assert (replaced / ".metadata").is_file()  # moved aside, not lost
+
+    r, _ = train(tmp_path, *TINY, *checkpoints, "--overwrite")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r, _ = train(tmp_path, *TINY, "--overwrite", env={"MULTIHASH_FAULT_AT_STEP": "2"})  # killed mid-run: no cleanup
+    assert r.returncode == 1 and "exits after step 2" in r.stderr, r.stderr[-2000:]
+    r = _export(tmp_path, *TINY)
+    assert (
+        r.returncode == 2 and "checkpoint holds the checkpoint of an earlier run, not of the run" in r.stderr and "with --overwrite)" in r.stderr
+    ), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "model.pt").exists()
+    r, _ = train(tmp_path, *TINY, "--resume")
+    assert r.returncode == 2 and "--resume: " in r.stderr and "holds the checkpoint of an earlier run" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_failed_overwrite_loses_nothing(tmp_path):
+    """A run started with --overwrite that stops with an error before saving a checkpoint gives
+    the folder back: the old checkpoint is still the folder's, to export or continue."""
+    r, old = train(tmp_path, *TINY, "--set", "train.checkpoint_every=8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r, _ = train(tmp_path, *TINY, "--set", "data.train_samples=100", "--overwrite")  # fails before a step
+    assert r.returncode == 2 and "data.train_samples=100 is less than one batch" in r.stderr, r.stderr[-2000:]
+    assert f"The checkpoint of the previous run stays in {tmp_path / 'run' / 'checkpoint'}" in r.stdout
+    r = _export(tmp_path, *TINY)
+    assert r.returncode == 0 and f"trained   test AUC {old['auc']:.4f}" in r.stdout, r.stderr[-2000:]
+    r, resumed = train(tmp_path, *TINY, "--resume")
+    assert r.returncode == 0 and "Resumed from" in r.stdout and resumed["steps"] == 16, r.stderr[-2000:]
