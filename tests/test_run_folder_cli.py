@@ -1,6 +1,7 @@
 """Issue 14 through the command: stale learned mappings, two runs in one folder, runs that train
 nothing, a NaN loss, SIGTERM."""
 
+import collections
 import json
 import os
 import subprocess
@@ -173,3 +174,44 @@ def test_a_failed_overwrite_loses_nothing(tmp_path):
     assert r.returncode == 0 and f"trained   test AUC {old['auc']:.4f}" in r.stdout, r.stderr[-2000:]
     r, resumed = train(tmp_path, *TINY, "--resume")
     assert r.returncode == 0 and "Resumed from" in r.stdout and resumed["steps"] == 16, r.stderr[-2000:]
+
+
+def _swap_top_values(path, column: int = 14) -> None:
+    """Rewrites ``path`` with the two most frequent values of ``column`` (C1) swapped: other data
+    of the same name and size, whose rebuilt vocabulary would swap the two ids."""
+    rows = [line.split("\t") for line in path.read_text().splitlines()]
+    (a, _), (b, _) = collections.Counter(r[column] for r in rows).most_common(2)
+    for r in rows:
+        r[column] = {a: b, b: a}.get(r[column], r[column])
+    size = path.stat().st_size
+    path.write_text("".join("\t".join(r) + "\n" for r in rows))
+    assert path.stat().st_size == size
+
+
+@pytest.mark.slow
+def test_resume_export_and_plan_refuse_to_rebuild_the_vocabulary_of_a_checkpoint(tmp_path, shared_data):
+    """Training data changed under its name and size: its vocabulary would give the checkpoint's
+    rows to other values; every command refuses naming the file and keeps vocabulary.json."""
+    k = shared_data / "criteo_kaggle_900" / "train.txt"
+    data = tmp_path / "train.txt"
+    data.write_bytes(k.read_bytes())
+    config = "configs/movielens_100k_ctr_full.yaml"
+    sets = ["--set", f"data.train={data}", "--set", f"data.test={k}", "--set", "train.batch_size=64", "--set", "train.checkpoint_every=5"]
+    r, _ = train(tmp_path, *sets, config=config)
+    assert r.returncode == 0, r.stderr[-2000:]
+    vocabulary = (tmp_path / "run" / "vocabulary.json").read_bytes()
+    _swap_top_values(data)
+
+    folder = ["--config", config, "--set", f"train.output_dir={tmp_path / 'run'}", *sets]
+    for r in (
+        train(tmp_path, *sets, "--resume", config=config)[0],
+        run_cli("export", *folder, "--out", str(tmp_path / "m.pt")),
+        run_cli("plan", *folder, "--set", "embeddings.strategy=mch", "--world-size", "1"),  # mch: the tables' sizes from the vocabulary
+    ):
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "Resumed" not in r.stdout, r.stderr[-2000:]
+        assert f"data.train: {data} was modified since (same size)" in r.stderr and "--overwrite" in r.stderr, r.stderr[-2000:]
+        assert f"{tmp_path / 'run' / 'vocabulary.json'} is not rebuilt" in r.stderr and "Rebuilding" not in r.stdout
+        assert (tmp_path / "run" / "vocabulary.json").read_bytes() == vocabulary
+    r, _ = train(tmp_path, *sets, "--overwrite", config=config)  # a new run on this data builds its own
+    assert r.returncode == 0 and "Rebuilding" in r.stdout, r.stderr[-2000:]
+    assert (tmp_path / "run" / "vocabulary.json").read_bytes() != vocabulary

@@ -36,7 +36,8 @@ def load_trained_model(cfg: Config, checkpoint: Path) -> nn.Module:
         raise ConfigError(f"no checkpoint in {checkpoint} (train with train.checkpoint_every > 0, or give --checkpoint)")
     if Path(checkpoint).resolve() == checkpoint_dir(cfg).resolve():
         check_checkpoint_run(Path(cfg.train.output_dir), found)
-    data = make_data(cfg, 0, 1, Path(cfg.train.output_dir))  # the table sizes (a vocabulary's come from the run)
+    # the table sizes (a vocabulary's come from the run: that of the data the checkpoint was trained on)
+    data = make_data(cfg, 0, 1, Path(cfg.train.output_dir), checkpoint)
     cfg.embeddings.num_embeddings_per_feature = data.num_embeddings_per_feature
     trained = DLRMTrain(build_model(cfg, device=torch.device("cpu")))
     load_checkpoint(checkpoint, trained)
@@ -92,7 +93,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.jit.save(scripted, str(args.out))
         print(f"Wrote {args.out} ({args.dtype} tables). {_report(model, dtype, args.row_alignment)}")
         if args.evaluate:
-            data = make_data(cfg, 0, 1, Path(cfg.train.output_dir))
+            data = make_data(cfg, 0, 1, Path(cfg.train.output_dir), args.checkpoint or checkpoint_dir(cfg))
             for name, m in (("trained", model), ("exported", scripted)):
                 r = evaluate_model(m, data.test())
                 print(f"{name:9s} test AUC {r['auc']:.4f}, log loss {r['logloss']:.4f}")

@@ -122,7 +122,7 @@ def build_run(cfg: Config, device: torch.device, resume: Union[bool, str], recor
     """This rank's data, sharded model, optimizers and schedule, at the start or where the
     checkpoint left off (see ``train``); the run folder is claimed (``run_folder``) by run ``run_id``."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    data = make_data(cfg, rank, world, Path(cfg.train.output_dir))
+    data = make_data(cfg, rank, world, Path(cfg.train.output_dir))  # (a vocabulary: that of the checkpoint resumed, if any)
     cfg.embeddings.num_embeddings_per_feature = data.num_embeddings_per_feature
     if is_auto(cfg):  # each table's strategy and size, from the training data (rank 0 chooses)
         on_rank0(lambda: ensure_choice(cfg, plain_tables(cfg)))
@@ -130,7 +130,8 @@ def build_run(cfg: Config, device: torch.device, resume: Union[bool, str], recor
     dmp, ebc = build_sharded_model(cfg, device)
     opt = make_optimizer(dmp, cfg.train)
     state = start_state(cfg, dmp, opt, resume)
-    return TrainRun(cfg, device, data, dmp, ebc, opt, lr_schedule(opt, cfg.train, state.step), state, {"run": record, "run_id": run_id})
+    meta = {"run": record, "run_id": run_id, **({"vocabulary": data.vocabulary} if data.vocabulary is not None else {})}
+    return TrainRun(cfg, device, data, dmp, ebc, opt, lr_schedule(opt, cfg.train, state.step), state, meta)
 
 
 def train_segment(run: TrainRun, batches: Iterator[Batch]) -> int:

@@ -43,8 +43,9 @@ def checkpoint_dir(cfg: Config) -> Path:
 
 def save_train_checkpoint(cfg: Config, dmp: DistributedModelParallel, opt: CombinedOptimizer, state: TrainState, meta: Dict[str, Any]) -> None:
     """The model, the optimizer state and ``state`` into ``output_dir/checkpoint``, with ``meta`` in
-    its manifest: ``run`` (what the data position depends on: see ``provenance.run_record``) and
-    ``run_id`` (the run that wrote it: ``run_folder``); every rank calls it."""
+    its manifest: ``run`` (what the data position depends on: see ``provenance.run_record``),
+    ``run_id`` (the run that wrote it: ``run_folder``) and ``vocabulary`` (what the ids' vocabulary
+    was made from, if any); every rank calls it."""
     extra = {"optimizer": opt.state_dict(), "train_state": state.state_dict()}
     save_checkpoint(checkpoint_dir(cfg), dmp, extra, meta=meta)
 
