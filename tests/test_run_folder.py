@@ -161,6 +161,65 @@ def test_a_vocabulary_of_other_data_or_min_count_is_rebuilt_a_corrupt_one_refuse
         make_data(_kaggle_cfg(tmp_path, shared_data, half), 0, 1, out)
 
 
+def test_a_vocabulary_under_the_folders_checkpoint_is_never_rebuilt_from_other_data(tmp_path, shared_data):
+    """What plan, fit-hash, export and --resume read: the vocabulary the checkpoint was trained
+    with (its manifest's record, or for an older checkpoint the vocabulary.json beside it); while
+    another run owns the folder (--overwrite), that run's own."""
+    from torchrec_multihash.app.data import make_data
+
+    k = shared_data / "criteo_kaggle_900" / "train.txt"
+    half = tmp_path / "half.txt"
+    half.write_text("".join(k.read_text().splitlines(keepends=True)[:450]))
+    out, other = tmp_path / "run", "the checkpoint in .* was trained with a vocabulary of other data \\(data.train: "
+    make_data(_kaggle_cfg(tmp_path, shared_data, k), 0, 1, out)
+    saved = (out / "vocabulary.json").read_bytes()
+    trained = json.loads(saved)["source"]
+    save_checkpoint(out / "checkpoint", one_table_ebc(), meta={"run": {}})  # an older checkpoint: no vocabulary recorded
+    with pytest.raises(ConfigError, match=other + ".*vocabulary.json is not rebuilt; start a new run on this data \\(--overwrite"):
+        make_data(_kaggle_cfg(tmp_path, shared_data, half), 0, 1, out)
+    assert (out / "vocabulary.json").read_bytes() == saved
+    make_data(_kaggle_cfg(tmp_path, shared_data, k, "train.batch_size=512"), 0, 1, out)  # not refused: the batch size decides no id
+
+    save_checkpoint(out / "checkpoint", one_table_ebc(), meta={"run_id": "a", "vocabulary": trained})
+    (out / "vocabulary.json").unlink()  # deleted, or rebuilt by a failed --overwrite: the record decides
+    with pytest.raises(ConfigError, match=other):
+        make_data(_kaggle_cfg(tmp_path, shared_data, half), 0, 1, out)
+    assert not (out / "vocabulary.json").exists()
+    make_data(_kaggle_cfg(tmp_path, shared_data, k), 0, 1, out)  # its data: built again
+    assert (out / "vocabulary.json").read_bytes() == saved
+    (out / "run.json").write_text(json.dumps({"run_id": "a"}))
+    with pytest.raises(ConfigError, match=other):
+        make_data(_kaggle_cfg(tmp_path, shared_data, half), 0, 1, out)
+    (out / "run.json").write_text(json.dumps({"run_id": "b"}))  # run b replaces run a's checkpoint (--overwrite)
+    assert make_data(_kaggle_cfg(tmp_path, shared_data, half), 0, 1, out).vocabulary != trained  # its own
+    with pytest.raises(ConfigError, match=other):  # an explicit checkpoint (export --checkpoint): its own
+        make_data(_kaggle_cfg(tmp_path, shared_data, half), 0, 1, out, checkpoint=out / "checkpoint")
+
+
+def test_the_checkpoint_of_a_replaced_run_is_not_the_folders(tmp_path):
+    """run.json names the run the folder belongs to, each checkpoint the run that wrote it."""
+    from torchrec_multihash.app.run_folder import run_checkpoint
+
+    cfg, out = _cfg(tmp_path), tmp_path / "run"
+    save_checkpoint(out / "checkpoint", one_table_ebc(), meta={"run": run_record(cfg, 1), "run_id": "a"})
+    assert run_checkpoint(out) == out / "checkpoint"  # no run.json: a folder of an older version
+    (out / "run.json").write_text(json.dumps({"run_id": "a", "started": 0}))
+    assert check_owner(cfg, run_record(cfg, 1), True, False) == out / "checkpoint"
+    (out / "run.json").write_text(json.dumps({"run_id": "b", "started": 0}))
+    assert run_checkpoint(out) is None
+    with pytest.raises(
+        ConfigError, match="--resume: .*checkpoint holds the checkpoint of an earlier run, not of the run .* belongs to now \\(started at"
+    ):
+        check_owner(cfg, run_record(cfg, 1), "auto", False)
+    save_checkpoint(out / "checkpoint", one_table_ebc(), meta={"run": run_record(cfg, 1)})  # recording no writer (older version)
+    assert run_checkpoint(out) == out / "checkpoint"  # the run replaced none: as before run ids
+    (out / "run.json").write_text(json.dumps({"run_id": "b", "started": 0, "replaced": True}))
+    assert run_checkpoint(out) is None  # the one the run replaced
+    (out / "run.json").write_text("{trunc")
+    with pytest.raises(ConfigError, match="run.json: not a run record \\(damaged\\?\\)"):
+        check_owner(cfg, run_record(cfg, 1), True, False)
+
+
 def test_a_corrupt_mapping_report_is_a_clear_error(tmp_path):
     from torchrec_multihash import MultiHashConfigError
     from torchrec_multihash.learned.fit import load_mappings

@@ -1,6 +1,7 @@
 """Issue 14 through the command: stale learned mappings, two runs in one folder, runs that train
 nothing, a NaN loss, SIGTERM."""
 
+import collections
 import json
 import os
 import subprocess
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.helpers.cli import train
+from tests.helpers.cli import run_cli, train
 
 # 16 steps of 256 samples on small tables
 TINY = [
@@ -154,3 +155,95 @@ def test_ctrl_c_saves_a_checkpoint_like_sigterm_and_a_second_one_stops_at_once(t
     assert r.returncode == 130 and m is None and "interrupted (Ctrl-C); nothing saved since the last checkpoint" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and not (tmp_path / "b" / "run" / "checkpoint").exists()
     assert not (tmp_path / "b" / "run" / ".lock").exists()
+
+
+def _export(tmp_path, *args: str):
+    common = ["--config", "configs/quickstart.yaml", "--set", f"train.output_dir={tmp_path / 'run'}", *args]
+    return run_cli("export", *common, "--out", str(tmp_path / "model.pt"), "--evaluate")
+
+
+@pytest.mark.slow
+def test_an_overwriting_run_never_passes_the_old_checkpoint_off_as_its_own(tmp_path):
+    """Once a run started over (--overwrite), export and --resume never take the old model for
+    its: the old checkpoint is moved aside when the run ends without one of its own, and refused
+    while the run goes on or after it was killed."""
+    checkpoints = ["--set", "train.checkpoint_every=8"]
+    r, _ = train(tmp_path, *TINY, *checkpoints)
+    assert r.returncode == 0, r.stderr[-2000:]
+    overwrite, new = train(tmp_path, *TINY, "--set", "train.max_steps=2", "--overwrite")  # ends without a checkpoint
+    assert overwrite.returncode == 0 and new["steps"] == 2, overwrite.stderr[-2000:]
+    r = _export(tmp_path, *TINY)
+    assert r.returncode == 2 and "no checkpoint in" in r.stderr and "Traceback" not in r.stderr, r.stdout[-2000:]
+    r, _ = train(tmp_path, *TINY, "--resume")
+    assert r.returncode == 2 and "--resume: no checkpoint in" in r.stderr, r.stdout[-2000:]
+    replaced = tmp_path / "run" / "checkpoint.replaced"
+    assert f"Moved the checkpoint of the run this one replaced (--overwrite) to {replaced}" in overwrite.stdout
+    assert (replaced / ".metadata").is_file()  # moved aside, not lost
+
+    r, _ = train(tmp_path, *TINY, *checkpoints, "--overwrite")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r, _ = train(tmp_path, *TINY, "--overwrite", env={"MULTIHASH_FAULT_AT_STEP": "2"})  # killed mid-run: no cleanup
+    assert r.returncode == 1 and "exits after step 2" in r.stderr, r.stderr[-2000:]
+    r = _export(tmp_path, *TINY)
+    assert (
+        r.returncode == 2 and "checkpoint holds the checkpoint of an earlier run, not of the run" in r.stderr and "with --overwrite)" in r.stderr
+    ), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "model.pt").exists()
+    r, _ = train(tmp_path, *TINY, "--resume")
+    assert r.returncode == 2 and "--resume: " in r.stderr and "holds the checkpoint of an earlier run" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_failed_overwrite_loses_nothing(tmp_path):
+    """A run started with --overwrite that stops with an error before saving a checkpoint gives
+    the folder back: the old checkpoint is still the folder's, to export or continue."""
+    r, old = train(tmp_path, *TINY, "--set", "train.checkpoint_every=8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r, _ = train(tmp_path, *TINY, "--set", "data.train_samples=100", "--overwrite")  # fails before a step
+    assert r.returncode == 2 and "data.train_samples=100 is less than one batch" in r.stderr, r.stderr[-2000:]
+    assert f"The checkpoint of the previous run stays in {tmp_path / 'run' / 'checkpoint'}" in r.stdout
+    r = _export(tmp_path, *TINY)
+    assert r.returncode == 0 and f"trained   test AUC {old['auc']:.4f}" in r.stdout, r.stderr[-2000:]
+    r, resumed = train(tmp_path, *TINY, "--resume")
+    assert r.returncode == 0 and "Resumed from" in r.stdout and resumed["steps"] == 16, r.stderr[-2000:]
+
+
+def _swap_top_values(path, column: int = 14) -> None:
+    """Rewrites ``path`` with the two most frequent values of ``column`` (C1) swapped: other data
+    of the same name and size, whose rebuilt vocabulary would swap the two ids."""
+    rows = [line.split("\t") for line in path.read_text().splitlines()]
+    (a, _), (b, _) = collections.Counter(r[column] for r in rows).most_common(2)
+    for r in rows:
+        r[column] = {a: b, b: a}.get(r[column], r[column])
+    size = path.stat().st_size
+    path.write_text("".join("\t".join(r) + "\n" for r in rows))
+    assert path.stat().st_size == size
+
+
+@pytest.mark.slow
+def test_resume_export_and_plan_refuse_to_rebuild_the_vocabulary_of_a_checkpoint(tmp_path, shared_data):
+    """Training data changed under its name and size: its vocabulary would give the checkpoint's
+    rows to other values; every command refuses naming the file and keeps vocabulary.json."""
+    k = shared_data / "criteo_kaggle_900" / "train.txt"
+    data = tmp_path / "train.txt"
+    data.write_bytes(k.read_bytes())
+    config = "configs/movielens_100k_ctr_full.yaml"
+    sets = ["--set", f"data.train={data}", "--set", f"data.test={k}", "--set", "train.batch_size=64", "--set", "train.checkpoint_every=5"]
+    r, _ = train(tmp_path, *sets, config=config)
+    assert r.returncode == 0, r.stderr[-2000:]
+    vocabulary = (tmp_path / "run" / "vocabulary.json").read_bytes()
+    _swap_top_values(data)
+
+    folder = ["--config", config, "--set", f"train.output_dir={tmp_path / 'run'}", *sets]
+    for r in (
+        train(tmp_path, *sets, "--resume", config=config)[0],
+        run_cli("export", *folder, "--out", str(tmp_path / "m.pt")),
+        run_cli("plan", *folder, "--set", "embeddings.strategy=mch", "--world-size", "1"),  # mch: the tables' sizes from the vocabulary
+    ):
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "Resumed" not in r.stdout, r.stderr[-2000:]
+        assert f"data.train: {data} was modified since (same size)" in r.stderr and "--overwrite" in r.stderr, r.stderr[-2000:]
+        assert f"{tmp_path / 'run' / 'vocabulary.json'} is not rebuilt" in r.stderr and "Rebuilding" not in r.stdout
+        assert (tmp_path / "run" / "vocabulary.json").read_bytes() == vocabulary
+    r, _ = train(tmp_path, *sets, "--overwrite", config=config)  # a new run on this data builds its own
+    assert r.returncode == 0 and "Rebuilding" in r.stdout, r.stderr[-2000:]
+    assert (tmp_path / "run" / "vocabulary.json").read_bytes() != vocabulary

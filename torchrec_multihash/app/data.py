@@ -13,11 +13,12 @@ from torchrec.datasets.utils import Batch
 
 from torchrec_multihash.app.config import Config, ConfigError
 from torchrec_multihash.app.model import feature_names
+from torchrec_multihash.app.provenance import Record
 from torchrec_multihash.app.vocabulary import run_vocabulary
 from torchrec_multihash.datasets.batching import check_finite, check_labels
 from torchrec_multihash.datasets.criteo_loader import CriteoBatchDataset, criteo_batches
 from torchrec_multihash.datasets.criteo_tsv import DEFAULT_SPARSE_NAMES, NUM_DENSE, NUM_SPARSE, BadLines, CriteoFormatError
-from torchrec_multihash.datasets.id_mapping import HashingIds, IdMapping
+from torchrec_multihash.datasets.id_mapping import HashingIds, IdMapping, Vocabulary
 from torchrec_multihash.datasets.synthetic import SyntheticCriteo
 
 FORMATS = ("synthetic", "criteo_tsv", "criteo_npy")
@@ -34,6 +35,7 @@ class RunData:
     keys: List[str]  # the sparse features' names, as the batches' KJTs key them
     # bad lines this rank skipped: in training (all epochs), in the latest test pass
     skipped_lines: Callable[[], Tuple[int, int]] = lambda: (0, 0)
+    vocabulary: Optional[Record] = None  # what the ids' vocabulary was made from (data.ids vocabulary)
 
 
 def _paths(paths: Optional[List[str]], what: str) -> List[str]:
@@ -166,9 +168,10 @@ def _npy_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunD
     )
 
 
-def _id_mapping(cfg: Config, keys: List[str], rank: int, world_size: int, output_dir: Path) -> IdMapping:
+def _id_mapping(cfg: Config, keys: List[str], rank: int, world_size: int, output_dir: Path, checkpoint: Optional[Path]) -> IdMapping:
     """How raw Criteo values become ids: hashing mod the configured sizes, or a vocabulary of the
-    training files (``vocabulary.run_vocabulary``: saved in ``output_dir``, reused when it is there)."""
+    training files (``vocabulary.run_vocabulary``: saved in ``output_dir``, reused when it is there,
+    that of ``checkpoint``'s data)."""
     d, sizes = cfg.data, list(cfg.embeddings.num_embeddings_per_feature)
     if d.ids == "hashing":
         if len(sizes) != len(keys) or not sizes:
@@ -179,7 +182,7 @@ def _id_mapping(cfg: Config, keys: List[str], rank: int, world_size: int, output
         return HashingIds(sizes)
     if d.ids != "vocabulary":
         raise ConfigError(f"data.ids must be hashing or vocabulary, got {d.ids!r}")
-    return run_vocabulary(cfg, len(keys), rank, world_size, output_dir)
+    return run_vocabulary(cfg, len(keys), rank, world_size, output_dir, checkpoint)
 
 
 @dataclass
@@ -220,26 +223,28 @@ class _TsvSource:
         return self.train_bad.count, self.test_bad.count
 
 
-def _tsv_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunData:
+def _tsv_data(cfg: Config, rank: int, world_size: int, output_dir: Path, checkpoint: Optional[Path]) -> RunData:
     d, keys = cfg.data, _criteo_keys(cfg)
     _paths(d.train, "train")
     _paths(d.test, "test")
-    to_id = _id_mapping(cfg, keys, rank, world_size, output_dir)
+    to_id = _id_mapping(cfg, keys, rank, world_size, output_dir, checkpoint)
     source = _TsvSource(cfg, keys, to_id, rank, world_size, BadLines(d.skip_bad_lines), BadLines(d.skip_bad_lines))
-    return RunData(source.train, source.test, to_id.sizes(), NUM_DENSE, keys, source.skipped_lines)
+    vocabulary = to_id.source if isinstance(to_id, Vocabulary) else None
+    return RunData(source.train, source.test, to_id.sizes(), NUM_DENSE, keys, source.skipped_lines, vocabulary)
 
 
-_BUILDERS: Dict[str, Callable[[Config, int, int, Path], RunData]] = {
-    "synthetic": lambda cfg, rank, world, _: _synthetic_data(cfg, rank, world),
+_BUILDERS: Dict[str, Callable[[Config, int, int, Path, Optional[Path]], RunData]] = {
+    "synthetic": lambda cfg, rank, world, *_: _synthetic_data(cfg, rank, world),
     "criteo_tsv": _tsv_data,
-    "criteo_npy": _npy_data,
+    "criteo_npy": lambda cfg, rank, world, out, _: _npy_data(cfg, rank, world, out),
 }
 
 
-def make_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunData:
+def make_data(cfg: Config, rank: int, world_size: int, output_dir: Path, checkpoint: Optional[Path] = None) -> RunData:
     """This rank's train and test batches of ``data.format`` (``output_dir``: where a vocabulary
-    is kept)."""
+    is kept; ``checkpoint``: the checkpoint whose data the vocabulary must be made from, default the
+    run folder's own)."""
     build = _BUILDERS.get(cfg.data.format)
     if build is None:
         raise ConfigError(f"data.format must be one of {FORMATS}, got {cfg.data.format!r}")
-    return build(cfg, rank, world_size, output_dir)
+    return build(cfg, rank, world_size, output_dir, checkpoint)

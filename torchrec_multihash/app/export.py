@@ -16,6 +16,7 @@ from torchrec_multihash.app.config import Config, ConfigError, config_parser, lo
 from torchrec_multihash.app.data import make_data
 from torchrec_multihash.app.model import build_model, is_mch, multihash_module
 from torchrec_multihash.app.quiet import quiet
+from torchrec_multihash.app.run_folder import check_checkpoint_run
 from torchrec_multihash.app.train_state import checkpoint_dir
 from torchrec_multihash.distributed.checkpoint import find_checkpoint, load_checkpoint
 from torchrec_multihash.errors import MultiHashError
@@ -23,15 +24,20 @@ from torchrec_multihash.inference import QUANT_DTYPES, embedding_bytes, export_m
 
 
 def load_trained_model(cfg: Config, checkpoint: Path) -> nn.Module:
-    """The config's DLRM (unsharded, CPU) with the weights, and learned mappings, of ``checkpoint``."""
+    """The config's DLRM (unsharded, CPU) with the weights, and learned mappings, of ``checkpoint``
+    (the run folder's only while it is that of the run the folder belongs to: ``run_folder``)."""
     if is_mch(cfg):
         raise ConfigError(
             "export does not support embeddings.strategy mch (TorchRec's MCH remapper, a training baseline): "
             "its remapper has no quantized or scripted inference path in this project"
         )
-    if find_checkpoint(checkpoint) is None:
+    found = find_checkpoint(checkpoint)
+    if found is None:
         raise ConfigError(f"no checkpoint in {checkpoint} (train with train.checkpoint_every > 0, or give --checkpoint)")
-    data = make_data(cfg, 0, 1, Path(cfg.train.output_dir))  # the table sizes (a vocabulary's come from the run)
+    if Path(checkpoint).resolve() == checkpoint_dir(cfg).resolve():
+        check_checkpoint_run(Path(cfg.train.output_dir), found)
+    # the table sizes (a vocabulary's come from the run: that of the data the checkpoint was trained on)
+    data = make_data(cfg, 0, 1, Path(cfg.train.output_dir), checkpoint)
     cfg.embeddings.num_embeddings_per_feature = data.num_embeddings_per_feature
     trained = DLRMTrain(build_model(cfg, device=torch.device("cpu")))
     load_checkpoint(checkpoint, trained)
@@ -87,7 +93,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.jit.save(scripted, str(args.out))
         print(f"Wrote {args.out} ({args.dtype} tables). {_report(model, dtype, args.row_alignment)}")
         if args.evaluate:
-            data = make_data(cfg, 0, 1, Path(cfg.train.output_dir))
+            data = make_data(cfg, 0, 1, Path(cfg.train.output_dir), args.checkpoint or checkpoint_dir(cfg))
             for name, m in (("trained", model), ("exported", scripted)):
                 r = evaluate_model(m, data.test())
                 print(f"{name:9s} test AUC {r['auc']:.4f}, log loss {r['logloss']:.4f}")

@@ -90,11 +90,28 @@ def _short(value: Any) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
+def _file_changes(key: str, then: Any, now: Any) -> Optional[str]:
+    """Each changed file of two ``files`` records of the same files, named with what changed; None
+    for other values."""
+    pairs = list(zip(then, now)) if isinstance(then, list) and isinstance(now, list) and len(then) == len(now) else []
+    if not pairs or not all(isinstance(t, list) and isinstance(n, list) and len(t) == len(n) > 1 and t[0] == n[0] for t, n in pairs):
+        return None
+    changed = [
+        f"{key}: {n[0]} " + ("was modified since (same size)" if t[1] == n[1] else f"has {n[1]} bytes, {t[1]} then") for t, n in pairs if t != n
+    ]
+    return "; ".join(changed) or None
+
+
 def differences(recorded: Optional[Record], current: Record) -> List[str]:
-    """``key: X then, Y now`` for each key whose value changed (or one line for no record)."""
+    """``key: X then, Y now`` for each key whose value changed (or one line for no record); a changed
+    data file is named with what changed."""
     if not recorded:
         return ["it records nothing of what it was made from (written by an older version)"]
-    changed = [f"{k}: {_short(recorded.get(k))} then, {_short(v)} now" for k, v in current.items() if recorded.get(k) != v]
+    changed = [
+        _file_changes(k, recorded.get(k), v) or f"{k}: {_short(recorded.get(k))} then, {_short(v)} now"
+        for k, v in current.items()
+        if recorded.get(k) != v
+    ]
     optional = [f"embeddings.{k}" for k in _TABLE_KEYS_IF_USED]
     dropped = [k for k in optional if k in recorded and k not in current and k.split(".")[0] + ".strategy" in current]
     return changed + [f"{k}: {_short(recorded[k])} then, not set now" for k in dropped]

@@ -5,7 +5,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from torchrec_multihash.app.config import ConfigError
 
@@ -67,8 +67,3 @@ class RunLock:
         """Removes the lock if it is still this process's."""
         if _holder(self.path).get("pid") == os.getpid():
             self.path.unlink(missing_ok=True)
-
-
-def release(lock: Optional[RunLock]) -> None:
-    if lock is not None:
-        lock.release()

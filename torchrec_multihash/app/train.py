@@ -36,7 +36,6 @@ from torchrec_multihash.app.process_group import setup_distributed
 from torchrec_multihash.app.provenance import Record, data_record, differences, run_record, tables_record
 from torchrec_multihash.app.quiet import quiet
 from torchrec_multihash.app.run_folder import claim_folder, on_rank0
-from torchrec_multihash.app.run_lock import release
 from torchrec_multihash.app.step_guard import Preempted, StepGuard
 from torchrec_multihash.app.train_state import TrainState, save_train_checkpoint, start_state
 from torchrec_multihash.distributed.sharding import shard_model
@@ -57,7 +56,7 @@ class TrainRun:
     opt: CombinedOptimizer  # the tables' fused optimizer and the dense one
     schedule: LambdaLR  # every learning rate, stepped after each training step
     state: TrainState
-    record: Record  # what the data position depends on, saved with each checkpoint
+    meta: Dict[str, Any]  # what each checkpoint's manifest records about the run (save_train_checkpoint)
     guard: StepGuard = field(default_factory=StepGuard)  # NaN losses, SIGTERM
     on_step: List[StepCallback] = field(default_factory=list)  # after each step, before the schedule's
     data_wait: DataWait = field(default_factory=DataWait)  # time waiting for this rank's next batch
@@ -126,11 +125,11 @@ def evaluate_during_training(run: TrainRun) -> None:
         print(f"eval at step {run.state.step}: auc {m['auc']:.4f} logloss {m['logloss']:.4f} ne {m['ne']:.4f}", flush=True)
 
 
-def build_run(cfg: Config, device: torch.device, resume: Union[bool, str], record: Record) -> TrainRun:
+def build_run(cfg: Config, device: torch.device, resume: Union[bool, str], record: Record, run_id: Optional[str]) -> TrainRun:
     """This rank's data, sharded model, optimizers and schedule, at the start or where the
-    checkpoint left off (see ``train``); the run folder is claimed (``run_folder``)."""
+    checkpoint left off (see ``train``); the run folder is claimed (``run_folder``) by run ``run_id``."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    data = make_data(cfg, rank, world, Path(cfg.train.output_dir))
+    data = make_data(cfg, rank, world, Path(cfg.train.output_dir))  # (a vocabulary: that of the checkpoint resumed, if any)
     cfg.embeddings.num_embeddings_per_feature = data.num_embeddings_per_feature
     if is_auto(cfg):  # each table's strategy and size, from the training data (rank 0 chooses)
         on_rank0(lambda: ensure_choice(cfg, plain_tables(cfg)))
@@ -138,7 +137,8 @@ def build_run(cfg: Config, device: torch.device, resume: Union[bool, str], recor
     dmp, ebc = build_sharded_model(cfg, device)
     opt = make_optimizer(dmp, cfg.train)
     state = start_state(cfg, dmp, opt, resume)
-    return TrainRun(cfg, device, data, dmp, ebc, opt, lr_schedule(opt, cfg.train, state.step), state, record)
+    meta = {"run": record, "run_id": run_id, **({"vocabulary": data.vocabulary} if data.vocabulary is not None else {})}
+    return TrainRun(cfg, device, data, dmp, ebc, opt, lr_schedule(opt, cfg.train, state.step), state, meta)
 
 
 def train_segment(run: TrainRun, batches: Iterator[Batch]) -> int:
@@ -190,12 +190,12 @@ def after_segment(run: TrainRun, taken: int, finished_epoch: bool) -> None:
     if t.eval_every and taken and step % t.eval_every == 0:
         evaluate_during_training(run)
     if t.checkpoint_every and taken and (step % t.checkpoint_every == 0 or finished_epoch or _reached_max_steps(t, run.state)):
-        save_train_checkpoint(run.cfg, run.dmp, run.opt, run.state, run.record)
+        save_train_checkpoint(run.cfg, run.dmp, run.opt, run.state, run.meta)
 
 
 def stop_for_signal(run: TrainRun) -> None:
     """After SIGTERM or Ctrl-C: a checkpoint of where the run is, then ``Preempted``."""
-    save_train_checkpoint(run.cfg, run.dmp, run.opt, run.state, run.record)
+    save_train_checkpoint(run.cfg, run.dmp, run.opt, run.state, run.meta)
     name = run.guard.signal.name if run.guard.terminated else "SIGTERM"  # a peer rank's signal: SIGTERM from the launcher
     raise Preempted(
         f"{name}: stopped after step {run.state.step} with a checkpoint in {Path(run.cfg.train.output_dir) / 'checkpoint'}; "
@@ -296,9 +296,10 @@ def train(
     training step. ``Preempted`` after SIGTERM or Ctrl-C (a checkpoint saved)."""
     device = setup_distributed()
     record = run_record(cfg, dist.get_world_size())  # before the data sets the table sizes
-    lock = claim_folder(cfg, record, resume, overwrite)
+    claim = claim_folder(cfg, record, resume, overwrite)
+    finished = False
     try:
-        run = build_run(cfg, device, resume, record)
+        run = build_run(cfg, device, resume, record, claim.run_id)
         progress = ProgressReport()
         run.on_step = [*on_step, progress]
         previous = run.guard.install()
@@ -308,8 +309,9 @@ def train(
             run.guard.uninstall(previous)
             progress.close()
         metrics = final_metrics(run)
+        finished = True
     finally:
-        release(lock)
+        claim.end(finished)  # (a replaced run's checkpoint left behind: moved aside, or the folder given back)
     if dist.get_rank() == 0:
         print_summary(metrics, Path(cfg.train.output_dir), metrics_out)
     return metrics

@@ -41,12 +41,13 @@ def checkpoint_dir(cfg: Config) -> Path:
     return Path(cfg.train.output_dir) / "checkpoint"
 
 
-def save_train_checkpoint(cfg: Config, dmp: DistributedModelParallel, opt: CombinedOptimizer, state: TrainState, run: Dict[str, Any]) -> None:
-    """The model, the optimizer state and ``state`` into ``output_dir/checkpoint``, with ``run``
-    (what the data position depends on: see ``provenance.run_record``) in its manifest; every
-    rank calls it."""
+def save_train_checkpoint(cfg: Config, dmp: DistributedModelParallel, opt: CombinedOptimizer, state: TrainState, meta: Dict[str, Any]) -> None:
+    """The model, the optimizer state and ``state`` into ``output_dir/checkpoint``, with ``meta`` in
+    its manifest: ``run`` (what the data position depends on: see ``provenance.run_record``),
+    ``run_id`` (the run that wrote it: ``run_folder``) and ``vocabulary`` (what the ids' vocabulary
+    was made from, if any); every rank calls it."""
     extra = {"optimizer": opt.state_dict(), "train_state": state.state_dict()}
-    save_checkpoint(checkpoint_dir(cfg), dmp, extra, meta={"run": run})
+    save_checkpoint(checkpoint_dir(cfg), dmp, extra, meta=meta)
 
 
 def load_train_checkpoint(path: Path, dmp: DistributedModelParallel, opt: CombinedOptimizer) -> TrainState:
