@@ -87,29 +87,27 @@ def test_movielens_full_and_qr(tmp_path, shared_data):
             ["--set", "data.format=criteo_tsv", "--set", "data.train=/nope.txt", "--set", "data.test=/nope.txt"],
             "data.train: no such file(s) ['/nope.txt'] (relative paths are from the working directory",
         ),
-        (
-            ["--set", "data.format=criteo_tsv", "--set", "data.train=/tmp", "--set", "data.test=/nope.txt"],
-            "data.train: ['/tmp'] is a folder: list the files in it",
-        ),
-        (
-            [
-                "--set",
-                "data.format=criteo_tsv",
-                "--set",
-                "data.train=README.md",
-                "--set",
-                "data.test=README.md",
-                "--set",
-                "embeddings.num_embeddings_per_feature=[5, 6]",
-            ],
-            "needs one size per categorical feature for hashing: 2 size(s) for 26 features",
-        ),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path, args, message):
     r, _ = train(tmp_path, *args)
     assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_data_paths_and_sizes_that_cannot_be_read_are_named(tmp_path):
+    """In-process (what the command above prints, without its start-up): a folder for a file, and
+    hashing sizes that do not match the features."""
+    from torchrec_multihash.app.config import ConfigError, load_config
+    from torchrec_multihash.app.data import make_data
+
+    cfg = load_config("configs/quickstart.yaml", ["data.format=criteo_tsv", f"data.train={tmp_path}", "data.test=/nope.txt"])
+    with pytest.raises(ConfigError, match=r"data.train: \[.*\] is a folder: list the files in it"):
+        make_data(cfg, 0, 1, tmp_path)
+    cfg = load_config("configs/quickstart.yaml", ["data.format=criteo_tsv", "data.train=README.md", "data.test=README.md"])
+    cfg.embeddings.num_embeddings_per_feature = [5, 6]
+    with pytest.raises(ConfigError, match=r"needs one size per categorical feature for hashing: 2 size\(s\) for 26 features"):
+        make_data(cfg, 0, 1, tmp_path)
 
 
 @pytest.mark.slow

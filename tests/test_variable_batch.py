@@ -196,10 +196,14 @@ def _sharded_worker(rank: int, world_size: int, sharding_type: str) -> None:
     torch.testing.assert_close(got, dmp(plain).values())
 
 
+def _sharded_workers(rank: int, world_size: int) -> None:
+    for sharding_type in ("table_wise", "column_wise"):  # one process group: one start-up
+        _sharded_worker(rank, world_size, sharding_type)
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("sharding_type", ["table_wise", "column_wise"])
-def test_sharded_module_takes_variable_batches(sharding_type):
+def test_sharded_module_takes_variable_batches():
     from tests.helpers.distributed import run_multiprocess
 
-    run_multiprocess(_sharded_worker, 2, sharding_type)
+    run_multiprocess(_sharded_workers, 2)
