@@ -186,3 +186,13 @@ def test_stock_planner_constraints_keyed_by_logical_names_reach_the_main_sub_tab
     types = {table: ps.sharding_type for module_plan in plan.plan.values() for table, ps in module_plan.items()}
     assert {name: types[name] for name in ("t_h", "t_q", "t_m", "t_l")} == dict.fromkeys(("t_h", "t_q", "t_m", "t_l"), "column_wise")
     assert set(types) == {"t_h", "t_q", "t_q__r", "t_m", "t_m__r", "t_l"}
+
+
+def test_plan_shows_our_warnings_and_hides_the_planners(capsys):
+    """A compression the strategy cannot reach is said (as train says it); TorchRec's dry-run notes are not."""
+    args = ["plan", "--config", "configs/quickstart.yaml", "--world-size", "1"]
+    assert main([*args, "--set", "embeddings.compression=1000"]) == 0
+    err = capsys.readouterr().err
+    assert "torchrec-multihash plan: warning: strategy 'qr' (or the one a table's override names) cannot shrink these tables 1000.0x" in err
+    assert main(args) == 0
+    assert capsys.readouterr().err == ""

@@ -3,7 +3,9 @@
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -139,8 +141,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                     print_mch(mch)
                 return 0
             topology = make_topology(args)
-            auto = auto_report(cfg)
-            report = plan_config(cfg, topology, args.batch_size, load_choices(cfg, auto) if auto else None)
+            with warnings.catch_warnings(record=True) as caught:  # ours are shown (the libraries' stay quiet)
+                warnings.simplefilter("always")
+                auto = auto_report(cfg)
+                report = plan_config(cfg, topology, args.batch_size, load_choices(cfg, auto) if auto else None)
+            for message in dict.fromkeys(str(w.message) for w in caught if f"{os.sep}torchrec_multihash{os.sep}" in w.filename):
+                print(f"torchrec-multihash plan: warning: {message}", file=sys.stderr)
         except (MultiHashError, PlannerError) as e:
             print(f"torchrec-multihash plan: {e}", file=sys.stderr)
             return 2
