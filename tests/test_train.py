@@ -93,6 +93,7 @@ def test_bad_config_is_a_clear_error(tmp_path, args, message):
     r, _ = train(tmp_path, *args)
     assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()  # a refused run leaves no folder behind
 
 
 def test_data_paths_and_sizes_that_cannot_be_read_are_named(tmp_path):
@@ -139,6 +140,7 @@ def test_checkpoint_then_resume_continues_where_it_stopped(tmp_path, straight_tw
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     r, _ = train(tmp_path, *SMALL, "--resume")
     assert r.returncode == 2 and "--resume: no checkpoint in" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()  # nor an empty folder
 
 
 @pytest.mark.slow

@@ -141,6 +141,16 @@ def check_owner(cfg: Config, record: Record, resume: Union[bool, str], overwrite
     )
 
 
+def _remove_if_empty(out: Path) -> None:
+    """A run that failed in a folder it made, having written nothing but ``run.json``, leaves no folder."""
+    try:
+        if all(p.name == RUN_FILE for p in out.iterdir()):
+            (out / RUN_FILE).unlink(missing_ok=True)
+            out.rmdir()
+    except OSError:
+        pass  # something else appeared meanwhile: kept
+
+
 @dataclass
 class Claim:
     """A run's hold on its folder: the run's id (kept by a resumed run), and on rank 0 the lock,
@@ -151,6 +161,7 @@ class Claim:
     lock: Optional[RunLock] = None
     replaced: bool = False
     previous: Optional[bytes] = None  # run.json before this run (None: there was none)
+    created: bool = False  # rank 0 made the folder for this run
 
     def end(self, finished: bool) -> None:
         """Rank 0, after the run: the checkpoint of the run it replaced, still there (none of its
@@ -166,6 +177,8 @@ class Claim:
                 self._give_back(left)
         finally:
             self.lock.release()
+            if not finished and self.created:
+                _remove_if_empty(self.out)
 
     def _left_by_replaced(self) -> Optional[Path]:
         """The checkpoint the replaced run left, if this run saved none of its own."""
@@ -223,14 +236,17 @@ def claim_folder(cfg: Config, record: Record, resume: Union[bool, str], overwrit
     out = Path(cfg.train.output_dir)
 
     def claim() -> Claim:
+        created = not out.exists()
         make_folder(out)
         lock = RunLock.acquire(out)
         try:
             started = _start(out, check_owner(cfg, record, resume, overwrite), overwrite)
         except MultiHashError:
             lock.release()
+            if created:
+                _remove_if_empty(out)
             raise
-        started.lock = lock
+        started.lock, started.created = lock, created
         return started
 
     held = on_rank0(claim)
