@@ -62,12 +62,11 @@ class TrainRun:
     data_wait: DataWait = field(default_factory=DataWait)  # time waiting for this rank's next batch
     step_seconds: float = 0.0  # time in training steps, waits included (this process's steps only)
     step_samples: int = 0  # samples (over all ranks) of this process's steps: a resumed run's rate counts only these
+    history: List[Dict[str, float]] = field(default_factory=list)  # evaluations during training
 
     def samples_per_s(self) -> float:
         """Training throughput over all ranks, of the steps this process ran (0 if none)."""
         return self.step_samples / self.step_seconds if self.step_samples else 0.0
-
-    history: List[Dict[str, float]] = field(default_factory=list)  # evaluations during training
 
 
 def _fit_unless_current(cfg: Config, path: Path) -> None:

@@ -537,7 +537,7 @@ class Combine(nn.Module):
     def _runs_in_order(self, features: KeyedJaggedTensor) -> bool:
         """Whether each per-id piece's features are consecutive keys of ``features``, in order, and
         its bags one stride each (then the eager forward reads them without ``to_dict``)."""
-        if features.variable_stride_per_key() or (len(self._mean_features) > 0 and self._pooled_group != ""):
+        if len(self._mean_features) > 0 and self._pooled_group != "":  # (``forward`` expanded a variable-batch KJT)
             return False
         keys = features.keys()
         for p in range(len(self._piece_per_id)):

@@ -523,10 +523,11 @@ class IdTransform(nn.Module):
 
     @torch.jit.unused
     def _flat_applies(self, features: KeyedJaggedTensor) -> bool:
-        """Whether the flat path maps ``features``: not on meta (no ids), not a variable-stride KJT,
-        int64 or int32 ids (FBGEMM's permutes take no others), on CPU at most ``FLAT_CPU_MAX_IDS`` ids."""
+        """Whether the flat path maps ``features`` (one batch size: ``forward`` expanded a variable-batch
+        KJT): not on meta (no ids), int64 or int32 ids (FBGEMM's permutes take no others), on CPU at
+        most ``FLAT_CPU_MAX_IDS`` ids."""
         device = features.device().type
-        if device == "meta" or features.variable_stride_per_key() or features.values().dtype not in (torch.long, torch.int):
+        if device == "meta" or features.values().dtype not in (torch.long, torch.int):
             return False
         return device != "cpu" or features.values().numel() <= FLAT_CPU_MAX_IDS
 
