@@ -38,10 +38,10 @@ def _configs(pooling=PoolingType.SUM):
     ]
 
 
-def _kjt(weighted):
+def _kjt(weighted, lengths=None, seed=0):
     # batch 4; ragged bags, empty bags, a feature with no id at all (c)
-    lengths = {"a": [3, 0, 1, 2], "b": [0, 5, 0, 1], "c": [0, 0, 0, 0], "d": [2, 2, 0, 7]}
-    g = torch.Generator().manual_seed(0)
+    lengths = lengths or {"a": [3, 0, 1, 2], "b": [0, 5, 0, 1], "c": [0, 0, 0, 0], "d": [2, 2, 0, 7]}
+    g = torch.Generator().manual_seed(seed)
     hi = {"a": 60, "b": 50, "c": 50, "d": 120}
     values = torch.cat([torch.randint(0, hi[k], (sum(v),), generator=g) for k, v in lengths.items()])
     kw = {"weights": torch.rand(values.numel(), generator=g) + 0.5} if weighted else {}
@@ -64,26 +64,45 @@ def test_the_transform_explodes_bags_into_one_bag_per_id():
         assert by_key[key].values().tolist() == rows.tolist(), key
 
 
-def test_a_batch_without_ids_gives_one_padding_bag_and_zeros():
+def _one_hot_kjt(weighted):
+    """Every bag of at most one id (some empty): what an undeclared one-hot feature gives."""
+    return _kjt(weighted, {"a": [1, 0, 1, 1], "b": [0, 1, 1, 1], "c": [1, 1, 1, 1], "d": [1, 1, 0, 1]}, seed=2)
+
+
+def test_a_batch_without_ids_keeps_its_empty_bags_and_gives_zeros():
     ebc = MultiHashEmbeddingBagCollection(_configs())
     kjt = KeyedJaggedTensor(keys=["a", "b", "c", "d"], values=torch.zeros(0, dtype=torch.long), lengths=torch.zeros(12, dtype=torch.long))
-    assert ebc.per_id["per_id_d4"].transform(kjt).stride() == 1
+    assert ebc.per_id["per_id_d4"].transform(kjt).stride() == 3  # no bag of several ids: the one-hot layout
     out = ebc(kjt).values()
     assert out.shape == (3, 4 * DIM) and not out.any()
 
 
+@pytest.mark.parametrize("one_hot", [False, True])
 @pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_forward_and_gradient_match_the_naive_reference(pooling, weighted):
+def test_forward_and_gradient_match_the_naive_reference(pooling, weighted, one_hot):
+    """Ragged bags (exploded), or a one-hot batch of the undeclared tables, whose transform keeps
+    its bags (every sub-feature its feature's lengths, batch 4)."""
     torch.manual_seed(0)
     cfgs = _configs(pooling)
     ebc = MultiHashEmbeddingBagCollection(cfgs, is_weighted=weighted)
     assert not ebc.pooled and list(ebc.per_id) == ["per_id_d4"]
-    kjt = _kjt(weighted)
+    kjt = _one_hot_kjt(weighted) if one_hot else _kjt(weighted)
+    if one_hot:
+        looked_up = ebc.per_id["per_id_d4"].transform(kjt)
+        assert looked_up.stride() == 4
+        source = kjt.to_dict()
+        for key, jt in looked_up.to_dict().items():  # a, a__r, b, b__p0, ...: their feature's bags
+            assert jt.lengths().tolist() == source[key.split("__")[0]].lengths().tolist(), key
+        assert looked_up.weights_or_none() is None  # weights are applied after the product
+    _assert_matches_the_reference(ebc, cfgs, kjt)
+
+
+def _assert_matches_the_reference(ebc, cfgs, kjt):
+    """``ebc``'s outputs and sub-table gradients (batch 4) equal the naive per-id reference's."""
     upstream = torch.randn(4, 4 * DIM, generator=torch.Generator().manual_seed(1))
     out = ebc(kjt)
     (out.values() * upstream).sum().backward()
-
     weights = {n: w.detach().clone().requires_grad_() for n, w in ebc.sub_table_weights().items()}
     ref = reference_forward(cfgs, weights, kjt)
     expected = torch.cat([ref[k] for k in out.keys()], dim=1)
@@ -118,9 +137,12 @@ def _case(k, n=2, dtype=torch.double):
     return values, runs, index, scale, batch, n, dim, naive.view(batch, n * dim)
 
 
+@pytest.mark.parametrize("rows_a_chunk", [None, 1, 4])
 @pytest.mark.parametrize("k,n", [(1, 2), (2, 2), (3, 2), (4, 3), (2, 5)])
-def test_the_fused_op_passes_gradcheck_and_equals_the_plain_ops_and_a_naive_loop(k, n):
+def test_the_fused_op_passes_gradcheck_and_equals_the_plain_ops_and_a_naive_loop(k, n, rows_a_chunk, monkeypatch):
     values, runs, index, scale, batch, n, dim, naive = _case(k, n)
+    if rows_a_chunk is not None:  # the op's row chunks (6 rows: 6 chunks, or one of 4 and one of 2)
+        monkeypatch.setattr("torchrec_multihash.modules.combine._ROW_CHUNK_BYTES", rows_a_chunk * n * dim * values.element_size())
     values.requires_grad_()
     fused = _ComposePerId.apply(values, runs, index, scale, batch, n, dim)
     plain = _compose_per_id_plain(values, runs, index, scale, batch, n, dim)
@@ -151,3 +173,74 @@ def test_scripted_and_traced_models_give_the_eager_outputs():
     torch.testing.assert_close(traced(kjt).values(), eager)
     scripted = torch.jit.script(traced)
     torch.testing.assert_close(scripted(kjt).values(), eager)
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_an_exploded_batch_never_has_the_input_batch_size(flat, monkeypatch):
+    """The combine reads a per-id output of ``batch`` rows as the one-hot layout: a batch with a bag
+    of several ids whose most ids per feature equal the batch size gets one more padding bag."""
+    if not flat:  # the per-feature path (large CPU batches, learned mappings)
+        monkeypatch.setattr("torchrec_multihash.modules.id_transform.FLAT_CPU_MAX_IDS", 0)
+    torch.manual_seed(0)
+    cfgs = _configs()
+    ebc = MultiHashEmbeddingBagCollection(cfgs)
+    lengths = {"a": [2, 0, 1, 1], "b": [0, 1, 1, 1], "c": [1, 1, 1, 1], "d": [1, 1, 0, 1]}  # a: 4 ids in 4 bags
+    values = torch.cat([torch.arange(sum(v)) for v in lengths.values()])
+    kjt = KeyedJaggedTensor(keys=list(lengths), values=values, lengths=torch.tensor(sum(lengths.values(), [])))
+    assert ebc.per_id["per_id_d4"].transform(kjt).stride() == 5
+    weights = {n: w.detach() for n, w in ebc.sub_table_weights().items()}
+    ref = reference_forward(cfgs, weights, kjt)
+    out = ebc(kjt)
+    torch.testing.assert_close(out.values(), torch.cat([ref[k] for k in out.keys()], dim=1))
+    one_hot = _one_hot_kjt(False)
+    assert ebc.per_id["per_id_d4"].transform(one_hot).stride() == 4
+    ref = reference_forward(cfgs, weights, one_hot)
+    torch.testing.assert_close(ebc(one_hot).values(), torch.cat([ref[k] for k in out.keys()], dim=1))
+
+
+def test_traced_and_scripted_models_explode_a_one_hot_batch_to_the_same_outputs():
+    import torchrec
+
+    cfgs = _configs(PoolingType.MEAN)
+    ebc = MultiHashEmbeddingBagCollection(cfgs, is_weighted=True)
+    kjt = _one_hot_kjt(True)
+    eager = ebc(kjt).values()
+    traced = torchrec.fx.symbolic_trace(ebc)
+    torch.testing.assert_close(traced(kjt).values(), eager)
+    scripted = torch.jit.script(traced)
+    torch.testing.assert_close(scripted(kjt).values(), eager)
+
+
+@pytest.mark.parametrize("k,n", [(2, 5), (3, 4), (4, 3)])
+def test_the_fused_ops_write_the_gradient_over_an_inner_output_and_leave_a_leaf_alone(k, n, monkeypatch):
+    """Given an op's output (an inner lookup's) whose every column they read, the backward writes
+    the gradient over it, a product's in chunks of features (here two): the same gradient as the
+    plain ops'; a leaf, which a caller may read again, is never written."""
+    from torchrec_multihash.modules import combine
+
+    monkeypatch.setattr(combine, "_IN_PLACE_CHUNK_BYTES", 2 * k * 6 * 3 * 8)  # two features a chunk (rows 6, dim 3, double)
+    values, _, index, scale, batch, n, dim, _ = _case(k, n)
+    read_all = values[:, dim:].clone()  # without the block no part reads
+    runs = [[2, n, k, dim, 0] + sum(([p * n * dim, dim] for p in range(k)), [])]  # part p of feature f at (p * n + f) * dim
+    upstream = torch.randn(batch, n * dim, dtype=values.dtype)
+    ops = {
+        "per_id": (
+            lambda v: _ComposePerId.apply(v, runs, index, scale, batch, n, dim),
+            lambda v: _compose_per_id_plain(v, runs, index, scale, batch, n, dim),
+        ),
+        "pooled": (lambda v: combine._ComposeRuns.apply(v, runs, n * dim), lambda v: combine._compose_runs_plain(v, runs)),
+    }
+    for name, (fused, plain) in ops.items():
+        g = upstream if name == "per_id" else torch.randn(read_all.size(0), n * dim, dtype=values.dtype)
+        leaf = read_all.clone().requires_grad_()
+        (expected,) = torch.autograd.grad(plain(leaf), leaf, g)
+        inner = leaf * 1  # an op's output
+        written_over = []
+        inner.register_hook(lambda grad, inner=inner, seen=written_over: seen.append(grad.data_ptr() == inner.data_ptr()))
+        (got,) = torch.autograd.grad(fused(inner), leaf, g)
+        torch.testing.assert_close(got, expected, msg=name)
+        assert written_over == [True], name
+        before = leaf.detach().clone()
+        (got,) = torch.autograd.grad(fused(leaf), leaf, g)
+        torch.testing.assert_close(got, expected, msg=name)
+        assert torch.equal(leaf.detach(), before), name

@@ -110,11 +110,29 @@ def _pooled_per_id(
     counts and ids' weights, one feature after another."""
     n = len(counts)
     values = kt.values()
-    index, scale = _bag_index(lengths, weights, counts, values.size(0), mean, values.dtype)
     batch = lengths.numel() // n
+    if values.size(0) == batch:  # the one-hot layout: row b is bag b (see ``IdTransform``)
+        return _one_hot_products(values, runs, lengths, weights, batch, n, dim)
+    index, scale = _bag_index(lengths, weights, counts, values.size(0), mean, values.dtype)
     if torch.jit.is_scripting() or torch.jit.is_tracing():
         return _compose_per_id_plain(values, runs, index, scale, batch, n, dim)
     return _compose_per_id_fused(values, runs, index, scale, batch, n, dim)
+
+
+def _one_hot_products(
+    values: torch.Tensor, runs: List[List[int]], lengths: torch.Tensor, weights: Optional[torch.Tensor], batch: int, n: int, dim: int
+) -> torch.Tensor:
+    """``_pooled_per_id`` of a one-hot batch, whose per-id lookup kept the bags (each of at most one
+    id): the parts multiplied row by row are the pooled products (MEAN divides by 1; an empty bag's
+    parts are zeros), each bag's times its id's weight."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        out = _compose_runs_plain(values, runs)
+    else:
+        out = _compose_runs_fused(values, runs, n * dim)
+    if weights is None:
+        return out
+    per_bag = torch.zeros(n * batch, dtype=out.dtype, device=out.device).masked_scatter(lengths > 0, weights.to(out.dtype))
+    return (out.view(batch, n, dim) * per_bag.view(n, batch).t().unsqueeze(2)).view(batch, n * dim)
 
 
 def _column_runs(kt: KeyedTensor, keys: List[List[str]], ops: List[int]) -> List[List[int]]:
@@ -234,14 +252,49 @@ def _forward_runs(values: torch.Tensor, runs: List[List[int]], width: int) -> Tu
     return out, prefixes
 
 
-def _backward_runs(values: torch.Tensor, runs: List[List[int]], grad: torch.Tensor, prefixes: List[List[torch.Tensor]]) -> torch.Tensor:
+# the most bytes of temporaries a product's in-place backward takes at once (its runs cut in chunks)
+_IN_PLACE_CHUNK_BYTES = 1 << 21
+
+
+def _overwritable(values: torch.Tensor) -> bool:
+    """Whether a fused op's backward may write the gradient over its input ``values``: an op's
+    output (an inner lookup's, read by the combine alone), never a leaf a caller may read again."""
+    return values.grad_fn is not None
+
+
+def _product_gradients(g: torch.Tensor, parts: List[torch.Tensor], before: List[torch.Tensor], dsts: List[torch.Tensor]) -> None:
+    """Each part's gradient of a product of ``k`` parts, written into ``dsts``: the output's
+    gradient ``g`` times the suffix product of the parts after ``p`` (built up from the last)
+    times the prefix product before it (``before[p - 1]``); ``2k - 2`` passes."""
+    k = len(parts)
+    suffix = g
+    for p in range(k - 1, 1, -1):
+        torch.mul(suffix, before[p - 1], out=dsts[p])
+        suffix = suffix * parts[p]
+    torch.mul(suffix, parts[0], out=dsts[1])
+    torch.mul(suffix, parts[1], out=dsts[0])
+
+
+def _backward_runs(
+    values: torch.Tensor,
+    runs: List[List[int]],
+    grad: torch.Tensor,
+    prefixes: List[List[torch.Tensor]],
+    overwrite: bool = False,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """The gradient of ``_forward_runs`` for ``values``: each part's (the output's, times the other
-    parts for mult) written straight into its columns; zeros where no run reads. A product of ``k``
-    parts takes ``2k - 2`` passes: part ``p``'s gradient is the output's times the suffix product
-    of the parts after ``p`` (built up from the last) times the prefix product before ``p``."""
+    parts for mult) written into its columns; zeros where no run reads. With ``overwrite``, when
+    the runs read every column, the gradient is written over ``values`` itself (an inner lookup's
+    output, which nothing else reads again): no fresh ``[rows, columns]`` tensor a step, whose pages glibc's malloc would
+    fault in again each time; a product's runs go in chunks of features, each part's gradient
+    computed into a small temporary before its columns are overwritten. ``out``: where to write
+    (``values`` itself, or zeros), given by a caller that goes row chunk by row chunk."""
     rows = values.size(0)
-    read = sum(r[1] * r[2] * r[3] for r in runs)
-    out = torch.empty_like(values) if read == values.size(1) else torch.zeros_like(values)
+    if out is None:
+        read = sum(r[1] * r[2] * r[3] for r in runs)
+        out = values if overwrite and read == values.size(1) else torch.zeros_like(values)
+    in_place = out.data_ptr() == values.data_ptr()
     for run, saved in zip(runs, prefixes):
         n, k, dim, start = run[1], run[2], run[3], run[4]
         dsts = _run_parts(out, run)
@@ -257,12 +310,16 @@ def _backward_runs(values: torch.Tensor, runs: List[List[int]], grad: torch.Tens
             continue
         parts = _run_parts(values, run)
         before = [parts[0], *saved]  # before[p]: the product of the parts before p+1
-        suffix = g
-        for p in range(k - 1, 1, -1):
-            torch.mul(suffix, before[p - 1], out=dsts[p])
-            suffix = suffix * parts[p]
-        torch.mul(suffix, parts[0], out=dsts[1])
-        torch.mul(suffix, parts[1], out=dsts[0])
+        if not in_place:
+            _product_gradients(g, parts, before, dsts)
+            continue
+        chunk = max(1, _IN_PLACE_CHUNK_BYTES // max(1, k * rows * dim * values.element_size()))
+        for i in range(0, n, chunk):
+            j = min(n, i + chunk)
+            temps = [torch.empty(rows, j - i, dim, dtype=values.dtype, device=values.device) for _ in range(k)]
+            _product_gradients(g[:, i:j], [x[:, i:j] for x in parts], [x[:, i:j] for x in before], temps)
+            for dst, t in zip(dsts, temps):
+                dst[:, i:j].copy_(t)
     return out
 
 
@@ -275,6 +332,7 @@ class _ComposeRuns(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, values: torch.Tensor, runs: List[List[int]], width: int) -> torch.Tensor:
+        ctx.overwrite = _overwritable(values)
         values = values.contiguous()
         out, prefixes = _forward_runs(values, runs, width)
         ctx.save_for_backward(values)
@@ -284,12 +342,39 @@ class _ComposeRuns(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         (values,) = ctx.saved_tensors
-        return _backward_runs(values, ctx.runs, grad, ctx.prefixes), None, None
+        return _backward_runs(values, ctx.runs, grad, ctx.prefixes, ctx.overwrite), None, None
 
 
 @torch.jit.unused
 def _compose_runs_fused(values: torch.Tensor, runs: List[List[int]], width: int) -> torch.Tensor:
     return _ComposeRuns.apply(values, runs, width)
+
+
+# the most bytes of a per-id op's temporaries a row chunk takes (products, gathered gradients):
+# each a fresh tensor far below glibc's mmap threshold (32 MB), whatever the batch
+_ROW_CHUNK_BYTES = 1 << 23
+
+
+def _row_chunks(rows: int, row_bytes: int) -> List[Tuple[int, int]]:
+    """``[start, end)`` of the row chunks of ``rows`` rows of ``row_bytes`` each."""
+    step = max(1, _ROW_CHUNK_BYTES // max(1, row_bytes))
+    return [(r, min(rows, r + step)) for r in range(0, rows, step)]
+
+
+def _prefix_products(values: torch.Tensor, runs: List[List[int]]) -> List[List[torch.Tensor]]:
+    """``_forward_runs``' prefix products alone (what a product of more than two parts' backward
+    reuses), computed again for a row chunk instead of being kept from the forward."""
+    prefixes: List[List[torch.Tensor]] = []
+    for run in runs:
+        saved: List[torch.Tensor] = []
+        prefixes.append(saved)
+        if run[0] == 2 and run[2] > 2:
+            parts = _run_parts(values, run)
+            prod = parts[0]
+            for part in parts[1:-1]:
+                prod = prod * part
+                saved.append(prod)
+    return prefixes
 
 
 class _ComposePerId(torch.autograd.Function):
@@ -299,33 +384,43 @@ class _ComposePerId(torch.autograd.Function):
     every feature; ``runs`` (``_column_runs``) say where the ``n`` features' parts are (read where
     TorchRec put them: no regrouping copy); ``index``/``scale`` (``_bag_index``) where each id's
     product pools to and with what factor. Out: ``[batch, n * dim]``. The backward gathers the
-    output's gradient per id (one ``index_select``), scales it, and writes each part's gradient
-    (that times the other parts) straight into its columns of the lookup's gradient.
+    output's gradient per id (``index_select``), scales it, and writes each part's gradient
+    (that times the other parts) straight into its columns of the lookup's gradient (over the
+    lookup's output itself, see ``_backward_runs``). Both go in row chunks (``_row_chunks``), so
+    that no temporary is a fresh ``[ids, n * dim]`` tensor each step.
     """
 
     @staticmethod
     def forward(
         ctx: Any, values: torch.Tensor, runs: List[List[int]], index: torch.Tensor, scale: Optional[torch.Tensor], batch: int, n: int, dim: int
     ) -> torch.Tensor:
+        ctx.overwrite = _overwritable(values)
         values = values.contiguous()
-        rows = values.size(0)
-        prod, prefixes = _forward_runs(values, runs, n * dim)
-        prod = prod.view(rows * n, dim)
-        if scale is not None:
-            prod.mul_(scale.unsqueeze(1))
-        pooled = torch.zeros(batch * n, dim, dtype=prod.dtype, device=prod.device).index_add_(0, index, prod)
+        pooled = torch.zeros(batch * n, dim, dtype=values.dtype, device=values.device)
+        for r0, r1 in _row_chunks(values.size(0), n * dim * values.element_size()):
+            prod = _forward_runs(values[r0:r1], runs, n * dim)[0].view(-1, dim)
+            if scale is not None:
+                prod.mul_(scale[r0 * n : r1 * n].unsqueeze(1))
+            pooled.index_add_(0, index[r0 * n : r1 * n], prod)
         ctx.save_for_backward(values, index, scale)
-        ctx.runs, ctx.prefixes = runs, prefixes
-        ctx.dim = dim
+        ctx.runs = runs
+        ctx.n, ctx.dim = n, dim
         return pooled.view(batch, n * dim)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         values, index, scale = ctx.saved_tensors
-        g = grad.reshape(-1, ctx.dim).index_select(0, index)
-        if scale is not None:
-            g.mul_(scale.unsqueeze(1))
-        return _backward_runs(values, ctx.runs, g.view(values.size(0), -1), ctx.prefixes), None, None, None, None, None, None
+        runs, n, dim = ctx.runs, ctx.n, ctx.dim
+        read = sum(r[1] * r[2] * r[3] for r in runs)
+        out = values if ctx.overwrite and read == values.size(1) else torch.zeros_like(values)
+        flat = grad.reshape(-1, dim)
+        for r0, r1 in _row_chunks(values.size(0), n * dim * values.element_size()):
+            g = flat.index_select(0, index[r0 * n : r1 * n])
+            if scale is not None:
+                g.mul_(scale[r0 * n : r1 * n].unsqueeze(1))
+            chunk = values[r0:r1]
+            _backward_runs(chunk, runs, g.view(r1 - r0, -1), _prefix_products(chunk, runs), out=out[r0:r1])
+        return out, None, None, None, None, None, None
 
 
 @torch.jit.unused
@@ -399,7 +494,8 @@ class Combine(nn.Module):
     id, so row ``i`` of the per-id EBC's output holds the ``i``-th id of every feature), and a run
     of them is multiplied over the parts, where TorchRec put them (no regrouping copy), and pooled
     back into bags -- sum_i w_i * q[x_i] * r[x_i] -- by one fused op with its own backward
-    (``_ComposePerId``; plain ops when scripted or traced). A module of single-part SUM tables
+    (``_ComposePerId``; plain ops when scripted or traced); a one-hot batch, whose transform kept
+    its bags (the lookup's output has the batch's rows), is multiplied row by row. A module of single-part SUM tables
     only (full, hash, learned, and add tables with ``stack_parts``, whose one stacked lookup is the
     sum of the parts) returns the lookup's KeyedTensor as it is, keys renamed (sharded:
     in TorchRec's order, by sharding type, as TorchRec's EBC returns them; read it by key). One-hot mult tables

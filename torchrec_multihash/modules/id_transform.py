@@ -267,13 +267,21 @@ class _FlatPlan:
         return self.params.index(row)
 
 
+def exploded_batch(most_ids: int, batch: int) -> int:
+    """The batch of an exploded KJT: ``max(1, most ids of a sub-feature)`` bags, one more where that
+    equals the input's ``batch``, so that a per-id lookup's output has ``batch`` rows only in the
+    one-hot layout (``IdTransform``), which is how the combine tells the two apart."""
+    stride = max(1, most_ids)
+    return stride + 1 if stride == batch else stride
+
+
 @torch.fx.wrap
-def _exploded(keys: List[str], values: List[torch.Tensor], lengths_dtype: torch.dtype) -> KeyedJaggedTensor:
-    """The KJT of sub-features with one bag per id: a batch of ``max(1, most ids of a sub-feature)``
-    bags per key, the ``n`` ids of a sub-feature in its first ``n`` bags (length 1), the rest empty
-    (padding). A leaf call for fx."""
+def _exploded(keys: List[str], values: List[torch.Tensor], lengths_dtype: torch.dtype, batch: int) -> KeyedJaggedTensor:
+    """The KJT of sub-features with one bag per id: a batch of ``exploded_batch`` bags per key, the
+    ``n`` ids of a sub-feature in its first ``n`` bags (length 1), the rest empty (padding). A leaf
+    call for fx."""
     counts: List[int] = [v.numel() for v in values]
-    stride = max(1, max(counts))
+    stride = exploded_batch(max(counts), batch)
     device = values[0].device
     n = torch.tensor(counts, device=device)
     lengths = (torch.arange(stride, device=device).unsqueeze(0) < n.unsqueeze(1)).to(lengths_dtype).view(-1)
@@ -328,7 +336,10 @@ class IdTransform(nn.Module):
     the ``n`` ids of a sub-feature in its first ``n`` bags, one id each, in the order of the
     feature's values, and the rest empty; no weights (the combine applies them after the product).
     A SUM-pooled ``EmbeddingBagCollection`` then returns one row per id, which ``Combine`` reads
-    as an ``[ids, features, parts, dim]`` view.
+    as an ``[ids, features, parts, dim]`` view. In eager mode a batch whose bags (of this
+    transform's features) hold at most one id each keeps them as they are (each already a bag of
+    one id: the one-hot layout, the input's batch of bags); an exploded batch never has the
+    input's batch size (``exploded_batch``), so the combine tells the layouts apart by rows.
     In eager mode, lookups without learned mappings map all features at once (``_FlatPlan``): one
     op per part for each group of lookups of the same strategy (and layout), and one
     ``permute_1D_sparse_data`` into the sub-features' order; traced and scripted modules map
@@ -491,8 +502,13 @@ class IdTransform(nn.Module):
                 if self._tables[i] == table:
                     ids[i] = mapping(ids[i])
         values = self._values(self._rows(ids))
-        if self._explode:
-            return _exploded(self._sub_keys, values, features.lengths().dtype)
+        if self._explode:  # eager, a one-hot batch keeps its bags (each already of one id)
+            keeps_bags = False
+            if not torch.jit.is_scripting():
+                keeps_bags = self._keeps_bags(features, by_key)
+            if not keeps_bags:
+                return _exploded(self._sub_keys, values, features.lengths().dtype, features.stride())
+        weighted = self._is_weighted and not self._explode  # per-id lookups are unweighted
         lengths: List[torch.Tensor] = []
         weights: List[torch.Tensor] = []
         for j in range(len(self._sub_keys)):
@@ -500,7 +516,7 @@ class IdTransform(nn.Module):
             k = len(self._sub_parts[j])
             jt = by_key[self._features[i]]
             lengths.append(jt.lengths() if k == 1 else jt.lengths() * k)
-            if self._is_weighted:
+            if weighted:
                 w = jt.weights()
                 if self._unit_weights[j]:
                     weights.append(torch.ones_like(w))
@@ -508,7 +524,27 @@ class IdTransform(nn.Module):
                     weights.append(w)
                 else:  # each of an id's k rows carries its weight: w * q + w * r = w * (q + r)
                     weights.append(w.unsqueeze(1).expand(-1, k).reshape(-1))
-        return _sub_features(self._sub_keys, values, lengths, weights if self._is_weighted else None, features.stride())
+        return _sub_features(self._sub_keys, values, lengths, weights if weighted else None, features.stride())
+
+    @torch.jit.unused
+    def _keeps_bags(self, features: KeyedJaggedTensor, by_key: Dict[str, JaggedTensor]) -> bool:
+        """Eager per-id lookups: whether ``features`` is one-hot (no bag of more than one id), so
+        that its bags, as they are, are already bags of one id (see ``IdTransform``)."""
+        if is_fx_symbolic_tracing() or torch.compiler.is_compiling() or features.device().type == "meta":
+            return False
+        if features.stride() == 0:
+            return False
+        lengths = [by_key[f].lengths() for f in self._required if by_key[f].lengths().numel() > 0]
+        return len(lengths) == 0 or int(torch.stack([x.max() for x in lengths]).max()) <= 1
+
+    @torch.jit.unused
+    def _explode_reading(self, counts: torch.Tensor, lengths: torch.Tensor, batch: int) -> Tuple[List[int], bool]:
+        """The ids of each key and whether the batch is exploded (it holds a bag of several ids),
+        from one host sync."""
+        if batch == 0 or lengths.numel() == 0:
+            return counts.tolist(), True
+        read = torch.cat([counts, lengths.max().view(1).to(counts.dtype)]).tolist()
+        return read[:-1], read[-1] > 1
 
     @torch.jit.unused
     def _constants(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -556,10 +592,10 @@ class IdTransform(nn.Module):
             return source  # nothing to map or check
         keys, values, lengths, batch = source.keys(), source.values(), source.lengths(), source.stride()
         weights = source.weights() if self._is_weighted and not self._explode else None
-        length_per_key: Optional[List[int]] = None
-        if len(plan.groups) > 1 or self._explode:
-            length_per_key = source.length_per_key()
         counts = lengths.view(len(keys), batch).sum(1)  # ids per key
+        length_per_key: Optional[List[int]] = None
+        if len(plan.groups) > 1 and not self._explode:
+            length_per_key = source.length_per_key()
         in_order = keys == self._flat_features
         if not in_order:  # regrouped: one copy per key's ids (permute_2D_sparse_data copies bag by bag)
             indices, regroup = self._regrouping(keys, values.device)
@@ -567,6 +603,9 @@ class IdTransform(nn.Module):
             _, values, weights = torch.ops.fbgemm.permute_1D_sparse_data(regroup, counts, values, weights, None)
             counts = counts.index_select(0, regroup)
             length_per_key = [length_per_key[i] for i in indices] if length_per_key is not None else None
+        explode = self._explode
+        if explode:  # its features' ids and largest bag, read at once: a one-hot batch keeps its bags
+            length_per_key, explode = self._explode_reading(counts, lengths, batch)
         params, perm, max_bags = self._constants(values.device)
         n, lookups = values.numel(), len(plan.order)
         # each row of params repeated over its lookups' ids (row by row: contiguous, far faster than along dim 1)
@@ -576,7 +615,7 @@ class IdTransform(nn.Module):
         if self._identity and in_order and values.dtype == torch.long:  # passed on as it is
             return source
         # per lookup its bags' lengths; exploded: its id count, the one bag of each of its parts
-        bags_2d = counts.view(lookups, 1) if self._explode else lengths.view(lookups, batch)
+        bags_2d = counts.view(lookups, 1) if explode else lengths.view(lookups, batch)
         blocks: List[torch.Tensor] = []
         block_lengths: List[torch.Tensor] = []
         block_counts: List[torch.Tensor] = []  # ids per segment
@@ -618,9 +657,9 @@ class IdTransform(nn.Module):
         sub_length_per_key = None
         if length_per_key is not None:
             sub_length_per_key = [length_per_key[i] * k for i, k in plan.sub_lengths]
-        if self._explode:  # as _exploded: per sub-feature, its n ids in its first n of the most ids' bags
+        if explode:  # as _exploded: per sub-feature, its n ids in its first n of the most ids' bags
             assert length_per_key is not None
-            batch = max([1, *length_per_key])
+            batch = exploded_batch(max(length_per_key), batch)
             rank = torch.arange(batch, device=values.device)
             out_lengths = (rank.unsqueeze(0) < out_lengths.view(-1, 1)).to(lengths.dtype)
         return KeyedJaggedTensor(
