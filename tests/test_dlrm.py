@@ -7,7 +7,7 @@ import torch
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRM_Projection
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from torchrec_multihash import MultiHashEmbeddingBagCollection, stack_add_tables, to_multihash_configs
+from torchrec_multihash import MultiHashEmbeddingBagCollection, to_multihash_configs
 from torchrec_multihash.datasets.synthetic import SyntheticCriteo
 
 VOCAB = [5_000, 2_000, 500, 100]
@@ -17,8 +17,10 @@ DIM = 8
 def build(arch, strategy, operation, stacked=False):
     tables = [EmbeddingBagConfig(name=f"t_f{i}", num_embeddings=n, embedding_dim=DIM, feature_names=[f"f{i}"]) for i, n in enumerate(VOCAB)]
     configs = to_multihash_configs(tables, 4, strategy=strategy, operation=operation)
-    if stacked:  # add tables' parts stored as one table each (stack_parts)
-        assert sum(c.stack_parts for c in stack_add_tables(configs)) == 3
+    if operation == "add":  # an add's parts are stored as one table each by default; stacked=False keeps them apart
+        for c in configs:
+            c.stack_parts = None if stacked else False
+        assert sum(c.strategy_impl().is_stacked() for c in configs) == (3 if stacked else 0)
     ebc = MultiHashEmbeddingBagCollection(configs)
     kw = dict(embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[16, DIM], over_arch_layer_sizes=[16, 1])
     if arch == "dcn":

@@ -27,14 +27,14 @@ def mixed_configs(pooling: PoolingType):
         return MultiHashEmbeddingBagConfig(name=name, num_embeddings=n, embedding_dim=D, feature_names=features, pooling=pooling, **kw)
 
     return [
-        t("q1", ["a"], 50, strategy="qr", num_collisions=7, operation="add"),
+        t("q1", ["a"], 50, strategy="qr", num_collisions=7, operation="add", stack_parts=False),
         t("q2", ["b", "c"], 40, strategy="qr", num_collisions=6, operation="concat", dims=[1, 3]),
         t("h", ["d"], 30, strategy="hash", num_collisions=4),
         t("f", ["e"], 20, strategy="full"),
-        t("g", ["a"], 60, strategy="generalized_qr", moduli=[3, 4, 5], operation="add"),
-        t("c", ["f"], 35, strategy="crt", moduli=[5, 7], operation="add"),
+        t("g", ["a"], 60, strategy="generalized_qr", moduli=[3, 4, 5], operation="add", stack_parts=False),
+        t("c", ["f"], 35, strategy="crt", moduli=[5, 7], operation="add", stack_parts=False),
         t("m", ["g"], 45, strategy="qr", num_collisions=5, operation="mult", max_ids_per_bag=1),  # one-hot mult: pooled
-        t("q3", ["h"], 50, strategy="qr", num_collisions=7, operation="add"),  # as q1: its divisors are plain ints
+        t("q3", ["h"], 50, strategy="qr", num_collisions=7, operation="add", stack_parts=False),  # as q1: its divisors are plain ints
     ]
 
 
@@ -142,7 +142,9 @@ def test_flat_path_all_bags_empty():
 @pytest.mark.parametrize("int32", [False, True])
 def test_flat_path_single_group_of_equal_tables_needs_no_per_id_parameters(int32):
     cfgs = [
-        MultiHashEmbeddingBagConfig(name=f"t{i}", num_embeddings=50, embedding_dim=D, feature_names=[f"f{i}"], num_collisions=7, operation="add")
+        MultiHashEmbeddingBagConfig(
+            name=f"t{i}", num_embeddings=50, embedding_dim=D, feature_names=[f"f{i}"], num_collisions=7, operation="add", stack_parts=False
+        )
         for i in range(3)
     ]
     ebc = MultiHashEmbeddingBagCollection(cfgs)
@@ -294,7 +296,7 @@ def stacked_mixed_configs(pooling: PoolingType):
 @pytest.mark.parametrize("order,int32", [(None, False), (["h", "g", "f", "e", "d", "c", "b", "a"], True)], ids=["in-order", "reordered-int32"])
 def test_flat_path_of_stacked_parts_equals_per_feature_path_and_reference(weighted, order, int32):
     cfgs = stacked_mixed_configs(PoolingType.SUM)
-    assert sum(c.stack_parts for c in cfgs) == 4
+    assert sum(bool(c.stack_parts) for c in cfgs) == 4
     ebc = MultiHashEmbeddingBagCollection(cfgs, is_weighted=weighted)
     transform = ebc.pooled["pooled"].transform
     assert transform._flat is not None and any(g.stacked for g in transform._flat.groups)
@@ -311,17 +313,17 @@ def test_flat_path_of_stacked_parts_equals_per_feature_path_and_reference(weight
 
 
 _KINDS = {  # a table's strategy and operation, by kind
-    "qr_add": dict(num_collisions=7, operation="add"),
+    "qr_add": dict(num_collisions=7, operation="add", stack_parts=False),
     "qr_mult": dict(num_collisions=7, operation="mult"),
     "qr_concat": dict(num_collisions=7, operation="concat"),
-    "gqr_add": dict(strategy="generalized_qr", moduli=[3, 4, 5], operation="add"),
+    "gqr_add": dict(strategy="generalized_qr", moduli=[3, 4, 5], operation="add", stack_parts=False),
     "gqr_mult": dict(strategy="generalized_qr", moduli=[3, 4, 5], operation="mult"),
-    "crt_add": dict(strategy="crt", moduli=[7, 9], operation="add"),
+    "crt_add": dict(strategy="crt", moduli=[7, 9], operation="add", stack_parts=False),
     "full": dict(strategy="full"),
     "hash": dict(strategy="hash", num_collisions=4),
     "stacked": dict(num_collisions=7, operation="add", stack_parts=True),
     "one_hot_mult": dict(num_collisions=7, operation="mult", max_ids_per_bag=1),
-    "learned_add": dict(num_collisions=5, operation="add", mapping_rows=30),
+    "learned_add": dict(num_collisions=5, operation="add", mapping_rows=30, stack_parts=False),
     "learned_mult": dict(num_collisions=5, operation="mult", mapping_rows=30),
 }
 

@@ -25,7 +25,7 @@ def cfg(name, **kw):
 
 def test_sub_table_constraints():
     tables = [
-        cfg("t_a", strategy="qr", operation="add", num_collisions=8),
+        cfg("t_a", strategy="qr", operation="add", num_collisions=8, stack_parts=False),
         cfg("t_b", strategy="qr", operation="mult", num_collisions=8),
         cfg("t_c", strategy="full"),
     ]
@@ -175,7 +175,7 @@ def test_stock_planner_constraints_keyed_by_logical_names_reach_the_main_sub_tab
 
     tables = [
         cfg("t_h", strategy="hash", num_collisions=4),
-        cfg("t_q", strategy="qr", operation="add", num_collisions=8),
+        cfg("t_q", strategy="qr", operation="add", num_collisions=8, stack_parts=False),
         cfg("t_m", strategy="qr", operation="mult", num_collisions=8),
         cfg("t_l", strategy="learned", num_collisions=4),
     ]

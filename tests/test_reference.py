@@ -8,7 +8,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_multihash import MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig, PoolingType
 
-from tests.helpers.reference import reference_forward
+from tests.helpers.reference import part_grads, reference_forward
 
 N = 50
 D = 8
@@ -23,8 +23,13 @@ CONCAT_DIMS = {"qr": [3, 5], "generalized_qr": [2, 3, 3], "crt": [4, 2, 2]}
 
 
 def make_configs(strategy, operation, pooling, explicit_dims=True):
+    """Two tables; an add's parts as separate tables (stack_parts=False: test_stacked_parts.py
+    checks the stacked default against the same reference)."""
+
     def cfg(name, features, n):
         args = dict(STRATEGY_ARGS[strategy])
+        if operation == "add" and strategy in ("qr", "crt", "generalized_qr"):
+            args["stack_parts"] = False
         if operation == "concat" and strategy in CONCAT_DIMS and explicit_dims:
             args["dims"] = CONCAT_DIMS[strategy]
         return MultiHashEmbeddingBagConfig(
@@ -174,15 +179,15 @@ def test_learned_mapping_matches_reference(strategy, args, operation):
         mappings[c.name] = dict(zip(known.tolist(), rows.tolist()))
     kjt = make_kjt(cfgs, weighted=True, batch=8)
     kt = ebc(kjt)
-    weights = {n: w.detach().clone().requires_grad_(True) for n, w in ebc.sub_table_weights().items()}
+    weights = {n: w.detach().clone().requires_grad_(True) for n, w in ebc.part_weights().items()}  # add: stacked
     ref = reference_forward(cfgs, weights, kjt, mappings)
     for f in ["a", "b", "c"]:
         torch.testing.assert_close(kt.to_dict()[f], ref[f], rtol=1e-5, atol=1e-6)
     upstream = torch.randn_like(kt.values())
     (kt.values() * upstream).sum().backward()
     (torch.cat([ref[f] for f in ["a", "b", "c"]], dim=1) * upstream).sum().backward()
-    for name, w in ebc.sub_table_weights().items():
-        torch.testing.assert_close(w.grad, weights[name].grad, rtol=1e-5, atol=1e-6, msg=name)
+    for name, grad in part_grads(ebc).items():
+        torch.testing.assert_close(grad, weights[name].grad, rtol=1e-5, atol=1e-6, msg=name)
     # the mapping is counted in memory_bytes: sparse, 4-byte ids and 2-byte rows per stored id;
     # dense, a 2-byte row per id
     table_bytes = sum(c.num_embeddings * c.embedding_dim * 4 for c in ebc.sub_table_configs())

@@ -26,6 +26,7 @@ from torchrec_multihash import (
     sub_table_constraints,
 )
 from torchrec_multihash.modules.config import MultiHashConfigError
+from torchrec_multihash.modules.strategies.base import stacked_part_rows, stacked_rows
 
 from tests.helpers import sharded_model as sm
 from tests.helpers.distributed import run_multiprocess
@@ -45,7 +46,7 @@ def stacked(cfgs, **kw):
 def configs_and_kjt(strategy, pooling, weighted, one_hot):
     """Two add tables (one of them shared by two features), stacked; one-hot or multi-hot bags,
     the first bag of every feature empty."""
-    plain = make_configs(strategy, "add", pooling)
+    plain = [dataclasses.replace(c, stack_parts=False) for c in make_configs(strategy, "add", pooling)]
     if one_hot:
         plain = [dataclasses.replace(c, max_ids_per_bag=1) for c in plain]
     kjt = one_hot_kjt(plain, weighted) if one_hot else multi_hot_kjt(plain, weighted)
@@ -65,10 +66,10 @@ def test_forward_and_gradients_equal_the_reference_and_the_unstacked_module(stra
     plain, cfgs, kjt = configs_and_kjt(strategy, pooling, weighted, one_hot)
     ebc = MultiHashEmbeddingBagCollection(cfgs, is_weighted=weighted)
     # one table per logical table, holding every part's rows, looked up pooled
-    assert [c.name for c in ebc.sub_table_configs()] == ["t_a__stacked", "t_bc__stacked"]
+    assert [c.name for c in ebc.sub_table_configs()] == ["t_a__parts", "t_bc__parts"]
     assert [c.num_embeddings for c in ebc.sub_table_configs()] == [sum(c.strategy_impl().sizes()) for c in cfgs]
-    assert [c.feature_names for c in ebc.sub_table_configs()] == [["a__stacked"], ["b__stacked", "c__stacked"]]
-    assert not ebc.per_id and list(ebc.sub_table_weights()) == ["t_a__stacked", "t_bc__stacked"]
+    assert [c.feature_names for c in ebc.sub_table_configs()] == [["a__parts"], ["b__parts", "c__parts"]]
+    assert not ebc.per_id and list(ebc.sub_table_weights()) == ["t_a__parts", "t_bc__parts"]
     assert sorted(ebc.part_weights()) == sorted(s.name for c in cfgs for s in c.strategy_impl().sub_tables())
 
     kt = ebc(kjt)
@@ -92,37 +93,52 @@ def test_forward_and_gradients_equal_the_reference_and_the_unstacked_module(stra
     (torch.cat([ref[f] for f in kt.keys()], dim=1) * upstream).sum().backward()
     (other.values() * upstream).sum().backward()
     for c in cfgs:
-        grad = ebc.sub_table_weights()[f"{c.name}__stacked"].grad
+        grad = ebc.sub_table_weights()[f"{c.name}__parts"].grad
         assert grad is not None, c.name
-        subs = c.strategy_impl().sub_tables()
-        want = torch.cat([parts[s.name].grad for s in subs])
-        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6, msg=c.name)
-        got = torch.cat([unstacked.sub_table_weights()[s.name].grad for s in subs])
-        torch.testing.assert_close(grad, got, rtol=1e-5, atol=1e-6, msg=c.name)
+        for s, placed in zip(c.strategy_impl().sub_tables(), c.strategy_impl().stacked_rows()):  # each part's rows
+            mine = grad.index_select(0, stacked_part_rows(placed, s.num_embeddings))
+            torch.testing.assert_close(mine, parts[s.name].grad, rtol=1e-5, atol=1e-6, msg=s.name)
+            torch.testing.assert_close(mine, unstacked.sub_table_weights()[s.name].grad, rtol=1e-5, atol=1e-6, msg=s.name)
 
 
-def test_each_id_is_one_bag_of_its_parts_rows_offset_into_the_stacked_table():
+def test_each_id_is_one_bag_of_its_parts_rows_spread_through_the_stacked_table():
     cfg = MultiHashEmbeddingBagConfig(
-        name="t", num_embeddings=100, embedding_dim=4, feature_names=["f"], strategy="qr", num_collisions=8, operation="add", stack_parts=True
+        name="t", num_embeddings=100, embedding_dim=4, feature_names=["f"], strategy="qr", num_collisions=8, operation="add"
     )
-    ebc = MultiHashEmbeddingBagCollection([cfg], is_weighted=True)
+    ebc = MultiHashEmbeddingBagCollection([cfg], is_weighted=True)  # an add is stacked by default
     kjt = KeyedJaggedTensor(keys=["f"], values=torch.tensor([3, 99, 42, 7]), lengths=torch.tensor([1, 2, 0, 1]), weights=torch.tensor([1.0, 2, 3, 4]))
     out = ebc.pooled["pooled"].transform(kjt)
-    # quotient rows 0..12, remainder rows at 13..20: id x -> [x // 8, 13 + x % 8], bag by bag
-    assert out.keys() == ["f__stacked"]
-    assert out.values().tolist() == [0, 16, 12, 16, 5, 15, 0, 20]
+    # 13 quotient rows, 8 remainder rows spread among them: remainder u after the first (u + 1) * 13 // 8
+    # quotient rows (1, 3, 4, 6, 8, 9, 11, 13): at 1, 4, 6, 9, 12, 14, 17, 20; id x -> [x // 8, x % 8], moved
+    assert out.keys() == ["f__parts"]
+    assert out.values().tolist() == [0, 9, 19, 9, 8, 6, 0, 20]
     assert out.lengths().tolist() == [2, 4, 0, 2]
     assert out.weights().tolist() == [1.0, 1, 2, 2, 3, 3, 4, 4]
-    # the parts are rows of the stacked weight: writing one writes the table
-    parts = ebc.part_weights()
+    parts = ebc.part_weights()  # copies of the parts' rows of the stacked weight
+    stacked = ebc.sub_table_weights()["t__parts"]
     assert parts["t"].shape == (13, 4) and parts["t__r"].shape == (8, 4)
-    with torch.no_grad():
-        parts["t__r"][3].fill_(7.0)
-    assert torch.equal(ebc.sub_table_weights()["t__stacked"][16], torch.full((4,), 7.0))
+    torch.testing.assert_close(parts["t__r"], stacked[[1, 4, 6, 9, 12, 14, 17, 20]])
+    torch.testing.assert_close(parts["t"], stacked[[0, 2, 3, 5, 7, 8, 10, 11, 13, 15, 16, 18, 19]])
+
+
+@pytest.mark.parametrize("sizes", [[13, 8], [50_000, 9], [1000, 3, 3], [7, 11], [4, 5, 6], [100, 1], [3, 9, 2]])
+def test_the_stacked_rows_hold_every_part_once_and_spread_the_small_parts_evenly(sizes):
+    """Every row of the stacked table belongs to exactly one part's row; the small parts' rows
+    spread so that a row-wise cut into 2, 4 or 8 equal runs gives each run its share (within two
+    rows)."""
+    placed = stacked_rows(sizes)
+    rows = [stacked_part_rows(p, n) for p, n in zip(placed, sizes)]
+    assert torch.cat(rows).sort().values.tolist() == list(range(sum(sizes)))
+    big = sizes.index(max(sizes))
+    small = torch.cat([r for i, r in enumerate(rows) if i != big])
+    total = sum(sizes)
+    for shards in (2, 4, 8):
+        per_shard = torch.bincount(small * shards // total, minlength=shards)
+        assert per_shard.max() - per_shard.min() <= 2, (shards, per_shard.tolist())
 
 
 def test_init_bytes_and_passthrough_are_those_of_the_unstacked_tables():
-    plain = make_configs("crt", "add", PoolingType.SUM) + [
+    plain = [dataclasses.replace(c, stack_parts=False) for c in make_configs("crt", "add", PoolingType.SUM)] + [
         MultiHashEmbeddingBagConfig(name="t_full", num_embeddings=N, embedding_dim=D, feature_names=["d"], strategy="full")
     ]
     cfgs = stacked(plain[:2]) + plain[2:]
@@ -133,7 +149,7 @@ def test_init_bytes_and_passthrough_are_those_of_the_unstacked_tables():
     # the parts' init range (add: all parts share it), SUM pooling whatever the table's
     assert (stacked_cfg.weight_init_min, stacked_cfg.weight_init_max) == (part_cfgs["t_a"].weight_init_min, part_cfgs["t_a"].weight_init_max)
     assert stacked_cfg.pooling == PoolingType.SUM
-    w = ours.sub_table_weights()["t_a__stacked"]
+    w = ours.sub_table_weights()["t_a__parts"]
     assert w.min() >= stacked_cfg.weight_init_min and w.max() <= stacked_cfg.weight_init_max
     # every output one sub-feature: the lookup's KeyedTensor passes through as it is
     assert ours.combine._passthrough and not theirs.combine._passthrough
@@ -206,23 +222,29 @@ def test_stack_parts_needs_an_add_of_several_partitions(kw, why):
         MultiHashEmbeddingBagConfig(**args)
     with pytest.raises(MultiHashConfigError, match="table 't_x': stack_parts must be a bool"):
         MultiHashEmbeddingBagConfig(name="t_x", num_embeddings=N, embedding_dim=D, feature_names=["x"], operation="add", stack_parts="yes")
-    assert not MultiHashEmbeddingBagConfig(name="t_x", num_embeddings=N, embedding_dim=D, feature_names=["x"]).stack_parts  # opt-in
+    # unset: stacked where it can be (an add of several partitions), else not
+    assert MultiHashEmbeddingBagConfig(name="t_x", num_embeddings=N, embedding_dim=D, feature_names=["x"]).stack_parts is None
+    assert not MultiHashEmbeddingBagConfig(name="t_x", num_embeddings=N, embedding_dim=D, feature_names=["x"]).strategy_impl().is_stacked()
+    add = MultiHashEmbeddingBagConfig(name="t_x", num_embeddings=N, embedding_dim=D, feature_names=["x"], operation="add")
+    assert add.strategy_impl().is_stacked()
 
 
 def test_constraints_reach_the_stacked_table_and_refuse_its_parts():
     # Q-R of 1000 ids, m = 10: parts of 100 and 10 rows, stacked: 110
-    plain = MultiHashEmbeddingBagConfig(name="t", num_embeddings=1000, embedding_dim=D, feature_names=["f"], num_collisions=10, operation="add")
+    plain = MultiHashEmbeddingBagConfig(
+        name="t", num_embeddings=1000, embedding_dim=D, feature_names=["f"], num_collisions=10, operation="add", stack_parts=False
+    )
     table = dataclasses.replace(plain, stack_parts=True)
     row_wise = {"t": ParameterConstraints(sharding_types=["row_wise"])}
     # the logical table's constraint applies to the stacked table; the small-table rule reads its rows
     out = sub_table_constraints([table], row_wise, small_table_rows=100)
-    assert list(out) == ["t__stacked"] and out["t__stacked"].sharding_types == ["row_wise"]
-    assert sub_table_constraints([table], row_wise, small_table_rows=110)["t__stacked"].sharding_types == ["table_wise", "data_parallel"]
+    assert list(out) == ["t__parts"] and out["t__parts"].sharding_types == ["row_wise"]
+    assert sub_table_constraints([table], row_wise, small_table_rows=110)["t__parts"].sharding_types == ["table_wise", "data_parallel"]
     assert sub_table_constraints([plain], row_wise, small_table_rows=100)["t__r"].sharding_types == ["table_wise", "data_parallel"]
     # keyed by the stacked table's own name: taken as it is
-    own = {"t__stacked": ParameterConstraints(sharding_types=["column_wise"])}
-    assert sub_table_constraints([table], own)["t__stacked"].sharding_types == ["column_wise"]
-    with pytest.raises(ValueError, match=r"constraints name 't__r', a part of table 't', whose parts are stacked .*constrain 't__stacked'"):
+    own = {"t__parts": ParameterConstraints(sharding_types=["column_wise"])}
+    assert sub_table_constraints([table], own)["t__parts"].sharding_types == ["column_wise"]
+    with pytest.raises(ValueError, match=r"constraints name 't__r', a part of table 't', whose parts are stacked .*constrain 't__parts'"):
         sub_table_constraints([table], {"t__r": ParameterConstraints(sharding_types=["table_wise"])})
 
 
@@ -239,7 +261,7 @@ def test_the_plan_report_names_each_stacked_table_with_its_logical_table():
     model = DLRM(embedding_bag_collection=ebc, dense_in_features=3, dense_arch_layer_sizes=[D], over_arch_layer_sizes=[4, 1], dense_device=meta)
     topo = Topology(world_size=2, compute_device="cuda", hbm_cap=2**30)
     report = describe_plan(plan_model(model, topo, sub_table_constraints(cfgs), batch_size=64), model, topo)
-    assert {s.table: s.logical_table for s in report.shards} == {"t_a__stacked": "t_a", "t_bc__stacked": "t_bc", "t_d": "t_d", "t_d__r": "t_d"}
+    assert {s.table: s.logical_table for s in report.shards} == {"t_a__parts": "t_a", "t_bc__parts": "t_bc", "t_d": "t_d", "t_d__r": "t_d"}
     assert sum(s.bytes for s in report.shards) == ebc.memory_bytes()
 
 
@@ -255,9 +277,9 @@ def _one(stack_parts, seed=0):
 def test_a_state_dict_or_checkpoint_of_the_other_layout_is_refused(tmp_path, saved_stacked):
     saved, loading = _one(saved_stacked), _one(not saved_stacked, seed=1)
     before = {k: v.clone() for k, v in loading.state_dict().items()}
-    here = "True" if not saved_stacked else "False"
+    why = "set stack_parts=False on the table to load it" if not saved_stacked else r"stack_parts=False here\): leave stack_parts unset"
     for strict in (True, False):
-        with pytest.raises(MultiHashConfigError, match=rf"table 't_C1': .*stack_parts differs \({here} here\)"):
+        with pytest.raises(MultiHashConfigError, match=rf"table 't_C1': .*{why}"):
             loading.load_state_dict(saved.state_dict(), strict=strict)
     save_checkpoint(tmp_path / "ckpt", saved)
     with pytest.raises(CheckpointError, match="stack_parts differs"):
@@ -279,6 +301,16 @@ def test_the_app_config_stacks_the_add_tables_it_builds():
     from torchrec_multihash.app.provenance import tables_record
 
     quickstart = Path(__file__).resolve().parents[1] / "configs/quickstart.yaml"
+    # unset: the tables' default, stacked; false: none stacked but an override's
+    default = {t.name: t for t in build_tables(load_config(quickstart, ["embeddings.operation=add"]))}
+    assert default["t_C1"].stack_parts is None and default["t_C1"].strategy_impl().is_stacked()
+    off = {
+        t.name: t
+        for t in build_tables(
+            load_config(quickstart, ["embeddings.operation=add", "embeddings.stack_parts=false", "embeddings.overrides={t_C2: {stack_parts: true}}"])
+        )
+    }
+    assert not off["t_C1"].strategy_impl().is_stacked() and off["t_C2"].strategy_impl().is_stacked()
     cfg = load_config(quickstart, ["embeddings.operation=add", "embeddings.stack_parts=true", "embeddings.overrides={t_C2: {stack_parts: false}}"])
     tables = {t.name: t for t in build_tables(cfg)}
     # compressed add tables stacked, but t_C2 (its override) and the small tables kept full
@@ -286,10 +318,10 @@ def test_the_app_config_stacks_the_add_tables_it_builds():
     assert tables["t_C13"].strategy == "full" and not tables["t_C13"].stack_parts
     ebc = multihash_module(build_model(cfg, device=torch.device("meta")))
     names = [c.name for c in ebc.sub_table_configs()]
-    assert "t_C1__stacked" in names and "t_C2__r" in names and "t_C1__r" not in names
+    assert "t_C1__parts" in names and "t_C2__r" in names and "t_C1__r" not in names
     # the small-table rule reads the stacked tables' rows: t_C10's (500 ids) are few, t_C1's not
     constraints = build_constraints(cfg, list(tables.values()))
-    assert constraints["t_C10__stacked"].sharding_types == ["table_wise", "data_parallel"] and "t_C1__stacked" not in constraints
+    assert constraints["t_C10__parts"].sharding_types == ["table_wise", "data_parallel"] and "t_C1__parts" not in constraints
     # recorded with the tables' keys when set (it changes what a checkpoint holds), absent when not
     assert tables_record(cfg)["embeddings.stack_parts"] is True
     assert "embeddings.stack_parts" not in tables_record(load_config(quickstart))
@@ -299,15 +331,15 @@ def test_the_app_config_stacks_the_add_tables_it_builds():
         assert not any(t.stack_parts for t in build_tables(mult))
 
 
-def test_the_bench_method_stacks_the_compressed_tables():
+def test_the_bench_method_stacks_the_compressed_tables_by_default():
     from torchrec_multihash.bench.step_time import METHODS, build
     from torchrec_multihash.bench.workload import BenchSpec
 
-    assert METHODS["qr_add_stacked"] == ("qr", "add", True) and not METHODS["qr_add"].stack_parts
+    assert METHODS["qr_add_unstacked"] == ("qr", "add", False) and METHODS["qr_add"].stack_parts is None
     spec = BenchSpec.one_hot(quick=True)
-    module, plain = build("qr_add_stacked", spec, torch.device("cpu")), build("qr_add", spec, torch.device("cpu"))
+    module, plain = build("qr_add", spec, torch.device("cpu")), build("qr_add_unstacked", spec, torch.device("cpu"))
     composed = [c.name for c in module.multihash_configs() if c.strategy_impl().is_composed()]
-    assert composed and all(c.stack_parts for c in module.multihash_configs() if c.name in composed)
+    assert composed and all(c.strategy_impl().is_stacked() for c in module.multihash_configs() if c.name in composed)
     assert len(module.sub_table_configs()) == len(plain.sub_table_configs()) - len(composed)
     assert module.memory_bytes() == plain.memory_bytes()
 
@@ -326,7 +358,7 @@ def _check_sharded(rank, world_size, sharding_type):
         dmp, plan, _ = sm.shard_with(model, sharding_type, world_size, {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR})
     types = {t: ps.sharding_type for mod in plan.plan.values() for t, ps in mod.items()}
     assert sorted(types) == sorted(c.name for c in ebc.sub_table_configs())
-    stacked_names = [n for n in types if n.endswith("__stacked")]
+    stacked_names = [n for n in types if n.endswith("__parts")]
     assert len(stacked_names) == 4 and all(types[n] == sharding_type for n in stacked_names), types
     if sharding_type == "row_wise":  # the stacked rows really split over both ranks
         ranks = {t: ps.ranks for mod in plan.plan.values() for t, ps in mod.items()}
@@ -362,3 +394,18 @@ def _pipelined_worker(rank, world_size):
 @pytest.mark.distributed
 def test_stacked_tables_train_pipelined_as_in_the_plain_loop():
     run_multiprocess(_pipelined_worker, 2)
+
+
+@pytest.mark.parametrize("into_stacked", [True, False])
+def test_a_state_dict_of_the_former_stacked_layout_loads_as_the_same_parts(into_stacked):
+    """Former versions stacked the parts one after another (``t_C1__stacked``): such a state dict
+    loads into this version's spread rows (or separate parts) with every part's rows intact."""
+    source = _one(False, seed=3)
+    parts = source.part_weights()
+    former = {k: v for k, v in source.state_dict().items() if "t_C1" not in k}
+    former["pooled.pooled.tables.embedding_bags.t_C1__stacked.weight"] = torch.cat([parts["t_C1"], parts["t_C1__r"]])
+    loading = _one(None if into_stacked else False, seed=4)
+    assert loading.multihash_configs()[0].strategy_impl().is_stacked() == into_stacked
+    loading.load_state_dict(former)
+    for name, w in loading.part_weights().items():
+        torch.testing.assert_close(w, parts[name], rtol=0, atol=0, msg=name)

@@ -24,7 +24,7 @@ def table(strategy, **kw):
 EXAMPLES = [
     table("full"),
     table("hash", num_collisions=5),
-    table("qr", num_collisions=13, operation="add"),
+    table("qr", num_collisions=13, operation="add", stack_parts=False),
     table("qr", num_collisions=13, operation="concat", dims=[5, 3]),
     table("generalized_qr", moduli=[7, 11, 131], operation="mult"),
     table("crt", moduli=[101, 103]),
@@ -84,7 +84,14 @@ def docs_example():
 def test_docs_example_adds_a_strategy_in_one_class(docs_example):
     m0, m1 = 97, 101
     cfg = MultiHashEmbeddingBagConfig(
-        name="t_ad", num_embeddings=10**8, embedding_dim=4, feature_names=["ad"], strategy="double_hash", moduli=[m0, m1], operation="add"
+        name="t_ad",
+        num_embeddings=10**8,
+        embedding_dim=4,
+        feature_names=["ad"],
+        strategy="double_hash",
+        moduli=[m0, m1],
+        operation="add",
+        stack_parts=False,
     )
     assert isinstance(cfg.strategy_impl(), docs_example)
     ebc = MultiHashEmbeddingBagCollection([cfg])

@@ -82,3 +82,21 @@ def reference_forward(
                 pos += lens[b]
             out[f] = torch.stack(bags)
     return out
+
+
+def part_grads(ebc):
+    """The gradient of every part (sub-table name) of an unsharded module: a stacked table's
+    gradient cut into its parts' rows, the others' own."""
+    from torchrec_multihash.modules.strategies.base import stacked_part_rows, stacked_table_name
+
+    stored = ebc.sub_table_weights()
+    grads = {}
+    for c in ebc.multihash_configs():
+        impl = c.strategy_impl()
+        if not impl.is_stacked():
+            grads.update((s.name, stored[s.name].grad) for s in impl.sub_tables())
+            continue
+        grad = stored[stacked_table_name(c.name)].grad
+        for s, placed in zip(impl.sub_tables(), impl.stacked_rows()):
+            grads[s.name] = grad.index_select(0, stacked_part_rows(placed, s.num_embeddings))
+    return grads

@@ -72,9 +72,10 @@ class EmbeddingsConfig:
     small_table_rows: int = DEFAULT_SMALL_TABLE_ROWS  # sub-tables this small are kept whole or replicated
     validate_ids: bool = True
     max_ids_per_bag: Optional[int] = None  # 1: every feature one-hot (Criteo's): mult tables looked up pooled, checked per batch
-    # add tables of several partitions: their parts stored as one table, each id's rows one bag (faster; see the
-    # table option stack_parts); other tables are left as they are (a warning when no table is stacked)
-    stack_parts: bool = False
+    # add tables of several partitions: their parts stored as one table, each id's rows one bag (see the table
+    # option stack_parts). Unset: the tables' default (stacked where they can be); true: every such table
+    # (a warning when there is none); false: none (their parts separate tables, placed apart by the planner)
+    stack_parts: Optional[bool] = None
     mapping: Optional[str] = None  # learned: a directory written by fit-hash (default: fit before training)
     fit: Dict[str, Any] = field(default_factory=dict)  # learned: FitOptions fields (dim, lr, seed, ...)
 

@@ -104,9 +104,14 @@ def build_tables(cfg: Config, choices: Optional[List[TableChoice]] = None) -> Li
                 num_partitions=emb.num_partitions,
                 overrides=overrides,
             )
-        if not emb.stack_parts:
+        if emb.stack_parts is None:
             return tables
         own = [n for n, o in emb.overrides.items() if "stack_parts" in o]  # an override setting it keeps its own
+        if not emb.stack_parts:
+            for t in tables:
+                if t.name not in own:
+                    t.stack_parts = False
+            return tables
         return stack_add_tables(tables, own, "embeddings.stack_parts")
     except (MultiHashConfigError, AutoChoiceError, TypeError) as e:
         raise ConfigError(f"embeddings: {e}") from None

@@ -67,7 +67,7 @@ def data_record(cfg: Config, exact: bool = True) -> Record:
 # keys that decide the tables only where set: recorded then alone, so records of runs without them stay as they were
 _TABLE_KEYS_IF_USED = {
     "compose": lambda cfg: cfg.embeddings.compose != "per_id",
-    "stack_parts": lambda cfg: cfg.embeddings.stack_parts,
+    "stack_parts": lambda cfg: cfg.embeddings.stack_parts is not None,
     "mch_eviction": lambda cfg: cfg.embeddings.strategy == MCH,
     "mch_sizing": lambda cfg: cfg.embeddings.strategy == MCH,
 }

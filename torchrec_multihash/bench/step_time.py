@@ -21,7 +21,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_multihash.app.quiet import quiet_warnings
 from torchrec_multihash.bench.naive_qr import NaiveQREmbeddingBags
 from torchrec_multihash.bench.workload import BenchSpec
-from torchrec_multihash.convert import stack_add_tables, to_multihash_configs
+from torchrec_multihash.convert import to_multihash_configs
 from torchrec_multihash.distributed.constraints import sub_table_constraints
 from torchrec_multihash.distributed.sharding import shard_model
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
@@ -36,7 +36,7 @@ class MethodSpec(NamedTuple):
 
     strategy: str
     operation: str
-    stack_parts: bool = False  # add: each table's parts stored as one table, an id's rows one bag
+    stack_parts: Optional[bool] = None  # add: each table's parts one table, an id's rows one bag (None: the default, stacked)
 
 
 # method -> its MultiHashEmbeddingBagCollection's tables; None: a baseline
@@ -45,8 +45,8 @@ METHODS: Dict[str, Optional[MethodSpec]] = {
     "naive_qr": None,  # two torch.nn.EmbeddingBag per table, torch.optim.Adagrad (sparse)
     "full": MethodSpec("full", "mult"),
     "hash": MethodSpec("hash", "mult"),
-    "qr_add": MethodSpec("qr", "add"),
-    "qr_add_stacked": MethodSpec("qr", "add", stack_parts=True),
+    "qr_add": MethodSpec("qr", "add"),  # its parts stacked in one table: the default
+    "qr_add_unstacked": MethodSpec("qr", "add", stack_parts=False),
     "qr_mult": MethodSpec("qr", "mult"),
     "qr_concat": MethodSpec("qr", "concat"),
     "generalized_qr": MethodSpec("generalized_qr", "mult"),
@@ -84,8 +84,9 @@ def build(method: str, spec: BenchSpec, device: torch.device) -> nn.Module:
             num_partitions=3 if strategy == "generalized_qr" else None,
             overrides={t: {"max_ids_per_bag": 1} for t in spec.one_hot_tables()},
         )
-    if method_spec.stack_parts:
-        stack_add_tables(configs)
+    if method_spec.stack_parts is not None:
+        for c in configs:
+            c.stack_parts = method_spec.stack_parts if c.strategy_impl().is_composed() and c.operation == "add" else None
     return MultiHashEmbeddingBagCollection(configs, device=torch.device("meta"))
 
 

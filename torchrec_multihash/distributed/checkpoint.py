@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from torchrec_multihash.distributed.checkpoint_files import CheckpointError, check_storage, verify_checksums, write_manifest
-from torchrec_multihash.modules.strategies import STACKED_SUFFIX
+from torchrec_multihash.modules.strategies import FORMER_STACKED_SUFFIX, STACKED_SUFFIX
 
 __all__ = ["CheckpointError", "find_checkpoint", "load_checkpoint", "load_entries", "read_index", "save_checkpoint"]
 
@@ -183,10 +183,17 @@ def _stacking_hint(table: Optional[str], saved_tables: Set[str]) -> Optional[str
         return None
     if table.endswith(STACKED_SUFFIX):
         logical = table[: -len(STACKED_SUFFIX)]
+        if logical + FORMER_STACKED_SUFFIX in saved_tables:
+            return (
+                f"the checkpoint holds {logical + FORMER_STACKED_SUFFIX}, stacked parts in a former layout (one part after "
+                f"another); this version spreads the small parts' rows through {table}: start a new run, or load that "
+                "checkpoint's weights with the version that wrote it"
+            )
         if logical in saved_tables:
             return (
-                f"table {logical} is stacked in this model ({table}: stack_parts=True) and its parts are separate tables "
-                "in the checkpoint: stack_parts differs; build the model with the checkpoint's"
+                f"table {logical} is stacked in this model ({table}: stack_parts unset or True; an add's parts are stacked by "
+                "default) and its parts are separate tables in the checkpoint: stack_parts differs; set stack_parts: false "
+                "(embeddings.stack_parts) to load it"
             )
         return None
     logicals = [n[: -len(STACKED_SUFFIX)] for n in saved_tables if n.endswith(STACKED_SUFFIX)]
@@ -194,8 +201,8 @@ def _stacking_hint(table: Optional[str], saved_tables: Set[str]) -> Optional[str
     stacked = sorted(n + STACKED_SUFFIX for n in logicals if table == n or table.startswith(n + "__"))
     if stacked:
         return (
-            f"table {table} is a part of a table stacked in the checkpoint ({stacked[-1]}: stack_parts=True) and a separate "
-            "table in this model: stack_parts differs; build the model with the checkpoint's"
+            f"table {table} is a part of a table stacked in the checkpoint ({stacked[-1]}) and a separate table in this "
+            "model (stack_parts=False): stack_parts differs; build the model with the checkpoint's"
         )
     return None
 

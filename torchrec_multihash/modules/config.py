@@ -90,14 +90,14 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
             there). The same for one-id bags (unweighted); looked up like a one-hot table, in the
             pooled EmbeddingBagCollection, for bags of any size. SUM pooling only. No effect on add,
             concat or single-table strategies, where pooling commutes with the composition.
-        stack_parts: add of several partitions only: store the parts as ONE TorchRec table (the
-            quotient rows, then the remainder rows, ...; ``<name>__stacked``) and look each id up
-            as one bag holding its k rows (each offset into its part), so that the table's SUM
-            pooling is the add: one pooled output per bag instead of k (FBGEMM's cost is per bag:
-            about half the lookup time for Q-R). Same results and bytes. The trade-off: the planner
-            sees one table, so the small parts cannot be placed apart from the big one (no
-            data_parallel replica of a tiny remainder table next to a row-wise quotient table), and
-            row-wise sharding puts all the small parts' rows on the last shard. Default False.
+        stack_parts: add of several partitions: store the parts as ONE TorchRec table
+            (``<name>__parts``: the largest part's rows with the small parts' rows spread evenly
+            among them, so that row-wise shards each hold their share of them) and look each id
+            up as one bag holding its k rows, so that the table's SUM pooling is the add: one
+            pooled output per bag instead of k (FBGEMM's cost is per bag). Same results and bytes.
+            None (default): stacked for an add whose parts share one dim and init range; True:
+            stacked (an error where it cannot be); False: the parts as separate tables, which the
+            planner can place apart (e.g. a data_parallel replica of a tiny remainder table).
     """
 
     strategy: Union[StrategyName, str] = StrategyName.QR
@@ -110,7 +110,7 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
     fallback_rows: Optional[int] = None
     max_ids_per_bag: Optional[int] = None
     compose: str = "per_id"
-    stack_parts: bool = False
+    stack_parts: Optional[bool] = None
 
     def __post_init__(self) -> None:
         # Unlike EmbeddingBagConfig we keep ``init_fn`` None unless the user set one: the sub-tables'
@@ -249,8 +249,8 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
             self.fail(f"concat dims {self.dims} add up to {sum(self.dims)}, not embedding_dim={self.embedding_dim}")
 
     def _validate_stack_parts(self) -> None:
-        if not isinstance(self.stack_parts, bool):
-            self.fail(f"stack_parts must be a bool, got {self.stack_parts!r}")
+        if self.stack_parts is not None and not isinstance(self.stack_parts, bool):
+            self.fail(f"stack_parts must be a bool or None (stacked where it can be), got {self.stack_parts!r}")
         if not self.stack_parts:
             return
         if self.operation != "add" or not self.strategy_impl().is_composed():

@@ -8,7 +8,7 @@ input-dist stage of the pipeline, overlapped with compute.
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from torchrec_multihash.errors import InvalidInputError
 from torchrec_multihash.modules.learned_mapping import LearnedMapping
-from torchrec_multihash.modules.strategies import Strategy
+from torchrec_multihash.modules.strategies import StackedRows, Strategy
 from torchrec_multihash.modules.strategies.base import partition_rows
 from torchrec_multihash.modules.variable_batch import expand_variable_batch
 
@@ -43,9 +43,9 @@ class FeatureLookup:
     mapping: Optional[LearnedMapping] = None  # learned id -> row, applied before the partitions
     max_ids_per_bag: Optional[int] = None  # checked with the ids; 1: one-hot
     pooled_mult: bool = False  # one-hot mult looked up pooled: only the first part carries the weight
-    # stack_parts: the parts' first rows in the one stacked table; the feature is then one sub-feature
-    # whose bags hold each id's k rows (pooled by SUM: the add)
-    row_offsets: Optional[List[int]] = None
+    # stacked parts: where each part's rows lie in the one stacked table; the feature is then one
+    # sub-feature whose bags hold each id's k rows (pooled by SUM: the add)
+    stacked_rows: Optional[List[StackedRows]] = None
     # add, mult: the combine composes the parts column block by column block, so the sub-features
     # come part by part among the lookup's group (see ``sub_feature_order``)
     part_major: bool = False
@@ -148,11 +148,11 @@ class _FlatGroup:
     modulus: List[int]
     modulus_row: List[int]
     unit_weights: List[bool]
-    # stack_parts: each lookup one segment, per id its slots' rows side by side, each moved by its
-    # part's first row in the stacked table (an int, or the row of the per-id table that holds it)
+    # stacked parts: each lookup one segment, per id its slots' rows side by side, each moved to its
+    # part's rows of the stacked table: per slot, ``StackedRows``' mul, add, div and shift, each as
+    # (value, row of the per-id table that holds it or -1)
     stacked: bool = False
-    offset: List[int] = field(default_factory=list)
-    offset_row: List[int] = field(default_factory=list)
+    placement: List[List[Tuple[int, int]]] = field(default_factory=list)
 
 
 def _slot(lk: FeatureLookup, p: int, spec: List[Tuple[int, int]]) -> Tuple[int, int, bool, bool, bool, bool]:
@@ -161,7 +161,7 @@ def _slot(lk: FeatureLookup, p: int, spec: List[Tuple[int, int]]) -> Tuple[int, 
     d, m = spec[p]
     reuse = next((q for q in range(len(spec)) if spec[q] == (m, 0)), -1) if d == 1 and m > 0 else -1
     kind = 0 if m == 0 else (1 if reuse >= 0 else 2)
-    return kind, reuse, d != 1, m != 0, lk.pooled_mult and p > 0, lk.row_offsets is not None
+    return kind, reuse, d != 1, m != 0, lk.pooled_mult and p > 0, lk.stacked_rows is not None
 
 
 def _lookup_groups(lookups: Sequence[FeatureLookup]) -> List[Tuple[tuple, List[int]]]:
@@ -222,9 +222,8 @@ class _FlatPlan:
                     values.append(value)
                     rows.append(row)
                 if g.stacked:
-                    value, row = self._value_or_row(members, position, [(lookups[i].row_offsets or [])[p] for i in members])
-                    g.offset.append(value)
-                    g.offset_row.append(row)
+                    placed = [(lookups[i].stacked_rows or [])[p] for i in members]
+                    g.placement.append([self._value_or_row(members, position, [x[f] for x in placed]) for f in range(4)])
                     continue
                 for i in members:
                     first[(i, p)] = segment
@@ -236,7 +235,7 @@ class _FlatPlan:
             self.groups.append(g)
         self.perm = [first[(i, p)] for i, p in sub_features]
         # per sub-feature: its lookup's place in ``order`` and its ids per id (a stacked table's k)
-        self.sub_lengths = [(position[i], len(specs[i]) if lookups[i].row_offsets is not None else 1) for i, _ in sub_features]
+        self.sub_lengths = [(position[i], len(specs[i]) if lookups[i].stacked_rows is not None else 1) for i, _ in sub_features]
         self.segments = segment
         self.permutes = self.perm != list(range(segment))  # segments not already in the sub-features' order
         # id bounds (hash tables: any int64) and largest bags, checked at once
@@ -302,6 +301,19 @@ def _sub_features(
     )
 
 
+def _placed_rows(r: torch.Tensor, mul: int, add: int, div: int, shift: int) -> torch.Tensor:
+    """Rows ``r`` of a part moved to its rows of the stacked table (``StackedRows``)."""
+    return torch.div(r * mul + add, div, rounding_mode="floor") + r + shift
+
+
+def _placed(
+    r: torch.Tensor, mul: Union[int, torch.Tensor], add: Union[int, torch.Tensor], div: Union[int, torch.Tensor], shift: Union[int, torch.Tensor]
+) -> torch.Tensor:
+    """``_placed_rows`` of a group of lookups (the flat transform): each parameter an int that all
+    share, or a per-id tensor."""
+    return torch.div(r * mul + add, div, rounding_mode="floor") + r + shift
+
+
 def _group_rows(g: _FlatGroup, ids: torch.Tensor, per_id: List[torch.Tensor]) -> List[torch.Tensor]:
     """Each slot's rows of a group's ``ids`` (int64, the group's lookups' ids one after another):
     ``(x // d) % m``, a remainder whose quotient another slot takes as ``x - q * m`` (see
@@ -326,10 +338,10 @@ class IdTransform(nn.Module):
     Feature ``C1`` of a Q-R table becomes ``C1`` (ids ``x // m``) and ``C1__r`` (ids ``x % m``),
     with the same lengths and per-sample weights. Tables with a learned mapping first map ids to
     rows; the mappings (buffers, no parameters) are children of the transform, in ``mappings``.
-    A table whose parts are stacked in one table (``stack_parts``, add) gives one sub-feature,
-    ``C1__stacked``: per id its k rows, each plus its part's first row in the stacked table, side
-    by side (each bag stays contiguous), lengths times k and each id's weight on each of its rows,
-    so that the table's SUM pooling is ``sum_i w_i (q_i + r_i)``.
+    A table whose parts are stacked in one table (add) gives one sub-feature, ``C1__parts``: per
+    id its k rows, each moved to its part's rows of the stacked table (``StackedRows``), side by
+    side (each bag stays contiguous), lengths times k and each id's weight on each of its rows, so
+    that the table's SUM pooling is ``sum_i w_i (q_i + r_i)``.
 
     With ``explode`` (the per-id lookups of mult tables), every bag becomes one bag per id: the
     output KJT has a batch of ``max(1, most ids of a feature in the batch)`` bags per sub-feature,
@@ -365,7 +377,7 @@ class IdTransform(nn.Module):
     _source: List[int]
     _divisors: List[int]
     _moduli: List[int]
-    _offsets: List[int]
+    _placement: List[List[int]]
     _reuse: List[int]
     _unit_weights: List[bool]
 
@@ -397,13 +409,14 @@ class IdTransform(nn.Module):
         self._source = [i for i, lk in enumerate(lookups) for _ in lk.strategy.partition_spec()]
         self._divisors = [d for d, _ in spec]
         self._moduli = [m for _, m in spec]
-        self._offsets = [o for lk in lookups for o in (lk.row_offsets or [0] * len(lk.strategy.partition_spec()))]
+        # per part where its rows lie in its stacked table (``StackedRows``: mul, add, div, shift)
+        self._placement = [list(o) for lk in lookups for o in (lk.stacked_rows or [StackedRows(0, 0, 1, 0)] * len(lk.strategy.partition_spec()))]
         first_part: List[int] = []  # each lookup's first part in ``spec``
         part = 0
         for lk in lookups:
             k = len(lk.strategy.partition_spec())
-            if lk.row_offsets is not None:
-                assert len(lk.sub_features) == 1 and len(lk.row_offsets) == k, lk
+            if lk.stacked_rows is not None:
+                assert len(lk.sub_features) == 1 and len(lk.stacked_rows) == k, lk
             else:
                 assert len(lk.sub_features) == k, lk
             first_part.append(part)
@@ -412,7 +425,7 @@ class IdTransform(nn.Module):
         self._sub_parts = []
         for i, j in order:
             k = len(lookups[i].strategy.partition_spec())
-            self._sub_parts.append(list(range(first_part[i], first_part[i] + k)) if lookups[i].row_offsets is not None else [first_part[i] + j])
+            self._sub_parts.append(list(range(first_part[i], first_part[i] + k)) if lookups[i].stacked_rows is not None else [first_part[i] + j])
         # per part x % m: the part of the same feature that takes x // m, if any
         self._reuse = [
             next((q for q in range(len(spec)) if self._source[q] == self._source[j] and spec[q] == (self._moduli[j], 0)), -1)
@@ -634,7 +647,7 @@ class IdTransform(nn.Module):
             rows = _group_rows(g, x, per)
             if g.stacked:  # per id its k rows side by side, each moved to its part's rows
                 k = len(rows)
-                moved = [r + (per[g.offset_row[p]] if g.offset_row[p] >= 0 else g.offset[p]) for p, r in enumerate(rows)]
+                moved = [_placed(r, *[per[row] if row >= 0 else value for value, row in g.placement[p]]) for p, r in enumerate(rows)]
                 blocks.append(torch.stack(moved, dim=1).view(-1))
                 block_lengths.append(bags * k)
                 block_counts.append(c * k)
@@ -695,8 +708,8 @@ class IdTransform(nn.Module):
 
     def _values(self, rows: List[torch.Tensor]) -> List[torch.Tensor]:
         """Each sub-feature's values from its parts' rows: a part's rows as they are, or a stacked
-        table's: per id its k parts' rows, each moved by its part's offset in the table, side by
-        side (``[q0, r0 + offset, q1, r1 + offset, ...]``), so every bag stays contiguous."""
+        table's: per id its k parts' rows, each moved to its part's rows of the table
+        (``StackedRows``), side by side (``[q0', r0', q1', r1', ...]``), so every bag stays contiguous."""
         values: List[torch.Tensor] = []
         for j in range(len(self._sub_keys)):
             parts = self._sub_parts[j]
@@ -705,6 +718,7 @@ class IdTransform(nn.Module):
                 continue
             moved: List[torch.Tensor] = []
             for p in parts:
-                moved.append(rows[p] + self._offsets[p] if self._offsets[p] != 0 else rows[p])
+                mul, add, div, shift = self._placement[p]
+                moved.append(_placed_rows(rows[p], mul, add, div, shift))
             values.append(torch.stack(moved, dim=1).view(-1))
         return values

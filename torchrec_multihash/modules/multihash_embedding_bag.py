@@ -23,7 +23,8 @@ from torchrec_multihash.modules.config import MultiHashConfigError, MultiHashEmb
 from torchrec_multihash.modules.id_transform import FeatureLookup, IdTransform, sub_feature_order
 from torchrec_multihash.modules.learned_mapping import LearnedMapping
 from torchrec_multihash.modules.lookup_group import Lookup
-from torchrec_multihash.modules.strategies import SubTable, stacked_table_name, sub_feature_name
+from torchrec_multihash.modules.strategies import FORMER_STACKED_SUFFIX, SubTable, stacked_table_name, sub_feature_name
+from torchrec_multihash.modules.strategies.base import stacked_part_rows
 
 POOLED_GROUP = "pooled"
 
@@ -86,7 +87,7 @@ def _group_tables(tables: List[MultiHashEmbeddingBagConfig], device: torch.devic
         group = _per_id_group(t.embedding_dim) if per_id else POOLED_GROUP
         # stack_parts: one table of all the parts, one sub-feature per feature (each id's k rows)
         subs = impl.stored_tables()
-        row_offsets = impl.row_offsets() if impl.is_stacked() else None
+        stacked_rows = impl.stacked_rows() if impl.is_stacked() else None
         mapping = LearnedMapping(t, device=device) if t.has_mapping() else None
         # a feature looked up by several tables gets the table in its sub-features' names
         sub_features = {f: [sub_feature_name(f, s.suffix, t.name if feature_tables[f] > 1 else None) for s in subs] for f in t.feature_names}
@@ -101,7 +102,7 @@ def _group_tables(tables: List[MultiHashEmbeddingBagConfig], device: torch.devic
             # add, mult: composed part by part, so each part's sub-features one column block
             part_major = impl.is_composed() and not impl.is_stacked() and t.operation in ("add", "mult")
             lookup = FeatureLookup(
-                f, t.name, t.num_embeddings, impl, sub_features[f], mapping, t.max_ids_per_bag, pooled_mult, row_offsets, part_major
+                f, t.name, t.num_embeddings, impl, sub_features[f], mapping, t.max_ids_per_bag, pooled_mult, stacked_rows, part_major
             )
             groups.lookups.setdefault(group, []).append(lookup)
             groups.outputs.append(OutputSpec(name, f, group, per_id, sub_features[f], t.operation, t.pooling, t.embedding_dim))
@@ -131,7 +132,9 @@ def _refuse_per_id_collection(module: nn.Module, state_dict: Dict[str, Any], pre
 
 def _refuse_other_stacking(module: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
     """Load pre-hook: refuses a state dict whose tables are stacked where this module's are not
-    (``stack_parts``), or the other way round: it would otherwise load partly (``strict=False``)."""
+    (``stack_parts``), or the other way round: it would otherwise load partly (``strict=False``).
+    A plain (unsharded) state dict of the former stacked layout (``<table>__stacked``, one part
+    after another) is rearranged into this module's tables: the same weights, exactly."""
     bags = prefix + POOLED_GROUP + "." + POOLED_GROUP + ".tables.embedding_bags."
     for t in cast(MultiHashEmbeddingBagCollection, module).multihash_configs():
         impl = t.strategy_impl()
@@ -139,17 +142,33 @@ def _refuse_other_stacking(module: nn.Module, state_dict: Dict[str, Any], prefix
             continue
         stacked = bags + stacked_table_name(t.name) + ".weight"
         parts = [bags + s.name + ".weight" for s in impl.sub_tables()]
+        former = bags + t.name + FORMER_STACKED_SUFFIX + ".weight"
+        if former in state_dict and isinstance(state_dict[former], torch.Tensor) and type(state_dict[former]) is torch.Tensor:
+            _from_former_stacking(impl, state_dict, former, stacked, parts)
         if impl.is_stacked() and stacked not in state_dict and any(k in state_dict for k in parts):
             found = next(k for k in parts if k in state_dict)
             raise MultiHashConfigError(
                 f"table '{t.name}': the state dict holds its parts as separate tables ('{found}'), this module stacks them "
-                f"in one ('{stacked}'): stack_parts differs (True here); build the module with the checkpoint's stack_parts"
+                f"in one ('{stacked}'; an add's parts are stacked unless stack_parts=False): set stack_parts=False on the table to load it"
             )
         if not impl.is_stacked() and stacked in state_dict:
             raise MultiHashConfigError(
                 f"table '{t.name}': the state dict holds its parts stacked in one table ('{stacked}'), this module keeps them "
-                "separate: stack_parts differs (False here); build the module with the checkpoint's stack_parts"
+                "separate (stack_parts=False here): leave stack_parts unset (or True) to load it"
             )
+
+
+def _from_former_stacking(impl: Any, state_dict: Dict[str, Any], former: str, stacked: str, parts: List[str]) -> None:
+    """The former stacked weight (parts one after another) as this module keeps it: the parts
+    spread through one table (``stacked_rows``), or separate (``stack_parts=False``)."""
+    by_part = state_dict.pop(former).split(impl.sizes())
+    if not impl.is_stacked():
+        state_dict.update(zip(parts, by_part))
+        return
+    weight = torch.empty(sum(impl.sizes()), by_part[0].size(1), dtype=by_part[0].dtype, device=by_part[0].device)
+    for part, placed in zip(by_part, impl.stacked_rows()):
+        weight[stacked_part_rows(placed, part.size(0), weight.device)] = part
+    state_dict[stacked] = weight
 
 
 class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -288,8 +307,8 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 weights.update((s.name, stored[s.name]) for s in impl.sub_tables())
                 continue
             stacked = stored[stacked_table_name(t.name)]
-            for s, start in zip(impl.sub_tables(), impl.row_offsets()):
-                weights[s.name] = stacked[start : start + s.num_embeddings]
+            for s, placed in zip(impl.sub_tables(), impl.stacked_rows()):
+                weights[s.name] = stacked.index_select(0, stacked_part_rows(placed, s.num_embeddings, stacked.device))
         return weights
 
     def reset_parameters(self) -> None:

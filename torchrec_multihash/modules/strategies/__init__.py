@@ -8,9 +8,11 @@ import importlib
 import pkgutil
 
 from torchrec_multihash.modules.strategies.base import (  # noqa: F401
+    FORMER_STACKED_SUFFIX,
     STACKED_SUFFIX,
     TOLERANCE,
     Sizing,
+    StackedRows,
     Strategy,
     SubTable,
     stacked_table_name,

@@ -3,7 +3,7 @@ an id finds its row in each."""
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS
@@ -20,12 +20,49 @@ def sub_table_name(table: str, suffix: str) -> str:
     return table + suffix
 
 
-STACKED_SUFFIX = "__stacked"
+STACKED_SUFFIX = "__parts"
+# the stacked table of former versions, its parts' rows one part after another (refused on load)
+FORMER_STACKED_SUFFIX = "__stacked"
 
 
 def stacked_table_name(table: str) -> str:
-    """The name of the one table that holds a ``stack_parts`` table's parts (``t_C1__stacked``)."""
+    """The name of the one table that holds a stacked table's parts (``t_C1__parts``)."""
     return sub_table_name(table, STACKED_SUFFIX)
+
+
+class StackedRows(NamedTuple):
+    """Where a part's rows lie in its stacked table: row ``r`` at ``(r * mul + add) // div + r +
+    shift``."""
+
+    mul: int
+    add: int
+    div: int
+    shift: int
+
+
+def stacked_part_rows(placed: StackedRows, rows: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """The rows of the stacked table that hold a part's ``rows`` rows, in order."""
+    r = torch.arange(rows, device=device)
+    return torch.div(r * placed.mul + placed.add, placed.div, rounding_mode="floor") + r + placed.shift
+
+
+def stacked_rows(sizes: List[int]) -> List[StackedRows]:
+    """Each part's rows in the stacked table of parts of ``sizes`` rows: the largest part's ``n``
+    rows in order, and the other parts' ``s`` rows, one part after another, spread evenly among
+    them (small row ``u`` after the first ``(u + 1) * n // s`` large rows), so that row-wise
+    sharding, which cuts the table into equal runs of rows, gives every shard its share of the
+    small parts' rows, each read by every id, instead of putting them all on the last shard."""
+    big = sizes.index(max(sizes))
+    n, s = sizes[big], sum(sizes) - sizes[big]
+    placed: List[StackedRows] = []
+    before = 0  # small rows of the parts before this one
+    for i, rows in enumerate(sizes):
+        if i == big:  # large row a after the (a + 1) * s // n - ... small rows: ((a + 1) * s - 1) // n
+            placed.append(StackedRows(s, s - 1, n, 0))
+            continue
+        placed.append(StackedRows(n, (before + 1) * n, s, before))  # small row u = before + r at (u + 1) * n // s + u
+        before += rows
+    return placed
 
 
 def sub_feature_name(feature: str, suffix: str, table: Optional[str] = None) -> str:
@@ -156,15 +193,21 @@ class Strategy(ABC):
         ]
 
     def is_stacked(self) -> bool:
-        """True when the parts are stored as one table (``stack_parts``, add of several partitions)."""
-        return bool(self.config.stack_parts) and self.is_composed()
+        """True when the parts are stored as one table: ``stack_parts`` True, or unset (None) on an
+        add of several partitions of one dim and init range."""
+        c = self.config
+        if c.stack_parts is None:
+            return c.operation == "add" and self.is_composed() and self.stackable()
+        return bool(c.stack_parts) and self.is_composed()
 
-    def row_offsets(self) -> List[int]:
-        """Where each sub-table's rows start in the stacked table: the rows of the parts before it."""
-        offsets = [0]
-        for rows in self.sizes()[:-1]:
-            offsets.append(offsets[-1] + rows)
-        return offsets
+    def stackable(self) -> bool:
+        """Whether the parts can be one table: one dim and one init range."""
+        subs = self.sub_tables()
+        return len({s.init_range for s in subs}) == 1 and {s.embedding_dim for s in subs} == {self.config.embedding_dim}
+
+    def stacked_rows(self) -> List[StackedRows]:
+        """Where each part's rows lie in the stacked table (``stacked_rows``)."""
+        return stacked_rows(self.sizes())
 
     def stacked_table(self) -> SubTable:
         """The one table holding every sub-table's rows, in partition order (``stack_parts``)."""
