@@ -196,3 +196,32 @@ def test_an_override_of_an_unknown_table_names_the_closest_and_the_tables():
 
     with pytest.raises(ConfigError, match=r"unknown table\(s\) \['C3'\] \(did you mean 't_C3'\?\); the tables are \['t_C1', 't_C2', 't_C3'\]"):
         _tables("qr", "{C3: {strategy: full}}")
+
+
+def test_synthetic_multi_hot_features_get_bags_of_several_ids_and_the_others_are_declared_one_hot():
+    from torchrec_multihash.app.config import ConfigError
+    from torchrec_multihash.app.data import make_data
+    from torchrec_multihash.app.model import build_tables
+
+    path = Path(CONFIGS[0]).parent / "synthetic_multi_hot.yaml"
+    small = [
+        "embeddings.num_embeddings_per_feature=[1000, 1000, 1000, 1000, 1000, 1000]",
+        "model.embedding_dim=8",
+        "data.multi_hot_features=[C2, C5]",
+    ]
+    small += ["model.dense_arch_layer_sizes=[16, 8]", "train.batch_size=64", "data.train_samples=128"]
+    cfg = load_config(path, small)
+    tables = {t.name: t for t in build_tables(cfg)}
+    assert [n for n, t in tables.items() if t.max_ids_per_bag != 1] == ["t_C2", "t_C5"]
+    ebc = build_model(cfg, device=torch.device("meta")).sparse_arch.embedding_bag_collection
+    per_id = sorted(c.name for g in ebc.per_id.values() for c in g.tables.embedding_bag_configs())
+    assert per_id == ["t_C2", "t_C2__r", "t_C5", "t_C5__r"]  # the one-hot features' mult tables are looked up pooled
+    kjt = next(make_data(cfg, 0, 1, Path(".")).train(0, 0)).sparse_features.to_dict()
+    assert {f: int(jt.lengths().max()) > 1 for f, jt in kjt.items()} == {f"C{i}": i in (2, 5) for i in range(1, 7)}
+    # an override or embeddings.max_ids_per_bag decides over the data's declaration
+    mine = {t.name: t for t in build_tables(load_config(path, [*small, "embeddings.overrides={t_C1: {max_ids_per_bag: 3}}"]))}
+    assert mine["t_C1"].max_ids_per_bag == 3 and mine["t_C3"].max_ids_per_bag == 1
+    with pytest.raises(ConfigError, match=r"data.multi_hot_features names \['C9'\], not features of this config"):
+        load_config(path, [*small, "data.multi_hot_features=[C9]"])
+    with pytest.raises(ConfigError, match="data.multi_hot_features makes synthetic bags of several ids; data.format is 'criteo_tsv'"):
+        load_config(path, [*small, "data.format=criteo_tsv"])

@@ -3,6 +3,8 @@ SUM EmbeddingBagCollection, and Combine multiplies the parts per id and pools th
 with one fused op (its own backward). Checked against the naive per-id reference, forward and
 gradient, on ragged and empty bags, with weights and MEAN."""
 
+import warnings
+
 import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -244,3 +246,25 @@ def test_the_fused_ops_write_the_gradient_over_an_inner_output_and_leave_a_leaf_
         (got,) = torch.autograd.grad(fused(leaf), leaf, g)
         torch.testing.assert_close(got, expected, msg=name)
         assert torch.equal(leaf.detach(), before), name
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_one_hot_features_padded_by_multi_hot_ones_get_one_warning_naming_the_fix(flat, monkeypatch):
+    """Undeclared one-hot features that share the per-id lookup with a multi-hot one are padded to
+    its id count: the module says so once, naming them, their tables and max_ids_per_bag=1."""
+    if not flat:
+        monkeypatch.setattr("torchrec_multihash.modules.id_transform.FLAT_CPU_MAX_IDS", 0)
+    ebc = MultiHashEmbeddingBagCollection(_configs())
+    lengths = {"a": [9, 8, 9, 7], "b": [1, 1, 0, 1], "c": [1, 1, 1, 1], "d": [1, 0, 1, 1]}  # a: 33 ids; b, c, d one-hot
+    kjt = KeyedJaggedTensor(
+        keys=list(lengths), values=torch.cat([torch.arange(sum(v)) for v in lengths.values()]), lengths=torch.tensor(sum(lengths.values(), []))
+    )
+    with pytest.warns(
+        UserWarning,
+        match=r"feature\(s\) \['b', 'c', 'd'\] held at most one id a bag, .*multi-hot \['a'\], so each is padded to 33 bags .*max_ids_per_bag=1: \['t_bc', 't_d'\]",
+    ):
+        ebc(kjt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ebc(kjt)  # once
+        MultiHashEmbeddingBagCollection(_configs())(_kjt(False))  # bags of a few ids each: little padding, no warning

@@ -92,6 +92,10 @@ class DataConfig:
     train_samples: int = 200_000  # synthetic: samples per epoch
     test_samples: int = 20_000  # synthetic
     num_clusters: int = 64  # synthetic: hidden clusters per feature
+    # synthetic: these features (names, e.g. [C1, C2]) get bags of 1..max_bag ids, the others one id each; the
+    # others' tables are then declared one-hot (embeddings.max_ids_per_bag 1, unless it or an override says otherwise)
+    multi_hot_features: List[str] = field(default_factory=list)
+    max_bag: int = 20  # synthetic: the most ids a multi-hot bag holds
     num_workers: int = 0  # criteo_tsv: DataLoader workers parsing this rank's batches (0: in the training process)
     skip_bad_lines: int = 0  # criteo_tsv: bad lines each rank may skip (counted, reported); 0: the first one stops the run
     max_vocab_size: int = 1_000_000  # vocabulary: ids per feature at most (counting memory is bounded by it, not by the data)
@@ -202,7 +206,7 @@ _LEAST = [
     *(("train", k, 1) for k in ("batch_size", "epochs")),
     *(("train", k, 0) for k in ("max_steps", "eval_every", "checkpoint_every", "warmup_steps", "decay_start", "decay_steps")),
     *(("train", k, 0.0) for k in ("embedding_lr", "dense_lr")),
-    *(("data", k, 1) for k in ("min_count", "train_samples", "test_samples", "num_clusters", "max_vocab_size")),
+    *(("data", k, 1) for k in ("min_count", "train_samples", "test_samples", "num_clusters", "max_vocab_size", "max_bag")),
     *(("data", k, 0) for k in ("num_workers", "skip_bad_lines")),
     ("model", "embedding_dim", 1),
     ("model", "dense_in_features", 1),
@@ -272,7 +276,25 @@ def validate(cfg: Config) -> Config:
         if not least <= value < float("inf"):  # NaN too
             raise ConfigError(f"{section}.{key} must be >= {least}{' and finite' if isinstance(least, float) else ''}, got {value!r}")
     _check_sizes(cfg)
+    _check_multi_hot(cfg)
     return cfg
+
+
+def _check_multi_hot(cfg: Config) -> None:
+    d = cfg.data
+    if not d.multi_hot_features:
+        return
+    if d.format != "synthetic":
+        raise ConfigError(
+            f"data.multi_hot_features makes synthetic bags of several ids; data.format is {d.format!r}, whose bags are as the files hold them"
+        )
+    n = len(cfg.embeddings.num_embeddings_per_feature)
+    names = cfg.embeddings.feature_names or [f"C{i + 1}" for i in range(n)]
+    unknown = [f for f in d.multi_hot_features if f not in names]
+    if unknown:
+        raise ConfigError(
+            f"data.multi_hot_features names {unknown}, not features of this config (its features: {names[:8]}{' ...' if len(names) > 8 else ''})"
+        )
 
 
 def config_from_dict(raw: Dict[str, Any], source: str = "<config>") -> Config:

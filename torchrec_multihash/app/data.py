@@ -124,6 +124,8 @@ def _synthetic_data(cfg: Config, rank: int, world_size: int) -> RunData:
         num_clusters=d.num_clusters,
         seed=cfg.train.seed,
         feature_names=feature_names(cfg.embeddings),
+        multi_hot_features=[feature_names(cfg.embeddings).index(f) for f in d.multi_hot_features],
+        max_bag=d.max_bag,
     )
     per_rank_train = d.train_samples // (bs * world_size)
     if per_rank_train == 0:

@@ -87,10 +87,15 @@ def build_tables(cfg: Config, choices: Optional[List[TableChoice]] = None) -> Li
     overrides = {name: dict(fields) for name, fields in emb.overrides.items()}
     # table fields set for every table by ``embeddings``, unless an override says otherwise
     defaults = {"max_ids_per_bag": emb.max_ids_per_bag, "compose": emb.compose if emb.compose != "per_id" else None}
+    multi_hot = set(cfg.data.multi_hot_features)
     for c in plain:
         for key, value in defaults.items():
             if value is not None:
                 overrides.setdefault(c.name, {}).setdefault(key, value)
+        # synthetic data with multi-hot features: the others are one-hot (mult tables then looked up pooled, not
+        # per id next to the multi-hot ones, whose id counts they would be padded to)
+        if multi_hot and emb.max_ids_per_bag is None and not multi_hot & set(c.feature_names):
+            overrides.setdefault(c.name, {}).setdefault("max_ids_per_bag", 1)
     try:
         if is_auto(cfg):
             tables = auto_configs(plain, choices if choices is not None else load_choices(cfg), overrides)

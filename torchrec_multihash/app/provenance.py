@@ -61,7 +61,12 @@ def _key(cfg: Config, dotted: str) -> Any:
 
 def data_record(cfg: Config, exact: bool = True) -> Record:
     """The training data and the keys that decide its samples."""
-    return {"data.train": files(cfg.data.train, exact) if cfg.data.format != "synthetic" else None, **{k: _key(cfg, k) for k in _SAMPLE_KEYS}}
+    multi_hot = {k: _key(cfg, k) for k in ("data.multi_hot_features", "data.max_bag")} if cfg.data.multi_hot_features else {}
+    return {
+        "data.train": files(cfg.data.train, exact) if cfg.data.format != "synthetic" else None,
+        **{k: _key(cfg, k) for k in _SAMPLE_KEYS},
+        **multi_hot,  # recorded where set, so records of runs without them stay as they were
+    }
 
 
 # keys that decide the tables only where set: recorded then alone, so records of runs without them stay as they were

@@ -7,6 +7,7 @@ Being parameter-free, ``TrainPipelineSparseDist(pipeline_postproc=True)`` runs i
 input-dist stage of the pipeline, overlapped with compute.
 """
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -49,6 +50,11 @@ class FeatureLookup:
     # add, mult: the combine composes the parts column block by column block, so the sub-features
     # come part by part among the lookup's group (see ``sub_feature_order``)
     part_major: bool = False
+
+
+def _few(names: List[str], most: int = 6) -> str:
+    """``names`` for a message: the first ``most`` and how many more."""
+    return str(names[:most])[:-1] + (f", ... {len(names) - most} more]" if len(names) > most else "]")
 
 
 def check_feature_keys(keys: Sequence[str], required: Sequence[str], known: Optional[Sequence[str]]) -> None:
@@ -454,6 +460,7 @@ class IdTransform(nn.Module):
         self._flat_constants: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._flat_order = self._flat.order if self._flat is not None else []
         self._flat_regroupings: Dict[str, Tuple[List[int], torch.Tensor]] = {}  # see _regrouping
+        self._warned_padding = False  # see _note_padding
 
     def _rows(self, ids: List[torch.Tensor]) -> List[torch.Tensor]:
         """Each part's rows, ``(x // divisor) % modulus`` of its feature's ids; a remainder
@@ -547,8 +554,16 @@ class IdTransform(nn.Module):
             return False
         if features.stride() == 0:
             return False
-        lengths = [by_key[f].lengths() for f in self._required if by_key[f].lengths().numel() > 0]
-        return len(lengths) == 0 or int(torch.stack([x.max() for x in lengths]).max()) <= 1
+        jts = [by_key[f] for f in self._features]
+        stats = torch.stack(
+            [torch.stack([jt.lengths().sum(), jt.lengths().max()]) if jt.lengths().numel() > 0 else jt.lengths().new_zeros(2) for jt in jts]
+        )
+        read = stats.tolist()
+        largest = [int(m) for _, m in read]
+        if max(largest) <= 1:
+            return True
+        self._note_padding(self._features, self._tables, [int(c) for c, _ in read], largest, features.stride())
+        return False
 
     @torch.jit.unused
     def _explode_reading(self, counts: torch.Tensor, lengths: torch.Tensor, batch: int) -> Tuple[List[int], bool]:
@@ -556,8 +571,38 @@ class IdTransform(nn.Module):
         from one host sync."""
         if batch == 0 or lengths.numel() == 0:
             return counts.tolist(), True
-        read = torch.cat([counts, lengths.max().view(1).to(counts.dtype)]).tolist()
-        return read[:-1], read[-1] > 1
+        keys = counts.numel()
+        read = torch.cat([counts, lengths.view(keys, batch).amax(1).to(counts.dtype)]).tolist()
+        largest = read[keys:]
+        if max(largest) <= 1:
+            return read[:keys], False
+        order = self._flat.order if self._flat is not None else []
+        self._note_padding([self._features[i] for i in order], [self._tables[i] for i in order], read[:keys], largest, batch)
+        return read[:keys], True
+
+    @torch.jit.unused
+    def _note_padding(self, features: List[str], tables: List[str], counts: List[int], largest: List[int], batch: int) -> None:
+        """Warns once when an exploded batch pads one-hot features (at most one id a bag) to the
+        multi-hot features' id count with more padding bags than the lookup has ids: they share one
+        per-id lookup, whose batch of bags is the most ids of a feature; declared one-hot, they
+        would be looked up pooled."""
+        if self._warned_padding:
+            return
+        one_hot = [i for i, m in enumerate(largest) if m <= 1]
+        rows = exploded_batch(max(counts), batch)
+        if not one_hot or sum(rows - counts[i] for i in one_hot) < sum(counts):
+            return
+        self._warned_padding = True
+        names = sorted({features[i] for i in one_hot})
+        multi = sorted({features[i] for i, m in enumerate(largest) if m > 1})
+        one_hot_tables = sorted({tables[i] for i in one_hot})
+        warnings.warn(
+            f"mult tables looked up per id: feature(s) {_few(names)} held at most one id a bag, but share their per-id lookup with "
+            f"multi-hot {_few(multi)}, so each is padded to {rows:,} bags ({rows / max(1, max(counts[i] for i in one_hot)):.1f}x its ids), "
+            f"which can make the step many times slower; if they are always one-hot, declare their tables so "
+            f"(max_ids_per_bag=1: {_few(one_hot_tables)}) to look them up pooled",
+            stacklevel=2,
+        )
 
     @torch.jit.unused
     def _constants(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
