@@ -43,18 +43,21 @@ def test_bench_quick_writes_ratios_tables_and_plots(tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
-    assert list(res["workloads"]) == ["one_hot", "multi_hot"]
+    assert list(res["workloads"]) == ["one_hot", "multi_hot", "mixed"]
     for name, work in res["workloads"].items():
         assert [m["method"] for m in work["methods"]] == ["torchrec_ebc", "naive_qr", "qr_mult"]  # the baseline always runs
         by = {m["method"]: m for m in work["methods"]}
         assert by["naive_qr"]["weights_bytes_rank0"] * 7 < by["torchrec_ebc"]["weights_bytes_rank0"]  # 8x smaller tables
         assert all(m["step_ms"] > 0 and m["peak_mib"] > 0 and m["workload"] == name for m in work["methods"])
         assert by["qr_mult"]["vs_baseline"] > 0 and "vs_baseline" not in by["torchrec_ebc"]  # timed with the EBC in one process
+        assert by["qr_mult"]["malloc"] == "system" and by["qr_mult"]["caching_vs_baseline"] > 0  # glibc's defaults, then tuned
     assert res["workloads"]["one_hot"]["spec"]["multi_hot"] == 0
+    assert res["workloads"]["mixed"]["spec"]["multi_hot"] == 3 and not res["workloads"]["mixed"]["spec"]["declare_one_hot"]
     assert res["loader"] and res["loader"][0]["samples"] > 0
     assert [t["method"] for t in res["train"]] == ["full", "qr_mult"] and all(t["samples_per_s"] > 0 for t in res["train"])
     md = (tmp_path / "results.md").read_text()
     assert "Workload one_hot" in md and "Workload multi_hot" in md and "| naive_qr |" in md and "End-to-end `train`" in md
+    assert "3 multi-hot features (1-20 ids), the rest one-hot, nothing declared" in md and "caching malloc" in md
     assert (tmp_path / "step_time.png").stat().st_size > 1000 and (tmp_path / "memory.png").stat().st_size > 1000
 
 
@@ -75,6 +78,9 @@ def test_one_hot_workload_declares_its_tables_one_hot():
     module = build("qr_mult", multi_hot, torch.device("cpu"))
     per_id = {c.name for c in module.multihash_configs() if c.strategy_impl().looks_up_per_id()}
     assert per_id == {f"t_C{i + 1}" for i in range(multi_hot.multi_hot)}  # the multi-hot features' tables only
+    mixed = BenchSpec.mixed(quick=True)  # nothing declared: every mult table per id
+    assert mixed.multi_hot == 3 and mixed.one_hot_tables() == [] and mixed.rows == one_hot.rows
+    assert all(c.strategy_impl().looks_up_per_id() for c in build("qr_mult", mixed, torch.device("cpu")).multihash_configs())
 
 
 def test_quality_summary_pairs_seeds_against_hash():
@@ -119,7 +125,7 @@ def test_bench_keeps_the_other_methods_when_one_fails_and_takes_a_batch_size(tmp
         return real(method, spec, *args, **kwargs)
 
     monkeypatch.setattr(bench, "run_method", run_method)
-    argv = ["--quick", "--steps", "2", "--methods", "qr_mult,qr_add", "--workloads", "one_hot", "--batch-size", "96"]
+    argv = ["--quick", "--steps", "2", "--methods", "qr_mult,qr_add", "--workloads", "one_hot", "--batch-size", "96", "--malloc", "system"]
     argv += ["--scaling", "", "--loader-lines", "0", "--train-samples", "0", "--device", "cpu", "--out", str(tmp_path)]
     assert bench.main(argv) == 1  # a failed run fails the command, after the results are written
     res = json.loads((tmp_path / "results.json").read_text())
@@ -164,7 +170,7 @@ from torchrec_multihash.bench.workload import BenchSpec
 device = setup_distributed("cpu")
 spec = BenchSpec.one_hot(quick=True)
 spec.batch_size = 16
-model = shard(build("qr_add", spec, device), device)
+model = shard(build("qr_add_unstacked", spec, device), device)
 dp = sorted(t for m in model.plan.plan.values() for t, ps in m.items() if ps.sharding_type == "data_parallel")
 opt = dense_optimizer(model)
 params = {n: p for n, p in model.named_parameters() if n.endswith(".weight") and n.split(".")[-2] in dp}
@@ -196,4 +202,4 @@ def test_speed_table_shows_the_paired_steps_its_ratio_comes_from():
     spec = {"multi_hot": 0, "max_bag": 1, "rows": [10, 20], "dim": 8, "batch_size": 4, "compression": 8, "steps": 3, "warmup": 1}
     rows = [row("torchrec_ebc", 2.9), row("full", 2.2, vs_baseline=1.10, paired_step_ms=3.3, paired_baseline_step_ms=3.0)]
     md = speed_markdown({"workloads": {"one_hot": {"spec": spec, "methods": rows}}})
-    assert "| full | 2.2 | 1.10x time | 3.3 / 3.0 |" in md and "| torchrec_ebc | 2.9 | 1.00x time | - |" in md
+    assert "| full | 2.2 | 1.10x time | 3.3 / 3.0 | - |" in md and "| torchrec_ebc | 2.9 | 1.00x time | - | - |" in md

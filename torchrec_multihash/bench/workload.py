@@ -9,7 +9,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_multihash.datasets.synthetic import SyntheticCriteo
 
-WORKLOADS = ("one_hot", "multi_hot")
+WORKLOADS = ("one_hot", "multi_hot", "mixed")
 
 # Criteo Kaggle's 26 vocabulary sizes (the DLRM reference's), capped by ``BenchSpec.max_rows``
 CRITEO_KAGGLE_ROWS = [
@@ -47,9 +47,11 @@ class BenchSpec:
     """26 Criteo-like tables (sizes capped at ``max_rows``), ``multi_hot`` of the features with
     bags of 1..``max_bag`` ids, the rest one-hot; ids follow a power law (P(x) ~ 1/x), scattered.
 
-    Two workloads: ``multi_hot`` (the default: Criteo Kaggle's sizes, 3 multi-hot features) and
-    ``one_hot`` (Criteo's shape: 26 one-hot features of 400k rows each, batch 2048). The one-hot
-    features' tables are declared ``max_ids_per_bag=1``, as a user who knows the data would.
+    Three workloads: ``multi_hot`` (Criteo Kaggle's sizes, 3 multi-hot features), ``one_hot``
+    (Criteo's shape: 26 one-hot features of 400k rows each, batch 2048), whose one-hot features'
+    tables are declared ``max_ids_per_bag=1``, as a user who knows the data would; and ``mixed``
+    (``one_hot``'s tables, 3 of the features multi-hot) with nothing declared, as a user who does
+    not.
     """
 
     dim: int = 64
@@ -63,6 +65,7 @@ class BenchSpec:
     seed: int = 0
     rows: List[int] = field(default_factory=list)
     name: str = "multi_hot"
+    declare_one_hot: bool = True  # the one-hot features' tables declared max_ids_per_bag=1
 
     def __post_init__(self) -> None:
         if not self.rows:
@@ -80,10 +83,19 @@ class BenchSpec:
         return cls(name="one_hot", rows=[400_000] * 26, batch_size=2048, multi_hot=0)
 
     @classmethod
+    def mixed(cls, quick: bool = False) -> "BenchSpec":
+        """``one_hot``'s tables, the first 3 features multi-hot, no table declared one-hot."""
+        spec = cls.one_hot(quick)
+        spec.name, spec.multi_hot, spec.declare_one_hot = "mixed", 3, False
+        return spec
+
+    @classmethod
     def workload(cls, name: str, quick: bool = False) -> "BenchSpec":
-        """The ``one_hot`` or ``multi_hot`` workload."""
+        """The ``one_hot``, ``multi_hot`` or ``mixed`` workload."""
         if name == "one_hot":
             return cls.one_hot(quick)
+        if name == "mixed":
+            return cls.mixed(quick)
         if name == "multi_hot":
             return cls.quick() if quick else cls()
         raise ValueError(f"unknown workload {name!r}; choose from {list(WORKLOADS)}")
@@ -113,8 +125,9 @@ class BenchSpec:
         )
 
     def one_hot_tables(self) -> List[str]:
-        """The tables of one-hot features (all but the first ``multi_hot``)."""
-        return [t.name for t in self.tables()[self.multi_hot :]]
+        """The tables declared one-hot: those of the one-hot features (all but the first
+        ``multi_hot``), unless the workload declares none."""
+        return [t.name for t in self.tables()[self.multi_hot :]] if self.declare_one_hot else []
 
     def batches(self) -> List[KeyedJaggedTensor]:
         """``warmup + steps`` KJTs, deterministic from ``seed``."""
