@@ -131,7 +131,8 @@ def _method_table(name: str, work: Workload) -> List[str]:
         f"timed step for step in one process on the same batches (those steps: `paired (ms)`), which is what to compare: "
         "separate processes on a shared machine see different loads; `caching malloc`: the same, glibc tuned to keep freed memory.",
         "",
-        f"| method | step (ms) | vs {BASELINE} | paired (ms): method / {BASELINE} | vs {BASELINE}, caching malloc | vs {NAIVE} | samples/s | weights (MiB) | peak memory (MiB) |",
+        f"| method | step (ms) | vs {BASELINE} | paired (ms): method / {BASELINE} | vs {BASELINE}, caching malloc | vs {NAIVE} "
+        "| samples/s | weights (MiB) | peak memory (MiB) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
