@@ -1,6 +1,9 @@
 """The training app end to end: synthetic data on 1 and 2 processes, real MovieLens CTR data;
 checkpoints, resuming and restarts."""
 
+import os
+import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -260,3 +263,26 @@ def test_criteo_tsv_two_ranks_resume_continues_where_it_stopped(tmp_path, shared
     assert resumed["steps"] == straight["steps"] >= 18
     assert resumed["logloss"] == pytest.approx(straight["logloss"], abs=1e-6)
     assert resumed["auc"] == pytest.approx(straight["auc"], abs=1e-6) and straight["auc"] > 0.6
+
+
+def test_train_keeps_the_memory_it_frees_unless_told_not_to():
+    """The app raises glibc's mmap threshold and trim point for its own process, so a step's large
+    tensors are not page-faulted in again each step; MULTIHASH_SYSTEM_MALLOC=1 leaves glibc as it is."""
+    code = (
+        "import resource, sys, torch\n"
+        "from torchrec_multihash.app.allocator import keep_freed_memory\n"
+        "kept = keep_freed_memory()\n"
+        "faults = []\n"
+        "for _ in range(3):\n"
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    x = torch.ones(100 << 18)  # 100 MB, above glibc's mmap threshold\n"
+        "    del x\n"
+        "    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+        "print(kept, faults[-1])\n"
+    )
+    for env, kept in (({}, True), ({"MULTIHASH_SYSTEM_MALLOC": "1"}, False)):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+        assert r.returncode == 0, r.stderr[-2000:]
+        said, faults = r.stdout.split()
+        assert said == str(kept)
+        assert (int(faults) < 1000) == kept, faults  # 100 MB is 25,600 pages: faulted in again only by glibc's defaults

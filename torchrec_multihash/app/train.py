@@ -23,6 +23,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.models.dlrm import DLRMTrain
 from torchrec.optim.keyed import CombinedOptimizer
 
+from torchrec_multihash.app.allocator import keep_freed_memory
 from torchrec_multihash.app.auto_choice import choice_record, is_auto, load_choices
 from torchrec_multihash.app.callbacks import FaultAtStep, ProgressReport, StepCallback
 from torchrec_multihash.app.choose_tables import ensure_choice
@@ -344,6 +345,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.resume not in (True, False, "auto"):
         p.error(f"--resume takes no value or 'auto', got {args.resume!r}")
     fault = FaultAtStep.from_env()  # the restart tests' faults
+    keep_freed_memory()  # this process's steps reuse freed memory instead of page-faulting it in again
     with quiet():
         try:
             check_metrics_out(args.metrics_out)

@@ -316,6 +316,11 @@ def _backward_runs(
         chunk = max(1, _IN_PLACE_CHUNK_BYTES // max(1, k * rows * dim * values.element_size()))
         for i in range(0, n, chunk):
             j = min(n, i + chunk)
+            if k == 2:  # p0's gradient aside, then p1's written over p0 (read already), then p0's over p1
+                aside = g[:, i:j] * parts[0][:, i:j]
+                torch.mul(g[:, i:j], parts[1][:, i:j], out=dsts[0][:, i:j])
+                dsts[1][:, i:j].copy_(aside)
+                continue
             temps = [torch.empty(rows, j - i, dim, dtype=values.dtype, device=values.device) for _ in range(k)]
             _product_gradients(g[:, i:j], [x[:, i:j] for x in parts], [x[:, i:j] for x in before], temps)
             for dst, t in zip(dsts, temps):
