@@ -146,11 +146,11 @@ def test_the_fused_op_passes_gradcheck_and_equals_the_plain_ops_and_a_naive_loop
     if rows_a_chunk is not None:  # the op's row chunks (6 rows: 6 chunks, or one of 4 and one of 2)
         monkeypatch.setattr("torchrec_multihash.modules.combine._ROW_CHUNK_BYTES", rows_a_chunk * n * dim * values.element_size())
     values.requires_grad_()
-    fused = _ComposePerId.apply(values, runs, index, scale, batch, n, dim)
+    fused = _ComposePerId.apply(values, runs, index, scale, (batch, n, dim), None)
     plain = _compose_per_id_plain(values, runs, index, scale, batch, n, dim)
     torch.testing.assert_close(fused, naive)
     torch.testing.assert_close(plain, naive)
-    assert torch.autograd.gradcheck(lambda v: _ComposePerId.apply(v, runs, index, scale, batch, n, dim), (values,))
+    assert torch.autograd.gradcheck(lambda v: _ComposePerId.apply(v, runs, index, scale, (batch, n, dim), None), (values,))
     # the block no part reads gets a zero gradient, not garbage
     (grad,) = torch.autograd.grad(fused.sum(), values)
     assert not grad[:, :dim].any()
@@ -214,38 +214,41 @@ def test_traced_and_scripted_models_explode_a_one_hot_batch_to_the_same_outputs(
 
 
 @pytest.mark.parametrize("k,n", [(2, 5), (3, 4), (4, 3)])
-def test_the_fused_ops_write_the_gradient_over_an_inner_output_and_leave_a_leaf_alone(k, n, monkeypatch):
-    """Given an op's output (an inner lookup's) whose every column they read, the backward writes
-    the gradient over it, a product's in chunks of features (here two): the same gradient as the
-    plain ops'; a leaf, which a caller may read again, is never written."""
+def test_the_fused_ops_reuse_one_gradient_tensor_a_call_site_and_leave_their_input_alone(k, n):
+    """With a buffer (a Combine's, one per call site), a fused op whose runs read every column writes
+    its gradient into the tensor the buffer holds, step after step (grown when a batch has more
+    rows), never into its input: the gradients equal the plain ops', a second backward through a
+    retained graph is exact, and the input is unchanged."""
     from torchrec_multihash.modules import combine
 
-    monkeypatch.setattr(combine, "_IN_PLACE_CHUNK_BYTES", 2 * k * 6 * 3 * 8)  # two features a chunk (rows 6, dim 3, double)
     values, _, index, scale, batch, n, dim, _ = _case(k, n)
     read_all = values[:, dim:].clone()  # without the block no part reads
     runs = [[2, n, k, dim, 0] + sum(([p * n * dim, dim] for p in range(k)), [])]  # part p of feature f at (p * n + f) * dim
-    upstream = torch.randn(batch, n * dim, dtype=values.dtype)
+    buffer = []
     ops = {
         "per_id": (
-            lambda v: _ComposePerId.apply(v, runs, index, scale, batch, n, dim),
+            lambda v: _ComposePerId.apply(v, runs, index, scale, (batch, n, dim), buffer),
             lambda v: _compose_per_id_plain(v, runs, index, scale, batch, n, dim),
         ),
-        "pooled": (lambda v: combine._ComposeRuns.apply(v, runs, n * dim), lambda v: combine._compose_runs_plain(v, runs)),
+        "pooled": (lambda v: combine._ComposeRuns.apply(v, runs, n * dim, buffer), lambda v: combine._compose_runs_plain(v, runs)),
     }
     for name, (fused, plain) in ops.items():
-        g = upstream if name == "per_id" else torch.randn(read_all.size(0), n * dim, dtype=values.dtype)
+        buffer.clear()
+        out_rows = batch if name == "per_id" else read_all.size(0)
+        g = torch.randn(out_rows, n * dim, dtype=values.dtype)
         leaf = read_all.clone().requires_grad_()
         (expected,) = torch.autograd.grad(plain(leaf), leaf, g)
-        inner = leaf * 1  # an op's output
-        written_over = []
-        inner.register_hook(lambda grad, inner=inner, seen=written_over: seen.append(grad.data_ptr() == inner.data_ptr()))
-        (got,) = torch.autograd.grad(fused(inner), leaf, g)
-        torch.testing.assert_close(got, expected, msg=name)
-        assert written_over == [True], name
-        before = leaf.detach().clone()
-        (got,) = torch.autograd.grad(fused(leaf), leaf, g)
-        torch.testing.assert_close(got, expected, msg=name)
-        assert torch.equal(leaf.detach(), before), name
+        seen = []
+        for _ in range(2):  # two steps: the same tensor
+            inner = leaf * 1  # an op's output, as an inner lookup's
+            inner.register_hook(lambda grad, seen=seen: seen.append(grad.data_ptr()))
+            out = fused(inner)
+            (got,) = torch.autograd.grad(out, leaf, g, retain_graph=True)
+            torch.testing.assert_close(got, expected, msg=name)
+            (again,) = torch.autograd.grad(out, leaf, g)  # the graph retained: the input was not written
+            torch.testing.assert_close(again, expected, msg=name)
+            torch.testing.assert_close(inner, leaf, msg=name)
+        assert len(buffer) == 1 and seen == [buffer[0].data_ptr()] * 4, name
 
 
 @pytest.mark.parametrize("flat", [True, False])
@@ -268,3 +271,17 @@ def test_one_hot_features_padded_by_multi_hot_ones_get_one_warning_naming_the_fi
         warnings.simplefilter("error")
         ebc(kjt)  # once
         MultiHashEmbeddingBagCollection(_configs())(_kjt(False))  # bags of a few ids each: little padding, no warning
+
+
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_a_retained_graph_backs_up_twice_as_torchrecs_ebc_does(one_hot):
+    """``backward(retain_graph=True)`` then ``backward()``: each gives the same gradients (nothing
+    the graph saved was written over)."""
+    ebc = MultiHashEmbeddingBagCollection(_configs())
+    out = ebc(_one_hot_kjt(False) if one_hot else _kjt(False)).values()
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward(retain_graph=True)
+    once = {name: w.grad.clone() for name, w in ebc.sub_table_weights().items()}
+    (out * upstream).sum().backward()
+    for name, w in ebc.sub_table_weights().items():
+        torch.testing.assert_close(w.grad, 2 * once[name], msg=name)

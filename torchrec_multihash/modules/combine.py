@@ -102,7 +102,14 @@ def _per_id_outputs(keys: List[str], n: int, k: int) -> List[List[str]]:
 
 
 def _pooled_per_id(
-    kt: KeyedTensor, runs: List[List[int]], dim: int, lengths: torch.Tensor, counts: List[int], weights: Optional[torch.Tensor], mean: bool
+    kt: KeyedTensor,
+    runs: List[List[int]],
+    dim: int,
+    lengths: torch.Tensor,
+    counts: List[int],
+    weights: Optional[torch.Tensor],
+    mean: bool,
+    buffer: Optional[List[torch.Tensor]] = None,
 ) -> torch.Tensor:
     """The pooled products of ``n`` per-id features, ``[batch, n * dim]``, from the per-id lookup's
     output ``kt`` (``rows`` >= each feature's id count, the rest padding): ``runs`` (``_column_runs``)
@@ -112,23 +119,30 @@ def _pooled_per_id(
     values = kt.values()
     batch = lengths.numel() // n
     if values.size(0) == batch:  # the one-hot layout: row b is bag b (see ``IdTransform``)
-        return _one_hot_products(values, runs, lengths, weights, batch, n, dim)
+        return _one_hot_products(values, runs, lengths, weights, n, dim, buffer)
     index, scale = _bag_index(lengths, weights, counts, values.size(0), mean, values.dtype)
     if torch.jit.is_scripting() or torch.jit.is_tracing():
         return _compose_per_id_plain(values, runs, index, scale, batch, n, dim)
-    return _compose_per_id_fused(values, runs, index, scale, batch, n, dim)
+    return _compose_per_id_fused(values, runs, index, scale, batch, n, dim, buffer)
 
 
 def _one_hot_products(
-    values: torch.Tensor, runs: List[List[int]], lengths: torch.Tensor, weights: Optional[torch.Tensor], batch: int, n: int, dim: int
+    values: torch.Tensor,
+    runs: List[List[int]],
+    lengths: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    n: int,
+    dim: int,
+    buffer: Optional[List[torch.Tensor]],
 ) -> torch.Tensor:
     """``_pooled_per_id`` of a one-hot batch, whose per-id lookup kept the bags (each of at most one
     id): the parts multiplied row by row are the pooled products (MEAN divides by 1; an empty bag's
     parts are zeros), each bag's times its id's weight."""
+    batch = lengths.numel() // n
     if torch.jit.is_scripting() or torch.jit.is_tracing():
         out = _compose_runs_plain(values, runs)
     else:
-        out = _compose_runs_fused(values, runs, n * dim)
+        out = _compose_runs_fused(values, runs, n * dim, buffer)
     if weights is None:
         return out
     per_bag = torch.zeros(n * batch, dtype=out.dtype, device=out.device).masked_scatter(lengths > 0, weights.to(out.dtype))
@@ -252,14 +266,23 @@ def _forward_runs(values: torch.Tensor, runs: List[List[int]], width: int) -> Tu
     return out, prefixes
 
 
-# the most bytes of temporaries a product's in-place backward takes at once (its runs cut in chunks)
-_IN_PLACE_CHUNK_BYTES = 1 << 21
-
-
-def _overwritable(values: torch.Tensor) -> bool:
-    """Whether a fused op's backward may write the gradient over its input ``values``: an op's
-    output (an inner lookup's, read by the combine alone), never a leaf a caller may read again."""
-    return values.grad_fn is not None
+def gradient_out(values: torch.Tensor, runs: List[List[int]], buffer: Optional[List[torch.Tensor]]) -> torch.Tensor:
+    """Where a fused op's backward writes the gradient of ``values``: zeros where the runs leave
+    columns unread; else, on CPU with a ``buffer`` (one per call site, kept by the ``Combine``
+    across steps), the first rows of the tensor it holds, grown when a batch needs more: glibc's
+    malloc gives freed blocks above 32 MB back to the OS, so a fresh ``[rows, columns]`` tensor a
+    step would be page-faulted in again every step (the consumer, FBGEMM's backward, reads it at
+    once and keeps nothing)."""
+    rows, columns = values.size(0), values.size(1)
+    if sum(r[1] * r[2] * r[3] for r in runs) != columns:
+        return torch.zeros_like(values)
+    if buffer is None or values.device.type != "cpu":
+        return torch.empty_like(values)
+    held = buffer[0] if len(buffer) > 0 else None
+    if held is None or held.size(1) != columns or held.size(0) < rows or held.dtype != values.dtype:
+        held = torch.empty(max(rows, held.size(0) if held is not None and held.size(1) == columns else 0), columns, dtype=values.dtype)
+        buffer[:] = [held]
+    return held[:rows]
 
 
 def _product_gradients(g: torch.Tensor, parts: List[torch.Tensor], before: List[torch.Tensor], dsts: List[torch.Tensor]) -> None:
@@ -276,25 +299,11 @@ def _product_gradients(g: torch.Tensor, parts: List[torch.Tensor], before: List[
 
 
 def _backward_runs(
-    values: torch.Tensor,
-    runs: List[List[int]],
-    grad: torch.Tensor,
-    prefixes: List[List[torch.Tensor]],
-    overwrite: bool = False,
-    out: Optional[torch.Tensor] = None,
+    values: torch.Tensor, runs: List[List[int]], grad: torch.Tensor, prefixes: List[List[torch.Tensor]], out: torch.Tensor
 ) -> torch.Tensor:
-    """The gradient of ``_forward_runs`` for ``values``: each part's (the output's, times the other
-    parts for mult) written into its columns; zeros where no run reads. With ``overwrite``, when
-    the runs read every column, the gradient is written over ``values`` itself (an inner lookup's
-    output, which nothing else reads again): no fresh ``[rows, columns]`` tensor a step, whose pages glibc's malloc would
-    fault in again each time; a product's runs go in chunks of features, each part's gradient
-    computed into a small temporary before its columns are overwritten. ``out``: where to write
-    (``values`` itself, or zeros), given by a caller that goes row chunk by row chunk."""
+    """The gradient of ``_forward_runs`` for ``values``, written into ``out`` (``gradient_out``'s):
+    each part's (the output's, times the other parts for mult) straight into its columns."""
     rows = values.size(0)
-    if out is None:
-        read = sum(r[1] * r[2] * r[3] for r in runs)
-        out = values if overwrite and read == values.size(1) else torch.zeros_like(values)
-    in_place = out.data_ptr() == values.data_ptr()
     for run, saved in zip(runs, prefixes):
         n, k, dim, start = run[1], run[2], run[3], run[4]
         dsts = _run_parts(out, run)
@@ -309,22 +318,7 @@ def _backward_runs(
                 dst.copy_(g)
             continue
         parts = _run_parts(values, run)
-        before = [parts[0], *saved]  # before[p]: the product of the parts before p+1
-        if not in_place:
-            _product_gradients(g, parts, before, dsts)
-            continue
-        chunk = max(1, _IN_PLACE_CHUNK_BYTES // max(1, k * rows * dim * values.element_size()))
-        for i in range(0, n, chunk):
-            j = min(n, i + chunk)
-            if k == 2:  # p0's gradient aside, then p1's written over p0 (read already), then p0's over p1
-                aside = g[:, i:j] * parts[0][:, i:j]
-                torch.mul(g[:, i:j], parts[1][:, i:j], out=dsts[0][:, i:j])
-                dsts[1][:, i:j].copy_(aside)
-                continue
-            temps = [torch.empty(rows, j - i, dim, dtype=values.dtype, device=values.device) for _ in range(k)]
-            _product_gradients(g[:, i:j], [x[:, i:j] for x in parts], [x[:, i:j] for x in before], temps)
-            for dst, t in zip(dsts, temps):
-                dst[:, i:j].copy_(t)
+        _product_gradients(g, parts, [parts[0], *saved], dsts)  # saved[p]: the product of the parts up to p+1
     return out
 
 
@@ -333,26 +327,25 @@ class _ComposeRuns(torch.autograd.Function):
     each run of outputs (``_column_runs``) is one copy, sum or product over strided views of the
     columns where TorchRec put them, written into its place of the result; the backward writes
     each part's gradient straight into its columns of the lookup's gradient (no regrouping, no
-    zero fill when the runs read every column)."""
+    zero fill when the runs read every column; ``gradient_out``)."""
 
     @staticmethod
-    def forward(ctx: Any, values: torch.Tensor, runs: List[List[int]], width: int) -> torch.Tensor:
-        ctx.overwrite = _overwritable(values)
+    def forward(ctx: Any, values: torch.Tensor, runs: List[List[int]], width: int, buffer: Optional[List[torch.Tensor]]) -> torch.Tensor:
         values = values.contiguous()
         out, prefixes = _forward_runs(values, runs, width)
         ctx.save_for_backward(values)
-        ctx.runs, ctx.prefixes = runs, prefixes
+        ctx.runs, ctx.prefixes, ctx.buffer = runs, prefixes, buffer
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         (values,) = ctx.saved_tensors
-        return _backward_runs(values, ctx.runs, grad, ctx.prefixes, ctx.overwrite), None, None
+        return _backward_runs(values, ctx.runs, grad, ctx.prefixes, gradient_out(values, ctx.runs, ctx.buffer)), None, None, None
 
 
 @torch.jit.unused
-def _compose_runs_fused(values: torch.Tensor, runs: List[List[int]], width: int) -> torch.Tensor:
-    return _ComposeRuns.apply(values, runs, width)
+def _compose_runs_fused(values: torch.Tensor, runs: List[List[int]], width: int, buffer: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+    return _ComposeRuns.apply(values, runs, width, buffer)
 
 
 # the most bytes of a per-id op's temporaries a row chunk takes (products, gathered gradients):
@@ -390,16 +383,22 @@ class _ComposePerId(torch.autograd.Function):
     TorchRec put them: no regrouping copy); ``index``/``scale`` (``_bag_index``) where each id's
     product pools to and with what factor. Out: ``[batch, n * dim]``. The backward gathers the
     output's gradient per id (``index_select``), scales it, and writes each part's gradient
-    (that times the other parts) straight into its columns of the lookup's gradient (over the
-    lookup's output itself, see ``_backward_runs``). Both go in row chunks (``_row_chunks``), so
-    that no temporary is a fresh ``[ids, n * dim]`` tensor each step.
+    (that times the other parts) straight into its columns of the lookup's gradient (a tensor
+    kept from step to step, ``gradient_out``). Both go in row chunks (``_row_chunks``), so that
+    no temporary is a fresh ``[ids, n * dim]`` tensor each step.
     """
 
     @staticmethod
     def forward(
-        ctx: Any, values: torch.Tensor, runs: List[List[int]], index: torch.Tensor, scale: Optional[torch.Tensor], batch: int, n: int, dim: int
+        ctx: Any,
+        values: torch.Tensor,
+        runs: List[List[int]],
+        index: torch.Tensor,
+        scale: Optional[torch.Tensor],
+        shape: Tuple[int, int, int],
+        buffer: Any,
     ) -> torch.Tensor:
-        ctx.overwrite = _overwritable(values)
+        batch, n, dim = shape
         values = values.contiguous()
         pooled = torch.zeros(batch * n, dim, dtype=values.dtype, device=values.device)
         for r0, r1 in _row_chunks(values.size(0), n * dim * values.element_size()):
@@ -408,7 +407,7 @@ class _ComposePerId(torch.autograd.Function):
                 prod.mul_(scale[r0 * n : r1 * n].unsqueeze(1))
             pooled.index_add_(0, index[r0 * n : r1 * n], prod)
         ctx.save_for_backward(values, index, scale)
-        ctx.runs = runs
+        ctx.runs, ctx.buffer = runs, buffer
         ctx.n, ctx.dim = n, dim
         return pooled.view(batch, n * dim)
 
@@ -416,8 +415,7 @@ class _ComposePerId(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         values, index, scale = ctx.saved_tensors
         runs, n, dim = ctx.runs, ctx.n, ctx.dim
-        read = sum(r[1] * r[2] * r[3] for r in runs)
-        out = values if ctx.overwrite and read == values.size(1) else torch.zeros_like(values)
+        out = gradient_out(values, runs, ctx.buffer)
         flat = grad.reshape(-1, dim)
         for r0, r1 in _row_chunks(values.size(0), n * dim * values.element_size()):
             g = flat.index_select(0, index[r0 * n : r1 * n])
@@ -425,14 +423,21 @@ class _ComposePerId(torch.autograd.Function):
                 g.mul_(scale[r0 * n : r1 * n].unsqueeze(1))
             chunk = values[r0:r1]
             _backward_runs(chunk, runs, g.view(r1 - r0, -1), _prefix_products(chunk, runs), out=out[r0:r1])
-        return out, None, None, None, None, None, None
+        return out, None, None, None, None, None
 
 
 @torch.jit.unused
 def _compose_per_id_fused(
-    values: torch.Tensor, runs: List[List[int]], index: torch.Tensor, scale: Optional[torch.Tensor], batch: int, n: int, dim: int
+    values: torch.Tensor,
+    runs: List[List[int]],
+    index: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    batch: int,
+    n: int,
+    dim: int,
+    buffer: Optional[List[torch.Tensor]] = None,
 ) -> torch.Tensor:
-    return _ComposePerId.apply(values, runs, index, scale, batch, n, dim)
+    return _ComposePerId.apply(values, runs, index, scale, (batch, n, dim), buffer)
 
 
 def _compose_per_id_plain(
@@ -466,7 +471,14 @@ def _as_they_are(runs: List[List[int]], width: int, columns: int) -> bool:
 
 
 @torch.fx.wrap
-def _compose_pooled(kt: KeyedTensor, keys: List[List[str]], ops: List[int], width: int, runs: Optional[List[List[int]]] = None) -> torch.Tensor:
+def _compose_pooled(
+    kt: KeyedTensor,
+    keys: List[List[str]],
+    ops: List[int],
+    width: int,
+    runs: Optional[List[List[int]]] = None,
+    buffer: Optional[List[torch.Tensor]] = None,
+) -> torch.Tensor:
     """The pooled outputs, ``[batch, width]`` in output order, from the pooled lookup's output
     ``kt``: output ``j`` composes the parts ``keys[j]`` by ``ops[j]`` (0: as they are, side by side;
     1: add; 2: mult), read where TorchRec put them (a leaf call for fx)."""
@@ -476,7 +488,7 @@ def _compose_pooled(kt: KeyedTensor, keys: List[List[str]], ops: List[int], widt
         return kt.values()
     if torch.jit.is_scripting() or torch.jit.is_tracing():
         return _compose_runs_plain(kt.values(), runs)
-    return _compose_runs_fused(kt.values(), runs, width)
+    return _compose_runs_fused(kt.values(), runs, width, buffer)
 
 
 @torch.fx.wrap
@@ -529,6 +541,7 @@ class Combine(nn.Module):
     _piece_keys: List[List[str]]
     _piece_is_mean: List[bool]
     _names: Dict[str, str]
+    __jit_ignored_attributes__ = ["_gradient_buffers"]
 
     def __init__(self, outputs: List[OutputSpec], is_weighted: bool) -> None:
         super().__init__()
@@ -547,6 +560,7 @@ class Combine(nn.Module):
         )
         self._names = {o.sub_features[0]: o.name for o in outputs} if self._passthrough else {}
         self._runs: Dict[str, List[List[int]]] = {}  # see _cached_runs
+        self._gradient_buffers: Dict[int, List[torch.Tensor]] = {}  # see _gradient_buffer
 
     def _plan(self, outputs: List[OutputSpec]) -> None:
         """The pooled outputs (composed by one op from the pooled group's output) and the pieces of
@@ -623,7 +637,7 @@ class Combine(nn.Module):
         lengths = features.lengths()[first * batch : (first + n) * batch]
         weights = features.weights()[start : start + sum(counts)] if self._is_weighted else None
         runs = self._cached_runs(p, kt, _per_id_outputs(self._piece_keys[p], n, self._piece_k[p]), [2 if self._piece_k[p] > 1 else 0] * n)
-        return _pooled_per_id(kt, runs, self._piece_dim[p], lengths, counts, weights, self._piece_is_mean[p])
+        return _pooled_per_id(kt, runs, self._piece_dim[p], lengths, counts, weights, self._piece_is_mean[p], self._gradient_buffer(p))
 
     @torch.jit.unused
     def _cached_runs(self, piece: int, kt: KeyedTensor, keys: List[List[str]], ops: List[int]) -> List[List[int]]:
@@ -633,6 +647,12 @@ class Combine(nn.Module):
         if at not in self._runs:
             self._runs[at] = _column_runs(kt, keys, ops)
         return self._runs[at]
+
+    @torch.jit.unused
+    def _gradient_buffer(self, piece: int) -> List[torch.Tensor]:
+        """The tensor piece ``piece``'s fused op (-1: the pooled outputs') writes its gradient into,
+        step after step on CPU (``gradient_out``); not part of the module's state."""
+        return self._gradient_buffers.setdefault(piece, [])
 
     @torch.jit.unused
     def _runs_in_order(self, features: KeyedJaggedTensor) -> bool:
@@ -650,10 +670,12 @@ class Combine(nn.Module):
     def _pooled(self, kt: KeyedTensor, by_key: Dict[str, JaggedTensor]) -> List[torch.Tensor]:
         """The pooled outputs from the pooled group's lookup, cut into their chunks."""
         runs: Optional[List[List[int]]] = None
+        buffer: Optional[List[torch.Tensor]] = None
         if not torch.jit.is_scripting():
             if not (is_fx_symbolic_tracing() or torch.compiler.is_compiling()):
                 runs = self._cached_runs(-1, kt, self._pooled_keys, self._pooled_ops)
-        out = _compose_pooled(kt, self._pooled_keys, self._pooled_ops, self._pooled_width, runs)
+                buffer = self._gradient_buffer(-1)
+        out = _compose_pooled(kt, self._pooled_keys, self._pooled_ops, self._pooled_width, runs, buffer)
         if len(self._mean_features) > 0:  # divide MEAN outputs by their bags' lengths (others by 1)
             lengths = [by_key[f].lengths() for f in self._mean_features]
             lengths.append(torch.ones_like(lengths[0]))
