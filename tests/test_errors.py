@@ -62,6 +62,24 @@ def test_out_of_range_ids(strategy, bad):
     assert "feature 'C1'" in msg and "table 't_C1'" in msg and f"id {bad}" in msg and "[0, 100)" in msg
 
 
+@pytest.mark.parametrize("bad", [-1, 100, 2**40])
+@pytest.mark.parametrize("sizes", [(100, 100), (100, 200)])
+def test_out_of_range_ids_of_full_tables_passed_on_as_they_are(bad, sizes, monkeypatch):
+    """Full tables, a KJT of exactly their features (passed on as it is; a large CPU batch's path):
+    one reduction checks every id where the tables share their size, the per-feature check names it."""
+    monkeypatch.setattr("torchrec_multihash.modules.id_transform.FLAT_CPU_MAX_IDS", 0)
+    ebc = MultiHashEmbeddingBagCollection(
+        [cfg(strategy="full", num_embeddings=sizes[0]), cfg(name="t_C2", feature_names=["C2"], strategy="full", num_embeddings=sizes[1])]
+    )
+    good = KeyedJaggedTensor(keys=["C1", "C2"], values=torch.tensor([5, 99, 2, 0]), lengths=torch.tensor([1, 1, 1, 1]))
+    assert ebc.pooled["pooled"].transform(good) is good
+    kjt = KeyedJaggedTensor(keys=["C1", "C2"], values=torch.tensor([5, bad, 2, 0]), lengths=torch.tensor([1, 1, 1, 1]))
+    with pytest.raises(InvalidInputError) as e:
+        ebc(kjt)
+    msg = str(e.value)
+    assert "feature 'C1'" in msg and "table 't_C1'" in msg and f"id {bad}" in msg and "[0, 100)" in msg
+
+
 def test_hash_accepts_any_int64():
     ebc = MultiHashEmbeddingBagCollection([cfg(strategy="hash", num_collisions=3)])
     ids = torch.tensor([-(2**63), -1, 0, 99, 100, 2**63 - 1])

@@ -499,6 +499,20 @@ class IdTransform(nn.Module):
             check_id_ranges(self._lookups, [by_key[lk.feature] for lk in self._lookups])
 
     @torch.jit.unused
+    def _all_in_one_range(self, features: KeyedJaggedTensor) -> bool:
+        """Whether every id of a KJT of exactly this transform's features lies in the one range all
+        its tables share, ``[0, num_embeddings)``, read by one reduction (no bag-size limits to
+        check); False when they differ or an id is out (``check_id_ranges`` then says which)."""
+        sizes = {lk.num_embeddings for lk in self._lookups}
+        if len(sizes) != 1 or any(lk.strategy.accepts_any_id or lk.max_ids_per_bag is not None for lk in self._lookups):
+            return False
+        values = features.values()
+        if values.numel() == 0 or values.device.type == "meta":
+            return values.numel() == 0
+        low, high = torch.aminmax(values)
+        return bool((low >= 0) & (high < next(iter(sizes))))
+
+    @torch.jit.unused
     def _passes_as_is(self, features: KeyedJaggedTensor) -> bool:
         """Eager mode: the KJT holds exactly the sub-features' keys, in order, with int64 ids."""
         return features.keys() == self._sub_keys and features.values().dtype == torch.long
@@ -510,7 +524,9 @@ class IdTransform(nn.Module):
                 if self._flat is not None and self._flat_applies(features):
                     return self._forward_flat(features)
                 if self._identity and self._passes_as_is(features):
-                    self.check(features, features.to_dict() if self._validate_ids else {})
+                    self._check_kjt(features)
+                    if self._validate_ids and not self._all_in_one_range(features):
+                        check_id_ranges(self._lookups, [features.to_dict()[lk.feature] for lk in self._lookups])
                     return features
         by_key: Dict[str, JaggedTensor] = features.to_dict()
         if not torch.jit.is_scripting():
