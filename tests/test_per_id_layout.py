@@ -285,3 +285,23 @@ def test_a_retained_graph_backs_up_twice_as_torchrecs_ebc_does(one_hot):
     (out * upstream).sum().backward()
     for name, w in ebc.sub_table_weights().items():
         torch.testing.assert_close(w.grad, 2 * once[name], msg=name)
+
+
+def test_the_gradient_tensors_kept_between_steps_are_not_pickled_or_copied():
+    import copy
+
+    ebc = MultiHashEmbeddingBagCollection(_configs())
+    ebc(_kjt(False)).values().sum().backward()
+    assert ebc.combine._gradient_buffers  # kept for the next step
+    for twin in (copy.deepcopy(ebc), torch.load(_saved(ebc), weights_only=False)):
+        assert twin.combine._gradient_buffers == {}
+        torch.testing.assert_close(twin(_kjt(False)).values(), ebc(_kjt(False)).values())
+
+
+def _saved(module):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    buf.seek(0)
+    return buf

@@ -649,6 +649,14 @@ class Combine(nn.Module):
         return self._runs[at]
 
     @torch.jit.unused
+    def __getstate__(self) -> Dict[str, Any]:
+        """Pickled and copied (``torch.save(module)``, ``copy.deepcopy``) without the gradient
+        tensors kept between steps: scratch space, not state."""
+        state = super().__getstate__()
+        state["_gradient_buffers"] = {}
+        return state
+
+    @torch.jit.unused
     def _gradient_buffer(self, piece: int) -> List[torch.Tensor]:
         """The tensor piece ``piece``'s fused op (-1: the pooled outputs') writes its gradient into,
         step after step on CPU (``gradient_out``); not part of the module's state."""
