@@ -281,17 +281,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             results["failed"].append({"workload": stage, "method": what, "error": str(e)})
             return None
 
+    single = "caching" if args.malloc == "caching" else "system"  # the malloc of the runs measured once
     for name in workloads:
         spec = workload_spec(name)
         work = Workload(spec=spec.to_dict(), methods=[])
         for m in tqdm(methods, desc=f"bench: {name}", unit="method"):
-            first = "caching" if args.malloc == "caching" else "system"
-            rec = attempt(name, m, run_method, m, spec, 1, args.device, first)
+            rec = attempt(name, m, run_method, m, spec, 1, args.device, single)
             if rec is not None and args.malloc == "both" and rec["device"] == "cpu":  # the same method with glibc tuned
                 tuned = attempt(name, f"{m} (caching malloc)", run_method, m, spec, 1, args.device, "caching")
                 rec.update({f"caching_{k}": tuned[k] for k in ("step_ms", "vs_baseline") if tuned is not None and k in tuned})
             if rec is not None:
-                work["methods"].append({**rec, "malloc": first})
+                work["methods"].append({**rec, "malloc": single})
         if work["methods"]:
             results["workloads"][name] = work
     spec = workload_spec("multi_hot")
@@ -304,9 +304,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if n == 1 and one is not None:
                 rec = one
             else:
-                rec = attempt(
-                    "scaling", f"{m} on {n} process(es)", run_method, m, spec, n, args.device, "caching" if args.malloc == "caching" else "system"
-                )
+                rec = attempt("scaling", f"{m} on {n} process(es)", run_method, m, spec, n, args.device, single)
             if rec is None:
                 break
             runs.append(rec)
@@ -317,8 +315,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         results["loader"] = attempt("loader", "Criteo TSV reader", loader_throughput, spec, lines) or []
     samples = args.train_samples if args.train_samples is not None else (20_000 if args.quick else 200_000)
     if samples:
-        malloc = "caching" if args.malloc == "caching" else "system"
-        results["train"] = attempt("train", "end-to-end train", train_throughput, args.train_config, samples, args.device, malloc) or []
+        results["train"] = attempt("train", "end-to-end train", train_throughput, args.train_config, samples, args.device, single) or []
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     table = markdown(results)

@@ -278,11 +278,9 @@ def gradient_out(values: torch.Tensor, runs: List[List[int]], buffer: Optional[L
         return torch.zeros_like(values)
     if buffer is None or values.device.type != "cpu":
         return torch.empty_like(values)
-    held = buffer[0] if len(buffer) > 0 else None
-    if held is None or held.size(1) != columns or held.size(0) < rows or held.dtype != values.dtype:
-        held = torch.empty(max(rows, held.size(0) if held is not None and held.size(1) == columns else 0), columns, dtype=values.dtype)
-        buffer[:] = [held]
-    return held[:rows]
+    if len(buffer) == 0 or buffer[0].size(1) != columns or buffer[0].size(0) < rows or buffer[0].dtype != values.dtype:
+        buffer[:] = [torch.empty_like(values)]
+    return buffer[0][:rows]
 
 
 def _product_gradients(g: torch.Tensor, parts: List[torch.Tensor], before: List[torch.Tensor], dsts: List[torch.Tensor]) -> None:

@@ -19,7 +19,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from torchrec_multihash.errors import InvalidInputError
 from torchrec_multihash.modules.learned_mapping import LearnedMapping
 from torchrec_multihash.modules.strategies import StackedRows, Strategy
-from torchrec_multihash.modules.strategies.base import partition_rows
+from torchrec_multihash.modules.strategies.base import partition_rows, place_rows
 from torchrec_multihash.modules.variable_batch import expand_variable_batch
 
 _INT64_MIN = -(2**63)
@@ -307,15 +307,10 @@ def _sub_features(
     )
 
 
-def _placed_rows(r: torch.Tensor, mul: int, add: int, div: int, shift: int) -> torch.Tensor:
-    """Rows ``r`` of a part moved to its rows of the stacked table (``StackedRows``)."""
-    return torch.div(r * mul + add, div, rounding_mode="floor") + r + shift
-
-
 def _placed(
     r: torch.Tensor, mul: Union[int, torch.Tensor], add: Union[int, torch.Tensor], div: Union[int, torch.Tensor], shift: Union[int, torch.Tensor]
 ) -> torch.Tensor:
-    """``_placed_rows`` of a group of lookups (the flat transform): each parameter an int that all
+    """``place_rows`` of a group of lookups (the flat transform): each parameter an int that all
     share, or a per-id tensor."""
     return torch.div(r * mul + add, div, rounding_mode="floor") + r + shift
 
@@ -568,42 +563,31 @@ class IdTransform(nn.Module):
         that its bags, as they are, are already bags of one id (see ``IdTransform``)."""
         if is_fx_symbolic_tracing() or torch.compiler.is_compiling() or features.device().type == "meta":
             return False
-        if features.stride() == 0:
-            return False
-        jts = [by_key[f] for f in self._features]
-        stats = torch.stack(
-            [torch.stack([jt.lengths().sum(), jt.lengths().max()]) if jt.lengths().numel() > 0 else jt.lengths().new_zeros(2) for jt in jts]
-        )
-        read = stats.tolist()
-        largest = [int(m) for _, m in read]
-        if max(largest) <= 1:
-            return True
-        self._note_padding(self._features, self._tables, [int(c) for c, _ in read], largest, features.stride())
-        return False
+        lengths = torch.stack([by_key[f].lengths() for f in self._features])  # one batch size: expanded
+        return not self._explode_reading(lengths.sum(1), lengths, features.stride(), list(range(len(self._features))))[1]
 
     @torch.jit.unused
-    def _explode_reading(self, counts: torch.Tensor, lengths: torch.Tensor, batch: int) -> Tuple[List[int], bool]:
-        """The ids of each key and whether the batch is exploded (it holds a bag of several ids),
-        from one host sync."""
+    def _explode_reading(self, counts: torch.Tensor, lengths: torch.Tensor, batch: int, lookups: List[int]) -> Tuple[List[int], bool]:
+        """The ids of each of ``lookups`` (their ``counts`` and ``lengths``, one after another) and
+        whether the batch is exploded (it holds a bag of several ids), from one host sync."""
         if batch == 0 or lengths.numel() == 0:
             return counts.tolist(), True
         keys = counts.numel()
         read = torch.cat([counts, lengths.view(keys, batch).amax(1).to(counts.dtype)]).tolist()
-        largest = read[keys:]
+        ids, largest = read[:keys], read[keys:]
         if max(largest) <= 1:
-            return read[:keys], False
-        order = self._flat.order if self._flat is not None else []
-        self._note_padding([self._features[i] for i in order], [self._tables[i] for i in order], read[:keys], largest, batch)
-        return read[:keys], True
+            return ids, False
+        if not self._warned_padding:
+            self._note_padding(lookups, ids, largest, batch)
+        return ids, True
 
     @torch.jit.unused
-    def _note_padding(self, features: List[str], tables: List[str], counts: List[int], largest: List[int], batch: int) -> None:
+    def _note_padding(self, lookups: List[int], counts: List[int], largest: List[int], batch: int) -> None:
         """Warns once when an exploded batch pads one-hot features (at most one id a bag) to the
         multi-hot features' id count with more padding bags than the lookup has ids: they share one
         per-id lookup, whose batch of bags is the most ids of a feature; declared one-hot, they
-        would be looked up pooled."""
-        if self._warned_padding:
-            return
+        would be looked up pooled. ``lookups``: the lookups (indices) ``counts`` and ``largest`` are of."""
+        features, tables = [self._features[i] for i in lookups], [self._tables[i] for i in lookups]
         one_hot = [i for i, m in enumerate(largest) if m <= 1]
         rows = exploded_batch(max(counts), batch)
         if not one_hot or sum(rows - counts[i] for i in one_hot) < sum(counts):
@@ -679,7 +663,7 @@ class IdTransform(nn.Module):
             length_per_key = [length_per_key[i] for i in indices] if length_per_key is not None else None
         explode = self._explode
         if explode:  # its features' ids and largest bag, read at once: a one-hot batch keeps its bags
-            length_per_key, explode = self._explode_reading(counts, lengths, batch)
+            length_per_key, explode = self._explode_reading(counts, lengths, batch, plan.order)
         params, perm, max_bags = self._constants(values.device)
         n, lookups = values.numel(), len(plan.order)
         # each row of params repeated over its lookups' ids (row by row: contiguous, far faster than along dim 1)
@@ -780,6 +764,6 @@ class IdTransform(nn.Module):
             moved: List[torch.Tensor] = []
             for p in parts:
                 mul, add, div, shift = self._placement[p]
-                moved.append(_placed_rows(rows[p], mul, add, div, shift))
+                moved.append(place_rows(rows[p], mul, add, div, shift))
             values.append(torch.stack(moved, dim=1).view(-1))
         return values

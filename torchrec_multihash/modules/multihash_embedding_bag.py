@@ -143,7 +143,7 @@ def _refuse_other_stacking(module: nn.Module, state_dict: Dict[str, Any], prefix
         stacked = bags + stacked_table_name(t.name) + ".weight"
         parts = [bags + s.name + ".weight" for s in impl.sub_tables()]
         former = bags + t.name + FORMER_STACKED_SUFFIX + ".weight"
-        if former in state_dict and isinstance(state_dict[former], torch.Tensor) and type(state_dict[former]) is torch.Tensor:
+        if type(state_dict.get(former)) is torch.Tensor:  # a plain tensor (a sharded one is the checkpoint's to refuse)
             _from_former_stacking(impl, state_dict, former, stacked, parts)
         if impl.is_stacked() and stacked not in state_dict and any(k in state_dict for k in parts):
             found = next(k for k in parts if k in state_dict)

@@ -40,10 +40,14 @@ class StackedRows(NamedTuple):
     shift: int
 
 
+def place_rows(r: torch.Tensor, mul: int, add: int, div: int, shift: int) -> torch.Tensor:
+    """Rows ``r`` of a part moved to its rows of the stacked table (``StackedRows``' fields)."""
+    return torch.div(r * mul + add, div, rounding_mode="floor") + r + shift
+
+
 def stacked_part_rows(placed: StackedRows, rows: int, device: Optional[torch.device] = None) -> torch.Tensor:
     """The rows of the stacked table that hold a part's ``rows`` rows, in order."""
-    r = torch.arange(rows, device=device)
-    return torch.div(r * placed.mul + placed.add, placed.div, rounding_mode="floor") + r + placed.shift
+    return place_rows(torch.arange(rows, device=device), *placed)
 
 
 def stacked_rows(sizes: List[int]) -> List[StackedRows]:
