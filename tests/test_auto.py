@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 
 from torchrec_multihash.auto import AutoChoiceError, TableStatistics, auto_configs, choose_tables
 from torchrec_multihash.auto.choice import full_bytes
@@ -93,6 +93,37 @@ def test_small_tables_stay_full_and_learned_only_where_its_mapping_is_cheap():
     at64 = choose_tables(tables, stats, full // 64, threshold=200)
     assert at64[1].strategy == "qr" and at64[1].compression >= 64
     assert "mapping" in at64[1].reason and "hottest ids" in at64[1].reason
+
+
+def test_fp16_rows_buy_twice_the_rows_at_the_same_bytes():
+    # every id of a spread table is used: at 8x of its fp32 bytes, fp16 rows give it 4x rows, not 8x
+    tables = [_table("t_small", 150), _table("t_a", 40_000), _table("t_b", 20_000)]
+    stats = {t.name: _stats(t.name, torch.full((t.num_embeddings,), 5)) for t in tables[1:]}
+    budget = sum(full_bytes(c) for c in tables) // 8
+    fp32 = {c.table: c for c in choose_tables(tables, stats, budget, threshold=200, candidates=["qr"])}
+    both = choose_tables(tables, stats, budget, threshold=200, candidates=["qr"], precisions=["fp32", "fp16"])
+    by = {c.table: c for c in both}
+    assert all(c.precision == "fp32" for c in fp32.values())
+    assert by["t_small"].precision == "fp32"  # small tables stay full, in fp32
+    for name in ("t_a", "t_b"):
+        assert by[name].precision == "fp16" and by[name].compression * 2 <= fp32[name].compression, by[name]
+        assert "fp16 rows" in by[name].reason
+    assert sum(c.bytes for c in both) <= budget
+    # the bytes are those of the fp16 tables it builds (2 a value), and they are fp16 tables
+    built = auto_configs(tables, both)
+    assert [c.strategy_impl().memory_bytes() for c in built] == [c.bytes for c in both]
+    assert [c.data_type for c in built] == [DataType.FP32, DataType.FP16, DataType.FP16]
+    # spare bytes buy fp32 back: a budget of the full fp32 tables keeps them all full fp32
+    roomy = choose_tables(tables, stats, sum(full_bytes(c) for c in tables), threshold=200, precisions=["fp32", "fp16"])
+    assert [(c.strategy, c.precision) for c in roomy] == [("full", "fp32")] * 3
+    # fp16 only: every table, small ones included; a bad precision is named
+    only = choose_tables(tables, stats, budget, threshold=200, candidates=["qr"], precisions=["fp16"])
+    assert {c.precision for c in only} == {"fp16"}
+    with pytest.raises(AutoChoiceError, match=r"unknown precision\(s\) \['bf16'\]"):
+        choose_tables(tables, stats, budget, threshold=200, precisions=["bf16"])
+    # a choice saved before precisions were chosen reads as fp32
+    old = {k: v for k, v in both[1].to_dict().items() if k != "precision"}
+    assert type(both[1]).from_dict(old).precision == "fp32"
 
 
 def test_an_unseen_tail_is_not_paid_for():
@@ -190,8 +221,8 @@ def test_train_chooses_saves_and_reuses_the_choice(tmp_path):
     report = json.loads((tmp_path / "run" / "auto.json").read_text())
     assert m["embedding_bytes"] == report["bytes"] <= report["budget_bytes"]
     assert m["auc"] > 0.55  # it learns
-    chosen = {t["table"]: [t["strategy"], t["compression"]] for t in report["tables"]}
-    assert chosen["t_C5"] == ["full", 1.0]  # 100 rows: under the threshold
+    chosen = {t["table"]: [t["strategy"], t["compression"], t["precision"]] for t in report["tables"]}
+    assert chosen["t_C5"] == ["full", 1.0, "fp32"]  # 100 rows: under the threshold
     manifest = read_manifest(find_checkpoint(tmp_path / "run" / "checkpoint"))
     assert manifest is not None and manifest["meta"]["run"]["embeddings.auto"] == chosen
     # plan shows the saved choice; a run with other data chooses again

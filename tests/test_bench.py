@@ -170,7 +170,7 @@ from torchrec_multihash.bench.workload import BenchSpec
 device = setup_distributed("cpu")
 spec = BenchSpec.one_hot(quick=True)
 spec.batch_size = 16
-model = shard(build("qr_add_unstacked", spec, device), device)
+model = shard(build("qr_add_unstacked", spec, device), device, data_parallel=True)
 dp = sorted(t for m in model.plan.plan.values() for t, ps in m.items() if ps.sharding_type == "data_parallel")
 opt = dense_optimizer(model)
 params = {n: p for n, p in model.named_parameters() if n.endswith(".weight") and n.split(".")[-2] in dp}
@@ -183,8 +183,9 @@ print(json.dumps({"dp": dp, "trained": sorted(n.split(".")[-2] for n, p in param
 
 @pytest.mark.slow
 def test_bench_steps_train_the_data_parallel_tables_too():
-    # the quick one-hot plan makes the 8-row remainder tables data-parallel (TorchRec's dense
-    # kernel, outside the fused optimizer): the timed step must update them, as train does
+    # allowed to, the planner makes the quick one-hot plan's 8-row remainder tables data-parallel
+    # (TorchRec's dense kernel, outside the fused optimizer): the timed step must update them, as
+    # train does
     r = subprocess.run([sys.executable, "-c", _DP_STEP], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])

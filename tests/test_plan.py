@@ -1,5 +1,6 @@
 """Planning: sub-table constraints, and the plan command for topologies that do not exist here."""
 
+import dataclasses
 import json
 import warnings
 
@@ -7,12 +8,14 @@ import pytest
 import torch
 from torchrec.distributed.planner import Topology
 from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.modules.embedding_configs import DataType
 
 from torchrec_multihash import MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig, sub_table_constraints
 from torchrec_multihash.app.config import load_config
 from torchrec_multihash.app.model import build_constraints, build_model, build_tables
 from torchrec_multihash.cli import main
 from torchrec_multihash.distributed import describe_plan, plan_model
+from torchrec_multihash.distributed.constraints import SHARDED_TYPES
 
 from tests.helpers.cli import run_cli
 
@@ -33,13 +36,24 @@ def test_sub_table_constraints():
         tables, {"t_a": ParameterConstraints(sharding_types=["row_wise"]), "t_c": ParameterConstraints(sharding_types=["column_wise"])}
     )
     assert out["t_a"].sharding_types == ["row_wise"]
-    assert out["t_a__r"].sharding_types == ["table_wise", "data_parallel"]  # 8 rows: kept whole
-    assert "t_b" not in out  # per-id (mult) tables: an EBC like the others, every type offered
-    assert out["t_b__r"].sharding_types == ["table_wise", "data_parallel"]
+    assert out["t_a__r"].sharding_types == ["table_wise"]  # 8 rows: kept whole
+    # every other type offered but data_parallel (a replica would be the dense optimizer's to train)
+    assert out["t_b"].sharding_types == list(SHARDED_TYPES) and "data_parallel" not in SHARDED_TYPES
+    assert out["t_b__r"].sharding_types == ["table_wise"]
     assert out["t_c"].sharding_types == ["column_wise"]
+    # data_parallel=True: small fp32 sub-tables may be replicated, the others are left to the planner
+    out = sub_table_constraints(tables, data_parallel=True)
+    assert out["t_a__r"].sharding_types == ["table_wise", "data_parallel"] and out["t_b"].sharding_types is None
+    # ... but never fp16 ones, which the dense optimizer would train in fp16
+    half = [dataclasses.replace(t, data_type=DataType.FP16) for t in tables]
+    out = sub_table_constraints(half, data_parallel=True)
+    assert out["t_a__r"].sharding_types == ["table_wise"] and out["t_b"].sharding_types == list(SHARDED_TYPES)
+    # a constraint that names data_parallel is kept as asked
+    out = sub_table_constraints(tables, {"t_c": ParameterConstraints(sharding_types=["data_parallel"])})
+    assert out["t_c"].sharding_types == ["data_parallel"]
     # a sub-table named explicitly wins; unknown names are errors
     out = sub_table_constraints(tables, {"t_a__r": ParameterConstraints(sharding_types=["row_wise"])})
-    assert out["t_a__r"].sharding_types == ["row_wise"] and "t_a" not in out
+    assert out["t_a__r"].sharding_types == ["row_wise"] and out["t_a"].sharding_types == list(SHARDED_TYPES)
     with pytest.raises(ValueError, match="unknown table"):
         sub_table_constraints(tables, {"t_zz": ParameterConstraints()})
     with warnings.catch_warnings(record=True) as w:
@@ -196,3 +210,22 @@ def test_plan_shows_our_warnings_and_hides_the_planners(capsys):
     assert "torchrec-multihash plan: warning: strategy 'qr' (or the one a table's override names) cannot shrink these tables 1000.0x" in err
     assert main(args) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_plan_without_constraints_replicates_no_table():
+    # TorchRec's planner, left alone, replicates the small remainder tables (data_parallel), where the
+    # fused optimizer leaves them to the dense one; plan_model and shard_model default to model_constraints
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+
+    from torchrec_multihash import sharders
+    from torchrec_multihash.bench.step_time import build
+    from torchrec_multihash.bench.workload import BenchSpec
+
+    module = build("qr_add_unstacked", BenchSpec.one_hot(quick=True), torch.device("meta"))
+    topo = Topology(world_size=1, compute_device="cpu")
+
+    def replicated(plan):
+        return sorted(t for m in plan.plan.values() for t, ps in m.items() if ps.sharding_type == "data_parallel")
+
+    assert len(replicated(EmbeddingShardingPlanner(topology=topo).plan(module, sharders()))) == 26
+    assert replicated(plan_model(module, topo)) == []

@@ -239,8 +239,8 @@ def test_constraints_reach_the_stacked_table_and_refuse_its_parts():
     # the logical table's constraint applies to the stacked table; the small-table rule reads its rows
     out = sub_table_constraints([table], row_wise, small_table_rows=100)
     assert list(out) == ["t__parts"] and out["t__parts"].sharding_types == ["row_wise"]
-    assert sub_table_constraints([table], row_wise, small_table_rows=110)["t__parts"].sharding_types == ["table_wise", "data_parallel"]
-    assert sub_table_constraints([plain], row_wise, small_table_rows=100)["t__r"].sharding_types == ["table_wise", "data_parallel"]
+    assert sub_table_constraints([table], row_wise, small_table_rows=110)["t__parts"].sharding_types == ["table_wise"]
+    assert sub_table_constraints([plain], row_wise, small_table_rows=100)["t__r"].sharding_types == ["table_wise"]
     # keyed by the stacked table's own name: taken as it is
     own = {"t__parts": ParameterConstraints(sharding_types=["column_wise"])}
     assert sub_table_constraints([table], own)["t__parts"].sharding_types == ["column_wise"]
@@ -321,7 +321,8 @@ def test_the_app_config_stacks_the_add_tables_it_builds():
     assert "t_C1__parts" in names and "t_C2__r" in names and "t_C1__r" not in names
     # the small-table rule reads the stacked tables' rows: t_C10's (500 ids) are few, t_C1's not
     constraints = build_constraints(cfg, list(tables.values()))
-    assert constraints["t_C10__parts"].sharding_types == ["table_wise", "data_parallel"] and "t_C1__parts" not in constraints
+    assert constraints["t_C10__parts"].sharding_types == ["table_wise"]
+    assert "data_parallel" not in constraints["t_C1__parts"].sharding_types
     # recorded with the tables' keys when set (it changes what a checkpoint holds), absent when not
     assert tables_record(cfg)["embeddings.stack_parts"] is True
     assert "embeddings.stack_parts" not in tables_record(load_config(quickstart))

@@ -7,6 +7,7 @@ from torchrec_multihash.deeprec import get_multihash_variable  # noqa: F401
 from torchrec_multihash.distributed import (  # noqa: F401
     CheckpointError,
     load_checkpoint,
+    model_constraints,
     save_checkpoint,
     sharders,
     sub_table_constraints,

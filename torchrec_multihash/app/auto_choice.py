@@ -51,11 +51,11 @@ def describe(report: Dict[str, Any]) -> str:
     ]
     for d in report["tables"]:
         ch = TableChoice.from_dict(d)
-        what = "full" if ch.strategy == "full" else f"{ch.strategy} {ch.compression:g}x"
+        what = ("full" if ch.strategy == "full" else f"{ch.strategy} {ch.compression:g}x") + (" fp16" if ch.precision == "fp16" else "")
         lines.append(f"  {ch.table:12s} {what:16s} {ch.bytes:>12,} B  {ch.reason}")
     return "\n".join(lines)
 
 
 def choice_record(choices: List[TableChoice]) -> Record:
-    """What a checkpoint records of the choice: strategy and compression per table."""
-    return {"embeddings.auto": {ch.table: [ch.strategy, ch.compression] for ch in choices}}
+    """What a checkpoint records of the choice: strategy, compression and precision per table."""
+    return {"embeddings.auto": {ch.table: [ch.strategy, ch.compression, ch.precision] for ch in choices}}

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_multihash.app.auto_choice import choice_path, describe, read_choice
-from torchrec_multihash.app.config import Config, ConfigError
+from torchrec_multihash.app.config import PRECISIONS, Config, ConfigError
 from torchrec_multihash.app.data import make_data
 from torchrec_multihash.app.provenance import Record, data_record, differences, tables_record
 from torchrec_multihash.auto import AutoChoiceError, choose_tables, table_statistics
@@ -55,7 +55,8 @@ def choose_for_config(cfg: Config, plain: List[EmbeddingBagConfig], show_progres
     try:
         with warnings.catch_warnings():  # a budget it cannot meet: refused below, naming the key
             warnings.filterwarnings("ignore", message="strategy auto: a budget of")
-            choices = choose_tables(plain, stats, budget, cfg.embeddings.threshold, cfg.embeddings.auto_candidates)
+            precisions = [cfg.embeddings.precision] if cfg.embeddings.precision else list(PRECISIONS)
+            choices = choose_tables(plain, stats, budget, cfg.embeddings.threshold, cfg.embeddings.auto_candidates, precisions)
     except AutoChoiceError as e:
         raise ConfigError(str(e)) from None
     least = sum(ch.bytes for ch in choices)  # over the budget: every table at its smallest

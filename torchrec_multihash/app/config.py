@@ -23,6 +23,7 @@ AUTO = "auto"  # embeddings.strategy: each table's strategy and size chosen from
 MCH = "mch"  # embeddings.strategy: TorchRec's ManagedCollisionEmbeddingBagCollection (MCH remapper), a baseline
 MCH_EVICTIONS = ("lfu", "distance_lfu")
 MCH_SIZINGS = ("bytes", "rows")
+PRECISIONS = ("fp32", "fp16")  # the tables' stored rows (TorchRec's DataType.FP32 / FP16)
 
 
 class ConfigError(MultiHashError, ValueError):
@@ -55,6 +56,9 @@ class EmbeddingsConfig:
     # | mch: TorchRec's MCH remapper (ManagedCollisionEmbeddingBagCollection), one rank only
     strategy: str = StrategyName.QR.value
     operation: str = "mult"  # add | mult | concat
+    # the rows' precision: fp32 | fp16 (half the bytes a value: at one compression, twice the rows); unset: fp32,
+    # and strategy auto chooses it per table
+    precision: Optional[str] = None
     compose: str = "per_id"  # mult: per_id (product per id, then pooled) | pooled (the original DLRM Q-R: pooled, then product)
     mch_eviction: str = "lfu"  # mch: lfu | distance_lfu (TorchRec's LFU_EvictionPolicy, DistanceLFU_EvictionPolicy)
     mch_eviction_interval: int = 1  # mch: training steps between the remapper's admissions/evictions
@@ -69,7 +73,10 @@ class EmbeddingsConfig:
     # without sizes is sized for the compression; sizes given are the table's (see to_multihash_configs)
     overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     constraints: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # table -> ParameterConstraints fields
-    small_table_rows: int = DEFAULT_SMALL_TABLE_ROWS  # sub-tables this small are kept whole or replicated
+    small_table_rows: int = DEFAULT_SMALL_TABLE_ROWS  # sub-tables this small are kept whole (table-wise)
+    # let the planner replicate tables (data_parallel): replicas are trained by train.dense_optimizer at
+    # train.dense_lr, not by the tables' fused row-wise Adagrad (on MovieLens at 8x, Q-R loses up to 0.006 AUC)
+    data_parallel: bool = False
     validate_ids: bool = True
     max_ids_per_bag: Optional[int] = None  # 1: every feature one-hot (Criteo's): mult tables looked up pooled, checked per batch
     # add tables of several partitions: their parts stored as one table, each id's rows one bag (see the table
@@ -243,6 +250,10 @@ def _check_strategy(emb: EmbeddingsConfig) -> None:
     for key, allowed in (("compose", COMPOSITIONS), ("mch_eviction", MCH_EVICTIONS), ("mch_sizing", MCH_SIZINGS)):
         if getattr(emb, key) not in allowed:
             raise ConfigError(f"embeddings.{key} must be one of {list(allowed)}, got {getattr(emb, key)!r}")
+    if emb.precision is not None and emb.precision not in PRECISIONS:
+        raise ConfigError(f"embeddings.precision must be one of {list(PRECISIONS)} (or unset), got {emb.precision!r}")
+    if emb.precision == "fp16" and emb.strategy == MCH:
+        raise ConfigError("embeddings.precision fp16 is for multi-hash tables; strategy mch (TorchRec's MCH remapper, a baseline) keeps fp32 rows")
 
 
 # the table fields the app sets itself, which an override cannot: where each comes from

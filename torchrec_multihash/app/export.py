@@ -11,6 +11,7 @@ from torch import nn
 from torchmetrics.classification import BinaryAUROC
 from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRMTrain
+from torchrec.modules.embedding_configs import DataType
 
 from torchrec_multihash.app.config import Config, ConfigError, config_parser, load_config
 from torchrec_multihash.app.data import make_data
@@ -60,8 +61,9 @@ def _report(model: nn.Module, dtype: Optional[torch.dtype], row_alignment: Optio
     ebc = multihash_module(model)
     stored = embedding_bytes(quantize_embeddings(model, dtype, row_alignment=row_alignment) if dtype is not None else model)
     full = ebc.full_memory_bytes()
+    rows = "/".join(sorted({"fp16" if t.data_type == DataType.FP16 else "fp32" for t in ebc.multihash_configs()}))
     return (
-        f"Embedding bytes: {stored:,} exported vs {ebc.memory_bytes():,} trained (float) and {full:,} for float full "
+        f"Embedding bytes: {stored:,} exported vs {ebc.memory_bytes():,} trained ({rows} rows) and {full:,} for fp32 full "
         f"tables: {full / stored:.1f}x smaller than the full tables"
     )
 
@@ -74,7 +76,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = config_parser("torchrec-multihash export", __doc__)
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: train.output_dir/checkpoint)")
     p.add_argument("--out", type=Path, required=True, help="the TorchScript file to write")
-    p.add_argument("--dtype", choices=[*QUANT_DTYPES, "fp32"], default="int8", help="row format of the exported tables")
+    p.add_argument("--dtype", choices=[*QUANT_DTYPES, "fp32"], default="int8", help="row format of the exported tables (fp32: as trained)")
     p.add_argument("--row-alignment", type=int, default=None, help="bytes each quantized row is padded to (TorchRec's default: 16)")
     p.add_argument("--evaluate", action="store_true", help="AUC and log loss of the trained and the exported model on the test data")
     args = p.parse_args(argv)
@@ -91,7 +93,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         args.out.parent.mkdir(parents=True, exist_ok=True)
         torch.jit.save(scripted, str(args.out))
-        print(f"Wrote {args.out} ({args.dtype} tables). {_report(model, dtype, args.row_alignment)}")
+        what = f"{args.dtype} tables" if dtype is not None else "the tables as trained"
+        print(f"Wrote {args.out} ({what}). {_report(model, dtype, args.row_alignment)}")
         if args.evaluate:
             data = make_data(cfg, 0, 1, Path(cfg.train.output_dir), args.checkpoint or checkpoint_dir(cfg))
             for name, m in (("trained", model), ("exported", scripted)):

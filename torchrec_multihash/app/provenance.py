@@ -73,6 +73,7 @@ def data_record(cfg: Config, exact: bool = True) -> Record:
 _TABLE_KEYS_IF_USED = {
     "compose": lambda cfg: cfg.embeddings.compose != "per_id",
     "stack_parts": lambda cfg: cfg.embeddings.stack_parts is not None,
+    "precision": lambda cfg: cfg.embeddings.precision is not None,
     "mch_eviction": lambda cfg: cfg.embeddings.strategy == MCH,
     "mch_sizing": lambda cfg: cfg.embeddings.strategy == MCH,
 }

@@ -10,10 +10,10 @@ keeps a unique representation however hard the table is compressed).
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, EmbeddingBagConfig
+from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, DataType, EmbeddingBagConfig
 
 from torchrec_multihash.auto.statistics import TableStatistics
 from torchrec_multihash.convert import check_overrides, to_multihash_configs
@@ -23,6 +23,11 @@ from torchrec_multihash.modules.strategies import TOLERANCE, StrategyName
 
 # the compressions a table may get; each step halves its bytes
 LEVELS = tuple(2.0**i for i in range(0, 13))
+DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
+# fp16 rows (half the bytes) are counted as losing this share of the table's accesses: a small
+# price, as measured (MovieLens, full tables: fp16 -0.0005 AUC, where halving the rows costs 0.006),
+# so that fp16 is chosen wherever it saves a table's rows, and fp32 bought back with spare bytes
+FP16_LOSS = 0.01
 # the strategies ``auto`` picks from by default, in order of preference where they apply
 DEFAULT_CANDIDATES = (StrategyName.LEARNED, StrategyName.QR)
 _COMPRESSIVE = (StrategyName.QR, StrategyName.CRT, StrategyName.HASH, StrategyName.GENERALIZED_QR)
@@ -43,17 +48,25 @@ class TableChoice:
     bytes: int  # weights and mapping, exact
     coverage: float  # share of the table's training accesses on its N / compression hottest ids
     reason: str
+    precision: str = "fp32"  # of its rows: fp32 | fp16
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TableChoice":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d or k != "precision"})
 
 
 def full_bytes(c: EmbeddingBagConfig) -> int:
     return c.num_embeddings * c.embedding_dim * DATA_TYPE_NUM_BITS[c.data_type] // 8
+
+
+def with_precision(c: EmbeddingBagConfig, precision: str) -> EmbeddingBagConfig:
+    """``c`` with rows of ``precision`` (fp32 | fp16)."""
+    if precision not in DATA_TYPES:
+        raise AutoChoiceError(f"unknown precision {precision!r}; choose from {list(DATA_TYPES)}")
+    return replace(c, data_type=DATA_TYPES[precision])
 
 
 def _sized(c: EmbeddingBagConfig, strategy: str, level: float) -> MultiHashEmbeddingBagConfig:
@@ -69,8 +82,9 @@ class _Option:
     level: float
     strategy: str
     bytes: int
-    loss: int  # accesses outside the N / level hottest ids
+    loss: float  # accesses outside the N / level hottest ids (and FP16_LOSS's share of them all, for fp16 rows)
     why: str
+    precision: str = "fp32"
 
 
 def _strategy_at(c: EmbeddingBagConfig, level: float, candidates: Sequence[str]) -> Tuple[str, str]:
@@ -98,8 +112,23 @@ def _strategy_at(c: EmbeddingBagConfig, level: float, candidates: Sequence[str])
     raise AutoChoiceError(f"embeddings.auto_candidates {list(candidates)} holds no strategy that compresses (qr, crt, hash, ...)")
 
 
-def _options(c: EmbeddingBagConfig, stats: TableStatistics, candidates: Sequence[str]) -> List[_Option]:
-    """The table's options from full to the most compressed its strategies reach, bytes falling."""
+def _options(c: EmbeddingBagConfig, stats: TableStatistics, candidates: Sequence[str], precisions: Sequence[str] = ("fp32",)) -> List[_Option]:
+    """The table's options from full to the most compressed its strategies reach, bytes falling:
+    of every level at every precision, those that lose less than any with fewer bytes."""
+    every: List[_Option] = []
+    for precision in precisions:
+        extra = FP16_LOSS * stats.accesses if precision == "fp16" else 0.0
+        for o in _levels(with_precision(c, precision), stats, candidates):
+            every.append(_Option(o.level, o.strategy, o.bytes, o.loss + extra, o.why, precision))
+    out: List[_Option] = []
+    for o in sorted(every, key=lambda o: (o.bytes, o.loss)):  # fewest bytes first
+        if not out or o.loss < out[-1].loss:
+            out.append(o)
+    return out[::-1]
+
+
+def _levels(c: EmbeddingBagConfig, stats: TableStatistics, candidates: Sequence[str]) -> List[_Option]:
+    """The table's options at its precision from full to the most compressed its strategies reach, bytes falling."""
     out = [_Option(1.0, StrategyName.FULL, full_bytes(c), 0, "full")]
     for level in LEVELS[1:]:
         strategy, why = _strategy_at(c, level, candidates)
@@ -140,10 +169,11 @@ def _allocate(options: Dict[str, List[_Option]], budget: int) -> Dict[str, int]:
 def _reason(c: EmbeddingBagConfig, stats: TableStatistics, option: _Option) -> str:
     rows = math.ceil(c.num_embeddings / option.level)
     seen = f"{stats.seen_ids:,} of its {c.num_embeddings:,} ids seen, {stats.accesses:,} accesses"
+    rows_in = "" if option.precision == "fp32" else f" in {option.precision} rows (half the bytes a value)"
     if option.level == 1:
-        return f"full: {seen}; compressing it saved fewer bytes per access lost than the other tables"
+        return f"full{rows_in}: {seen}; compressing it saved fewer bytes per access lost than the other tables"
     cover = stats.coverage(rows)
-    return f"{option.level:g}x: {seen}; its {rows:,} hottest ids carry {cover:.1%} of them; {option.why}"
+    return f"{option.level:g}x rows{rows_in}: {seen}; its {rows:,} hottest ids carry {cover:.1%} of them; {option.why}"
 
 
 def choose_tables(
@@ -152,18 +182,25 @@ def choose_tables(
     budget_bytes: int,
     threshold: int,
     candidates: Sequence[str] = DEFAULT_CANDIDATES,
+    precisions: Sequence[str] = ("fp32",),
 ) -> List[TableChoice]:
     """One choice per table of ``configs`` (same order) within ``budget_bytes`` in all, mappings
-    included. Tables of at most ``threshold`` rows stay full; a budget below the smallest the
-    strategies reach gives that smallest configuration, with a warning (``torchrec-multihash`` refuses it)."""
+    included, each table's rows in one of ``precisions`` (fp32, fp16: half the bytes a value).
+    Tables of at most ``threshold`` rows stay full (fp16 only where it is the one precision); a
+    budget below the smallest the strategies reach gives that smallest configuration, with a
+    warning (``torchrec-multihash`` refuses it)."""
+    bad = [p for p in precisions if p not in DATA_TYPES]
+    if bad or not precisions:
+        raise AutoChoiceError(f"unknown precision(s) {bad or list(precisions)}; choose from {list(DATA_TYPES)}")
+    small_precision = "fp16" if list(precisions) == ["fp16"] else "fp32"
     unknown = [s for s in candidates if s not in [str(n) for n in StrategyName]]
     if unknown:
         raise AutoChoiceError(f"embeddings.auto_candidates: unknown strategies {unknown}; choose from {[str(n) for n in StrategyName]}")
     missing = [c.name for c in configs if c.num_embeddings > threshold and c.name not in statistics]
     if missing:
         raise AutoChoiceError(f"no access statistics for table(s) {missing}")
-    small = {c.name: full_bytes(c) for c in configs if c.num_embeddings <= threshold}
-    options = {c.name: _options(c, statistics[c.name], candidates) for c in configs if c.name not in small}
+    small = {c.name: full_bytes(with_precision(c, small_precision)) for c in configs if c.num_embeddings <= threshold}
+    options = {c.name: _options(c, statistics[c.name], candidates, precisions) for c in configs if c.name not in small}
     at = _allocate(options, budget_bytes - sum(small.values()))
     least = sum(small.values()) + sum(opts[-1].bytes for opts in options.values())
     if least > budget_bytes:
@@ -177,14 +214,22 @@ def choose_tables(
         if c.name in small:
             out.append(
                 TableChoice(
-                    c.name, StrategyName.FULL, "mult", 1.0, small[c.name], 1.0, f"full: {c.num_embeddings} rows, at most the threshold {threshold}"
+                    c.name,
+                    StrategyName.FULL,
+                    "mult",
+                    1.0,
+                    small[c.name],
+                    1.0,
+                    f"full: {c.num_embeddings} rows, at most the threshold {threshold}",
+                    small_precision,
                 )
             )
             continue
         stats, option = statistics[c.name], options[c.name][at[c.name]]
         rows = math.ceil(c.num_embeddings / option.level)
         reason = _reason(c, stats, option)
-        out.append(TableChoice(c.name, str(option.strategy), "mult", option.level, option.bytes, round(stats.coverage(rows), 6), reason))
+        coverage = round(stats.coverage(rows), 6)
+        out.append(TableChoice(c.name, str(option.strategy), "mult", option.level, option.bytes, coverage, reason, option.precision))
     return out
 
 
@@ -212,5 +257,6 @@ def auto_configs(
                 threshold=0,
                 overrides={c.name: dict((overrides or {}).get(c.name, {}))},
             )
+        sized[0].data_type = with_precision(c, ch.precision).data_type
         out.append(sized[0])
     return out

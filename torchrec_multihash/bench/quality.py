@@ -31,7 +31,11 @@ METHODS: Dict[str, List[str]] = {
     "mch_rows": ["embeddings.strategy=mch", "embeddings.mch_eviction=lfu", "embeddings.mch_sizing=rows"],
     # the original DLRM code's Q-R: each partition pooled, then multiplied
     "naive_qr": ["embeddings.strategy=qr", "embeddings.operation=mult", "embeddings.compose=pooled"],
+    # every table full, its rows fp16: 2x smaller than fp32 (the baseline precision alone gives)
+    "full_fp16": ["embeddings.strategy=full", "embeddings.precision=fp16"],
 }
+# methods that run once per seed, at the compression they stand for
+FIXED = {"full": 1.0, "full_fp16": 2.0}
 
 
 def method_overrides(method: str) -> List[str]:
@@ -160,7 +164,7 @@ def _style(strategy: str) -> Dict[str, Any]:
     (the hashing trick, TorchRec's MCH remapper, the original DLRM code's Q-R) are dashed."""
     if strategy == "auto":
         return {"marker": "*", "markersize": 12, "linewidth": 2.5, "color": "black", "zorder": 5}
-    if strategy == BASELINE or strategy.startswith("mch") or strategy.startswith("naive"):
+    if strategy in (BASELINE, "full_fp16") or strategy.startswith("mch") or strategy.startswith("naive"):
         return {"marker": "s", "linestyle": "--", "alpha": 0.8}
     return {"marker": "o"}
 
@@ -199,7 +203,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument(
         "--strategies",
         default="full,hash,qr,learned",
-        help="comma-separated strategies (full runs once per seed), or the baselines " + ", ".join(METHODS) + " (docs/benchmarks.md)",
+        help="comma-separated strategies (full and full_fp16 run once per seed), or the baselines " + ", ".join(METHODS) + " (docs/benchmarks.md)",
     )
     p.add_argument("--compressions", default="4,16", help="comma-separated target reductions")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated train.seed values")
@@ -211,7 +215,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     compressions = [float(c) for c in args.compressions.split(",") if c]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     title = args.title or (Path(args.config).stem if args.config else "defaults")
-    jobs = [(s, c, seed) for s in strategies for c in ([1.0] if s == "full" else compressions) for seed in seeds]
+    jobs = [(s, c, seed) for s in strategies for c in ([FIXED[s]] if s in FIXED else compressions) for seed in seeds]
     rows: List[Run] = []
     for strategy, compression, seed in tqdm(jobs, desc="quality", unit="run"):
         name = f"{strategy}_{compression:g}x_seed{seed}"

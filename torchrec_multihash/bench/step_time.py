@@ -22,7 +22,7 @@ from torchrec_multihash.app.quiet import quiet_warnings
 from torchrec_multihash.bench.naive_qr import NaiveQREmbeddingBags
 from torchrec_multihash.bench.workload import BenchSpec
 from torchrec_multihash.convert import to_multihash_configs
-from torchrec_multihash.distributed.constraints import sub_table_constraints
+from torchrec_multihash.distributed.constraints import model_constraints
 from torchrec_multihash.distributed.sharding import shard_model
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
 
@@ -90,11 +90,10 @@ def build(method: str, spec: BenchSpec, device: torch.device) -> nn.Module:
     return MultiHashEmbeddingBagCollection(configs, device=torch.device("meta"))
 
 
-def shard(module: nn.Module, device: torch.device) -> nn.Module:
+def shard(module: nn.Module, device: torch.device, data_parallel: bool = False) -> nn.Module:
     """``module`` sharded as ``train`` shards its model, with the app's sub-table constraints
-    (small sub-tables whole; per-id sub-tables never data-parallel)."""
-    constraints = sub_table_constraints(module.multihash_configs()) if isinstance(module, MultiHashEmbeddingBagCollection) else None
-    return shard_model(module, device, embedding_lr=LR, constraints=constraints)
+    (small sub-tables whole; none replicated unless ``data_parallel``)."""
+    return shard_model(module, device, embedding_lr=LR, constraints=model_constraints(module, data_parallel=data_parallel))
 
 
 def dense_optimizer(model: nn.Module) -> Optional[torch.optim.Optimizer]:

@@ -7,7 +7,7 @@ from torchrec_multihash.distributed.checkpoint import (  # noqa: F401
     load_entries,
     save_checkpoint,
 )
-from torchrec_multihash.distributed.constraints import sub_table_constraints  # noqa: F401
+from torchrec_multihash.distributed.constraints import model_constraints, sub_table_constraints  # noqa: F401
 from torchrec_multihash.distributed.planning import (  # noqa: F401
     PlanReport,
     describe_plan,

@@ -9,6 +9,7 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, BaseEmbeddingConfig
 
+from torchrec_multihash.distributed.constraints import model_constraints
 from torchrec_multihash.distributed.sharding import sharders as default_sharders
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
 
@@ -49,7 +50,10 @@ def plan_model(
     batch_size: int = 512,
     sharders: Optional[list] = None,
 ) -> ShardingPlan:
-    """Runs TorchRec's planner (no process group needed: plans for any topology)."""
+    """Runs TorchRec's planner (no process group needed: plans for any topology); ``constraints``
+    default to ``model_constraints(model)``."""
+    if constraints is None:
+        constraints = model_constraints(model)
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
     return planner.plan(model, sharders or default_sharders())
 

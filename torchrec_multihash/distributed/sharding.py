@@ -15,6 +15,7 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ModuleSharder
 
+from torchrec_multihash.distributed.constraints import model_constraints
 from torchrec_multihash.distributed.mch_sharding import MCHSharder
 
 
@@ -28,6 +29,10 @@ def sharders(fused_params: Optional[Dict[str, Any]] = None) -> List[ModuleSharde
     planner and ``DistributedModelParallel`` find inside it and shard like any other table,
     while its parameter-free id transform and combine stay unsharded. TorchRec's
     ``ManagedCollisionEmbeddingBagCollection`` (strategy mch, a baseline) gets ``MCHSharder``.
+
+    Plan with ``sub_table_constraints`` (or ``model_constraints``): TorchRec's planner would
+    otherwise replicate small sub-tables (data_parallel), whose weights the fused optimizer
+    leaves to the dense optimizer, so one table's parts would be trained two ways.
     """
     ours: List[ModuleSharder[nn.Module]] = [
         cast(ModuleSharder[nn.Module], EmbeddingBagCollectionSharder(fused_params=fused_params)),
@@ -47,13 +52,16 @@ def shard_model(
     """``model`` sharded over the default process group; call it on every rank.
 
     TorchRec's planner places the tables (one plan, agreed by all ranks) under ``constraints``
-    (e.g. ``sub_table_constraints``) on a topology of the group's ranks, ``LOCAL_WORLD_SIZE`` of
+    (default: ``model_constraints(model)``, which keeps every multi-hash table off
+    data_parallel, so that the fused optimizer trains all of them) on a topology of the group's ranks, ``LOCAL_WORLD_SIZE`` of
     them per node; the tables are updated in the backward pass by a fused row-wise Adagrad at
     ``embedding_lr`` (``dmp.fused_optimizer`` holds its learning rate and state).
     """
     shard = sharders(fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": embedding_lr, "eps": 1e-8})
     world = dist.get_world_size()
     topology = Topology(world_size=world, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)), compute_device=device.type)
+    if constraints is None:
+        constraints = model_constraints(model)
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
     plan = planner.collective_plan(model, shard, dist.GroupMember.WORLD)
     return DistributedModelParallel(model, env=None, device=device, plan=plan, sharders=shard)

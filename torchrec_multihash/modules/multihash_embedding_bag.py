@@ -7,7 +7,6 @@ from typing import Any, Dict, List, Optional, cast
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import (
-    DATA_TYPE_NUM_BITS,
     EmbeddingBagConfig,
     PoolingType,
 )
@@ -343,5 +342,6 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return sum(t.strategy_impl().memory_bytes() for t in self._configs)
 
     def full_memory_bytes(self) -> int:
-        """Bytes the same logical tables would take uncompressed (N x D each)."""
-        return sum(t.num_embeddings * t.embedding_dim * DATA_TYPE_NUM_BITS[t.data_type] // 8 for t in self._configs)
+        """Bytes the same logical tables would take uncompressed, N x D fp32 values each (TorchRec's
+        default rows): the reference of every compression figure, so fp16 rows count as 2x."""
+        return sum(t.num_embeddings * t.embedding_dim * 4 for t in self._configs)
