@@ -88,11 +88,14 @@ def test_quality_summary_pairs_seeds_against_hash():
         {"strategy": s, "compression": 4.0, "seed": seed, "auc": auc, "logloss": 0.5, "embedding_bytes": 100, "full_embedding_bytes": 400}
         for s, seed, auc in [("hash", 0, 0.70), ("hash", 1, 0.60), ("learned", 0, 0.72), ("learned", 1, 0.61)]
     ]
+    for r in rows:
+        r["optimizer_state_bytes"] = 50 if r["strategy"] == "learned" else 0
     summary = {s["strategy"]: s for s in summarize(rows)}
     lo, mean, hi = summary["learned"]["auc_vs_hash"]
     assert (round(lo, 4), round(mean, 4), round(hi, 4)) == (0.01, 0.015, 0.02)
     assert summary["hash"]["auc_vs_hash"] is None and summary["learned"]["reduction"] == 4.0
     assert "+0.0150 [+0.0100, +0.0200]" in markdown(summarize(rows), "t")
+    assert "| learned | 4x | 4.00x | 100 | 50 | 0.6650" in markdown(summarize(rows), "t")  # the optimizer's state beside the rows
     assert "| 0.6500 ± 0.0707 |" in markdown(summarize(rows), "t")  # the std over the 2 seeds
     one_seed = markdown(summarize([r for r in rows if r["seed"] == 0]), "t")
     assert "| 0.7200 | 0.5000 |" in one_seed and "±" not in one_seed  # no std of one value

@@ -88,6 +88,9 @@ def test_fp16_run_checkpoints_resumes_and_exports(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert m is not None and m["auc"] > 0.6  # it learns
     assert m["full_embedding_bytes"] / m["embedding_bytes"] == pytest.approx(8, rel=0.05)
+    # the row-wise Adagrad's state, one fp32 value a row, reported beside the rows
+    tables = build_tables(load_config(QUICKSTART, ["embeddings.precision=fp16", "embeddings.compression=8"]))
+    assert m["optimizer_state_bytes"] == 4 * sum(c.num_embeddings for c in MultiHashEmbeddingBagCollection(tables).sub_table_configs())
     # a run of other precision is refused to resume the fp16 checkpoint, naming the key
     r, _ = train(tmp_path, *fp16[2:], "--resume", "auto")
     assert r.returncode == 2 and "embeddings.precision" in r.stderr, r.stderr[-2000:]

@@ -252,12 +252,21 @@ def final_metrics(run: TrainRun) -> Dict[str, Any]:
         skipped_test_lines=int(skipped[1]),
         embedding_bytes=run.ebc.memory_bytes(),
         full_embedding_bytes=run.ebc.full_memory_bytes(),
+        optimizer_state_bytes=optimizer_state_bytes(run.ebc),
         train_samples_per_s=run.samples_per_s(),
         steps=run.state.step,
         world_size=run.state.world_size,
         eval_history=run.history,
     )
     return metrics
+
+
+def optimizer_state_bytes(ebc: EmbeddingModule) -> int:
+    """Bytes of the tables' optimizer state: the fused row-wise Adagrad's one fp32 value a stored row,
+    whatever the rows' precision."""
+    if isinstance(ebc, MCHEmbeddingBagCollection):
+        return 4 * sum(t.rows or t.num_embeddings for t in ebc.tables())
+    return 4 * sum(c.num_embeddings for c in ebc.sub_table_configs())
 
 
 def print_summary(metrics: Dict[str, Any], out_dir: Path, metrics_out: Optional[Path]) -> None:
@@ -274,7 +283,8 @@ def print_summary(metrics: Dict[str, Any], out_dir: Path, metrics_out: Optional[
     )
     print(
         f"Embedding memory: {metrics['embedding_bytes']:,} bytes vs {metrics['full_embedding_bytes']:,} "
-        f"uncompressed ({metrics['full_embedding_bytes'] / metrics['embedding_bytes']:.1f}x smaller)"
+        f"uncompressed ({metrics['full_embedding_bytes'] / metrics['embedding_bytes']:.1f}x smaller); "
+        f"the optimizer's state beside them: {metrics['optimizer_state_bytes']:,} bytes"
     )
     if metrics_out:
         metrics_out.parent.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,7 @@ class Run(TypedDict):
     ne: float
     embedding_bytes: float
     full_embedding_bytes: float
+    optimizer_state_bytes: float  # the fused row-wise Adagrad's, beside the rows (0: not recorded)
 
 
 class Summary(TypedDict):
@@ -70,6 +71,7 @@ class Summary(TypedDict):
     auc_vs_qr: Optional[Tuple[float, float, float]]  # the same against qr (None for qr, or without qr runs)
     embedding_bytes: float
     reduction: float
+    optimizer_state_bytes: float
 
 
 def run_one(config: Optional[str], overrides: Sequence[str], run_dir: Path, nproc: int = 1) -> Dict[str, float]:
@@ -118,6 +120,7 @@ def summarize(rows: List[Run]) -> List[Summary]:
                 auc_vs_qr=(min(paired_qr), statistics.mean(paired_qr), max(paired_qr)) if paired_qr and strategy != SECOND_BASELINE else None,
                 embedding_bytes=embedding_bytes,
                 reduction=float(rs[0]["full_embedding_bytes"]) / embedding_bytes,
+                optimizer_state_bytes=statistics.mean(float(r.get("optimizer_state_bytes", 0)) for r in rs),
             )
         )
     return sorted(out, key=lambda s: (s["compression"], s["strategy"]))
@@ -143,9 +146,9 @@ def markdown(summary: List[Summary], title: str) -> str:
     lines = [
         f"### {title}",
         "",
-        "| strategy | target | actual reduction | embedding bytes | test AUC | test log loss | "
+        "| strategy | target | actual reduction | embedding bytes | optimizer state bytes | test AUC | test log loss | "
         f"AUC - {BASELINE} (same seed: mean [min, max]) |{qr_head} seeds |",
-        "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if with_qr else "") + " --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if with_qr else "") + " --- |",
     ]
     for s in summary:
         qr_cell = f" {_vs(s.get('auc_vs_qr'))} |" if with_qr else ""
@@ -154,7 +157,7 @@ def markdown(summary: List[Summary], title: str) -> str:
         logloss = f"{s['logloss']:.4f}" + (f" ± {s['logloss_std']:.4f}" if spread else "")
         lines.append(
             f"| {s['strategy']} | {s['compression']:g}x | {s['reduction']:.2f}x | {s['embedding_bytes']:,.0f} | "
-            f"{auc} | {logloss} | {_vs(s['auc_vs_hash'])} |{qr_cell} {s['seeds']} |"
+            f"{s.get('optimizer_state_bytes', 0):,.0f} | {auc} | {logloss} | {_vs(s['auc_vs_hash'])} |{qr_cell} {s['seeds']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -235,6 +238,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 ne=m["ne"],
                 embedding_bytes=m["embedding_bytes"],
                 full_embedding_bytes=m["full_embedding_bytes"],
+                optimizer_state_bytes=m.get("optimizer_state_bytes", 0),
             )
         )
     summary = summarize(rows)
