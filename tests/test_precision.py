@@ -4,10 +4,10 @@ checkpointed, exported and quantized like fp32 ones."""
 import pytest
 import torch
 import torch.distributed as dist
-from torchrec.modules.embedding_configs import DataType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_multihash import MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig
+from torchrec_multihash import MultiHashConfigError, MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig, to_multihash_configs
 from torchrec_multihash.app.config import ConfigError, load_config
 from torchrec_multihash.app.model import build_tables
 from torchrec_multihash.distributed import shard_model
@@ -35,10 +35,27 @@ def test_fp16_rows_are_sized_for_the_bytes_of_the_compression():
     # the reference of every reduction is the fp32 full tables: full fp16 tables are 2x smaller
     full16 = MultiHashEmbeddingBagCollection(build_tables(load_config(QUICKSTART, ["embeddings.strategy=full", "embeddings.precision=fp16"])))
     assert full16.full_memory_bytes() == 2 * full16.memory_bytes()
-    with pytest.raises(ConfigError, match="embeddings.precision fp16 halves every row's bytes: embeddings.compression must be at least 2"):
+    msg = "embeddings: compression 1.5 with FP16 rows: those rows alone make a table 2x smaller than in fp32; give a compression of at least 2"
+    with pytest.raises(ConfigError, match=msg):
         build_tables(load_config(QUICKSTART, ["embeddings.compression=1.5", "embeddings.precision=fp16"]))
     with pytest.raises(ConfigError, match=r"embeddings.precision must be one of \['fp32', 'fp16'\]"):
         load_config(QUICKSTART, ["embeddings.precision=bf16"])
+
+
+def test_the_converter_sizes_fp16_rows_against_fp32_tables():
+    plain = [
+        EmbeddingBagConfig(name="t_big", num_embeddings=100_000, embedding_dim=16, feature_names=["big"]),
+        EmbeddingBagConfig(name="t_small", num_embeddings=50, embedding_dim=16, feature_names=["small"]),
+    ]
+    half = to_multihash_configs(plain, 8, data_type=DataType.FP16)
+    assert [c.data_type for c in half] == [DataType.FP16, DataType.FP16]
+    assert half[0].num_collisions == 4 and half[1].strategy == "full"  # 4x the rows, each half the bytes
+    assert half[0].strategy_impl().memory_bytes() == pytest.approx(100_000 * 16 * 4 / 8, rel=0.01)
+    full = to_multihash_configs(plain, 2, strategy="full", data_type=DataType.FP16)
+    assert MultiHashEmbeddingBagCollection(full).full_memory_bytes() == 2 * MultiHashEmbeddingBagCollection(full).memory_bytes()
+    assert [c.data_type for c in to_multihash_configs(plain, 8)] == [DataType.FP32, DataType.FP32]  # unchanged without it
+    with pytest.raises(MultiHashConfigError, match="compression 1.5 with FP16 rows"):
+        to_multihash_configs(plain, 1.5, data_type=DataType.FP16)
 
 
 def _twin_step(rank, world_size):

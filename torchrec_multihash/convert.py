@@ -4,7 +4,7 @@ import difflib
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, DataType, EmbeddingBagConfig
 
 from torchrec_multihash.errors import MultiHashError
 from torchrec_multihash.modules.config import (
@@ -82,8 +82,14 @@ def to_multihash_configs(
     num_partitions: Optional[int] = None,
     overrides: Optional[Dict[str, Dict[str, object]]] = None,
     strict: bool = False,
+    data_type: Optional[DataType] = None,
 ) -> List[MultiHashEmbeddingBagConfig]:
     """Converts TorchRec configs to multi-hash configs that shrink each table by ``compression``.
+
+    ``data_type`` (e.g. ``DataType.FP16``) gives every table rows of that type, sized so that its
+    bytes are ``compression`` times below the same table in fp32: fp16 rows take half the bytes, so
+    the tables shrink half as much in rows (``compression`` 2: full tables in fp16). Without it each
+    table keeps its config's type and shrinks ``compression`` times in rows.
 
     Tables with at most ``threshold`` rows stay full. ``overrides`` maps a table name to
     MultiHashEmbeddingBagConfig fields that replace the chosen ones: an override naming a strategy
@@ -97,6 +103,15 @@ def to_multihash_configs(
     """
     name = _check_arguments(strategy, operation, compression)
     cls = strategy_class(name)
+    rows_compression = compression
+    if data_type is not None:
+        ratio = 32 / DATA_TYPE_NUM_BITS[data_type]
+        if compression < ratio and name != StrategyName.FULL:
+            raise MultiHashConfigError(
+                f"compression {compression:g} with {data_type.name} rows: those rows alone make a table {ratio:g}x smaller than in fp32; "
+                f"give a compression of at least {ratio:g}"
+            )
+        rows_compression = max(1.0, compression / ratio)
     overrides = dict(overrides or {})
     check_overrides(overrides, [c.name for c in configs])
     if isinstance(threshold, bool) or not isinstance(threshold, int):
@@ -116,16 +131,19 @@ def to_multihash_configs(
         if any(key in own for key in SIZING_FIELDS):  # sized by the user: the config's strategy unless it names one
             fields.update(strategy=name)
         elif "strategy" in own:
-            sized = _override_sizing(c, own, compression, operation, num_partitions)
-        elif name != StrategyName.FULL and c.num_embeddings > threshold and compression > 1:
-            sized = (name, cls.sized_for(c.num_embeddings, c.embedding_dim, compression, str(own.get("operation", operation)), k))
+            sized = _override_sizing(c, own, rows_compression, operation, num_partitions)
+        elif name != StrategyName.FULL and c.num_embeddings > threshold and rows_compression > 1:
+            sized = (name, cls.sized_for(c.num_embeddings, c.embedding_dim, rows_compression, str(own.get("operation", operation)), k))
         if sized is not None:
             table_strategy, s = sized
-            if s.factor * (1 + TOLERANCE) < compression * (1 - 1e-9):
+            if s.factor * (1 + TOLERANCE) < rows_compression * (1 - 1e-9):
                 short.append(f"{c.name} (N={c.num_embeddings}{'' if table_strategy == name else f', {table_strategy}'}): {s.factor:.2f}x")
             fields.update(strategy=table_strategy, **s.fields)
         fields.update(own)
-        out.append(MultiHashEmbeddingBagConfig(**logical_fields(c), **fields))
+        logical = logical_fields(c)
+        if data_type is not None:
+            logical["data_type"] = data_type
+        out.append(MultiHashEmbeddingBagConfig(**logical, **fields))
         if any(key in own for key in SIZING_FIELDS):
             mine = out[-1].strategy_impl().memory_bytes()
             full = MultiHashEmbeddingBagConfig(**logical_fields(c), strategy=StrategyName.FULL).strategy_impl().memory_bytes()
@@ -136,7 +154,8 @@ def to_multihash_configs(
         warnings.warn(f"the sizes an override gives make these tables larger than uncompressed: {'; '.join(larger)}", stacklevel=2)
     if short:
         msg = (
-            f"strategy '{name}' (or the one a table's override names) cannot shrink these tables {compression}x; "
+            f"strategy '{name}' (or the one a table's override names) cannot shrink these tables {compression}x"
+            f"{'' if rows_compression == compression else f' ({rows_compression:g}x in rows)'}; "
             f"they use its smallest configuration instead: {', '.join(short)}"
         )
         if strict:

@@ -16,14 +16,14 @@ import yaml
 from torchrec_multihash.convert import DEFAULT_THRESHOLD
 from torchrec_multihash.distributed.constraints import DEFAULT_SMALL_TABLE_ROWS
 from torchrec_multihash.errors import MultiHashError
-from torchrec_multihash.modules.config import COMPOSITIONS, LOGICAL_FIELDS, TABLE_FIELDS
+from torchrec_multihash.modules.config import COMPOSITIONS, LOGICAL_FIELDS, ROW_PRECISIONS, TABLE_FIELDS
 from torchrec_multihash.modules.strategies import StrategyName, registered_strategies
 
 AUTO = "auto"  # embeddings.strategy: each table's strategy and size chosen from the data (torchrec_multihash.auto)
 MCH = "mch"  # embeddings.strategy: TorchRec's ManagedCollisionEmbeddingBagCollection (MCH remapper), a baseline
 MCH_EVICTIONS = ("lfu", "distance_lfu")
 MCH_SIZINGS = ("bytes", "rows")
-PRECISIONS = ("fp32", "fp16")  # the tables' stored rows (TorchRec's DataType.FP32 / FP16)
+PRECISIONS = tuple(ROW_PRECISIONS)  # embeddings.precision: the tables' stored rows
 
 
 class ConfigError(MultiHashError, ValueError):

@@ -7,22 +7,20 @@ import torch
 from torch import nn
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRM_Projection
-from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_multihash.app.auto_choice import is_auto, load_choices
 from torchrec_multihash.app.config import MCH, Config, ConfigError, EmbeddingsConfig
 from torchrec_multihash.auto import AutoChoiceError, TableChoice, auto_configs
 from torchrec_multihash.convert import stack_add_tables, to_multihash_configs
 from torchrec_multihash.distributed.constraints import sub_table_constraints
-from torchrec_multihash.modules.config import MultiHashConfigError, MultiHashEmbeddingBagConfig
+from torchrec_multihash.modules.config import ROW_PRECISIONS, MultiHashConfigError, MultiHashEmbeddingBagConfig
 from torchrec_multihash.modules.mch import MCHEmbeddingBagCollection
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
-from torchrec_multihash.modules.strategies import StrategyName
 
 EmbeddingModule = Union[MultiHashEmbeddingBagCollection, MCHEmbeddingBagCollection]
 
 ARCHS = ("dlrm", "dcn", "projection")
-DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}  # embeddings.precision
 
 
 def feature_names(emb: EmbeddingsConfig) -> List[str]:
@@ -79,18 +77,6 @@ def build_mch(cfg: Config, device: Optional[torch.device] = None) -> MCHEmbeddin
         raise ConfigError(f"embeddings: {e}") from None
 
 
-def _rows_compression(emb: EmbeddingsConfig) -> float:
-    """The row reduction that gives ``embeddings.compression`` in bytes at ``embeddings.precision``
-    (fp16 rows take half the bytes: half the reduction in rows)."""
-    if emb.precision != "fp16":
-        return emb.compression
-    if emb.compression < 2 and emb.strategy != StrategyName.FULL:
-        raise ConfigError(
-            f"embeddings.precision fp16 halves every row's bytes: embeddings.compression must be at least 2 with it, got {emb.compression:g}"
-        )
-    return max(1.0, emb.compression / 2)
-
-
 def build_tables(cfg: Config, choices: Optional[List[TableChoice]] = None) -> List[MultiHashEmbeddingBagConfig]:
     """One table ``t_<feature>`` per sparse feature, compressed as ``cfg.embeddings`` says; with
     strategy auto, as ``choices`` say (default: the saved choice, ``app/auto_choice.py``)."""
@@ -116,15 +102,14 @@ def build_tables(cfg: Config, choices: Optional[List[TableChoice]] = None) -> Li
         else:
             tables = to_multihash_configs(
                 plain,
-                _rows_compression(emb),
+                emb.compression,
                 strategy=emb.strategy,
                 operation=emb.operation,
                 threshold=emb.threshold,
                 num_partitions=emb.num_partitions,
                 overrides=overrides,
+                data_type=ROW_PRECISIONS[emb.precision] if emb.precision else None,
             )
-            for t in tables:
-                t.data_type = DATA_TYPES[emb.precision or "fp32"]
         if emb.stack_parts is None:
             return tables
         own = [n for n, o in emb.overrides.items() if "stack_parts" in o]  # an override setting it keeps its own

@@ -13,17 +13,16 @@ import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, DataType, EmbeddingBagConfig
+from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, EmbeddingBagConfig
 
 from torchrec_multihash.auto.statistics import TableStatistics
 from torchrec_multihash.convert import check_overrides, to_multihash_configs
 from torchrec_multihash.errors import MultiHashError
-from torchrec_multihash.modules.config import MultiHashEmbeddingBagConfig
+from torchrec_multihash.modules.config import ROW_PRECISIONS, MultiHashEmbeddingBagConfig
 from torchrec_multihash.modules.strategies import TOLERANCE, StrategyName
 
 # the compressions a table may get; each step halves its bytes
 LEVELS = tuple(2.0**i for i in range(0, 13))
-DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
 # fp16 rows (half the bytes) are counted as losing this share of the table's accesses: a small
 # price, as measured (MovieLens, full tables: fp16 -0.0005 AUC, where halving the rows costs 0.006),
 # so that fp16 is chosen wherever it saves a table's rows, and fp32 bought back with spare bytes
@@ -64,9 +63,9 @@ def full_bytes(c: EmbeddingBagConfig) -> int:
 
 def with_precision(c: EmbeddingBagConfig, precision: str) -> EmbeddingBagConfig:
     """``c`` with rows of ``precision`` (fp32 | fp16)."""
-    if precision not in DATA_TYPES:
-        raise AutoChoiceError(f"unknown precision {precision!r}; choose from {list(DATA_TYPES)}")
-    return replace(c, data_type=DATA_TYPES[precision])
+    if precision not in ROW_PRECISIONS:
+        raise AutoChoiceError(f"unknown precision {precision!r}; choose from {list(ROW_PRECISIONS)}")
+    return replace(c, data_type=ROW_PRECISIONS[precision])
 
 
 def _sized(c: EmbeddingBagConfig, strategy: str, level: float) -> MultiHashEmbeddingBagConfig:
@@ -189,9 +188,9 @@ def choose_tables(
     Tables of at most ``threshold`` rows stay full (fp16 only where it is the one precision); a
     budget below the smallest the strategies reach gives that smallest configuration, with a
     warning (``torchrec-multihash`` refuses it)."""
-    bad = [p for p in precisions if p not in DATA_TYPES]
+    bad = [p for p in precisions if p not in ROW_PRECISIONS]
     if bad or not precisions:
-        raise AutoChoiceError(f"unknown precision(s) {bad or list(precisions)}; choose from {list(DATA_TYPES)}")
+        raise AutoChoiceError(f"unknown precision(s) {bad or list(precisions)}; choose from {list(ROW_PRECISIONS)}")
     small_precision = "fp16" if list(precisions) == ["fp16"] else "fp32"
     unknown = [s for s in candidates if s not in [str(n) for n in StrategyName]]
     if unknown:

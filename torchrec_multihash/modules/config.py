@@ -4,7 +4,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Type, Union
 
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 
 from torchrec_multihash.errors import MultiHashError
 from torchrec_multihash.modules.mapping_shape import MappingShape
@@ -31,6 +31,8 @@ class MultiHashConfigError(MultiHashError, ValueError):
 
 # the EmbeddingBagConfig fields that describe a logical table (what converting to and from
 # TorchRec's configs carries over)
+# the rows' precisions a table may take, by the name configs use
+ROW_PRECISIONS = {"fp32": DataType.FP32, "fp16": DataType.FP16}
 LOGICAL_FIELDS = ("name", "num_embeddings", "embedding_dim", "feature_names", "pooling", "data_type", "weight_init_min", "weight_init_max")
 
 
