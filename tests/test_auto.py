@@ -113,7 +113,12 @@ def test_fp16_rows_buy_twice_the_rows_at_the_same_bytes():
     built = auto_configs(tables, both)
     assert [c.strategy_impl().memory_bytes() for c in built] == [c.bytes for c in both]
     assert [c.data_type for c in built] == [DataType.FP32, DataType.FP16, DataType.FP16]
-    # spare bytes buy fp32 back: a budget of the full fp32 tables keeps them all full fp32
+    # bytes left after sizing for fp16 buy fp32 back, table by table: room for t_b's (half t_a's) only
+    half = full_bytes(tables[1]) // 2 + full_bytes(tables[2]) // 2 + full_bytes(tables[0])
+    some = {c.table: c for c in choose_tables(tables, stats, half + full_bytes(tables[2]) // 2, threshold=200, precisions=["fp32", "fp16"])}
+    assert [(some[n].strategy, some[n].precision) for n in ("t_a", "t_b")] == [("full", "fp16"), ("full", "fp32")]
+    assert "fp32 rows: bought back with bytes the budget had left" in some["t_b"].reason
+    # a budget of the full fp32 tables keeps them all full fp32
     roomy = choose_tables(tables, stats, sum(full_bytes(c) for c in tables), threshold=200, precisions=["fp32", "fp16"])
     assert [(c.strategy, c.precision) for c in roomy] == [("full", "fp32")] * 3
     # fp16 only: every table, small ones included; a bad precision is named

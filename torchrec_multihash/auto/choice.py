@@ -23,10 +23,6 @@ from torchrec_multihash.modules.strategies import TOLERANCE, StrategyName
 
 # the compressions a table may get; each step halves its bytes
 LEVELS = tuple(2.0**i for i in range(0, 13))
-# fp16 rows (half the bytes) are counted as losing this share of the table's accesses: a small
-# price, as measured (MovieLens, full tables: fp16 -0.0005 AUC, where halving the rows costs 0.006),
-# so that fp16 is chosen wherever it saves a table's rows, and fp32 bought back with spare bytes
-FP16_LOSS = 0.01
 # the strategies ``auto`` picks from by default, in order of preference where they apply
 DEFAULT_CANDIDATES = (StrategyName.LEARNED, StrategyName.QR)
 _COMPRESSIVE = (StrategyName.QR, StrategyName.CRT, StrategyName.HASH, StrategyName.GENERALIZED_QR)
@@ -81,7 +77,7 @@ class _Option:
     level: float
     strategy: str
     bytes: int
-    loss: float  # accesses outside the N / level hottest ids (and FP16_LOSS's share of them all, for fp16 rows)
+    loss: int  # accesses outside the N / level hottest ids
     why: str
     precision: str = "fp32"
 
@@ -111,19 +107,26 @@ def _strategy_at(c: EmbeddingBagConfig, level: float, candidates: Sequence[str])
     raise AutoChoiceError(f"embeddings.auto_candidates {list(candidates)} holds no strategy that compresses (qr, crt, hash, ...)")
 
 
-def _options(c: EmbeddingBagConfig, stats: TableStatistics, candidates: Sequence[str], precisions: Sequence[str] = ("fp32",)) -> List[_Option]:
-    """The table's options from full to the most compressed its strategies reach, bytes falling:
-    of every level at every precision, those that lose less than any with fewer bytes."""
-    every: List[_Option] = []
-    for precision in precisions:
-        extra = FP16_LOSS * stats.accesses if precision == "fp16" else 0.0
-        for o in _levels(with_precision(c, precision), stats, candidates):
-            every.append(_Option(o.level, o.strategy, o.bytes, o.loss + extra, o.why, precision))
-    out: List[_Option] = []
-    for o in sorted(every, key=lambda o: (o.bytes, o.loss)):  # fewest bytes first
-        if not out or o.loss < out[-1].loss:
-            out.append(o)
-    return out[::-1]
+def _options(c: EmbeddingBagConfig, stats: TableStatistics, candidates: Sequence[str], precision: str) -> List[_Option]:
+    """The table's options in rows of ``precision``, from full to the most compressed its strategies reach, bytes falling."""
+    return [_Option(o.level, o.strategy, o.bytes, o.loss, o.why, precision) for o in _levels(with_precision(c, precision), stats, candidates)]
+
+
+def _buy_back_fp32(configs: Sequence[EmbeddingBagConfig], chosen: Dict[str, _Option], left: int, statistics: Mapping[str, TableStatistics]) -> None:
+    """Turns fp16 tables of ``chosen`` into fp32 ones at the same size while ``left`` bytes allow,
+    the tables read most per byte first (what fp32 buys is precision, not rows)."""
+    costs = {}
+    for c in configs:
+        o = chosen.get(c.name)
+        if o is not None and o.precision == "fp16":
+            nbytes = full_bytes(c) if o.level == 1 else _sized(c, o.strategy, o.level).strategy_impl().memory_bytes()
+            costs[c.name] = (nbytes, nbytes - o.bytes)
+    for name in sorted(costs, key=lambda n: (-statistics[n].accesses / max(1, costs[n][1]), n)):
+        nbytes, cost = costs[name]
+        if cost <= left:
+            o = chosen[name]
+            chosen[name] = _Option(o.level, o.strategy, nbytes, o.loss, o.why + "; fp32 rows: bought back with bytes the budget had left")
+            left -= cost
 
 
 def _levels(c: EmbeddingBagConfig, stats: TableStatistics, candidates: Sequence[str]) -> List[_Option]:
@@ -170,7 +173,8 @@ def _reason(c: EmbeddingBagConfig, stats: TableStatistics, option: _Option) -> s
     seen = f"{stats.seen_ids:,} of its {c.num_embeddings:,} ids seen, {stats.accesses:,} accesses"
     rows_in = "" if option.precision == "fp32" else f" in {option.precision} rows (half the bytes a value)"
     if option.level == 1:
-        return f"full{rows_in}: {seen}; compressing it saved fewer bytes per access lost than the other tables"
+        bought = option.why.partition("; ")[2]
+        return f"full{rows_in}: {seen}; compressing it saved fewer bytes per access lost than the other tables" + (f"; {bought}" if bought else "")
     cover = stats.coverage(rows)
     return f"{option.level:g}x rows{rows_in}: {seen}; its {rows:,} hottest ids carry {cover:.1%} of them; {option.why}"
 
@@ -199,8 +203,14 @@ def choose_tables(
     if missing:
         raise AutoChoiceError(f"no access statistics for table(s) {missing}")
     small = {c.name: full_bytes(with_precision(c, small_precision)) for c in configs if c.num_embeddings <= threshold}
-    options = {c.name: _options(c, statistics[c.name], candidates, precisions) for c in configs if c.name not in small}
+    # with both precisions: the sizes chosen for fp16 rows (twice the rows a byte; measured on MovieLens,
+    # full tables in fp16 lose 0.0003 AUC), then fp32 bought back with what the budget has left
+    first = "fp16" if "fp16" in precisions else "fp32"
+    options = {c.name: _options(c, statistics[c.name], candidates, first) for c in configs if c.name not in small}
     at = _allocate(options, budget_bytes - sum(small.values()))
+    chosen = {name: options[name][i] for name, i in at.items()}
+    if first == "fp16" and "fp32" in precisions:
+        _buy_back_fp32(configs, chosen, budget_bytes - sum(small.values()) - sum(o.bytes for o in chosen.values()), statistics)
     least = sum(small.values()) + sum(opts[-1].bytes for opts in options.values())
     if least > budget_bytes:
         warnings.warn(
@@ -224,7 +234,7 @@ def choose_tables(
                 )
             )
             continue
-        stats, option = statistics[c.name], options[c.name][at[c.name]]
+        stats, option = statistics[c.name], chosen[c.name]
         rows = math.ceil(c.num_embeddings / option.level)
         reason = _reason(c, stats, option)
         coverage = round(stats.coverage(rows), 6)
