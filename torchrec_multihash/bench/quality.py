@@ -140,6 +140,11 @@ def _vs(d: Optional[Tuple[float, float, float]]) -> str:
     return f"{d[1]:+.4f} [{d[0]:+.4f}, {d[2]:+.4f}]" if d else "-"
 
 
+def _count(n: float) -> str:
+    """A byte count, or '-' for one the runs did not record."""
+    return f"{n:,.0f}" if n else "-"
+
+
 def markdown(summary: List[Summary], title: str) -> str:
     with_qr = any(s.get("auc_vs_qr") for s in summary)
     qr_head = f" AUC - {SECOND_BASELINE} (same seed) |" if with_qr else ""
@@ -157,7 +162,7 @@ def markdown(summary: List[Summary], title: str) -> str:
         logloss = f"{s['logloss']:.4f}" + (f" ± {s['logloss_std']:.4f}" if spread else "")
         lines.append(
             f"| {s['strategy']} | {s['compression']:g}x | {s['reduction']:.2f}x | {s['embedding_bytes']:,.0f} | "
-            f"{s.get('optimizer_state_bytes', 0):,.0f} | {auc} | {logloss} | {_vs(s['auc_vs_hash'])} |{qr_cell} {s['seeds']} |"
+            f"{_count(s.get('optimizer_state_bytes', 0))} | {auc} | {logloss} | {_vs(s['auc_vs_hash'])} |{qr_cell} {s['seeds']} |"
         )
     return "\n".join(lines) + "\n"
 
