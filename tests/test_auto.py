@@ -107,7 +107,7 @@ def test_fp16_rows_buy_twice_the_rows_at_the_same_bytes():
     assert by["t_small"].precision == "fp32"  # small tables stay full, in fp32
     for name in ("t_a", "t_b"):
         assert by[name].precision == "fp16" and by[name].compression * 2 <= fp32[name].compression, by[name]
-        assert "fp16 rows" in by[name].reason
+        assert "in fp16 (half the bytes a value)" in by[name].reason
     assert sum(c.bytes for c in both) <= budget
     # the bytes are those of the fp16 tables it builds (2 a value), and they are fp16 tables
     built = auto_configs(tables, both)

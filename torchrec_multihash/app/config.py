@@ -74,8 +74,8 @@ class EmbeddingsConfig:
     overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     constraints: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # table -> ParameterConstraints fields
     small_table_rows: int = DEFAULT_SMALL_TABLE_ROWS  # sub-tables this small are kept whole (table-wise)
-    # let the planner replicate tables (data_parallel): replicas are trained by train.dense_optimizer at
-    # train.dense_lr, not by the tables' fused row-wise Adagrad (on MovieLens at 8x, Q-R loses up to 0.006 AUC)
+    # let the planner replicate small fp32 tables (data_parallel): replicas are trained by train.dense_optimizer
+    # at train.dense_lr, not like the rest of their table by its fused row-wise Adagrad (docs/benchmarks.md)
     data_parallel: bool = False
     validate_ids: bool = True
     max_ids_per_bag: Optional[int] = None  # 1: every feature one-hot (Criteo's): mult tables looked up pooled, checked per batch

@@ -5,7 +5,9 @@ that fall outside its ``N / compression`` hottest ids (ids beyond the rows it ca
 tables are compressed less, one halving at a time, where that estimate falls most per byte. A
 table that needs no more rows than it gets stays full; a compressed table is learned while its
 mapping costs at most half of its bytes (ids that cluster share rows), else Q-R mult (every id
-keeps a unique representation however hard the table is compressed).
+keeps a unique representation however hard the table is compressed). With both precisions, the
+tables are sized for fp16 rows (half the bytes a value: twice the rows), then fp32 is bought back,
+table by table, with the bytes the budget has left.
 """
 
 import math
@@ -171,12 +173,12 @@ def _allocate(options: Dict[str, List[_Option]], budget: int) -> Dict[str, int]:
 def _reason(c: EmbeddingBagConfig, stats: TableStatistics, option: _Option) -> str:
     rows = math.ceil(c.num_embeddings / option.level)
     seen = f"{stats.seen_ids:,} of its {c.num_embeddings:,} ids seen, {stats.accesses:,} accesses"
-    rows_in = "" if option.precision == "fp32" else f" in {option.precision} rows (half the bytes a value)"
+    rows_in = "" if option.precision == "fp32" else f", in {option.precision} (half the bytes a value)"
     if option.level == 1:
         bought = option.why.partition("; ")[2]
         return f"full{rows_in}: {seen}; compressing it saved fewer bytes per access lost than the other tables" + (f"; {bought}" if bought else "")
     cover = stats.coverage(rows)
-    return f"{option.level:g}x rows{rows_in}: {seen}; its {rows:,} hottest ids carry {cover:.1%} of them; {option.why}"
+    return f"{option.level:g}x fewer rows{rows_in}: {seen}; its {rows:,} hottest ids carry {cover:.1%} of them; {option.why}"
 
 
 def choose_tables(

@@ -18,8 +18,9 @@ DEFAULT_SMALL_TABLE_ROWS = 10_000
 DEFAULT_SMALL_TABLE_SHARDING_TYPES = (ShardingType.TABLE_WISE.value,)
 # Every sharding type but data_parallel. A data_parallel table is a dense parameter, which the fused
 # optimizer that trains the sharded tables leaves to the dense layers' optimizer: the parts of one
-# logical table would be trained by two optimizers at two learning rates (on MovieLens at 8x: Q-R
-# -0.003 to -0.006 AUC). Only a constraint that names data_parallel replicates a table.
+# logical table would be trained by two optimizers at two learning rates (docs/benchmarks.md, issue 26:
+# on one data set that cost Q-R 0.004 AUC at 8x, on MovieLens it gained 0.004). Only a constraint
+# that names data_parallel, or data_parallel=True, replicates a table.
 SHARDED_TYPES = tuple(t.value for t in ShardingType if t != ShardingType.DATA_PARALLEL)
 
 
