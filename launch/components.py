@@ -53,9 +53,24 @@ def _resources(nproc: int, gpu: int, cpu: Optional[int], memMB: Optional[int], h
     return (cpu if cpu is not None else per_cpu * nproc), gpu, (memMB if memMB is not None else per_mem * nproc)
 
 
-def _check_config(config: str, overrides: Tuple[str, ...]) -> None:
+def _count(option: str, value: Optional[object]) -> Optional[int]:
+    """``value`` as an int (None stays None): torchx's CLI hands ``Optional[int]`` arguments over as
+    strings, which its Slurm scheduler then compares with ints."""
+    if value is None:
+        return None
+    try:
+        n = int(str(value))
+    except ValueError:
+        raise ValueError(f"--{option} must be a whole number, got {value!r}") from None
+    if n < 0:
+        raise ValueError(f"--{option} must be >= 0, got {n}")
+    return n
+
+
+def _check_config(config: str, overrides: Tuple[str, ...], restarts: str) -> None:
     """Loads the config as ``train`` will (the app's own loader), so a missing file or a bad key
-    is refused before the job waits in a queue."""
+    is refused before the job waits in a queue; ``restarts`` (the --max_retries / --max_restarts
+    asked, or "") needs a config that saves checkpoints, else a restart would begin at step 0."""
     root = logging.getLogger()  # torchx logs INFO: FBGEMM's import would add a line per library it loads
     level = root.level
     root.setLevel(max(level, logging.WARNING))
@@ -63,7 +78,13 @@ def _check_config(config: str, overrides: Tuple[str, ...]) -> None:
         from torchrec_multihash.app.config import load_config
     finally:
         root.setLevel(level)
-    load_config(config, overrides)
+    t = load_config(config, overrides).train
+    if restarts and not (t.checkpoint_every or t.checkpoint_every_minutes):
+        raise ValueError(
+            f"{restarts} restarts the job from its last checkpoint, but {config} saves none (train.checkpoint_every and "
+            "train.checkpoint_every_minutes are 0): every restart would begin again at step 0; "
+            "add e.g. train.checkpoint_every_minutes=30"
+        )
 
 
 def _runs_on_this_filesystem(image: str) -> bool:
@@ -128,8 +149,10 @@ def dlrm(
         if "=" not in o:
             raise ValueError(f"override {o!r} is not key=value (e.g. train.batch_size=512)")
     _, _, nproc, _ = parse_nnodes(j)
+    cpu, memMB = _count("cpu", cpu), _count("memMB", memMB)
     cpu, gpu, memMB = _resources(nproc, gpu, cpu, memMB, h)
-    _check_config(config, overrides)
+    restarts = " and ".join(f"--{k} {v}" for k, v in (("max_retries", max_retries), ("max_restarts", max_restarts)) if v)
+    _check_config(config, overrides, restarts)
     args = ["train", "--config", config]
     if max_retries or max_restarts:
         args += ["--resume", "auto"]  # a retried or restarted job continues from its last checkpoint

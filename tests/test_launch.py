@@ -77,18 +77,30 @@ def load_components():
 def test_component_restarts_and_retries_resume_automatically():
     dlrm = load_components().dlrm
     torchrun = str(BIN / "torchrun")  # this venv's own (the job runs on this filesystem)
-    role = dlrm("train.epochs=2", max_restarts=2).roles[0]
+    role = dlrm("train.epochs=2", "train.checkpoint_every=100", max_restarts=2).roles[0]
     assert role.args[-1].startswith(f"{torchrun} --max_restarts 2 --rdzv_backend c10d ")
     assert "train --config configs/quickstart.yaml --resume auto --set train.epochs=2" in role.args[-1]
     assert role.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
-    role = dlrm(max_retries=3).roles[0]
+    role = dlrm("train.checkpoint_every_minutes=30", max_retries=3).roles[0]
     assert role.max_retries == 3 and "--resume auto" in role.args[-1] and "--max_restarts" not in role.args[-1]
+    # a restart without any checkpoint would begin at step 0: refused before submitting
+    with pytest.raises(ValueError, match=r"--max_retries 3 restarts the job from its last checkpoint, but configs/quickstart.yaml saves none"):
+        dlrm(max_retries=3)
+    with pytest.raises(ValueError, match=r"--max_restarts 1 restarts the job .*add e.g. train.checkpoint_every_minutes=30"):
+        dlrm(max_restarts=1)
+    role = dlrm(config="configs/criteo_1tb_qr.yaml", max_retries=1).roles[0]  # the cluster configs checkpoint every 30 minutes
+    assert role.max_retries == 1
     role = dlrm().roles[0]
     assert role.max_retries == 0 and "--resume" not in role.args[-1] and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in role.env
 
 
 def test_component_resources_follow_the_job():
     c = load_components()
+    # torchx's CLI hands Optional[int] arguments over as strings: they reach the scheduler as ints
+    r = c.dlrm(j="1x2", cpu="3", memMB="3000").roles[0].resource
+    assert (r.cpu, r.memMB) == (3, 3000) and isinstance(r.cpu, int) and isinstance(r.memMB, int)
+    with pytest.raises(ValueError, match=r"--cpu must be a whole number, got 'two'"):
+        c.dlrm(j="1x2", cpu="two")
     r = c.dlrm(j="2x8", gpu=8, config="configs/criteo_1tb_qr.yaml").roles[0].resource
     assert (r.cpu, r.gpu, r.memMB) == (88, 8, 8 * 128 * 1024)  # 11 CPUs, 128 GiB per GPU rank
     r = c.dlrm(j="1x2").roles[0].resource

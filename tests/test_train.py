@@ -197,6 +197,23 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint_to_resume_from(tmp_path
     assert "no training step in this process" in r.stdout
 
 
+@pytest.mark.slow
+def test_a_time_based_checkpoint_is_what_a_crashed_run_resumes_from(tmp_path):
+    # train.checkpoint_every_minutes alone (no step interval): one falls due at once, and is saved
+    # where the segment ends (step 100 of the epoch's 117); the run dies after step 105 and resumes
+    # from it, ending as an uninterrupted run does
+    run = tmp_path / "run"
+    common = [*SMALL, "--set", "train.checkpoint_every_minutes=0.0001", "--set", f"train.output_dir={run}"]
+    r, crashed = train(tmp_path / "a", *common, env={"MULTIHASH_FAULT_AT_STEP": "105"})
+    assert r.returncode != 0 and crashed is None and "rank 0 exits after step 105" in r.stderr, r.stderr[-3000:]
+    r, resumed = train(tmp_path / "b", *common, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Resumed from" in r.stdout and "step 100" in r.stdout and resumed["steps"] == 117
+    r, straight = train(tmp_path / "c", *SMALL, "--set", f"train.output_dir={tmp_path / 'straight'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (resumed["auc"], resumed["logloss"]) == (straight["auc"], straight["logloss"])
+
+
 def _checkpoint_tensors(path: Path, tmp: Path) -> dict:
     dcp_to_torch_save(path, tmp)
     flat = {}

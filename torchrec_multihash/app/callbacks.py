@@ -47,7 +47,8 @@ class ProgressReport:
 @dataclass
 class FaultAtStep:
     """A step callback for restart tests: rank ``rank`` dies right after step ``step``, on the
-    job's first attempt only (TORCHELASTIC_RESTART_COUNT 0)."""
+    job's first attempt only (torchrun's TORCHELASTIC_RESTART_COUNT and Slurm's SLURM_RESTART_COUNT,
+    which a requeued job has, both 0)."""
 
     step: int
     rank: int = 0
@@ -60,6 +61,7 @@ class FaultAtStep:
 
     def __call__(self, run: TrainRun, loss: torch.Tensor) -> None:
         rank = dist.get_rank()
-        if run.state.step == self.step and rank == self.rank and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        first = all(os.environ.get(k, "0") == "0" for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+        if run.state.step == self.step and rank == self.rank and first:
             print(f"MULTIHASH_FAULT_AT_STEP: rank {rank} exits after step {self.step}", file=sys.stderr, flush=True)
             os._exit(1)

@@ -123,6 +123,8 @@ class TrainConfig:
     eval_every: int = 0  # steps between evaluations during training (0: only at the end)
     max_steps: int = 0  # stop after this many steps (0: run every epoch)
     checkpoint_every: int = 0  # steps between checkpoints in output_dir/checkpoint (0: none)
+    # minutes between checkpoints too (0: none): what a job a scheduler restarts loses at most (cluster configs: 30)
+    checkpoint_every_minutes: float = 0.0
     seed: int = 0
     output_dir: str = "runs/latest"
 
@@ -212,7 +214,7 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
 _LEAST = [
     *(("train", k, 1) for k in ("batch_size", "epochs")),
     *(("train", k, 0) for k in ("max_steps", "eval_every", "checkpoint_every", "warmup_steps", "decay_start", "decay_steps")),
-    *(("train", k, 0.0) for k in ("embedding_lr", "dense_lr")),
+    *(("train", k, 0.0) for k in ("embedding_lr", "dense_lr", "checkpoint_every_minutes")),
     *(("data", k, 1) for k in ("min_count", "train_samples", "test_samples", "num_clusters", "max_vocab_size", "max_bag")),
     *(("data", k, 0) for k in ("num_workers", "skip_bad_lines")),
     ("model", "embedding_dim", 1),

@@ -1,13 +1,14 @@
 """What stops a training loop between steps: a NaN or inf loss (an error naming the first such
-step, before anything of it is checkpointed) and SIGTERM or Ctrl-C (SIGINT): a checkpoint, then a
-clean exit; a second Ctrl-C stops at once, without one.
+step, before anything of it is checkpointed), SIGTERM or Ctrl-C (SIGINT): a checkpoint, then a
+clean exit (a second Ctrl-C stops at once, without one), and a time-based checkpoint falling due.
 
-The loss is checked on the device with no host sync per step; the ranks agree on both every
-``CHECK_EVERY`` steps and at the end of each segment (one small all-reduce), so they stop together.
+The loss is checked on the device with no host sync per step; the ranks agree on all three every
+``CHECK_EVERY`` steps and at the end of each segment (one small all-reduce), so they stop together and checkpoint together.
 """
 
 import signal
 import threading
+import time
 from typing import Any, Optional
 
 import torch
@@ -33,11 +34,14 @@ class Preempted(Exception):
 
 
 class StepGuard:
-    def __init__(self) -> None:
+    def __init__(self, checkpoint_every_s: float = 0.0) -> None:
         self.first_bad: Optional[torch.Tensor] = None  # on the device: the first step with a non-finite loss
         self.terminated = False  # SIGTERM or SIGINT received (by this rank)
         self.signal: signal.Signals = signal.SIGTERM  # which
         self.stop = False  # all ranks agreed to stop for it
+        self.checkpoint_every_s = checkpoint_every_s  # a checkpoint at least this often (0: no time-based ones)
+        self.last_checkpoint = time.monotonic()
+        self.checkpoint_due = False  # all ranks agreed that a time-based checkpoint is due
 
     def note(self, loss: torch.Tensor, step: int) -> None:
         """Records ``step`` if its loss is not finite and none before was (no host sync)."""
@@ -51,18 +55,26 @@ class StepGuard:
         return step % CHECK_EVERY == 0 or (self.terminated and dist.get_world_size() == 1)
 
     def check(self, device: torch.device) -> bool:
-        """All ranks agree (a collective): raises NonFiniteLoss, or returns True to stop for a signal."""
+        """All ranks agree (a collective): raises NonFiniteLoss, or returns True to stop for a signal;
+        sets ``checkpoint_due`` when a time-based checkpoint is due (saved where the segment ends)."""
         bad = self.first_bad if self.first_bad is not None else torch.full((), _NONE, dtype=torch.int64, device=device)
-        flags = torch.stack([bad.to(device), torch.tensor(-int(self.terminated), device=device)])
+        late = bool(self.checkpoint_every_s) and time.monotonic() - self.last_checkpoint >= self.checkpoint_every_s
+        flags = torch.stack([bad.to(device), torch.tensor(-int(self.terminated), device=device), torch.tensor(-int(late), device=device)])
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-        step, terminated = flags.tolist()
+        step, terminated, due = flags.tolist()
         if step != _NONE:
             raise NonFiniteLoss(
                 f"the training loss is NaN or inf at step {step}: the run stops, and nothing after its last checkpoint is saved; "
                 "lower train.embedding_lr or train.dense_lr, or check the data"
             )
         self.stop = terminated < 0
+        self.checkpoint_due = due < 0
         return self.stop
+
+    def checkpointed(self) -> None:
+        """A checkpoint was just saved: the time-based interval starts again."""
+        self.last_checkpoint = time.monotonic()
+        self.checkpoint_due = False
 
     def on_signal(self, signum: int, *_: Any) -> None:
         if signum == signal.SIGINT and self.terminated and self.signal == signal.SIGINT:

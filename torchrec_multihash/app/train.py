@@ -138,7 +138,9 @@ def build_run(cfg: Config, device: torch.device, resume: Union[bool, str], recor
     opt = make_optimizer(dmp, cfg.train)
     state = start_state(cfg, dmp, opt, resume)
     meta = {"run": record, "run_id": run_id, **({"vocabulary": data.vocabulary} if data.vocabulary is not None else {})}
-    return TrainRun(cfg, device, data, dmp, ebc, opt, lr_schedule(opt, cfg.train, state.step), state, meta)
+    run = TrainRun(cfg, device, data, dmp, ebc, opt, lr_schedule(opt, cfg.train, state.step), state, meta)
+    run.guard.checkpoint_every_s = cfg.train.checkpoint_every_minutes * 60
+    return run
 
 
 def train_segment(run: TrainRun, batches: Iterator[Batch]) -> int:
@@ -169,6 +171,10 @@ def train_segment(run: TrainRun, batches: Iterator[Batch]) -> int:
     return taken
 
 
+# with train.checkpoint_every_minutes: steps between the points where a checkpoint that fell due is saved
+TIME_CHECKPOINT_STEPS = 100
+
+
 def _reached_max_steps(t: TrainConfig, state: TrainState) -> bool:
     return bool(t.max_steps) and state.step >= t.max_steps
 
@@ -176,7 +182,9 @@ def _reached_max_steps(t: TrainConfig, state: TrainState) -> bool:
 def _steps_to_next_stop(t: TrainConfig, step: int) -> int:
     """Steps from ``step`` to the next evaluation, checkpoint or ``max_steps``."""
     stops = [2**62]
-    for every in (t.eval_every, t.checkpoint_every):
+    # a time-based checkpoint is taken where a segment ends (the pipeline holds batches in flight
+    # inside one): with one, segments end at least every TIME_CHECKPOINT_STEPS steps
+    for every in (t.eval_every, t.checkpoint_every, TIME_CHECKPOINT_STEPS if t.checkpoint_every_minutes else 0):
         if every:
             stops.append((step // every + 1) * every)
     if t.max_steps:
@@ -189,8 +197,11 @@ def after_segment(run: TrainRun, taken: int, finished_epoch: bool) -> None:
     t, step = run.cfg.train, run.state.step
     if t.eval_every and taken and step % t.eval_every == 0:
         evaluate_during_training(run)
-    if t.checkpoint_every and taken and (step % t.checkpoint_every == 0 or finished_epoch or _reached_max_steps(t, run.state)):
+    by_steps = t.checkpoint_every and taken and (step % t.checkpoint_every == 0 or finished_epoch or _reached_max_steps(t, run.state))
+    by_time = t.checkpoint_every_minutes and taken and (run.guard.checkpoint_due or finished_epoch or _reached_max_steps(t, run.state))
+    if by_steps or by_time:
         save_train_checkpoint(run.cfg, run.dmp, run.opt, run.state, run.meta)
+        run.guard.checkpointed()
 
 
 def stop_for_signal(run: TrainRun) -> None:
