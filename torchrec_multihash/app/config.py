@@ -103,7 +103,10 @@ class DataConfig:
     # others' tables are then declared one-hot (embeddings.max_ids_per_bag 1, unless it or an override says otherwise)
     multi_hot_features: List[str] = field(default_factory=list)
     max_bag: int = 20  # synthetic: the most ids a multi-hot bag holds
-    num_workers: int = 0  # criteo_tsv: DataLoader workers parsing this rank's batches (0: in the training process)
+    num_workers: int = 0  # criteo_tsv, criteo_npy: DataLoader workers building this rank's batches (0: in the training process)
+    # criteo_npy: each epoch's whole batches in an order drawn from train.seed and the epoch (the same on every
+    # rank; a resume reads what an uninterrupted run would); false: the files' order
+    shuffle: bool = False
     skip_bad_lines: int = 0  # criteo_tsv: bad lines each rank may skip (counted, reported); 0: the first one stops the run
     max_vocab_size: int = 1_000_000  # vocabulary: ids per feature at most (counting memory is bounded by it, not by the data)
 
@@ -290,6 +293,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{section}.{key} must be >= {least}{' and finite' if isinstance(least, float) else ''}, got {value!r}")
     _check_sizes(cfg)
     _check_multi_hot(cfg)
+    if cfg.data.shuffle and cfg.data.format != "criteo_npy":
+        raise ConfigError(f"data.shuffle orders criteo_npy's batches; data.format {cfg.data.format} is read in its own order: remove it")
     return cfg
 
 

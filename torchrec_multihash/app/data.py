@@ -17,6 +17,7 @@ from torchrec_multihash.app.provenance import Record
 from torchrec_multihash.app.vocabulary import run_vocabulary
 from torchrec_multihash.datasets.batching import check_finite, check_labels
 from torchrec_multihash.datasets.criteo_loader import CriteoBatchDataset, criteo_batches
+from torchrec_multihash.datasets.criteo_npy import NpyTrainBatches, npy_train_batches
 from torchrec_multihash.datasets.criteo_tsv import DEFAULT_SPARSE_NAMES, NUM_DENSE, NUM_SPARSE, BadLines, CriteoFormatError
 from torchrec_multihash.datasets.id_mapping import HashingIds, IdMapping, Vocabulary
 from torchrec_multihash.datasets.synthetic import SyntheticCriteo
@@ -68,7 +69,8 @@ def _npy_triplet(dense: str, what: str) -> List[str]:
 
 def _npy_batches(paths: List[str], cfg: Config, rank: int, world_size: int, keys: List[str], drop_last: bool) -> Iterator[Batch]:
     """TorchRec's preprocessed Criteo (.npy per day: dense, sparse, labels; what
-    torchrec.datasets.criteo reads), memory-mapped, this rank's rows, ids hashed mod the sizes;
+    torchrec.datasets.criteo reads), memory-mapped, this rank's rows, ids hashed mod the sizes,
+    read by TorchRec's own pipe (the test data: every sample; training reads ``NpyTrainBatches``);
     NaN or inf dense features are an error naming the file and row."""
     from torchrec.datasets.criteo import InMemoryBinaryCriteoIterDataPipe
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -161,8 +163,19 @@ def _npy_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunD
         _npy_triplet(path, what)  # before any work: all there, with equal row counts
     if len(sizes) != NUM_SPARSE:
         raise ConfigError("criteo_npy: embeddings.num_embeddings_per_feature needs 26 sizes (ids are hashed mod them)")
+    triplets = [_npy_triplet(p, "train") for p in train_paths]
+    shuffle_seed = cfg.train.seed if cfg.data.shuffle else None
+
+    def check(batch: Batch, where: Callable[[int], str]) -> Batch:
+        return check_labels(check_finite(batch, where), where)
+
+    def train(epoch: int, skip: int) -> Iterator[Batch]:
+        bs = cfg.train.batch_size
+        batches = NpyTrainBatches(triplets, bs, rank, world_size, keys, sizes, epoch, skip, shuffle_seed, check)
+        return npy_train_batches(batches, cfg.data.num_workers)
+
     return RunData(
-        train=lambda epoch, skip: itertools.islice(_npy_batches(train_paths, cfg, rank, world_size, keys, True), skip, None),
+        train=train,
         test=lambda: _npy_batches(test_paths, cfg, rank, world_size, keys, False),  # every sample: evaluate pads
         num_embeddings_per_feature=sizes,
         num_dense=NUM_DENSE,

@@ -62,6 +62,8 @@ def _key(cfg: Config, dotted: str) -> Any:
 def data_record(cfg: Config, exact: bool = True) -> Record:
     """The training data and the keys that decide its samples."""
     multi_hot = {k: _key(cfg, k) for k in ("data.multi_hot_features", "data.max_bag")} if cfg.data.multi_hot_features else {}
+    if cfg.data.shuffle:  # recorded where set, as multi_hot
+        multi_hot["data.shuffle"] = True
     return {
         "data.train": files(cfg.data.train, exact) if cfg.data.format != "synthetic" else None,
         **{k: _key(cfg, k) for k in _SAMPLE_KEYS},
