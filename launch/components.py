@@ -20,10 +20,12 @@ from typing import Dict, List, Optional, Tuple
 import torchx.specs as specs
 from torchx.components.dist import ddp, parse_nnodes
 
-# Per-GPU share of a typical 8-GPU host (AWS p4d.24xlarge, DGX A100: 96+ CPUs, 1152 GiB) that leaves
-# room for the node's own daemons: a node of G ranks asks for G times this, 88 CPUs and 1 TiB for 8 GPUs.
+# Per-GPU share of a typical 8-GPU host (AWS p4d.24xlarge, DGX A100: 96+ CPUs) that leaves room for the
+# node's own daemons: a node of G ranks asks for G times this, 88 CPUs for 8 GPUs. Memory: none asked
+# (the scheduler's default, as TorchRec's reference job; a fixed share, e.g. 1 TiB for 8 GPUs, is above
+# many nodes' schedulable memory); --memMB asks for an amount.
 CPU_PER_GPU = 11
-MEM_MB_PER_GPU = 128 * 1024
+MEM_MB_PER_GPU = 0
 # CPU-only ranks (local runs, CPU clusters): 2 CPUs and 4 GiB each
 CPU_PER_CPU_RANK = 2
 MEM_MB_PER_CPU_RANK = 4096
@@ -67,10 +69,11 @@ def _count(option: str, value: Optional[object]) -> Optional[int]:
     return n
 
 
-def _check_config(config: str, overrides: Tuple[str, ...], restarts: str) -> None:
+def _check_config(config: str, overrides: Tuple[str, ...], restarts: str, shared_fs: bool) -> None:
     """Loads the config as ``train`` will (the app's own loader), so a missing file or a bad key
     is refused before the job waits in a queue; ``restarts`` (the --max_retries / --max_restarts
-    asked, or "") needs a config that saves checkpoints, else a restart would begin at step 0."""
+    asked, or "") needs a config that saves checkpoints, else a restart would begin at step 0.
+    Where the job runs on this filesystem (``shared_fs``: local_cwd, Slurm) its data files must be here."""
     root = logging.getLogger()  # torchx logs INFO: FBGEMM's import would add a line per library it loads
     level = root.level
     root.setLevel(max(level, logging.WARNING))
@@ -78,7 +81,15 @@ def _check_config(config: str, overrides: Tuple[str, ...], restarts: str) -> Non
         from torchrec_multihash.app.config import load_config
     finally:
         root.setLevel(level)
-    t = load_config(config, overrides).train
+    cfg = load_config(config, overrides)
+    if shared_fs and cfg.data.format != "synthetic":
+        missing = [p for p in [*(cfg.data.train or []), *(cfg.data.test or [])] if not os.path.exists(p)]
+        if missing:
+            raise ValueError(
+                f"{config}: data file(s) {missing} do not exist here, and the job reads this filesystem (relative paths from "
+                f"{os.getcwd()}, where it starts): give the data's paths, e.g. data.train=[/shared/criteo/day_0_dense.npy, ...]"
+            )
+    t = cfg.train
     if restarts and not (t.checkpoint_every or t.checkpoint_every_minutes):
         raise ValueError(
             f"{restarts} restarts the job from its last checkpoint, but {config} saves none (train.checkpoint_every and "
@@ -128,7 +139,8 @@ def dlrm(
         j: nnodes x nproc_per_node, e.g. 1x2 (one node, two processes) or 2x8
         cpu: CPUs per node (default: 11 per GPU rank, a share of an 8-GPU host; 2 per CPU rank)
         gpu: GPUs per node; one rank per GPU: nproc_per_node must equal it
-        memMB: memory per node in MB (default: 128 GiB per GPU rank; 4 GiB per CPU rank)
+        memMB: memory per node in MB (default: none asked for GPU ranks, the scheduler's default;
+            4 GiB per CPU rank)
         h: a torchx named resource (e.g. aws_p4d.24xlarge) for each node, instead of cpu/gpu/memMB;
             its GPU count must equal nproc_per_node
         image: the image (a folder for local_cwd and slurm; a container image on kubernetes)
@@ -152,7 +164,7 @@ def dlrm(
     cpu, memMB = _count("cpu", cpu), _count("memMB", memMB)
     cpu, gpu, memMB = _resources(nproc, gpu, cpu, memMB, h)
     restarts = " and ".join(f"--{k} {v}" for k, v in (("max_retries", max_retries), ("max_restarts", max_restarts)) if v)
-    _check_config(config, overrides, restarts)
+    _check_config(config, overrides, restarts, _runs_on_this_filesystem(image))
     args = ["train", "--config", config]
     if max_retries or max_restarts:
         args += ["--resume", "auto"]  # a retried or restarted job continues from its last checkpoint
@@ -188,6 +200,8 @@ def dlrm(
     )
     role = app.roles[0]
     role.name = "trainer"
+    if h is None and not memMB:  # torchx's ddp turns 0 into 1 GiB: ask for none (the schedulers then omit it)
+        role.resource.memMB = 0
     cmd = role.args[-1]
     if not cmd.startswith("torchrun "):
         raise RuntimeError(f"unexpected ddp command, cannot set its torchrun: {cmd[:80]}")

@@ -10,6 +10,14 @@ from tests.helpers import ROOT
 from tests.helpers.cli import BIN, run
 
 
+def data_here(tmp_path):
+    """Overrides pointing the 1TB configs' data at files that exist (the job reads this filesystem
+    on local_cwd and Slurm, so the component checks them)."""
+    day = tmp_path / "day_0_dense.npy"
+    day.write_bytes(b"")
+    return [f"data.train=[{day}]", f"data.test={day}"]
+
+
 def torchx(*args):
     return run([str(BIN / "torchx"), *args], env={"PATH": f"{BIN}:{os.environ['PATH']}"})
 
@@ -74,7 +82,7 @@ def load_components():
     return components
 
 
-def test_component_restarts_and_retries_resume_automatically():
+def test_component_restarts_and_retries_resume_automatically(tmp_path):
     dlrm = load_components().dlrm
     torchrun = str(BIN / "torchrun")  # this venv's own (the job runs on this filesystem)
     role = dlrm("train.epochs=2", "train.checkpoint_every=100", max_restarts=2).roles[0]
@@ -88,21 +96,21 @@ def test_component_restarts_and_retries_resume_automatically():
         dlrm(max_retries=3)
     with pytest.raises(ValueError, match=r"--max_restarts 1 restarts the job .*add e.g. train.checkpoint_every_minutes=30"):
         dlrm(max_restarts=1)
-    role = dlrm(config="configs/criteo_1tb_qr.yaml", max_retries=1).roles[0]  # the cluster configs checkpoint every 30 minutes
+    role = dlrm(*data_here(tmp_path), config="configs/criteo_1tb_qr.yaml", max_retries=1).roles[0]  # they checkpoint every 30 minutes
     assert role.max_retries == 1
     role = dlrm().roles[0]
     assert role.max_retries == 0 and "--resume" not in role.args[-1] and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in role.env
 
 
-def test_component_resources_follow_the_job():
+def test_component_resources_follow_the_job(tmp_path):
     c = load_components()
     # torchx's CLI hands Optional[int] arguments over as strings: they reach the scheduler as ints
     r = c.dlrm(j="1x2", cpu="3", memMB="3000").roles[0].resource
     assert (r.cpu, r.memMB) == (3, 3000) and isinstance(r.cpu, int) and isinstance(r.memMB, int)
     with pytest.raises(ValueError, match=r"--cpu must be a whole number, got 'two'"):
         c.dlrm(j="1x2", cpu="two")
-    r = c.dlrm(j="2x8", gpu=8, config="configs/criteo_1tb_qr.yaml").roles[0].resource
-    assert (r.cpu, r.gpu, r.memMB) == (88, 8, 8 * 128 * 1024)  # 11 CPUs, 128 GiB per GPU rank
+    r = c.dlrm(*data_here(tmp_path), j="2x8", gpu=8, config="configs/criteo_1tb_qr.yaml").roles[0].resource
+    assert (r.cpu, r.gpu, r.memMB) == (88, 8, 0)  # 11 CPUs per GPU rank; memory: the scheduler's default
     r = c.dlrm(j="1x2").roles[0].resource
     assert (r.cpu, r.gpu, r.memMB) == (4, 0, 8192)  # 2 CPUs, 4 GiB per CPU rank
     r = c.dlrm(j="1x4", gpu=4, cpu=40, memMB=300000).roles[0].resource
@@ -136,13 +144,18 @@ def test_component_refusals_at_submit_time():
     for options, message in [
         (["-j", "2x8", "--gpu", "4"], "8 ranks per node but --gpu 4 gives each node 4 GPUs"),
         (["-j", "2x8", "--gpu", "8", "--config", "configs/missing.yaml"], "cannot read config configs/missing.yaml: No such file or directory"),
+        # Slurm shares this filesystem: data that is not here is not on the nodes either
+        (
+            ["-j", "2x8", "--gpu", "8", "--config", "configs/criteo_1tb_qr.yaml"],
+            "configs/criteo_1tb_qr.yaml: data file(s) ['data/criteo_1tb_npy/day_0",
+        ),
     ]:
         r = torchx("run", "-s", "slurm", "--dryrun", "launch/components.py:dlrm", *options)
         assert r.returncode != 0 and message in r.stderr, r.stderr[-3000:]
         assert "#SBATCH" not in r.stdout
 
 
-def test_slurm_dryrun_script():
+def test_slurm_dryrun_script(tmp_path):
     r = torchx(
         "run",
         "-s",
@@ -158,13 +171,14 @@ def test_slurm_dryrun_script():
         "--config",
         "configs/criteo_1tb_qr.yaml",
         "train.epochs=2",
+        *data_here(tmp_path),
     )
     assert r.returncode == 0, r.stderr[-3000:]
     s = r.stdout
     assert s.count("#SBATCH --job-name=trainer-") == 2 and "hetjob" in s
     sbatch = [line for line in s.splitlines() if line.startswith("#SBATCH --job-name=")]
-    for line in sbatch:  # per node: 8 GPUs, 8 x 11 CPUs, 8 x 128 GiB
-        assert "--ntasks-per-node=1 --cpus-per-task=88 --mem=1048576 --gpus-per-task=8" in line
+    for line in sbatch:  # per node: 8 GPUs, 8 x 11 CPUs, no memory asked (the partition's default)
+        assert "--ntasks-per-node=1 --cpus-per-task=88 --gpus-per-task=8" in line and "--mem" not in line
         assert "--time=12:00:00" in line  # from .torchxconfig
     assert s.count("--export=ALL,OMP_NUM_THREADS=1,NCCL_DEBUG=WARN,") == 2
     # this virtualenv's own torchrun, not the first on the nodes' PATH
@@ -192,7 +206,7 @@ def test_kubernetes_dryrun_resources_mounts_env_command():
         pod = task["template"]["spec"]
         (container,) = pod["containers"]
         assert container["image"] == "ghcr.io/example/tmh:1"
-        assert container["resources"]["limits"] == {"cpu": "88000m", "memory": "1048576M", "nvidia.com/gpu": "8"}
+        assert container["resources"]["limits"] == {"cpu": "88000m", "nvidia.com/gpu": "8"}  # memory: the cluster's default
         assert container["resources"]["requests"]["nvidia.com/gpu"] == "8"
         env = {e["name"]: e["value"] for e in container["env"]}
         assert env["OMP_NUM_THREADS"] == "1" and env["NCCL_DEBUG"] == "WARN"
