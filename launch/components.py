@@ -103,6 +103,39 @@ def _runs_on_this_filesystem(image: str) -> bool:
     return not image or os.path.isdir(image)
 
 
+def _scheduler() -> Optional[str]:
+    """The scheduler ``torchx run -s NAME`` names on its command line, where this runs under it (None
+    when called otherwise, e.g. from Python: the checks that need it are then left out)."""
+    argv = sys.argv
+    if not argv or Path(argv[0]).name != "torchx":
+        return None
+    for i, a in enumerate(argv[:-1]):
+        if a in ("-s", "--scheduler"):
+            return argv[i + 1]
+    return next((a.split("=", 1)[1] for a in argv if a.startswith("--scheduler=")), None)
+
+
+def _check_scheduler(scheduler: Optional[str], image: str, config: str, volumes: List[str]) -> None:
+    """What only the scheduler tells apart: Kubernetes pods need an image holding this package and the
+    config; local_cwd and Slurm read this filesystem, where Kubernetes volumes mean nothing."""
+    if scheduler == "kubernetes":
+        if not image:
+            raise ValueError(
+                "-s kubernetes needs --image: an image of this repository (make image IMAGE=...; the Dockerfile); "
+                "torchx's default image does not hold torchrec-multihash"
+            )
+        if Path(config).is_absolute() or ".." in Path(config).parts:
+            raise ValueError(
+                f"--config {config} is read inside the pod, from the image's {IMAGE_WORKDIR}: give a config of the "
+                "repository the image was built from, by its relative path (e.g. configs/criteo_1tb_qr.yaml)"
+            )
+    elif scheduler is not None and volumes:
+        raise ValueError(
+            f"{' and '.join(volumes)} mount Kubernetes PersistentVolumeClaims; on -s {scheduler} the job reads this "
+            "filesystem: give the data's and outputs' paths in the config instead (data.train=..., train.output_dir=...)"
+        )
+
+
 def _torchrun(image: str) -> str:
     """This virtualenv's own torchrun where the job runs on this filesystem (Slurm nodes share it, and
     their PATH need not hold the venv); the image's (on its PATH) in a container."""
@@ -164,6 +197,8 @@ def dlrm(
     cpu, memMB = _count("cpu", cpu), _count("memMB", memMB)
     cpu, gpu, memMB = _resources(nproc, gpu, cpu, memMB, h)
     restarts = " and ".join(f"--{k} {v}" for k, v in (("max_retries", max_retries), ("max_restarts", max_restarts)) if v)
+    volumes = [f"--{k}" for k, v in (("data_volume", data_volume), ("output_volume", output_volume)) if v]
+    _check_scheduler(_scheduler(), image, config, volumes)
     _check_config(config, overrides, restarts, _runs_on_this_filesystem(image))
     args = ["train", "--config", config]
     if max_retries or max_restarts:

@@ -149,6 +149,7 @@ def test_component_refusals_at_submit_time():
             ["-j", "2x8", "--gpu", "8", "--config", "configs/criteo_1tb_qr.yaml"],
             "configs/criteo_1tb_qr.yaml: data file(s) ['data/criteo_1tb_npy/day_0",
         ),
+        (["--data_volume", "criteo"], "--data_volume mount Kubernetes PersistentVolumeClaims; on -s slurm the job reads this filesystem"),
     ]:
         r = torchx("run", "-s", "slurm", "--dryrun", "launch/components.py:dlrm", *options)
         assert r.returncode != 0 and message in r.stderr, r.stderr[-3000:]
@@ -223,6 +224,15 @@ def test_kubernetes_dryrun_resources_mounts_env_command():
         assert ro is False and volumes[name]["persistentVolumeClaim"]["claimName"] == "tmh-runs"
         name, _ = mounts["/scratch"]
         assert volumes[name]["hostPath"]["path"] == "/mnt/nvme"
+
+
+def test_kubernetes_refuses_a_job_its_pods_cannot_run():
+    for options, message in [
+        ([], "-s kubernetes needs --image: an image of this repository"),
+        (["--image", "ghcr.io/example/tmh:1", "--config", "/tmp/mine.yaml"], "--config /tmp/mine.yaml is read inside the pod"),
+    ]:
+        r = torchx("run", "--workspace", "", "-s", "kubernetes", "--dryrun", "launch/components.py:dlrm", *options)
+        assert r.returncode != 0 and message in r.stderr, r.stderr[-3000:]
 
 
 def test_kubernetes_dryrun_named_resource():
