@@ -56,7 +56,7 @@ pipi() {  # pip install, without the noise of find-links folders that do not exi
 }
 pipi "torch==$TORCH_VERSION" "$fbgemm"
 # torch is named again so nothing below can move it off the pinned version.
-pipi -r "$ROOT/requirements/base.txt" -r "$ROOT/requirements/test.txt" "torch==$TORCH_VERSION"
+pipi -r "$ROOT/requirements/base.txt" -r "$ROOT/requirements/tools.txt" -r "$ROOT/requirements/test.txt" "torch==$TORCH_VERSION"
 # torchrec's own requirements pull the newest CUDA fbgemm-gpu, which breaks fbgemm-gpu-cpu:
 # install it alone (its other needs are in requirements/base.txt).
 pipi --no-deps "torchrec==$TORCHREC_VERSION"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import pytest
 import yaml
@@ -260,6 +261,14 @@ def test_dockerfile_pins_agree_with_bootstrap():
     assert "pip install --no-deps ." in docker
     assert re.search(r"^WORKDIR (\S+)$", docker, re.M).group(1) == load_components().IMAGE_WORKDIR
     assert "python3.11 -m venv" in docker and "ENV PATH=/opt/venv/bin:$PATH" in docker
+    # a Python base (the torch wheel brings CUDA 13's libraries), the training stack only, not root
+    assert re.findall(r"^ARG PYTHON_IMAGE=(\S+)$", docker, re.M) == ["python:3.11-slim-bookworm"] and "nvidia/cuda" not in docker
+    assert "COPY requirements/base.txt" in docker and "tools.txt" not in docker.split("# CUDA:")[1]
+    assert re.findall(r"^USER (\S+)$", docker, re.M) == ["trainer"]
+    # requirements/base.txt is what training imports; torchx, kubernetes and matplotlib are the tools'
+    base = (ROOT / "requirements" / "base.txt").read_text()
+    assert not re.search(r"^(torchx|kubernetes|matplotlib)", base, re.M)
+    assert re.search(r"^torchx==", (ROOT / "requirements" / "tools.txt").read_text(), re.M)
 
 
 def test_make_image_and_readme_cluster_section():
@@ -273,3 +282,21 @@ def test_make_image_and_readme_cluster_section():
     steps = ["make image IMAGE=", "make image-push IMAGE=", 'torchx run --workspace "" -s kubernetes', "--data_volume", "--output_volume"]
     assert all(s in section for s in steps) and [section.index(s) for s in steps[:3]] == sorted(section.index(s) for s in steps[:3])
     assert "torchx run -s slurm launch/components.py:dlrm -j 2x8 --gpu 8" in section
+
+
+@pytest.mark.slow
+def test_training_needs_nothing_the_image_leaves_out(tmp_path):
+    # the image installs requirements/base.txt only: train and export without torchx, kubernetes, matplotlib
+    code = (
+        "import sys\n"
+        "for m in ('matplotlib', 'torchx', 'kubernetes'):\n"
+        "    sys.modules[m] = None  # importing it now raises ImportError\n"
+        "from torchrec_multihash.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    common = ["--config", "configs/quickstart.yaml", "--set", f"train.output_dir={tmp_path}", "--set", "train.checkpoint_every=3"]
+    small = ["--set", "train.max_steps=3", "--set", "data.train_samples=4096", "--set", "data.test_samples=1024"]
+    r = run([sys.executable, "-c", code, "train", *common, *small])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run([sys.executable, "-c", code, "export", *common, *small, "--out", str(tmp_path / "m.pt")])
+    assert r.returncode == 0, r.stderr[-3000:]
