@@ -69,11 +69,12 @@ def _count(option: str, value: Optional[object]) -> Optional[int]:
     return n
 
 
-def _check_config(config: str, overrides: Tuple[str, ...], restarts: str, shared_fs: bool) -> None:
+def _check_config(config: str, overrides: Tuple[str, ...], restarts: str, shared_fs: bool, gpu: int) -> None:
     """Loads the config as ``train`` will (the app's own loader), so a missing file or a bad key
     is refused before the job waits in a queue; ``restarts`` (the --max_retries / --max_restarts
     asked, or "") needs a config that saves checkpoints, else a restart would begin at step 0.
-    Where the job runs on this filesystem (``shared_fs``: local_cwd, Slurm) its data files must be here."""
+    Where the job runs on this filesystem (``shared_fs``: local_cwd, Slurm) its data files must be here;
+    a config that trains on CUDA (``train.device: cuda``) needs ``gpu`` GPUs per node."""
     root = logging.getLogger()  # torchx logs INFO: FBGEMM's import would add a line per library it loads
     level = root.level
     root.setLevel(max(level, logging.WARNING))
@@ -82,11 +83,17 @@ def _check_config(config: str, overrides: Tuple[str, ...], restarts: str, shared
     finally:
         root.setLevel(level)
     cfg = load_config(config, overrides)
+    if cfg.train.device == "cuda" and not gpu:
+        raise ValueError(
+            f"{config} trains on CUDA (train.device: cuda) but the job asks for no GPU: add --gpu G with -j NNODESxG "
+            "(one rank per GPU), or train.device=cpu to train on CPU"
+        )
     if shared_fs and cfg.data.format != "synthetic":
         missing = [p for p in [*(cfg.data.train or []), *(cfg.data.test or [])] if not os.path.exists(p)]
         if missing:
+            shown = missing[:3] + ([f"... {len(missing) - 3} more"] if len(missing) > 3 else [])
             raise ValueError(
-                f"{config}: data file(s) {missing} do not exist here, and the job reads this filesystem (relative paths from "
+                f"{config}: data file(s) {shown} do not exist here, and the job reads this filesystem (relative paths from "
                 f"{os.getcwd()}, where it starts): give the data's paths, e.g. data.train=[/shared/criteo/day_0_dense.npy, ...]"
             )
     t = cfg.train
@@ -190,6 +197,37 @@ def dlrm(
             runs/, where the configs write outputs and checkpoints), so they outlive the pod
         rdzv_port: rendezvous port on the first node
     """
+    try:
+        return _dlrm_app(overrides, config, metrics_out, j, cpu, gpu, memMB, h, image, name, max_retries, max_restarts, env, mounts,
+                         data_volume, output_volume, rdzv_port)  # fmt: skip
+    except ValueError as e:  # the app's ConfigError is one
+        if _scheduler() is None:  # called from Python: the exception
+            raise
+        # under `torchx run`: one line, not torchx's traceback above it
+        print(f"torchx run launch/components.py:dlrm: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _dlrm_app(
+    overrides: Tuple[str, ...],
+    config: str,
+    metrics_out: Optional[str],
+    j: str,
+    cpu: Optional[int],
+    gpu: int,
+    memMB: Optional[int],
+    h: Optional[str],
+    image: str,
+    name: str,
+    max_retries: int,
+    max_restarts: int,
+    env: Optional[Dict[str, str]],
+    mounts: Optional[List[str]],
+    data_volume: Optional[str],
+    output_volume: Optional[str],
+    rdzv_port: int,
+) -> specs.AppDef:
+    """``dlrm``'s AppDef; ValueError for what cannot run."""
     for o in overrides:
         if "=" not in o:
             raise ValueError(f"override {o!r} is not key=value (e.g. train.batch_size=512)")
@@ -199,7 +237,7 @@ def dlrm(
     restarts = " and ".join(f"--{k} {v}" for k, v in (("max_retries", max_retries), ("max_restarts", max_restarts)) if v)
     volumes = [f"--{k}" for k, v in (("data_volume", data_volume), ("output_volume", output_volume)) if v]
     _check_scheduler(_scheduler(), image, config, volumes)
-    _check_config(config, overrides, restarts, _runs_on_this_filesystem(image))
+    _check_config(config, overrides, restarts, _runs_on_this_filesystem(image), gpu)
     args = ["train", "--config", config]
     if max_retries or max_restarts:
         args += ["--resume", "auto"]  # a retried or restarted job continues from its last checkpoint

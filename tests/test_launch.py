@@ -97,7 +97,7 @@ def test_component_restarts_and_retries_resume_automatically(tmp_path):
         dlrm(max_retries=3)
     with pytest.raises(ValueError, match=r"--max_restarts 1 restarts the job .*add e.g. train.checkpoint_every_minutes=30"):
         dlrm(max_restarts=1)
-    role = dlrm(*data_here(tmp_path), config="configs/criteo_1tb_qr.yaml", max_retries=1).roles[0]  # they checkpoint every 30 minutes
+    role = dlrm(*data_here(tmp_path), j="1x8", gpu=8, config="configs/criteo_1tb_qr.yaml", max_retries=1).roles[0]  # they checkpoint every 30 minutes
     assert role.max_retries == 1
     role = dlrm().roles[0]
     assert role.max_retries == 0 and "--resume" not in role.args[-1] and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in role.env
@@ -151,10 +151,12 @@ def test_component_refusals_at_submit_time():
             "configs/criteo_1tb_qr.yaml: data file(s) ['data/criteo_1tb_npy/day_0",
         ),
         (["--data_volume", "criteo"], "--data_volume mount Kubernetes PersistentVolumeClaims; on -s slurm the job reads this filesystem"),
+        # the 1TB configs train on CUDA: a job without GPUs would have run on CPU
+        (["-j", "4x8", "--config", "configs/criteo_1tb_qr.yaml"], "trains on CUDA (train.device: cuda) but the job asks for no GPU"),
     ]:
         r = torchx("run", "-s", "slurm", "--dryrun", "launch/components.py:dlrm", *options)
         assert r.returncode != 0 and message in r.stderr, r.stderr[-3000:]
-        assert "#SBATCH" not in r.stdout
+        assert "#SBATCH" not in r.stdout and "Traceback" not in r.stderr  # one line, not torchx's traceback
 
 
 def test_slurm_dryrun_script(tmp_path):

@@ -158,6 +158,8 @@ def test_tiny_train_on_preprocessed_days_with_a_1tb_config(shared_data, tmp_path
     days = [str(tmp_path / "npy" / f"day_{d}_dense.npy") for d in (0, 1)]
     small = ["model.embedding_dim=4", "model.dense_arch_layer_sizes=[16,4]", "model.over_arch_layer_sizes=[16,1]", "train.batch_size=64"]
     sets = [a for s in [f"data.train={days}", f"data.test={days[1:]}", *small] for a in ("--set", s)]
-    r, m = train(tmp_path / "run", *sets, config="configs/criteo_1tb_hash.yaml")
+    r, _ = train(tmp_path / "run", *sets, config="configs/criteo_1tb_hash.yaml")  # it trains on CUDA: none here
+    assert r.returncode == 2 and "train.device is cuda but no CUDA device is visible" in r.stderr and "Traceback" not in r.stderr
+    r, m = train(tmp_path / "run", *sets, "--set", "train.device=auto", config="configs/criteo_1tb_hash.yaml")
     assert r.returncode == 0, r.stderr[-3000:]
     assert m["steps"] == 900 // 64 and m["test_samples"] == 400

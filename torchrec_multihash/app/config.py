@@ -24,6 +24,7 @@ MCH = "mch"  # embeddings.strategy: TorchRec's ManagedCollisionEmbeddingBagColle
 MCH_EVICTIONS = ("lfu", "distance_lfu")
 MCH_SIZINGS = ("bytes", "rows")
 PRECISIONS = tuple(ROW_PRECISIONS)  # embeddings.precision: the tables' stored rows
+DEVICES = ("auto", "cpu", "cuda")  # train.device
 
 
 class ConfigError(MultiHashError, ValueError):
@@ -130,6 +131,7 @@ class TrainConfig:
     checkpoint_every_minutes: float = 0.0
     seed: int = 0
     output_dir: str = "runs/latest"
+    device: str = "auto"  # auto (CUDA where a GPU is visible, else CPU) | cpu | cuda (an error without a GPU)
 
 
 @dataclass
@@ -293,6 +295,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{section}.{key} must be >= {least}{' and finite' if isinstance(least, float) else ''}, got {value!r}")
     _check_sizes(cfg)
     _check_multi_hot(cfg)
+    if cfg.train.device not in DEVICES:
+        raise ConfigError(f"train.device must be one of {list(DEVICES)}, got {cfg.train.device!r}")
     if cfg.data.shuffle and cfg.data.format != "criteo_npy":
         raise ConfigError(f"data.shuffle orders criteo_npy's batches; data.format {cfg.data.format} is read in its own order: remove it")
     return cfg

@@ -315,7 +315,11 @@ def train(
     exist), ``"auto"`` continues from it if there is one (what a restarted job runs); ``overwrite``:
     starts over in a folder holding another run's checkpoint; ``on_step``: callbacks after every
     training step. ``Preempted`` after SIGTERM or Ctrl-C (a checkpoint saved)."""
-    device = setup_distributed()
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.device is cuda but no CUDA device is visible to this process (a job without --gpu?); set train.device=auto or cpu to train on CPU"
+        )
+    device = setup_distributed(cfg.train.device)
     record = run_record(cfg, dist.get_world_size())  # before the data sets the table sizes
     claim = claim_folder(cfg, record, resume, overwrite)
     finished = False
