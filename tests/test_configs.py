@@ -225,3 +225,18 @@ def test_synthetic_multi_hot_features_get_bags_of_several_ids_and_the_others_are
         load_config(path, [*small, "data.multi_hot_features=[C9]"])
     with pytest.raises(ConfigError, match="data.multi_hot_features makes synthetic bags of several ids; data.format is 'criteo_tsv'"):
         load_config(path, [*small, "data.format=criteo_tsv"])
+
+
+def test_floats_as_people_write_them_and_keys_given_twice(tmp_path):
+    from torchrec_multihash.app.config import ConfigError, load_config
+
+    # YAML 1.1 reads 1e-3 as a string; a float field takes it as the number it is
+    t = load_config("configs/quickstart.yaml", ["train.dense_lr=1e-3", "train.embedding_lr=5E-2", "train.checkpoint_every_minutes=1e1"]).train
+    assert (t.dense_lr, t.embedding_lr, t.checkpoint_every_minutes) == (0.001, 0.05, 10.0)
+    with pytest.raises(ConfigError, match="train.dense_lr: expected float, got 'fast'"):
+        load_config("configs/quickstart.yaml", ["train.dense_lr=fast"])
+    # a key given twice would silently keep the last: refused, naming both lines
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("train:\n  batch_size: 64\n  epochs: 1\n  batch_size: 128\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: not valid YAML: key 'batch_size' is given twice \(lines 2 and 4\)"):
+        load_config(dup)

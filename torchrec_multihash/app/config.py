@@ -5,6 +5,7 @@ Unknown keys and values of the wrong type are errors that name the file and the 
 
 import argparse
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
@@ -146,6 +147,24 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (it would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
+        seen: Dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _convert(value: Any, tp: Any, where: str) -> Any:
     """Checks ``value`` against the annotation ``tp`` (ints are accepted for floats)."""
     origin = typing.get_origin(tp)
@@ -178,6 +197,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected one of {[str(m.value) for m in tp]}, got {value!r}") from None
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # 1e-3: YAML 1.1 (PyYAML) reads a float only with a dot (1.0e-3); people write 1e-3
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
@@ -352,7 +373,7 @@ def load_config(path: Union[str, Path, None], overrides: Sequence[str] = ()) -> 
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
