@@ -57,3 +57,22 @@ def test_output_into_a_closed_pipe_ends_quietly():
     p.stdout.close()  # the reader stops before the command writes
     err = p.stderr.read().decode()
     assert p.wait(timeout=300) == 141 and "Traceback" not in err and "BrokenPipeError" not in err, err[-2000:]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["demo", "--steps", "-3"], "argument --steps: must be >= 1, got -3"),
+        (["demo", "--compression", "0"], "argument --compression: must be >= 1, got 0"),
+        (["demo", "--dim", "0"], "argument --dim: must be >= 1, got 0"),
+        (["demo", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        (["demo", "--lr", "nan"], "argument --lr: must be > 0 and finite, got nan"),
+        (["bench", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
+        (["preprocess", "x.gz", "--out-dir", "o", "--processes", "0"], "argument --processes: must be >= 1, got 0"),
+        (["quality", "--out", "o", "--seeds", ","], "--seeds is empty: give at least one"),
+        (["quality", "--out", "o", "--compressions", "0.5"], "--compressions must be >= 1, got [0.5]"),
+    ],
+)
+def test_command_numbers_no_run_can_use_are_refused_by_the_parser(args, message):
+    r = run_cli(*args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -11,6 +11,7 @@ from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from tqdm import tqdm
 
+from torchrec_multihash.argtypes import above, at_least
 from torchrec_multihash.convert import to_multihash_configs
 from torchrec_multihash.datasets.synthetic import SyntheticCriteo
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
@@ -62,11 +63,11 @@ def main(argv: List[str]) -> int:
     # every strategy that needs no fitting (learned needs a mapping: see the train command)
     p.add_argument("--strategy", default="qr", choices=[n for n in registered_strategies() if n not in ("full", "learned")])
     p.add_argument("--operation", default="mult", choices=["add", "mult", "concat"])
-    p.add_argument("--compression", type=float, default=8.0)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--dim", type=int, default=16)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--compression", type=at_least(1.0, float), default=8.0)
+    p.add_argument("--steps", type=at_least(1), default=400)
+    p.add_argument("--batch-size", type=at_least(1), default=256)
+    p.add_argument("--dim", type=at_least(1), default=16)
+    p.add_argument("--lr", type=above(0.0), default=0.05)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 

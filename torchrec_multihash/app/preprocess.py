@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from torchrec_multihash.app.config import ConfigError, load_config
 from torchrec_multihash.app.provenance import files
+from torchrec_multihash.argtypes import at_least
 from torchrec_multihash.datasets.batching import block_ids, parse_lines
 from torchrec_multihash.datasets.criteo_tsv import NUM_DENSE, NUM_SPARSE, BadLines, LineStream
 from torchrec_multihash.datasets.id_mapping import HashingIds, IdMapping, Vocabulary
@@ -215,7 +216,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-count", type=int, default=1, help="vocabulary: values seen fewer times share the OOV id 0")
     p.add_argument("--max-vocab-size", type=int, default=1_000_000, help="vocabulary: most ids per feature")
     p.add_argument(
-        "--processes", type=int, default=1, help="vocabulary: count in this many processes, each its share of the files (bad lines limited in each)"
+        "--processes",
+        type=at_least(1),
+        default=1,
+        help="vocabulary: count in this many processes, each its share of the files (bad lines limited in each)",
     )
     p.add_argument("--skip-bad-lines", type=int, default=0, help="skip up to this many bad lines in all (0: the first one stops)")
     p.add_argument("--unlabeled", action="store_true", help="files without the label column (labels written as 0)")

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, TypedDict
 
 from tqdm import tqdm
 
+from torchrec_multihash.argtypes import at_least
 from torchrec_multihash.bench import python_command
 from torchrec_multihash.bench.step_time import BASELINE, DEVICES, METHODS
 from torchrec_multihash.bench.workload import WORKLOADS, BenchSpec
@@ -240,8 +241,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--loader-lines", type=int, default=None, help="lines of the generated Criteo TSV (0 to skip)")
     p.add_argument("--train-samples", type=int, default=None, help="samples of the end-to-end train runs (0 to skip; default 200k, --quick 20k)")
     p.add_argument("--train-config", type=Path, default=TRAIN_CONFIG, help="config of the end-to-end train runs")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per method (default: 30, --quick 20)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size of every workload (per rank) instead of its own (GPUs: try 16384)")
+    p.add_argument("--steps", type=at_least(1), default=None, help="timed steps per method (default: 30, --quick 20)")
+    p.add_argument(
+        "--batch-size", type=at_least(1), default=None, help="batch size of every workload (per rank) instead of its own (GPUs: try 16384)"
+    )
     p.add_argument(
         "--malloc",
         choices=MALLOCS,

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, TypedDict
 from tqdm import tqdm
 
 from torchrec_multihash.app.config import config_parser
+from torchrec_multihash.argtypes import at_least
 from torchrec_multihash.bench import python_command
 
 BASELINE = "hash"  # AUC differences are reported against the hashing trick, seed by seed
@@ -215,13 +216,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     p.add_argument("--compressions", default="4,16", help="comma-separated target reductions")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated train.seed values")
-    p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun)")
+    p.add_argument("--nproc", type=at_least(1), default=1, help="processes per run (torchrun)")
     p.add_argument("--out", type=Path, required=True, help="directory for the runs and the report")
     p.add_argument("--title", default=None, help="title of the table and plot (default: the config's name)")
     args = p.parse_args(argv)
     strategies = [s for s in args.strategies.split(",") if s]
-    compressions = [float(c) for c in args.compressions.split(",") if c]
-    seeds = [int(s) for s in args.seeds.split(",") if s]
+    try:
+        compressions = [float(c) for c in args.compressions.split(",") if c]
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError as e:
+        p.error(f"--compressions are numbers and --seeds whole numbers: {e}")
+    for option, values in (("--strategies", strategies), ("--compressions", compressions), ("--seeds", seeds)):
+        if not values:
+            p.error(f"{option} is empty: give at least one")
+    if any(not c >= 1 for c in compressions):
+        p.error(f"--compressions must be >= 1, got {compressions}")
     title = args.title or (Path(args.config).stem if args.config else "defaults")
     jobs = [(s, c, seed) for s in strategies for c in ([FIXED[s]] if s in FIXED else compressions) for seed in seeds]
     rows: List[Run] = []
