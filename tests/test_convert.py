@@ -106,3 +106,25 @@ def test_override_sizes_that_make_a_table_larger_than_full_are_warned_of():
     with pytest.warns(UserWarning, match=r"larger than uncompressed: t_a \(learned, mapping_rows=100000\): [\d,]+ bytes against 93,440") as caught:
         to_multihash_configs(configs, compression=4, strategy="qr", overrides=overrides)
     assert not any("t_b" in str(w.message) for w in caught)  # 4x smaller: not named
+
+
+def test_every_embedding_bag_config_field_is_carried_or_refused_by_name():
+    import torch
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    from torchrec_multihash import MultiHashConfigError, MultiHashEmbeddingBagCollection, to_multihash_configs
+
+    # the user's initializer reaches every sub-table (it was dropped: the default init ran instead)
+    c = EmbeddingBagConfig(name="t", num_embeddings=1000, embedding_dim=8, feature_names=["f"], init_fn=lambda w: torch.nn.init.constant_(w, 0.25))
+    for op in ("add", "mult"):
+        (t,) = to_multihash_configs([c], 8, operation=op, threshold=0)
+        assert t.init_fn is c.init_fn
+        weights = [v for v in MultiHashEmbeddingBagCollection([t]).state_dict().values() if v.is_floating_point()]
+        assert weights and all(bool((w == 0.25).all()) for w in weights)
+    # fields a composed table cannot carry are refused, naming them (not dropped)
+    for field, value in [("need_pos", True), ("use_virtual_table", True), ("num_embeddings_post_pruning", 10), ("total_num_buckets", 4)]:
+        odd = EmbeddingBagConfig(name="t_odd", num_embeddings=1000, embedding_dim=8, feature_names=["f"], **{field: value})
+        with pytest.raises(
+            MultiHashConfigError, match=rf"table 't_odd': EmbeddingBagConfig field\(s\) \{{'{field}': {value}\}} have no multi-hash equivalent"
+        ):
+            to_multihash_configs([odd], 8)

@@ -29,15 +29,45 @@ class MultiHashConfigError(MultiHashError, ValueError):
     """A multi-hash table configuration that cannot work; the message names the table."""
 
 
-# the EmbeddingBagConfig fields that describe a logical table (what converting to and from
-# TorchRec's configs carries over)
 # the rows' precisions a table may take, by the name configs use
 ROW_PRECISIONS = {"fp32": DataType.FP32, "fp16": DataType.FP16}
-LOGICAL_FIELDS = ("name", "num_embeddings", "embedding_dim", "feature_names", "pooling", "data_type", "weight_init_min", "weight_init_max")
+# the EmbeddingBagConfig fields that describe a logical table (what converting to and from
+# TorchRec's configs carries over)
+LOGICAL_FIELDS = (
+    "name",
+    "num_embeddings",
+    "embedding_dim",
+    "feature_names",
+    "pooling",
+    "data_type",
+    "weight_init_min",
+    "weight_init_max",
+    "init_fn",
+)
+# the other EmbeddingBagConfig fields, with the value a multi-hash table needs (TorchRec's default):
+# pruning, positions, virtual (key-value) tables and the rest have no meaning for composed rows, so a
+# config converted with another value is refused, naming the field, never silently dropped
+UNSUPPORTED_FIELDS: Dict[str, Any] = {
+    "num_embeddings_post_pruning": None,
+    "need_pos": False,
+    "input_dim": None,
+    "total_num_buckets": None,
+    "use_virtual_table": False,
+    "virtual_table_eviction_policy": None,
+    "enable_embedding_update": False,
+    "stash_weights": False,
+}
 
 
 def logical_fields(config: EmbeddingBagConfig) -> Dict[str, Any]:
-    """The logical table's fields of ``config`` (a copy of its feature names)."""
+    """The logical table's fields of ``config`` (a copy of its feature names); MultiHashConfigError
+    names a field set that a multi-hash table cannot carry (``UNSUPPORTED_FIELDS``)."""
+    odd = {k: getattr(config, k, v) for k, v in UNSUPPORTED_FIELDS.items() if getattr(config, k, v) != v}
+    if odd:
+        raise MultiHashConfigError(
+            f"table '{config.name}': EmbeddingBagConfig field(s) {odd} have no multi-hash equivalent; "
+            f"leave them at TorchRec's defaults ({ {k: UNSUPPORTED_FIELDS[k] for k in odd} })"
+        )
     fields = {k: getattr(config, k) for k in LOGICAL_FIELDS}
     fields["feature_names"] = list(config.feature_names)
     return fields
