@@ -229,3 +229,11 @@ def test_a_plan_without_constraints_replicates_no_table():
 
     assert len(replicated(EmbeddingShardingPlanner(topology=topo).plan(module, sharders()))) == 26
     assert replicated(plan_model(module, topo)) == []
+
+
+@pytest.mark.slow
+def test_plan_takes_the_table_sizes_from_the_data_as_train_does(shared_data, tmp_path):
+    # the README's own MovieLens config gives no sizes (data.ids: vocabulary): plan counts them, as train does
+    r = run_cli("plan", "--config", "configs/movielens_100k_ctr_full.yaml", "--set", f"train.output_dir={tmp_path}", "--world-size", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Plan for 1 cuda ranks" in r.stdout and "7.0 MiB multi-hash vs 7.0 MiB uncompressed" in r.stdout

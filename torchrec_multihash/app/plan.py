@@ -97,12 +97,16 @@ def plan_config(cfg: Config, topology: Topology, batch_size: Optional[int], choi
     return describe_plan(plan, model, topology)
 
 
+def sizes_from_data(cfg: Config) -> None:
+    """The tables' sizes from the data where the config gives none (``data.ids: vocabulary``), as
+    ``train`` finds them (the vocabulary saved in the run folder, else counted now and saved there)."""
+    if not cfg.embeddings.num_embeddings_per_feature and cfg.data.format != "synthetic":
+        cfg.embeddings.num_embeddings_per_feature = make_data(cfg, 0, 1, Path(cfg.train.output_dir)).num_embeddings_per_feature
+
+
 def mch_report(cfg: Config) -> Dict[str, Any]:
     """Strategy mch's tables (TorchRec's MCH remapper, one rank): rows, weight and remapper-state
-    bytes of each (sizes from the data when the config gives none)."""
-    if not cfg.embeddings.num_embeddings_per_feature:
-        data = make_data(cfg, 0, 1, Path(cfg.train.output_dir))
-        cfg.embeddings.num_embeddings_per_feature = data.num_embeddings_per_feature
+    bytes of each."""
     ebc = build_mch(cfg, torch.device("meta"))
     return {
         "strategy": "mch",
@@ -132,6 +136,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     with quiet(all_warnings=True):  # the planner warns and logs for live jobs (dry-run estimates)
         try:
             cfg = load_config(args.config, args.set)
+            sizes_from_data(cfg)
             if is_mch(cfg):
                 check_mch_world(cfg, args.world_size)
                 mch = mch_report(cfg)
