@@ -93,3 +93,67 @@ def test_shuffle_is_for_npy_and_is_part_of_the_run_record():
     cfg = load_config("configs/criteo_1tb_qr.yaml", ["data.shuffle=true"])
     assert data_record(cfg)["data.shuffle"] is True  # a resume under another order is refused, naming it
     assert "data.shuffle" not in data_record(load_config("configs/criteo_1tb_qr.yaml"))
+
+
+def _make(tmp_path, **kw):
+    """One day of 64 rows; ``kw`` replaces an array (dense, sparse or labels) or writes raw bytes."""
+    g = np.random.default_rng(0)
+    arrays = {
+        "dense": g.random((64, 13), dtype=np.float32),
+        "sparse": g.integers(0, 1000, (64, 26), dtype=np.int32),
+        "labels": g.integers(0, 2, (64, 1), dtype=np.int32),
+    }
+    arrays.update(kw)
+    for part, a in arrays.items():
+        path = tmp_path / f"day_0_{part}.npy"
+        path.write_bytes(a) if isinstance(a, bytes) else np.save(path, a)
+    return str(tmp_path / "day_0_dense.npy")
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (
+            {"sparse": np.ones((64, 26), dtype=np.float32)},
+            r"day_0_sparse.npy: expected 26 column\(s\) of integers \(rows x 26\), got float32 \(64, 26\)",
+        ),
+        ({"labels": np.ones(64, dtype=np.int32)}, r"day_0_labels.npy: expected 1 column\(s\) of integers \(rows x 1\), got int32 \(64,\)"),
+        ({"dense": np.ones((64, 12), dtype=np.float32)}, r"day_0_dense.npy: expected 13 column\(s\) of floats"),
+        ({"dense": np.array([{"a": 1}] * 64, dtype=object)}, r"day_0_dense.npy is not an npy array of TorchRec's Criteo layout"),
+        ({"sparse": b"these are not npy bytes"}, r"day_0_sparse.npy is not an npy array of TorchRec's Criteo layout"),
+    ],
+)
+def test_npy_files_of_another_layout_are_named(tmp_path, kw, message):
+    from torchrec_multihash.app.config import load_config
+    from torchrec_multihash.app.data import make_data
+    from torchrec_multihash.datasets.criteo_tsv import CriteoFormatError
+
+    day = _make(tmp_path, **kw)
+    cfg = load_config("configs/criteo_kaggle_qr.yaml", ["data.format=criteo_npy", f"data.train=[{day}]", f"data.test={day}", "train.batch_size=16"])
+    with pytest.raises(CriteoFormatError, match=message):
+        make_data(cfg, 0, 1, tmp_path)
+
+
+def test_negative_ids_and_other_table_sizes_are_refused(tmp_path):
+    import json
+
+    from torchrec_multihash.app.config import ConfigError, load_config
+    from torchrec_multihash.app.data import make_data
+    from torchrec_multihash.datasets.criteo_tsv import CriteoFormatError
+
+    sparse = np.random.default_rng(1).integers(0, 1000, (64, 26), dtype=np.int32)
+    sparse[37, 5] = -4
+    day = _make(tmp_path, sparse=sparse)
+    sets = ["data.format=criteo_npy", f"data.train=[{day}]", f"data.test={day}", "train.batch_size=16"]
+    cfg = load_config("configs/criteo_kaggle_qr.yaml", sets)
+    batches = make_data(cfg, 0, 1, tmp_path).train(0, 0)
+    assert len([next(batches), next(batches)]) == 2  # rows 0-31 are fine
+    with pytest.raises(CriteoFormatError, match=r"day_0_dense.npy row 37: negative sparse id\(s\) \[-4\]"):
+        next(batches)
+    # a folder preprocessed for other table sizes: its ids would wrap modulo these
+    (tmp_path / "preprocess.json").write_text(json.dumps({"ids": "hashing", "sizes": [7] * 26, "labeled": True}))
+    with pytest.raises(ConfigError, match=r"was preprocessed for table sizes \[7, 7,.*but embeddings.num_embeddings_per_feature is"):
+        make_data(cfg, 0, 1, tmp_path)
+    sizes = cfg.embeddings.num_embeddings_per_feature
+    (tmp_path / "preprocess.json").write_text(json.dumps({"ids": "hashing", "sizes": sizes, "labeled": True}))
+    make_data(cfg, 0, 1, tmp_path)  # the sizes it was made for

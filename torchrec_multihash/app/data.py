@@ -3,6 +3,7 @@
 import bisect
 import functools
 import itertools
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,17 +55,54 @@ def _paths(paths: Optional[List[str]], what: str) -> List[str]:
     return list(paths)
 
 
-def _npy_triplet(dense: str, what: str) -> List[str]:
+def _npy_triplet(dense: str, what: str, sizes: Optional[List[int]] = None) -> List[str]:
     if not dense.endswith("_dense.npy"):
         raise ConfigError(f"data.{what}: {dense} is not a *_dense.npy file of TorchRec's preprocessed Criteo layout")
     paths = [dense, dense[: -len("_dense.npy")] + "_sparse.npy", dense[: -len("_dense.npy")] + "_labels.npy"]
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise ConfigError(f"data.{what}: missing {missing} next to {dense}")
-    rows = [len(np.load(p, mmap_mode="r")) for p in paths]
+    rows = [len(_npy_array(p, kind, columns)) for p, (kind, columns) in zip(paths, _NPY_LAYOUT)]
     if len(set(rows)) > 1:
         raise CriteoFormatError(f"data.{what}: {', '.join(f'{Path(p).name} has {n} rows' for p, n in zip(paths, rows))}: they must be equal")
+    _check_preprocessed_sizes(Path(dense).parent, sizes)
     return paths
+
+
+# dense, sparse, labels: the dtype kinds (numpy's: f float, i/u integer) and columns of TorchRec's layout
+_NPY_LAYOUT = (("f", NUM_DENSE), ("iu", NUM_SPARSE), ("iu", 1))
+
+
+def _npy_array(path: str, kinds: str, columns: int) -> np.ndarray:
+    """``path`` memory-mapped, if it is an npy array of ``columns`` columns of a dtype of ``kinds``;
+    CriteoFormatError naming the file and what it holds otherwise."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise CriteoFormatError(f"{path} is not an npy array of TorchRec's Criteo layout ({e})") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in kinds or arr.ndim != 2 or arr.shape[1] != columns:
+        what = "floats" if kinds == "f" else "integers"
+        shape = getattr(arr, "shape", "?")
+        raise CriteoFormatError(f"{path}: expected {columns} column(s) of {what} (rows x {columns}), got {getattr(arr, 'dtype', '?')} {shape}")
+    return arr
+
+
+def _check_preprocessed_sizes(folder: Path, sizes: Optional[List[int]]) -> None:
+    """Ids that ``preprocess`` made for other table sizes (hashed, or a vocabulary's) would be taken
+    modulo these, silently: refused."""
+    record = folder / "preprocess.json"
+    if sizes is None or not record.is_file():
+        return
+    try:
+        mapping = json.loads(record.read_text())
+        made = list(mapping["sizes"])
+    except (ValueError, KeyError, TypeError):
+        return  # not one of ours
+    if made != list(sizes):
+        raise ConfigError(
+            f"{folder} was preprocessed for table sizes {mapping.get('sizes')} (its preprocess.json), but "
+            f"embeddings.num_embeddings_per_feature is {list(sizes)}: use the sizes it was made for, or preprocess again"
+        )
 
 
 def _npy_batches(paths: List[str], cfg: Config, rank: int, world_size: int, keys: List[str], drop_last: bool) -> Iterator[Batch]:
@@ -110,7 +148,7 @@ def _npy_batches(paths: List[str], cfg: Config, rank: int, world_size: int, keys
         check_labels(check_finite(b, functools.partial(where, i)), functools.partial(where, i))
         kjt = b.sparse_features  # keyed cat_0..cat_25: rename to the model's features
         yield Batch(
-            dense_features=b.dense_features,
+            dense_features=b.dense_features.float(),
             sparse_features=KeyedJaggedTensor(keys=keys, values=kjt.values().long(), lengths=kjt.lengths(), stride=kjt.stride()),
             labels=b.labels.float(),
         )
@@ -160,10 +198,10 @@ def _npy_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunD
     keys, sizes = _criteo_keys(cfg), list(cfg.embeddings.num_embeddings_per_feature)
     train_paths, test_paths = _paths(cfg.data.train, "train"), _paths(cfg.data.test, "test")
     for path, what in [*((p, "train") for p in train_paths), *((p, "test") for p in test_paths)]:
-        _npy_triplet(path, what)  # before any work: all there, with equal row counts
+        _npy_triplet(path, what, sizes)  # before any work: all there, of TorchRec's layout, with equal row counts
     if len(sizes) != NUM_SPARSE:
         raise ConfigError("criteo_npy: embeddings.num_embeddings_per_feature needs 26 sizes (ids are hashed mod them)")
-    triplets = [_npy_triplet(p, "train") for p in train_paths]
+    triplets = [_npy_triplet(p, "train", sizes) for p in train_paths]
     shuffle_seed = cfg.train.seed if cfg.data.shuffle else None
 
     def check(batch: Batch, where: Callable[[int], str]) -> Batch:
