@@ -249,6 +249,11 @@ def test_a_damaged_shard_file_is_refused_naming_it(tmp_path):
         load_checkpoint(path, one_table_ebc())
     shard.write_bytes(data)
     load_checkpoint(path, one_table_ebc())  # as saved: loads
+    # a flipped bit and the manifest deleted: refused all the same (no manifest turned every check off)
+    shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    (path / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match=r"has no manifest.json \(the checksums of its files\): it is damaged"):
+        load_checkpoint(path, one_table_ebc())
 
 
 def test_an_index_pointing_outside_the_folder_is_refused(tmp_path):

@@ -111,7 +111,10 @@ def check_resumable(path: Path, record: Record) -> None:
     would mean other samples), naming the key."""
     manifest = read_manifest(path)
     if manifest is None or not manifest["meta"].get("run"):
-        return  # written before checkpoints recorded their run: the table shapes are still checked
+        raise ConfigError(
+            f"--resume: the checkpoint in {path} records no run settings ({'no manifest.json' if manifest is None else 'none in its manifest'}): "
+            "it is damaged or was not written by torchrec-multihash train; start over with --overwrite or another train.output_dir"
+        )
     changed = differences(manifest["meta"]["run"], record)
     if changed:
         raise ConfigError(

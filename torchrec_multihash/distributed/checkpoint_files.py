@@ -59,7 +59,8 @@ def write_manifest(folder: Path, meta: Optional[Dict[str, Any]]) -> None:
 
 
 def read_manifest(folder: Path) -> Optional[Dict[str, Any]]:
-    """The manifest of the checkpoint in ``folder``; None for one saved without (older versions)."""
+    """The manifest of the checkpoint in ``folder``; None where there is none (``verify_checksums``
+    refuses such a checkpoint)."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
@@ -90,10 +91,14 @@ def check_storage(folder: Path, md: Metadata) -> None:
 
 def verify_checksums(folder: Path) -> None:
     """Checks every file listed in the manifest against its size and SHA-256 (each rank a share,
-    the same error on every rank); a checkpoint without a manifest is not checked."""
+    the same error on every rank). Every checkpoint ``save_checkpoint`` writes has a manifest: one
+    without is refused (a deleted manifest would otherwise turn every check off)."""
     manifest = read_manifest(folder)
     if manifest is None:
-        return
+        raise CheckpointError(
+            f"checkpoint {folder} has no {MANIFEST} (the checksums of its files): it is damaged, or was not written by "
+            "torchrec-multihash's save_checkpoint; refusing to load it"
+        )
     problems: Dict[str, str] = {}
     for name in _share(sorted(manifest["files"])):
         expected, path = manifest["files"][name], folder / name
