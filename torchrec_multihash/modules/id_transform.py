@@ -277,6 +277,9 @@ def exploded_batch(most_ids: int, batch: int) -> int:
     equals the input's ``batch``, so that a per-id lookup's output has ``batch`` rows only in the
     one-hot layout (``IdTransform``), which is how the combine tells the two apart."""
     stride = max(1, most_ids)
+    if not torch.jit.is_scripting():
+        if torch.compiler.is_compiling():  # torch.export / compile: always exploded, and the combine does not compare
+            return stride
     return stride + 1 if stride == batch else stride
 
 
@@ -662,7 +665,9 @@ class IdTransform(nn.Module):
             counts = counts.index_select(0, regroup)
             length_per_key = [length_per_key[i] for i in indices] if length_per_key is not None else None
         explode = self._explode
-        if explode:  # its features' ids and largest bag, read at once: a one-hot batch keeps its bags
+        if explode and torch.compiler.is_compiling():  # torch.export / compile: always exploded (no data-dependent branch)
+            length_per_key = counts.tolist()
+        elif explode:  # its features' ids and largest bag, read at once: a one-hot batch keeps its bags
             length_per_key, explode = self._explode_reading(counts, lengths, batch, plan.order)
         params, perm, max_bags = self._constants(values.device)
         n, lookups = values.numel(), len(plan.order)
