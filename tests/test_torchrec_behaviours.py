@@ -233,10 +233,20 @@ def test_reset_parameters_draws_the_sub_tables_again_within_their_ranges(strateg
         assert torch.equal(module.learned_mappings()[name].rows, rows)
 
 
-def test_embedding_bags_is_refused_with_what_to_use_instead():
+def test_embedding_bags_is_a_read_only_view_of_the_sub_tables():
+    # TorchRec's tools (its EBC tests' test_device, ...) read .embedding_bags: each sub-table's module
     module = build(LAYOUTS["unweighted"], "qr_mult")
-    with pytest.raises(AttributeError, match=r"no embedding_bags.*sub_table_weights\(\)"):
-        _ = module.embedding_bags
+    bags = module.embedding_bags
+    weights = module.sub_table_weights()
+    assert set(weights) <= set(bags) and all(bags[name].weight is w for name, w in weights.items())
+    assert all(t.name in bags for t in module.multihash_configs())  # every table's name too
+    with pytest.raises(TypeError):
+        bags["t_new"] = torch.nn.EmbeddingBag(2, 2)  # read-only
+    stacked = MultiHashEmbeddingBagCollection(
+        [MultiHashEmbeddingBagConfig(name="t", num_embeddings=100, embedding_dim=4, feature_names=["f"], num_collisions=5, operation="add")]
+    )
+    assert stacked.embedding_bags["t"] is stacked.embedding_bags["t__parts"]  # a stacked add's name: its one table
+    assert torch.jit.script(stacked) is not None  # the view is left out of TorchScript
     assert isinstance(module.combine, torch.nn.Module)  # other attributes as before
     with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
         _ = module.nothing

@@ -2,7 +2,8 @@
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, cast
+from types import MappingProxyType
+from typing import Any, Dict, List, Mapping, Optional, cast
 
 import torch
 from torch import nn
@@ -204,6 +205,8 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         strict_features: raise on KJT keys that no table looks up (TorchRec's EBC ignores them).
     """
 
+    __jit_unused_properties__ = ["embedding_bags"]  # a view for eager tools, not for TorchScript
+
     def __init__(
         self,
         tables: List[MultiHashEmbeddingBagConfig],
@@ -318,13 +321,21 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             if isinstance(group.tables, EmbeddingBagCollection):
                 group.tables.reset_parameters()
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "embedding_bags":  # TorchRec's EBC has one table per name; ours are composed of sub-tables
-            raise AttributeError(
-                "MultiHashEmbeddingBagCollection has no embedding_bags: each table is composed of sub-tables; "
-                "use sub_table_weights() (by sub-table), part_weights() (by part) or torchrec_multihash.composed_embeddings(module, table, ids)"
-            )
-        return super().__getattr__(name)
+    @property
+    def embedding_bags(self) -> Mapping[str, nn.Module]:
+        """A read-only view for tools written for TorchRec's EBC (its ``embedding_bags``): each stored
+        sub-table's module by its name (``t_C1``, ``t_C1__r``, ``t_C1__parts``, ...), and each table's
+        name that no sub-table holds (a stacked add's) for its first sub-table. A table's embeddings are
+        composed of its sub-tables' rows: read them with ``composed_embeddings(module, table, ids)``;
+        weights by part with ``part_weights()``."""
+        bags: Dict[str, nn.Module] = {}
+        for group in [*self.pooled.values(), *self.per_id.values()]:
+            bags.update(cast(EmbeddingBagCollection, group.tables).embedding_bags.items())
+        for t in self._configs:
+            first = t.strategy_impl().stored_tables()[0].name
+            if t.name not in bags and first in bags:
+                bags[t.name] = bags[first]
+        return MappingProxyType(bags)
 
     def learned_mappings(self) -> Dict[str, LearnedMapping]:
         """The learned id -> row mapping of each learned table, by table name."""
