@@ -76,3 +76,25 @@ def test_output_into_a_closed_pipe_ends_quietly():
 def test_command_numbers_no_run_can_use_are_refused_by_the_parser(args, message):
     r = run_cli(*args)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_output_paths_of_the_wrong_kind_are_refused_before_any_work(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for args, message in [
+        (["bench", "--quick", "--out", str(a_file)], f"argument --out: {a_file} is a file: give a folder"),
+        (["quality", "--out", str(a_file)], f"argument --out: {a_file} is a file: give a folder"),
+        (["preprocess", "x.gz", "--out-dir", str(a_file)], f"argument --out-dir: {a_file} is a file: give a folder"),
+        (["export", "--out", str(tmp_path)], f"argument --out: {tmp_path} is a folder: give the file to write"),
+        # what only shows later is said in one line too (was a traceback): a run folder under a file
+        (["train", "--config", "configs/quickstart.yaml", "--set", f"train.output_dir={a_file}/run"], "Not a directory"),
+    ]:
+        r = run_cli(*args)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_tables_the_planner_cannot_place_are_one_line(tmp_path):
+    big = ["--set", "train.batch_size=100000000", "--set", "data.train_samples=100000000", "--set", "train.max_steps=1"]
+    r = run_cli("train", "--config", "configs/quickstart.yaml", *big, "--set", f"train.output_dir={tmp_path}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "TorchRec's planner cannot place the tables on 1 rank(s) with train.batch_size=100000000" in r.stderr

@@ -3,6 +3,7 @@ naming the option (``error: argument --steps: must be >= 1, got 0``), not found 
 
 import argparse
 import math
+from pathlib import Path
 from typing import Callable
 
 
@@ -36,3 +37,19 @@ def above(bound: float) -> Callable[[str], float]:
 
     parse.__name__ = "float"
     return parse
+
+
+def folder(text: str) -> Path:
+    """An argparse ``type`` for an output folder: a path that is not an existing file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file: give a folder (it is created if missing)")
+    return path
+
+
+def file_to_write(text: str) -> Path:
+    """An argparse ``type`` for an output file: a path that is not an existing folder."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder: give the file to write, e.g. {path / 'model.pt'}")
+    return path

@@ -46,6 +46,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BrokenPipeError:  # the output piped into a reader that stopped (`plan ... | head`): nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's final flush must not fail again
         return 141  # 128 + SIGPIPE, what a shell reports
+    except OSError as e:  # a folder it cannot write, a path that is a folder or a file: what and where, not a traceback
+        where = f": {e.filename}" if e.filename else ""
+        print(f"torchrec-multihash {args.command}: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from torchrec_multihash.app.model import build_model, is_mch, multihash_module
 from torchrec_multihash.app.quiet import quiet
 from torchrec_multihash.app.run_folder import check_checkpoint_run
 from torchrec_multihash.app.train_state import checkpoint_dir
+from torchrec_multihash.argtypes import file_to_write
 from torchrec_multihash.distributed.checkpoint import find_checkpoint, load_checkpoint
 from torchrec_multihash.errors import MultiHashError
 from torchrec_multihash.inference import QUANT_DTYPES, embedding_bytes, export_model, quantize_embeddings
@@ -75,7 +76,7 @@ _NOTICES = ("The TorchScript type system", "TorchScript will treat type annotati
 def main(argv: Optional[List[str]] = None) -> int:
     p = config_parser("torchrec-multihash export", __doc__)
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: train.output_dir/checkpoint)")
-    p.add_argument("--out", type=Path, required=True, help="the TorchScript file to write")
+    p.add_argument("--out", type=file_to_write, required=True, help="the TorchScript file to write")
     p.add_argument("--dtype", choices=[*QUANT_DTYPES, "fp32"], default="int8", help="row format of the exported tables (fp32: as trained)")
     p.add_argument("--row-alignment", type=int, default=None, help="bytes each quantized row is padded to (TorchRec's default: 16)")
     p.add_argument("--evaluate", action="store_true", help="AUC and log loss of the trained and the exported model on the test data")

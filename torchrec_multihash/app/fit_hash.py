@@ -15,6 +15,7 @@ from torchrec_multihash.app.choose_tables import ensure_choice
 from torchrec_multihash.app.config import Config, ConfigError, config_parser, load_config
 from torchrec_multihash.app.data import make_data
 from torchrec_multihash.app.model import build_tables, plain_tables
+from torchrec_multihash.argtypes import folder
 from torchrec_multihash.datasets.criteo_tsv import CriteoFormatError
 from torchrec_multihash.learned.fit import FitOptions, FittedMapping, describe, fit_mappings, save_mappings
 from torchrec_multihash.modules.config import MultiHashConfigError
@@ -72,7 +73,7 @@ def fit_for_config(cfg: Config, out: Path, show_progress: bool = True, source: O
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = config_parser("torchrec-multihash fit-hash", __doc__)
-    p.add_argument("--out", type=Path, required=True, help="directory to write the mapping to")
+    p.add_argument("--out", type=folder, required=True, help="directory to write the mapping to")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)

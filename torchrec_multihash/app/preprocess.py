@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from torchrec_multihash.app.config import ConfigError, load_config
 from torchrec_multihash.app.provenance import files
-from torchrec_multihash.argtypes import at_least
+from torchrec_multihash.argtypes import at_least, folder
 from torchrec_multihash.datasets.batching import block_ids, parse_lines
 from torchrec_multihash.datasets.criteo_tsv import NUM_DENSE, NUM_SPARSE, BadLines, LineStream
 from torchrec_multihash.datasets.id_mapping import HashingIds, IdMapping, Vocabulary
@@ -208,7 +208,7 @@ def preprocess(args: argparse.Namespace) -> Dict[str, Any]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torchrec-multihash preprocess", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="Criteo TSV day files (plain or .gz), one npy triplet each")
-    p.add_argument("--out-dir", required=True, help="folder of the npy files (and preprocess.json, vocabulary.json)")
+    p.add_argument("--out-dir", type=folder, required=True, help="folder of the npy files (and preprocess.json, vocabulary.json)")
     p.add_argument("--ids", choices=("hashing", "vocabulary"), default="hashing", help="hashing mod the sizes, or a frequency vocabulary")
     p.add_argument("--config", default=None, help="hashing: take the sizes from this config's embeddings.num_embeddings_per_feature")
     p.add_argument("--sizes", type=int, nargs="+", help="hashing: 26 table sizes (instead of --config)")

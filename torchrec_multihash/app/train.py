@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 from torchrec.datasets.utils import Batch
 from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.models.dlrm import DLRMTrain
 from torchrec.optim.keyed import CombinedOptimizer
@@ -111,7 +112,15 @@ def build_sharded_model(cfg: Config, device: torch.device) -> Tuple[DistributedM
         model = DLRMTrain(build_model(cfg, device=torch.device("meta")))
         ebc = embedding_module(model)
         constraints = build_constraints(cfg, ebc.multihash_configs()) if not isinstance(ebc, MCHEmbeddingBagCollection) else {}
-        dmp = shard_model(model, device, cfg.train.embedding_lr, constraints, batch_size=cfg.train.batch_size)
+        try:
+            dmp = shard_model(model, device, cfg.train.embedding_lr, constraints, batch_size=cfg.train.batch_size)
+        except PlannerError as e:  # the tables and their inputs do not fit the ranks' memory
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(
+                f"TorchRec's planner cannot place the tables on {dist.get_world_size()} rank(s) with train.batch_size="
+                f"{cfg.train.batch_size}: {first[:300]}; lower train.batch_size, compress the tables more or add ranks "
+                "(`torchrec-multihash plan` shows the placement)"
+            ) from None
         if not isinstance(ebc, MCHEmbeddingBagCollection) and ebc.learned_mappings():
             apply_mappings(ebc, load_mappings(_mapping_dir(cfg, Path(cfg.train.output_dir))))
     return dmp, ebc

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, TypedDict
 
 from tqdm import tqdm
 
-from torchrec_multihash.argtypes import at_least
+from torchrec_multihash.argtypes import at_least, folder
 from torchrec_multihash.bench import python_command
 from torchrec_multihash.bench.step_time import BASELINE, DEVICES, METHODS
 from torchrec_multihash.bench.workload import WORKLOADS, BenchSpec
@@ -233,7 +233,7 @@ def plots(results: Results, out: Path) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="torchrec-multihash bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="small tables and batches (a few minutes on CPU)")
-    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="directory for the results")
+    p.add_argument("--out", type=folder, default=Path("runs/bench"), help="directory for the results")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {list(METHODS)}")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, from {list(WORKLOADS)}")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA (FBGEMM's GPU kernels) where there is a GPU, else CPU")

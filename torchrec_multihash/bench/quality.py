@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, TypedDict
 from tqdm import tqdm
 
 from torchrec_multihash.app.config import config_parser
-from torchrec_multihash.argtypes import at_least
+from torchrec_multihash.argtypes import at_least, folder
 from torchrec_multihash.bench import python_command
 
 BASELINE = "hash"  # AUC differences are reported against the hashing trick, seed by seed
@@ -217,7 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--compressions", default="4,16", help="comma-separated target reductions")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated train.seed values")
     p.add_argument("--nproc", type=at_least(1), default=1, help="processes per run (torchrun)")
-    p.add_argument("--out", type=Path, required=True, help="directory for the runs and the report")
+    p.add_argument("--out", type=folder, required=True, help="directory for the runs and the report")
     p.add_argument("--title", default=None, help="title of the table and plot (default: the config's name)")
     args = p.parse_args(argv)
     strategies = [s for s in args.strategies.split(",") if s]
