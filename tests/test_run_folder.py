@@ -156,6 +156,14 @@ def test_a_vocabulary_of_other_data_or_min_count_is_rebuilt_a_corrupt_one_refuse
     assert other != sizes and "made from other data: data.train: " in capsys.readouterr().out
     make_data(_kaggle_cfg(tmp_path, shared_data, half, "data.min_count=2"), 0, 1, out)
     assert "data.min_count: 1 then, 2 now" in capsys.readouterr().out
+    # an edited vocabulary: one feature's values all one of them (its table would silently shrink)
+    import json
+
+    data = json.loads((out / "vocabulary.json").read_text())
+    data["features"][3] = [data["features"][3][0]] * len(data["features"][3])
+    (out / "vocabulary.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"vocabulary.json: feature 3 lists value \w+ more than once: .*\(edited\?\): delete it"):
+        make_data(_kaggle_cfg(tmp_path, shared_data, half, "data.min_count=2"), 0, 1, out)
     (out / "vocabulary.json").write_text("{not json")
     with pytest.raises(ConfigError, match="vocabulary.json: not a vocabulary file .*delete it to build it again"):
         make_data(_kaggle_cfg(tmp_path, shared_data, half), 0, 1, out)

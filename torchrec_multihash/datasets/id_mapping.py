@@ -1,5 +1,6 @@
 """Raw categorical values -> table ids: TorchRec-style hashing, or a frequency-ordered vocabulary."""
 
+import collections
 import itertools
 import json
 import os
@@ -93,6 +94,14 @@ class Vocabulary:
         try:
             data = json.loads(Path(path).read_text())
             ids = [{int(h, 16): i + 1 for i, h in enumerate(values)} for values in data["features"]]
-            return cls(ids, int(data["min_count"]), data.get("source"))
+            min_count = int(data["min_count"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: not a vocabulary file written by Vocabulary.save ({e})") from None
+        for f, (values, mapping) in enumerate(zip(data["features"], ids)):
+            if len(mapping) != len(values):  # a value twice: its ids would collapse, the table silently shrink
+                counts = collections.Counter(int(v, 16) for v in values)
+                twice = next(v for v in values if counts[int(v, 16)] > 1)
+                raise ValueError(
+                    f"{path}: feature {f} lists value {twice} more than once: not a vocabulary file written by Vocabulary.save (edited?)"
+                )
+        return cls(ids, min_count, data.get("source"))
