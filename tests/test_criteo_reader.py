@@ -212,3 +212,13 @@ def test_npy_ranks_split_rows_and_nan_names_file_and_row(kaggle, tmp_path):
     assert len(dense(0, 2)) == 7
     with pytest.raises(CriteoFormatError, match=r"day_1_dense.npy row 100: dense features are not finite \(NaN or inf\)"):
         dense(1, 2)
+
+
+def test_a_line_longer_than_any_criteo_line_is_a_bad_line_not_terabytes():
+    from torchrec_multihash.datasets.batching import parse_lines
+
+    good = ("1\t" + "\t".join(["5"] * 13) + "\t" + "\t".join(["68fd1e64"] * 26) + "\n").encode()
+    huge = ("0\t" + "\t".join(["5"] * 13) + "\t" + "a" * 5_000_000 + "\t" + "\t".join(["68fd1e64"] * 25) + "\n").encode()
+    block, bad = parse_lines([("day.tsv", 1, good), ("day.tsv", 2, huge), ("day.tsv", 3, good)])
+    assert block is not None and len(block.labels) == 2  # the good lines, parsed (the vectorized parse would size every row by the field)
+    assert bad == [f"day.tsv:2: the line is {len(huge):,} bytes long, more than any Criteo line (at most 65,536)"]

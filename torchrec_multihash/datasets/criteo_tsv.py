@@ -319,8 +319,15 @@ def parse_line(line: str, path: PathLike, lineno: Line, labeled: bool = True) ->
     return CriteoRow(label=label, dense=dense, sparse=sparse)
 
 
+# a Criteo line is at most a few hundred bytes; a longer one is not Criteo data (and a field of tens of MB
+# would make the vectorized parse allocate its width for every row: terabytes)
+MAX_LINE_BYTES = 1 << 16
+
+
 def parse_raw(raw: bytes, path: PathLike, lineno: Line, labeled: bool = True) -> CriteoRow:
     """Parses one line as read from the file (bytes, newline included)."""
+    if len(raw) > MAX_LINE_BYTES:
+        raise CriteoFormatError(f"{path}:{lineno}: the line is {len(raw):,} bytes long, more than any Criteo line (at most {MAX_LINE_BYTES:,})")
     try:
         line = raw.rstrip(b"\n").rstrip(b"\r").decode("ascii")
     except UnicodeDecodeError as e:
@@ -346,7 +353,7 @@ def parse_block(lines: Sequence[bytes], labeled: bool = True) -> Optional[Parsed
     digits): parse those line by line, which names what is wrong."""
     n, cols = len(lines), 1 + NUM_DENSE + NUM_SPARSE if labeled else NUM_DENSE + NUM_SPARSE
     stripped = [line.rstrip(b"\n").rstrip(b"\r") for line in lines]
-    if any(line.count(b"\t") != cols - 1 or b"\r" in line for line in stripped):
+    if any(len(line) > MAX_LINE_BYTES or line.count(b"\t") != cols - 1 or b"\r" in line for line in stripped):
         return None
     fields = np.array(b"\t".join(stripped).split(b"\t"), dtype="S").reshape(n, cols)
     labels = np.zeros(n, dtype=np.float32)
