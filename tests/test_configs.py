@@ -240,3 +240,10 @@ def test_floats_as_people_write_them_and_keys_given_twice(tmp_path):
     dup.write_text("train:\n  batch_size: 64\n  epochs: 1\n  batch_size: 128\n")
     with pytest.raises(ConfigError, match=r"dup.yaml: not valid YAML: key 'batch_size' is given twice \(lines 2 and 4\)"):
         load_config(dup)
+
+
+def test_table_sizes_past_int64_bytes_are_refused():
+    from torchrec_multihash.app.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"\[99999999999999999999\] rows of dim 16 would take more bytes than an int64 counts"):
+        load_config("configs/quickstart.yaml", ["embeddings.num_embeddings_per_feature=[99999999999999999999, 5]"])

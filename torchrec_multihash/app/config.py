@@ -260,6 +260,14 @@ def _check_sizes(cfg: Config) -> None:
         bad = [v for v in sizes if v < 1]
         if bad:
             raise ConfigError(f"{where} must hold sizes >= 1, got {sizes}")
+    # a table's bytes (N x dim x 4) are int64 everywhere (TorchRec's planner, torch): past that they wrap
+    most = (2**63 - 1) // (4 * max(1, cfg.model.embedding_dim))
+    huge = [v for v in cfg.embeddings.num_embeddings_per_feature if v > most]
+    if huge:
+        raise ConfigError(
+            f"embeddings.num_embeddings_per_feature: {huge[:3]} rows of dim {cfg.model.embedding_dim} would take more bytes than "
+            f"an int64 counts; a table holds at most {most:,} rows at this dim"
+        )
     if cfg.embeddings.budget_bytes is not None and cfg.embeddings.budget_bytes < 1:
         raise ConfigError(f"embeddings.budget_bytes must be >= 1, got {cfg.embeddings.budget_bytes}")
     if not cfg.model.over_arch_layer_sizes or cfg.model.over_arch_layer_sizes[-1] != 1:
