@@ -71,6 +71,24 @@ def test_overwriting_a_checkpoint_keeps_one_valid_copy(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_a_symlinked_checkpoint_folder_stays_a_link_save_after_save(tmp_path):
+    # a run folder whose checkpoint/ links to a bigger disk: the second save failed (NotADirectoryError),
+    # after the training it was to keep; saves now go where the link points
+    disk, run = tmp_path / "disk", tmp_path / "run"
+    (disk / "ckpt").mkdir(parents=True)
+    run.mkdir()
+    (run / "checkpoint").symlink_to(disk / "ckpt")
+    for seed in (0, 5, 7):
+        save_checkpoint(run / "checkpoint", sm.build_model(seed=seed))
+    assert (run / "checkpoint").is_symlink() and sorted(p.name for p in run.iterdir()) == ["checkpoint"]
+    assert sorted(p.name for p in disk.iterdir()) == ["ckpt"]  # no leftovers beside it
+    m = sm.build_model(seed=0)
+    load_checkpoint(run / "checkpoint", m)
+    expected = sm.build_model(seed=7).state_dict()
+    for key, value in m.state_dict().items():
+        torch.testing.assert_close(value, expected[key], msg=key)
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a checkpoint"):
         load_checkpoint(tmp_path / "nope", sm.build_model())

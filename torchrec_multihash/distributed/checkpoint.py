@@ -236,6 +236,14 @@ def _broadcast_str(value: str) -> str:
     return box[0]
 
 
+def _remove(path: Path) -> None:
+    """Removes a leftover folder, file or symbolic link (rmtree refuses links, which were left behind)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def save_checkpoint(
     path: Union[str, os.PathLike], model: nn.Module, extra: Optional[Dict[str, Any]] = None, meta: Optional[Dict[str, Any]] = None
 ) -> Path:
@@ -244,12 +252,13 @@ def save_checkpoint(
     place once every rank has finished, so a crash mid-save leaves the previous checkpoint intact;
     the next save removes what the crash left. A ``manifest.json`` records each file's SHA-256
     (checked by ``load_checkpoint``) and ``meta`` (JSON data about the run). Call it on every rank."""
-    path = Path(path)
+    # a symlinked checkpoint folder (e.g. to a bigger disk) stays a link: the save goes where it points
+    path = Path(path).resolve() if Path(path).is_symlink() else Path(path)
     if not _is_dist() or dist.get_rank() == 0:  # before the broadcast, so before any rank writes
         if not path.exists() and find_checkpoint(path):
             _old(path).rename(path)  # a crash between the two renames below
         for left in path.parent.glob(f".{path.name}.tmp-*"):  # a crash mid-save
-            shutil.rmtree(left, ignore_errors=True)
+            _remove(left)
     tmp = Path(_broadcast_str(str(path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")))
     state: Dict[str, Any] = {"model": model.state_dict()}
     if extra:
@@ -261,10 +270,10 @@ def save_checkpoint(
     if not _is_dist() or dist.get_rank() == 0:
         old = path.parent / f".{path.name}.old"
         if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
             path.rename(old)
         tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     if _is_dist():
         dist.barrier()
     return path
