@@ -227,8 +227,12 @@ def test_resume_export_and_plan_refuse_to_rebuild_the_vocabulary_of_a_checkpoint
     _swap_top_values(data)
 
     folder = ["--config", config, "--set", f"train.output_dir={tmp_path / 'run'}", *sets]
+    # --resume: the checkpoint's record of the files (their sampled content) refuses it first
+    r = train(tmp_path, *sets, "--resume", config=config)[0]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "Resumed" not in r.stdout, r.stderr[-2000:]
+    assert "data.train: train.txt was modified since (same size)" in r.stderr and "--overwrite" in r.stderr, r.stderr[-2000:]
+    assert (tmp_path / "run" / "vocabulary.json").read_bytes() == vocabulary and "Rebuilding" not in r.stdout
     for r in (
-        train(tmp_path, *sets, "--resume", config=config)[0],
         run_cli("export", *folder, "--out", str(tmp_path / "m.pt")),
         run_cli("plan", *folder, "--set", "embeddings.strategy=mch", "--world-size", "1"),  # mch: the tables' sizes from the vocabulary
     ):
@@ -239,3 +243,26 @@ def test_resume_export_and_plan_refuse_to_rebuild_the_vocabulary_of_a_checkpoint
     r, _ = train(tmp_path, *sets, "--overwrite", config=config)  # a new run on this data builds its own
     assert r.returncode == 0 and "Rebuilding" in r.stdout, r.stderr[-2000:]
     assert (tmp_path / "run" / "vocabulary.json").read_bytes() != vocabulary
+
+
+@pytest.mark.slow
+def test_hashed_ids_resume_refuses_other_content_of_the_same_name_and_size(tmp_path, shared_data):
+    # hashing keeps no vocabulary: the checkpoint's record of the files (name, size and now a sampled
+    # content digest) is what tells a shuffled copy, or labels flipped in place, from the data it read
+    k = shared_data / "criteo_kaggle_900" / "train.txt"
+    data = tmp_path / "train.txt"
+    lines = k.read_text().splitlines(keepends=True)
+    data.write_text("".join(lines))
+    sets = ["--set", "data.format=criteo_tsv", "--set", "data.ids=hashing", "--set", f"data.train={data}", "--set", f"data.test={k}"]
+    sets += ["--set", "train.batch_size=64", "--set", "train.checkpoint_every=5", "--set", "train.max_steps=5"]
+    r, _ = train(tmp_path, *sets, config="configs/criteo_kaggle_qr.yaml")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for changed in ("".join(lines[::-1]), "".join(("0" if x[0] == "1" else "1") + x[1:] if i % 3 == 0 else x for i, x in enumerate(lines))):
+        data.write_text(changed)  # the same name and size
+        assert data.stat().st_size == k.stat().st_size
+        r, _ = train(tmp_path, *sets, "--set", "train.max_steps=10", "--resume", config="configs/criteo_kaggle_qr.yaml")
+        assert r.returncode == 2 and "Resumed" not in r.stdout and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert "data.train: train.txt was modified since (same size)" in r.stderr, r.stderr[-2000:]
+    data.write_text("".join(lines))  # the data it read: resumes
+    r, _ = train(tmp_path, *sets, "--set", "train.max_steps=10", "--resume", config="configs/criteo_kaggle_qr.yaml")
+    assert r.returncode == 0 and "Resumed" in r.stdout, r.stderr[-2000:]
