@@ -25,7 +25,7 @@ def slurm():
     if os.environ.get("MULTIHASH_NO_SLURM") == "1":
         pytest.skip("MULTIHASH_NO_SLURM=1")
     try:
-        r = subprocess.run([str(ROOT / "scripts" / "local_slurm.sh")], capture_output=True, text=True, timeout=900)
+        r = subprocess.run([str(ROOT / "scripts" / "local_slurm.sh")], capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as e:
         pytest.skip(f"scripts/local_slurm.sh could not run: {e}")
     if r.returncode != 0:
