@@ -55,7 +55,7 @@ def _paths(paths: Optional[List[str]], what: str) -> List[str]:
     return list(paths)
 
 
-def _npy_triplet(dense: str, what: str, sizes: Optional[List[int]] = None) -> List[str]:
+def _npy_triplet(dense: str, what: str) -> List[str]:
     if not dense.endswith("_dense.npy"):
         raise ConfigError(f"data.{what}: {dense} is not a *_dense.npy file of TorchRec's preprocessed Criteo layout")
     paths = [dense, dense[: -len("_dense.npy")] + "_sparse.npy", dense[: -len("_dense.npy")] + "_labels.npy"]
@@ -65,7 +65,6 @@ def _npy_triplet(dense: str, what: str, sizes: Optional[List[int]] = None) -> Li
     rows = [len(_npy_array(p, kind, columns)) for p, (kind, columns) in zip(paths, _NPY_LAYOUT)]
     if len(set(rows)) > 1:
         raise CriteoFormatError(f"data.{what}: {', '.join(f'{Path(p).name} has {n} rows' for p, n in zip(paths, rows))}: they must be equal")
-    _check_preprocessed_sizes(Path(dense).parent, sizes)
     return paths
 
 
@@ -87,11 +86,11 @@ def _npy_array(path: str, kinds: str, columns: int) -> np.ndarray:
     return arr
 
 
-def _check_preprocessed_sizes(folder: Path, sizes: Optional[List[int]]) -> None:
+def _check_preprocessed_sizes(folder: Path, sizes: List[int]) -> None:
     """Ids that ``preprocess`` made for other table sizes (hashed, or a vocabulary's) would be taken
     modulo these, silently: refused."""
     record = folder / "preprocess.json"
-    if sizes is None or not record.is_file():
+    if not record.is_file():
         return
     try:
         mapping = json.loads(record.read_text())
@@ -197,11 +196,14 @@ def _criteo_keys(cfg: Config) -> List[str]:
 def _npy_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunData:
     keys, sizes = _criteo_keys(cfg), list(cfg.embeddings.num_embeddings_per_feature)
     train_paths, test_paths = _paths(cfg.data.train, "train"), _paths(cfg.data.test, "test")
-    for path, what in [*((p, "train") for p in train_paths), *((p, "test") for p in test_paths)]:
-        _npy_triplet(path, what, sizes)  # before any work: all there, of TorchRec's layout, with equal row counts
+    # before any work: all there, of TorchRec's layout, with equal row counts
+    triplets = [_npy_triplet(p, "train") for p in train_paths]
+    for p in test_paths:
+        _npy_triplet(p, "test")
+    for folder in sorted({Path(p).parent for p in [*train_paths, *test_paths]}):
+        _check_preprocessed_sizes(folder, sizes)
     if len(sizes) != NUM_SPARSE:
         raise ConfigError("criteo_npy: embeddings.num_embeddings_per_feature needs 26 sizes (ids are hashed mod them)")
-    triplets = [_npy_triplet(p, "train", sizes) for p in train_paths]
     shuffle_seed = cfg.train.seed if cfg.data.shuffle else None
 
     def check(batch: Batch, where: Callable[[int], str]) -> Batch:

@@ -147,9 +147,8 @@ def build_run(cfg: Config, device: torch.device, resume: Union[bool, str], recor
     opt = make_optimizer(dmp, cfg.train)
     state = start_state(cfg, dmp, opt, resume)
     meta = {"run": record, "run_id": run_id, **({"vocabulary": data.vocabulary} if data.vocabulary is not None else {})}
-    run = TrainRun(cfg, device, data, dmp, ebc, opt, lr_schedule(opt, cfg.train, state.step), state, meta)
-    run.guard.checkpoint_every_s = cfg.train.checkpoint_every_minutes * 60
-    return run
+    guard = StepGuard(checkpoint_every_s=cfg.train.checkpoint_every_minutes * 60)
+    return TrainRun(cfg, device, data, dmp, ebc, opt, lr_schedule(opt, cfg.train, state.step), state, meta, guard=guard)
 
 
 def train_segment(run: TrainRun, batches: Iterator[Batch]) -> int:

@@ -95,9 +95,8 @@ class NpyTrainBatches(IterableDataset):
     def _batch(self, arrays: List[List[np.ndarray]], b: int) -> Batch:
         dense, sparse, labels = self._rows(arrays, b)
         n = len(dense)
-        negative = np.flatnonzero((sparse < 0).any(axis=1))
-        if negative.size:  # the modulo would turn it into some other id, silently
-            row = int(negative[0])
+        if sparse.min() < 0:  # the modulo would turn it into some other id, silently
+            row = int(np.flatnonzero((sparse < 0).any(axis=1))[0])
             raise CriteoFormatError(f"{self.where(b, row)}: negative sparse id(s) {sparse[row][sparse[row] < 0].tolist()}")
         values = (sparse % self.hashes).T.reshape(-1)  # feature-major, as a KJT holds them (a copy)
         with warnings.catch_warnings():  # dense: the read-only map itself, as TorchRec's pipe gives it (nothing writes to it)

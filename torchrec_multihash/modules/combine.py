@@ -118,14 +118,15 @@ def _pooled_per_id(
     n = len(counts)
     values = kt.values()
     batch = lengths.numel() // n
+    # scripted, traced, exported or compiled: the transform always explodes; the plain ops (no
+    # data-dependent sizes, no fused op with out=)
+    plain = torch.jit.is_scripting() or torch.jit.is_tracing()
     if not torch.jit.is_scripting():
-        if torch.compiler.is_compiling():  # torch.export / compile: always exploded; no data-dependent sizes
-            index, scale = _bag_index(lengths, weights, counts, values.size(0), mean, values.dtype)
-            return _compose_per_id_plain(values, runs, index, scale, batch, n, dim)
-    if values.size(0) == batch:  # the one-hot layout: row b is bag b (see ``IdTransform``)
+        plain = plain or torch.compiler.is_compiling()
+    if not plain and values.size(0) == batch:  # the one-hot layout: row b is bag b (see ``IdTransform``)
         return _one_hot_products(values, runs, lengths, weights, n, dim, buffer)
     index, scale = _bag_index(lengths, weights, counts, values.size(0), mean, values.dtype)
-    if torch.jit.is_scripting() or torch.jit.is_tracing():
+    if plain:
         return _compose_per_id_plain(values, runs, index, scale, batch, n, dim)
     return _compose_per_id_fused(values, runs, index, scale, batch, n, dim, buffer)
 
