@@ -122,6 +122,21 @@ def _scheduler() -> Optional[str]:
     return next((a.split("=", 1)[1] for a in argv if a.startswith("--scheduler=")), None)
 
 
+def _one_line_errors(kind: type, error: BaseException, tb: object) -> None:
+    """Under `torchx run`: torchx's own refusals of its arguments (e.g. ``--env FOO`` without
+    ``=value``, raised while it parses them, before ``dlrm`` runs) as one line, not a traceback.
+    Other errors, and these with TORCHX_TRACEBACK=1, keep Python's traceback."""
+    if issubclass(kind, (ValueError, KeyError)) and not os.environ.get("TORCHX_TRACEBACK"):
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"torchx run launch/components.py:dlrm: {message}", file=sys.stderr)
+        return
+    sys.__excepthook__(kind, error, tb)  # type: ignore[arg-type]
+
+
+if _scheduler() is not None:
+    sys.excepthook = _one_line_errors
+
+
 def _check_scheduler(scheduler: Optional[str], image: str, config: str, volumes: List[str]) -> None:
     """What only the scheduler tells apart: Kubernetes pods need an image holding this package and the
     config; local_cwd and Slurm read this filesystem, where Kubernetes volumes mean nothing."""
@@ -231,7 +246,9 @@ def _dlrm_app(
     for o in overrides:
         if "=" not in o:
             raise ValueError(f"override {o!r} is not key=value (e.g. train.batch_size=512)")
-    _, _, nproc, _ = parse_nnodes(j)
+    min_nodes, max_nodes, nproc, _ = parse_nnodes(j)
+    if min(min_nodes, max_nodes, nproc) < 1 or min_nodes > max_nodes:
+        raise ValueError(f"-j {j}: nodes and processes per node must be at least 1, min nodes at most max (e.g. 1x2, 2x8 or 1:4x8)")
     cpu, memMB = _count("cpu", cpu), _count("memMB", memMB)
     cpu, gpu, memMB = _resources(nproc, gpu, cpu, memMB, h)
     restarts = " and ".join(f"--{k} {v}" for k, v in (("max_retries", max_retries), ("max_restarts", max_restarts)) if v)
@@ -255,6 +272,12 @@ def _dlrm_app(
         all_mounts += ["type=volume", f"src={data_volume}", f"dst={IMAGE_WORKDIR}/data", "readonly"]
     if output_volume:
         all_mounts += ["type=volume", f"src={output_volume}", f"dst={IMAGE_WORKDIR}/runs"]
+    if all_mounts:
+        try:
+            specs.parse_mounts(all_mounts)
+        except KeyError as e:  # torchx's messages for a mount it cannot parse
+            what = e.args[0] if " " in str(e.args[0]) else f"no {e.args[0]}= given"  # torchx's KeyError: the bare key
+            raise ValueError(f"--mounts {','.join(all_mounts)}: {what} (e.g. type=bind,src=/host/path,dst=/path)") from None
     kwargs = {"image": image} if image else {}
     app = ddp(
         *args,

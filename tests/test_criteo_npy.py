@@ -150,6 +150,13 @@ def test_negative_ids_and_other_table_sizes_are_refused(tmp_path):
     assert len([next(batches), next(batches)]) == 2  # rows 0-31 are fine
     with pytest.raises(CriteoFormatError, match=r"day_0_dense.npy row 37: negative sparse id\(s\) \[-4\]"):
         next(batches)
+    # the test files too (TorchRec's pipe, which applied the modulo before we saw the ids)
+    tests = make_data(cfg, 0, 1, tmp_path).test()
+    sizes = np.array(cfg.embeddings.num_embeddings_per_feature)
+    want = torch.from_numpy((sparse[:16] % sizes).T.reshape(-1)).long()  # hashed mod the sizes, feature-major
+    assert torch.equal(next(tests).sparse_features.values(), want)
+    with pytest.raises(CriteoFormatError, match=r"day_0_dense.npy row 37: negative sparse id\(s\) \[-4\]"):
+        list(tests)
     # a folder preprocessed for other table sizes: its ids would wrap modulo these
     (tmp_path / "preprocess.json").write_text(json.dumps({"ids": "hashing", "sizes": [7] * 26, "labeled": True}))
     with pytest.raises(ConfigError, match=r"was preprocessed for table sizes \[7, 7,.*but embeddings.num_embeddings_per_feature is"):

@@ -153,6 +153,12 @@ def test_component_refusals_at_submit_time():
         (["--data_volume", "criteo"], "--data_volume mount Kubernetes PersistentVolumeClaims; on -s slurm the job reads this filesystem"),
         # the 1TB configs train on CUDA: a job without GPUs would have run on CPU
         (["-j", "4x8", "--config", "configs/criteo_1tb_qr.yaml"], "trains on CUDA (train.device: cuda) but the job asks for no GPU"),
+        # torchx's own argument checks: a process count of 0, mounts it cannot parse, an --env entry
+        # without a value (refused by torchx's parser, before dlrm runs)
+        (["-j", "1x0"], "-j 1x0: nodes and processes per node must be at least 1"),
+        (["--mounts", "type=bind,dst=/data"], "--mounts type=bind,dst=/data: no src= given"),
+        (["--mounts", "foo"], "unknown mount option foo"),
+        (["--env", "FOO"], "`FOO` does not have at least one `key=value` pair"),
     ]:
         r = torchx("run", "-s", "slurm", "--dryrun", "launch/components.py:dlrm", *options)
         assert r.returncode != 0 and message in r.stderr, r.stderr[-3000:]

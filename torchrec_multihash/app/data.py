@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
+import torch
 from torchrec.datasets.utils import Batch
 
 from torchrec_multihash.app.config import Config, ConfigError
@@ -124,8 +125,9 @@ def _npy_batches(paths: List[str], cfg: Config, rank: int, world_size: int, keys
         world_size=world_size,
         drop_last=drop_last,
         mmap_mode=True,
-        hashes=list(cfg.embeddings.num_embeddings_per_feature),
+        hashes=None,  # the modulo below, after the check for negative ids (it would hide them)
     )
+    sizes = torch.tensor(cfg.embeddings.num_embeddings_per_feature).unsqueeze(1)
     file_starts = np.cumsum([0] + pipe.num_rows_per_file).tolist()
     full = pipe.num_full_batches
 
@@ -145,10 +147,14 @@ def _npy_batches(paths: List[str], cfg: Config, rank: int, world_size: int, keys
         if b is None:
             return
         check_labels(check_finite(b, functools.partial(where, i)), functools.partial(where, i))
-        kjt = b.sparse_features  # keyed cat_0..cat_25: rename to the model's features
+        kjt = b.sparse_features  # keyed cat_0..cat_25, one id each, feature-major: rename to the model's features
+        ids = kjt.values().long().view(len(keys), kjt.stride())
+        if int(ids.min()) < 0:  # the modulo would turn it into some other id, silently
+            row = int(torch.nonzero(ids < 0)[:, 1].min())
+            raise CriteoFormatError(f"{where(i, row)}: negative sparse id(s) {ids[:, row][ids[:, row] < 0].tolist()}")
         yield Batch(
             dense_features=b.dense_features.float(),
-            sparse_features=KeyedJaggedTensor(keys=keys, values=kjt.values().long(), lengths=kjt.lengths(), stride=kjt.stride()),
+            sparse_features=KeyedJaggedTensor(keys=keys, values=(ids % sizes).flatten(), lengths=kjt.lengths(), stride=kjt.stride()),
             labels=b.labels.float(),
         )
 

@@ -217,7 +217,9 @@ def _run_parts(values: torch.Tensor, run: List[int]) -> List[torch.Tensor]:
     n, k, dim = run[1], run[2], run[3]
     parts: List[torch.Tensor] = []
     for p in range(k):
-        parts.append(values.as_strided([values.size(0), n, dim], [values.size(1), run[6 + 2 * p], 1], values.storage_offset() + run[5 + 2 * p]))
+        stride = run[6 + 2 * p]
+        # n windows of dim columns, stride apart: a view (unfold, not as_strided, which strict export refuses)
+        parts.append(values.narrow(1, run[5 + 2 * p], (n - 1) * stride + dim).unfold(1, dim, stride))
     return parts
 
 

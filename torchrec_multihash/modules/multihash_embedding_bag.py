@@ -266,7 +266,8 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Looks up and pools every feature; returns ``[B, sum of embedding dims]`` keyed by feature."""
         if not torch.jit.is_scripting():
-            self._check_use(features)
+            if not torch.compiler.is_compiling():  # a check of the eager module, not part of a graph
+                self._check_use(features)
         looked_up: Dict[str, KeyedTensor] = {}
         for group, pooled_lookup in self.pooled.items():
             looked_up[group] = pooled_lookup(features)
