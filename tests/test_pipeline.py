@@ -70,7 +70,7 @@ def _golden_flow(rank, world_size, operations, only_ebc_sharder, pipeline_postpr
 
     from torchrec_multihash import MultiHashEmbeddingBagCollection, sharders, to_multihash_configs
     from torchrec_multihash.datasets.synthetic import SyntheticCriteo
-    from torchrec_multihash.distributed.lookup_checks import PIPELINE_HINT
+    from torchrec_multihash.modules.lookup_checks import PIPELINE_HINT
 
     configs = [EmbeddingBagConfig(name=f"t_f{i}", num_embeddings=1000, embedding_dim=16, feature_names=[f"f{i}"]) for i in range(2)]
     overrides = {c.name: {"operation": op} for c, op in zip(configs, operations)}

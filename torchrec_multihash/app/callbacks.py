@@ -5,18 +5,26 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-if TYPE_CHECKING:
-    from torchrec_multihash.app.train import TrainRun
+from torchrec_multihash.app.train_state import TrainState
 
 REPORT_EVERY = 50  # steps between progress reports (bar postfix, or a log line off a terminal)
 
-StepCallback = Callable[["TrainRun", torch.Tensor], None]  # (the run, the step's loss)
+
+class TrainRun(Protocol):
+    """What a step callback sees of the training run (``app.train.TrainRun``)."""
+
+    state: TrainState
+
+    def samples_per_s(self) -> float: ...
+
+
+StepCallback = Callable[[TrainRun, torch.Tensor], None]  # (the run, the step's loss)
 
 
 class ProgressReport:

@@ -15,17 +15,23 @@ author advises a standard init).
 """
 
 import math
-from typing import List, Tuple
-
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from typing import List, Protocol, Tuple
 
 
-def logical_init_range(config: EmbeddingBagConfig) -> Tuple[float, float]:
+class InitRange(Protocol):
+    """A table config's initial range (``EmbeddingBagConfig``'s methods)."""
+
+    def get_weight_init_min(self) -> float: ...
+
+    def get_weight_init_max(self) -> float: ...
+
+
+def logical_init_range(config: InitRange) -> Tuple[float, float]:
     """The [min, max] a standard TorchRec table of this config would draw its weights from."""
     return config.get_weight_init_min(), config.get_weight_init_max()
 
 
-def composed_init_ranges(config: EmbeddingBagConfig, k: int, operation: str) -> List[Tuple[float, float]]:
+def composed_init_ranges(config: InitRange, k: int, operation: str) -> List[Tuple[float, float]]:
     """Uniform [min, max] of each of ``k`` sub-tables combined by ``operation``."""
     lo, hi = logical_init_range(config)
     if k == 1 or operation == "concat":

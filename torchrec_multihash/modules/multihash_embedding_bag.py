@@ -22,6 +22,7 @@ from torchrec_multihash.modules.combine import Combine, OutputSpec
 from torchrec_multihash.modules.config import MultiHashConfigError, MultiHashEmbeddingBagConfig, logical_fields
 from torchrec_multihash.modules.id_transform import FeatureLookup, IdTransform, sub_feature_order
 from torchrec_multihash.modules.learned_mapping import LearnedMapping
+from torchrec_multihash.modules.lookup_checks import check_sharding, warn_if_not_pipelined
 from torchrec_multihash.modules.lookup_group import Lookup
 from torchrec_multihash.modules.strategies import FORMER_STACKED_SUFFIX, SubTable, stacked_table_name, sub_feature_name
 from torchrec_multihash.modules.strategies.base import stacked_part_rows
@@ -248,20 +249,23 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._register_load_state_dict_pre_hook(_refuse_other_stacking, with_module=True)
 
     @torch.jit.unused
+    def _lookup_tables(self) -> Dict[str, nn.Module]:
+        """The inner tables of every lookup group (EBCs, or what DMP sharded them into)."""
+        return {name: cast(nn.Module, g.tables) for name, g in [*self.pooled.items(), *self.per_id.items()]}
+
+    @torch.jit.unused
     def _check_use(self, features: KeyedJaggedTensor) -> None:
         """Eager mode only: on the first forward, that the inner tables were sharded consistently;
         after a TrainPipelineSparseDist traced the model, that it pipelined their lookups."""
-        from torchrec_multihash.distributed.lookup_checks import check_sharding, warn_if_not_pipelined
-
         if isinstance(features, torch.fx.Proxy):  # being traced: remember whether by a training pipeline
             self._traced_by_pipeline = type(features.tracer).__module__.startswith("torchrec.distributed.train_pipeline")
             return
         if not self._sharding_checked:
-            check_sharding(self)
+            check_sharding(self._lookup_tables())
             self._sharding_checked = True
         if self._traced_by_pipeline:
             self._traced_by_pipeline = False
-            warn_if_not_pipelined(self)
+            warn_if_not_pipelined(self._lookup_tables())
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Looks up and pools every feature; returns ``[B, sum of embedding dims]`` keyed by feature."""

@@ -3,13 +3,13 @@ an id finds its row in each."""
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, NamedTuple, Optional, Protocol, Tuple
 
 import torch
-from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS
+from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, DataType
 
-if TYPE_CHECKING:
-    from torchrec_multihash.modules.config import MultiHashEmbeddingBagConfig
+from torchrec_multihash.modules.initialization import composed_init_ranges
+from torchrec_multihash.modules.mapping_shape import MappingShape
 
 # a table may miss a converter's target factor by this much (Q-R with m = 4 is ~4x, not 5x)
 TOLERANCE = 0.02
@@ -94,6 +94,35 @@ class Sizing:
     factor: float = 1.0
 
 
+class TableSettings(Protocol):
+    """What a strategy reads of its logical table: a ``MultiHashEmbeddingBagConfig``'s fields."""
+
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    data_type: DataType
+    weight_init_min: Optional[float]
+    weight_init_max: Optional[float]
+    operation: str
+    compose: str
+    num_collisions: Optional[int]
+    moduli: Optional[List[int]]
+    dims: Optional[List[int]]
+    mapping_rows: Optional[int]
+    max_ids_per_bag: Optional[int]
+    stack_parts: Optional[bool]
+
+    def fail(self, msg: str) -> None: ...
+
+    def mapping_shape(self) -> Optional[MappingShape]: ...
+
+    def domain_name(self) -> str: ...
+
+    def get_weight_init_min(self) -> float: ...
+
+    def get_weight_init_max(self) -> float: ...
+
+
 class Strategy(ABC):
     """How one logical table (a ``MultiHashEmbeddingBagConfig``) is split into sub-tables.
 
@@ -108,7 +137,7 @@ class Strategy(ABC):
     follows_mapping: ClassVar[bool] = False  # a learned mapping may come first (mapping_rows)
     default_partitions: ClassVar[int] = 1  # for the converter
 
-    def __init__(self, config: "MultiHashEmbeddingBagConfig") -> None:
+    def __init__(self, config: TableSettings) -> None:
         self.config = config
 
     @property
@@ -184,8 +213,6 @@ class Strategy(ABC):
     def init_ranges(self) -> List[Tuple[float, float]]:
         """Uniform [min, max] of each sub-table, chosen so that composed embeddings have the mean
         and variance of a standard table of N rows (see ``initialization.py``)."""
-        from torchrec_multihash.modules.initialization import composed_init_ranges
-
         return composed_init_ranges(self.config, self.num_partitions(), self.config.operation)
 
     def sub_tables(self) -> List[SubTable]:

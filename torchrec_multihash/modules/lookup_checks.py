@@ -1,16 +1,16 @@
 """Checks of how a model around our module was sharded and pipelined, made on its first forward:
-what TorchRec itself would let pass silently (a table left unsharded, lookups not pipelined)."""
+what TorchRec itself would let pass silently (a table left unsharded, lookups not pipelined). They
+take the module's lookup groups: group name -> the inner EmbeddingBagCollection, or what DMP made
+of it."""
 
 import warnings
-from typing import TYPE_CHECKING, List
+from typing import Dict, List
 
 import torch.distributed as dist
+from torch import nn
 from torchrec.distributed.types import ShardedModule
 
 from torchrec_multihash.errors import MultiHashError
-
-if TYPE_CHECKING:
-    from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
 
 PIPELINE_HINT = (
     "TrainPipelineSparseDist did not pipeline the multi-hash tables' lookups (their input passes through "
@@ -23,16 +23,16 @@ class ShardingSetupError(MultiHashError):
     """A model whose multi-hash tables were sharded in a way that cannot be right."""
 
 
-def _groups(module: "MultiHashEmbeddingBagCollection") -> List[tuple]:
+def _groups(lookups: Dict[str, nn.Module]) -> List[tuple]:
     """(group name, inner tables module, its sharder's name) of every lookup group."""
-    return [(name, g.tables, "EmbeddingBagCollectionSharder") for name, g in [*module.pooled.items(), *module.per_id.items()]]
+    return [(name, tables, "EmbeddingBagCollectionSharder") for name, tables in lookups.items()]
 
 
-def check_sharding(module: "MultiHashEmbeddingBagCollection") -> None:
+def check_sharding(lookups: Dict[str, nn.Module]) -> None:
     """Raises ShardingSetupError if some of the module's inner tables were sharded and others not
     (DistributedModelParallel had no sharder for them: they would be silently replicated); warns
     if none is sharded while several ranks run (each would hold a replica)."""
-    groups = _groups(module)
+    groups = _groups(lookups)
     sharded = [isinstance(tables, ShardedModule) for _, tables, _ in groups]
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if not any(sharded) and world > 1:
@@ -72,9 +72,9 @@ def _warn_row_wise_over_gloo(groups: List[tuple]) -> None:
             warnings.warn(ROW_WISE_GLOO_HINT.format(group=name, types=" / ".join(row)), stacklevel=4)
 
 
-def warn_if_not_pipelined(module: "MultiHashEmbeddingBagCollection") -> None:
+def warn_if_not_pipelined(lookups: Dict[str, nn.Module]) -> None:
     """Warns (once per pipeline) if a TrainPipelineSparseDist traced the model but left the
     module's sharded lookups unpipelined (built without pipeline_postproc=True)."""
-    sharded = [tables for _, tables, _ in _groups(module) if isinstance(tables, ShardedModule)]
+    sharded = [tables for _, tables, _ in _groups(lookups) if isinstance(tables, ShardedModule)]
     if sharded and not all(getattr(t, "is_pipelined", False) for t in sharded):
         warnings.warn(PIPELINE_HINT, stacklevel=3)
