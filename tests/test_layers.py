@@ -1,5 +1,5 @@
 """The package's layers: no import cycles, and no import upward (modules/ knows nothing of distributed/
-or app/; the library nothing of the app)."""
+or app/; the library nothing of the app or of the benchmarks and their baselines)."""
 
 import ast
 from pathlib import Path
@@ -72,7 +72,7 @@ def test_modules_do_not_import_upward():
     assert {name: deps for name, deps in upward.items() if deps} == {}
     library = ("modules", "distributed", "datasets", "learned", "inference", "auto")
     into_app = {
-        name: sorted(m for m in deps if m.startswith("torchrec_multihash.app"))
+        name: sorted(m for m in deps if m.startswith(("torchrec_multihash.app", "torchrec_multihash.bench")))
         for name, deps in _imports().items()
         if name.split(".")[1:2] and name.split(".")[1] in library
     }

@@ -16,11 +16,12 @@ from torchrec_multihash.app.export import load_trained_model
 from torchrec_multihash.app.model import build_model, build_tables, check_mch_world, embedding_module
 from torchrec_multihash.bench.quality import method_overrides
 from torchrec_multihash.distributed.checkpoint import read_index
+from torchrec_multihash.bench.mch_sharding import mch_sharders
 from torchrec_multihash.distributed.sharding import shard_model
 from torchrec_multihash.errors import MultiHashError
 from torchrec_multihash.inference import export_model, quantize_embeddings
 from torchrec_multihash.modules.config import MultiHashConfigError
-from torchrec_multihash.modules.mch import MCHEmbeddingBagCollection, mch_rows, state_cost
+from torchrec_multihash.bench.mch import MCHEmbeddingBagCollection, mch_rows, state_cost
 
 from tests.helpers.cli import SMALL, run_cli, train
 from tests.helpers.distributed import run_multiprocess
@@ -200,7 +201,7 @@ def _evict_resets_rows(rank, world_size):
         def forward(self, kjt):
             return self.ebc(kjt).values().sum()
 
-    dmp = shard_model(Wrap(), torch.device("cpu"), 0.1)
+    dmp = shard_model(Wrap(), torch.device("cpu"), 0.1, make_sharders=mch_sharders)
     sharded = dmp.module.ebc.mch
     assert type(sharded).__name__ == "CPUShardedManagedCollisionEmbeddingBagCollection"
     assert dmp.plan.plan["ebc.mch"]["t_a"].sharding_type == "row_wise"
@@ -233,7 +234,7 @@ def _remaps_as_unsharded(rank, world_size):
         def forward(self, kjt):
             return self.ebc(kjt).values().sum()
 
-    dmp = shard_model(Wrap(torch.device("meta")), torch.device("cpu"), 0.1)
+    dmp = shard_model(Wrap(torch.device("meta")), torch.device("cpu"), 0.1, make_sharders=mch_sharders)
     plain = Wrap(torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     for _ in range(6):  # skewed ids, more distinct ones than the 52 rows: admissions and evictions
@@ -252,3 +253,12 @@ def _remaps_as_unsharded(rank, world_size):
 @pytest.mark.slow
 def test_sharded_remapper_admits_and_evicts_as_torchrecs_unsharded_module():
     run_multiprocess(_remaps_as_unsharded, 1)
+
+
+def test_the_baseline_is_not_part_of_the_public_sharders():
+    # TorchRec's MCH is a benchmark baseline: its CPU sharder comes with mch_sharders(), not sharders()
+    import torchrec_multihash
+    from torchrec_multihash.bench.mch_sharding import MCHSharder
+
+    assert not any(isinstance(s, MCHSharder) for s in torchrec_multihash.sharders())
+    assert sum(isinstance(s, MCHSharder) for s in mch_sharders()) == 1

@@ -12,10 +12,10 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec_multihash.app.auto_choice import is_auto, load_choices
 from torchrec_multihash.app.config import MCH, Config, ConfigError, EmbeddingsConfig
 from torchrec_multihash.auto import AutoChoiceError, TableChoice, auto_configs
+from torchrec_multihash.bench.mch import MCHEmbeddingBagCollection
 from torchrec_multihash.convert import stack_add_tables, to_multihash_configs
 from torchrec_multihash.distributed.constraints import sub_table_constraints
 from torchrec_multihash.modules.config import ROW_PRECISIONS, MultiHashConfigError, MultiHashEmbeddingBagConfig
-from torchrec_multihash.modules.mch import MCHEmbeddingBagCollection
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
 
 EmbeddingModule = Union[MultiHashEmbeddingBagCollection, MCHEmbeddingBagCollection]
@@ -52,16 +52,16 @@ def is_mch(cfg: Config) -> bool:
 
 def check_mch_world(cfg: Config, world_size: int) -> None:
     """Strategy mch (TorchRec's MCH remapper, a baseline) trains on one rank: its sharder shards
-    row-wise only, and the CPU eviction reset (``distributed/mch_sharding.py``) is one rank's."""
+    row-wise only, and the CPU eviction reset (``bench/mch_sharding.py``) is one rank's."""
     if is_mch(cfg) and world_size > 1:
         raise ConfigError(
             f"embeddings.strategy mch runs on one rank only, got {world_size}: TorchRec's MCH remapper is sharded row-wise "
-            "only, and this project resets its evicted rows on one rank (distributed/mch_sharding.py); run it with one process"
+            "only, and this project resets its evicted rows on one rank (bench/mch_sharding.py); run it with one process"
         )
 
 
 def build_mch(cfg: Config, device: Optional[torch.device] = None) -> MCHEmbeddingBagCollection:
-    """The config's tables as TorchRec MCH tables at ``embeddings.compression`` (``modules/mch.py``)."""
+    """The config's tables as TorchRec MCH tables at ``embeddings.compression`` (``bench/mch.py``)."""
     emb = cfg.embeddings
     try:
         return MCHEmbeddingBagCollection(

@@ -40,10 +40,11 @@ from torchrec_multihash.app.quiet import quiet
 from torchrec_multihash.app.run_folder import claim_folder, on_rank0
 from torchrec_multihash.app.step_guard import Preempted, StepGuard
 from torchrec_multihash.app.train_state import TrainState, save_train_checkpoint, start_state
-from torchrec_multihash.distributed.sharding import shard_model
+from torchrec_multihash.bench.mch import MCHEmbeddingBagCollection
+from torchrec_multihash.bench.mch_sharding import mch_sharders
+from torchrec_multihash.distributed.sharding import shard_model, sharders
 from torchrec_multihash.errors import MultiHashError
 from torchrec_multihash.learned.fit import MAPPING_FILE, apply_mappings, load_mappings, read_report
-from torchrec_multihash.modules.mch import MCHEmbeddingBagCollection
 
 
 @dataclass
@@ -111,9 +112,11 @@ def build_sharded_model(cfg: Config, device: torch.device) -> Tuple[DistributedM
     with seeded(cfg.train.seed, device):
         model = DLRMTrain(build_model(cfg, device=torch.device("meta")))
         ebc = embedding_module(model)
-        constraints = build_constraints(cfg, ebc.multihash_configs()) if not isinstance(ebc, MCHEmbeddingBagCollection) else {}
+        mch = isinstance(ebc, MCHEmbeddingBagCollection)
+        constraints = build_constraints(cfg, ebc.multihash_configs()) if not mch else {}
         try:
-            dmp = shard_model(model, device, cfg.train.embedding_lr, constraints, batch_size=cfg.train.batch_size)
+            make_sharders = mch_sharders if mch else sharders
+            dmp = shard_model(model, device, cfg.train.embedding_lr, constraints, batch_size=cfg.train.batch_size, make_sharders=make_sharders)
         except PlannerError as e:  # the tables and their inputs do not fit the ranks' memory
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(

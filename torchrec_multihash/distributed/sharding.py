@@ -2,7 +2,7 @@
 ``DistributedModelParallel``, with the tables trained by a fused optimizer."""
 
 import os
-from typing import Any, Dict, List, Optional, cast
+from typing import Any, Callable, Dict, List, Optional, cast
 
 import torch
 import torch.distributed as dist
@@ -16,7 +16,6 @@ from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ModuleSharder
 
 from torchrec_multihash.distributed.constraints import model_constraints
-from torchrec_multihash.distributed.mch_sharding import MCHSharder
 
 
 def sharders(fused_params: Optional[Dict[str, Any]] = None) -> List[ModuleSharder[nn.Module]]:
@@ -27,19 +26,22 @@ def sharders(fused_params: Optional[Dict[str, Any]] = None) -> List[ModuleSharde
     ``MultiHashEmbeddingBagCollection`` needs no sharder of its own: it holds a stock
     ``EmbeddingBagCollection`` per lookup group (pooled; per id, for mult tables), which the
     planner and ``DistributedModelParallel`` find inside it and shard like any other table,
-    while its parameter-free id transform and combine stay unsharded. TorchRec's
-    ``ManagedCollisionEmbeddingBagCollection`` (strategy mch, a baseline) gets ``MCHSharder``.
+    while its parameter-free id transform and combine stay unsharded.
 
     Plan with ``sub_table_constraints`` (or ``model_constraints``): TorchRec's planner would
     otherwise replicate small sub-tables (data_parallel), whose weights the fused optimizer
     leaves to the dense optimizer, so one table's parts would be trained two ways.
     """
-    ours: List[ModuleSharder[nn.Module]] = [
-        cast(ModuleSharder[nn.Module], EmbeddingBagCollectionSharder(fused_params=fused_params)),
-        cast(ModuleSharder[nn.Module], MCHSharder(fused_params=fused_params)),
-    ]
+    return with_default_sharders([cast(ModuleSharder[nn.Module], EmbeddingBagCollectionSharder(fused_params=fused_params))])
+
+
+def with_default_sharders(ours: List[ModuleSharder[nn.Module]]) -> List[ModuleSharder[nn.Module]]:
+    """``ours`` and TorchRec's default sharders of the other module types."""
     types = {s.module_type for s in ours}
     return ours + [s for s in get_default_sharders() if s.module_type not in types]
+
+
+SharderList = Callable[[Optional[Dict[str, Any]]], List[ModuleSharder[nn.Module]]]
 
 
 def shard_model(
@@ -48,6 +50,7 @@ def shard_model(
     embedding_lr: float,
     constraints: Optional[Dict[str, ParameterConstraints]] = None,
     batch_size: Optional[int] = None,
+    make_sharders: SharderList = sharders,
 ) -> DistributedModelParallel:
     """``model`` sharded over the default process group; call it on every rank.
 
@@ -55,9 +58,10 @@ def shard_model(
     (default: ``model_constraints(model)``, which keeps every multi-hash table off
     data_parallel, so that the fused optimizer trains all of them) on a topology of the group's ranks, ``LOCAL_WORLD_SIZE`` of
     them per node; the tables are updated in the backward pass by a fused row-wise Adagrad at
-    ``embedding_lr`` (``dmp.fused_optimizer`` holds its learning rate and state).
+    ``embedding_lr`` (``dmp.fused_optimizer`` holds its learning rate and state). ``make_sharders``
+    gives the sharders for those fused parameters (default: ``sharders``).
     """
-    shard = sharders(fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": embedding_lr, "eps": 1e-8})
+    shard = make_sharders({"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": embedding_lr, "eps": 1e-8})
     world = dist.get_world_size()
     topology = Topology(world_size=world, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)), compute_device=device.type)
     if constraints is None:

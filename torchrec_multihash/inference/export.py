@@ -7,8 +7,7 @@ import torch
 import torchrec
 from torch import nn
 
-from torchrec_multihash.inference.quantize import quantize_embeddings
-from torchrec_multihash.modules.mch import refuse_mch
+from torchrec_multihash.inference.quantize import quantize_embeddings, refuse_mch
 
 
 def export_model(model: nn.Module, dtype: Optional[torch.dtype] = torch.qint8, row_alignment: Optional[int] = None) -> torch.jit.ScriptModule:

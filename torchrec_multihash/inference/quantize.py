@@ -9,11 +9,23 @@ import torch
 from torch import nn
 from torchrec.inference.modules import quantize_embeddings as torchrec_quantize_embeddings
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddingCollection
 from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
-from torchrec_multihash.modules.mch import refuse_mch
+from torchrec_multihash.errors import MultiHashError
+
+
+def refuse_mch(model: nn.Module, what: str) -> None:
+    """Raises MultiHashError if ``model`` holds TorchRec's MCH tables (the training baseline), which
+    ``what`` does not support."""
+    if any(isinstance(m, ManagedCollisionEmbeddingBagCollection) for m in model.modules()):
+        raise MultiHashError(
+            f"{what} does not support TorchRec's MCH tables (embeddings.strategy mch, a training baseline): their remapper "
+            "has no quantized or scripted inference path in this project; export a multi-hash model instead"
+        )
+
 
 # the row formats TorchRec's quantized tables support, by the name the export command takes
 QUANT_DTYPES: Dict[str, torch.dtype] = {"int8": torch.qint8, "int4": torch.quint4x2, "fp16": torch.float16}

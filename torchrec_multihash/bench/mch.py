@@ -12,7 +12,7 @@ on top. Slot ``rows - 1`` takes every id the remapper does not hold (as TorchRec
 ids get slots at the remapper's evictions, every ``eviction_interval`` training steps.
 
 Tables of at most ``threshold`` rows stay full, in a plain EmbeddingBagCollection, as with the
-other strategies. One rank only in this project's app (``distributed/mch_sharding.py``).
+other strategies. One rank only in this project's app (``bench/mch_sharding.py``).
 """
 
 import functools
@@ -34,7 +34,6 @@ from torchrec.modules.mc_modules import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_multihash.convert import DEFAULT_THRESHOLD
-from torchrec_multihash.errors import MultiHashError
 from torchrec_multihash.modules.config import MultiHashConfigError
 
 EVICTIONS = ("lfu", "distance_lfu")
@@ -81,15 +80,6 @@ def mch_rows(num_embeddings: int, dim: int, compression: float, eviction: str, s
     else:
         raise MultiHashConfigError(f"MCH sizing must be one of {list(SIZINGS)}, got {sizing!r}")
     return max(MIN_ROWS, rows)
-
-
-def refuse_mch(model: torch.nn.Module, what: str) -> None:
-    """Raises MultiHashError if ``model`` holds MCH tables, which ``what`` does not support."""
-    if any(isinstance(m, (MCHEmbeddingBagCollection, ManagedCollisionEmbeddingBagCollection)) for m in model.modules()):
-        raise MultiHashError(
-            f"{what} does not support TorchRec's MCH tables (embeddings.strategy mch, a training baseline): their remapper "
-            "has no quantized or scripted inference path in this project; export a multi-hash model instead"
-        )
 
 
 @dataclass(frozen=True)

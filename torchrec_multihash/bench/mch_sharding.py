@@ -12,16 +12,20 @@ TorchRec's sharder unchanged.
 """
 
 import zlib
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, cast
 
 import torch
+from torch import nn
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.mc_embeddingbag import (
     ManagedCollisionEmbeddingBagCollectionSharder,
     ShardedManagedCollisionEmbeddingBagCollection,
 )
-from torchrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType
+from torchrec.distributed.types import ModuleSharder, ParameterSharding, ShardingEnv, ShardingType
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
+
+from torchrec_multihash.distributed.sharding import with_default_sharders
 
 
 class CPUShardedManagedCollisionEmbeddingBagCollection(ShardedManagedCollisionEmbeddingBagCollection):
@@ -84,3 +88,13 @@ class MCHSharder(ManagedCollisionEmbeddingBagCollectionSharder):
         return CPUShardedManagedCollisionEmbeddingBagCollection(
             module, params, ebc_sharder=self._e_sharder, mc_sharder=self._mc_sharder, env=env, device=device
         )
+
+
+def mch_sharders(fused_params: Optional[Dict[str, Any]] = None) -> List[ModuleSharder[nn.Module]]:
+    """``sharders(fused_params)`` with ``MCHSharder`` for the baseline's MC-EBC (``shard_model``'s ``make_sharders``)."""
+    return with_default_sharders(
+        [
+            cast(ModuleSharder[nn.Module], EmbeddingBagCollectionSharder(fused_params=fused_params)),
+            cast(ModuleSharder[nn.Module], MCHSharder(fused_params=fused_params)),
+        ]
+    )
