@@ -14,14 +14,14 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_multihash.app.config import ConfigError, load_config
 from torchrec_multihash.app.export import load_trained_model
 from torchrec_multihash.app.model import build_model, build_tables, check_mch_world, embedding_module
+from torchrec_multihash.bench.mch import MCHEmbeddingBagCollection, mch_rows, state_cost
+from torchrec_multihash.bench.mch_sharding import mch_sharders
 from torchrec_multihash.bench.quality import method_overrides
 from torchrec_multihash.distributed.checkpoint import read_index
-from torchrec_multihash.bench.mch_sharding import mch_sharders
 from torchrec_multihash.distributed.sharding import shard_model
 from torchrec_multihash.errors import MultiHashError
 from torchrec_multihash.inference import export_model, quantize_embeddings
 from torchrec_multihash.modules.config import MultiHashConfigError
-from torchrec_multihash.bench.mch import MCHEmbeddingBagCollection, mch_rows, state_cost
 
 from tests.helpers.cli import SMALL, run_cli, train
 from tests.helpers.distributed import run_multiprocess
