@@ -128,13 +128,14 @@ def test_bench_keeps_the_other_methods_when_one_fails_and_takes_a_batch_size(tmp
         return real(method, spec, *args, **kwargs)
 
     monkeypatch.setattr(bench, "run_method", run_method)
-    argv = ["--quick", "--steps", "2", "--methods", "qr_mult,qr_add", "--workloads", "one_hot", "--batch-size", "96", "--malloc", "system"]
+    # crt: a registered strategy outside the default methods, its tables mult-composed
+    argv = ["--quick", "--steps", "2", "--methods", "qr_mult,qr_add,crt", "--workloads", "one_hot", "--batch-size", "96", "--malloc", "system"]
     argv += ["--scaling", "", "--loader-lines", "0", "--train-samples", "0", "--device", "cpu", "--out", str(tmp_path)]
     assert bench.main(argv) == 1  # a failed run fails the command, after the results are written
     res = json.loads((tmp_path / "results.json").read_text())
     work = res["workloads"]["one_hot"]
     assert work["spec"]["batch_size"] == 96 and all(m["samples_per_s"] > 0 for m in work["methods"])
-    assert [m["method"] for m in work["methods"]] == ["torchrec_ebc", "qr_add"]
+    assert [m["method"] for m in work["methods"]] == ["torchrec_ebc", "qr_add", "crt"]
     assert len(res["failed"]) == 1 and res["failed"][0]["method"] == "qr_mult" and "out of memory" in res["failed"][0]["error"]
     md = (tmp_path / "results.md").read_text()
     assert "| qr_add |" in md and "- one_hot, qr_mult: RuntimeError: CUDA out of memory" in md

@@ -9,6 +9,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_multihash.app.config import load_config
 from torchrec_multihash.app.model import build_model
+from torchrec_multihash.modules.strategies import registered_strategies
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -109,7 +110,7 @@ def test_learning_rate_schedule_resumes_at_its_step():
     assert rates(no_schedule, 0, 3) == rates(no_schedule, 10**6, 3) == [0.01] * 3
 
 
-STRATEGIES = ["full", "hash", "qr", "generalized_qr", "crt", "learned"]
+STRATEGIES = registered_strategies()
 SIZE_KEYS = ("num_collisions", "moduli", "mapping_rows", "mapping_ids", "fallback_rows")
 
 

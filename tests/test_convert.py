@@ -13,6 +13,7 @@ from torchrec_multihash import (
     get_multihash_variable,
     to_multihash_configs,
 )
+from torchrec_multihash.modules.strategies import registered_strategies, strategy_class
 
 from tests.helpers.reference import reference_forward
 
@@ -23,7 +24,7 @@ def tables(dim=16):
     return [EmbeddingBagConfig(name=f"t{i}", num_embeddings=n, embedding_dim=dim, feature_names=[f"f{i}"]) for i, n in enumerate(SIZES)]
 
 
-@pytest.mark.parametrize("strategy", ["hash", "qr", "generalized_qr", "crt"])
+@pytest.mark.parametrize("strategy", [n for n in registered_strategies() if strategy_class(n).compresses and n != "learned"])
 @pytest.mark.parametrize("operation", ["mult", "concat"])
 @pytest.mark.parametrize("compression", [2, 4, 16])
 def test_each_large_table_shrinks_by_the_factor(strategy, operation, compression):

@@ -61,7 +61,10 @@ def test_interface_agrees_with_the_module_it_builds(cfg):
     assert impl.looks_up_per_id() == (impl.num_partitions() > 1 and cfg.operation == "mult")
 
 
-@pytest.mark.parametrize("strategy", ["hash", "qr", "generalized_qr", "crt", "learned"])
+COMPRESSING = [n for n in registered_strategies() if strategy_class(n).compresses]
+
+
+@pytest.mark.parametrize("strategy", COMPRESSING)
 @pytest.mark.parametrize("compression", [4, 16])
 def test_converter_reaches_the_factor_it_reports(strategy, compression):
     plain = [EmbeddingBagConfig(name="t", num_embeddings=1_000_003, embedding_dim=16, feature_names=["f"])]
@@ -107,3 +110,12 @@ def test_docs_example_adds_a_strategy_in_one_class(docs_example):
         (converted,) = to_multihash_configs(plain, 16, strategy="double_hash", operation="add")
     ratio = MultiHashEmbeddingBagCollection([converted], device=torch.device("meta")).memory_bytes() / (10**6 * 16 * 4)
     assert 1 / 16 / 1.10 < ratio <= 1 / 16 * 1.02
+    # and auto picks it like a built-in one, in the order of its candidates
+    from torchrec_multihash.auto import TableStatistics, choose_tables
+
+    stats = {"t_ad": TableStatistics.from_counts("t_ad", torch.ones(10**6, dtype=torch.int64))}
+    for candidates in (["double_hash"], ["double_hash", "qr"], ["full", "double_hash"]):
+        (choice,) = choose_tables(plain, stats, 10**6 * 16 * 4 // 8, threshold=200, candidates=candidates)
+        assert choice.strategy == "double_hash" and choice.reason.endswith("every id keeps its own combination of rows"), choice.reason
+    (choice,) = choose_tables(plain, stats, 10**6 * 16 * 4 // 8, threshold=200, candidates=["qr", "double_hash"])
+    assert choice.strategy == "qr"

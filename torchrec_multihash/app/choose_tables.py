@@ -58,7 +58,7 @@ def choose_for_config(cfg: Config, plain: List[EmbeddingBagConfig], show_progres
             precisions = [cfg.embeddings.precision] if cfg.embeddings.precision else list(PRECISIONS)
             choices = choose_tables(plain, stats, budget, cfg.embeddings.threshold, cfg.embeddings.auto_candidates, precisions)
     except AutoChoiceError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(f"embeddings (strategy auto, auto_candidates {cfg.embeddings.auto_candidates}): {e}") from None
     least = sum(ch.bytes for ch in choices)  # over the budget: every table at its smallest
     if least > budget:
         raise ConfigError(_unmet(cfg, plain, budget, least))

@@ -21,13 +21,18 @@ from torchrec_multihash.auto.statistics import TableStatistics
 from torchrec_multihash.convert import check_overrides, to_multihash_configs
 from torchrec_multihash.errors import MultiHashError
 from torchrec_multihash.modules.config import ROW_PRECISIONS, MultiHashEmbeddingBagConfig
-from torchrec_multihash.modules.strategies import TOLERANCE, StrategyName
+from torchrec_multihash.modules.strategies import TOLERANCE, StrategyName, registered_strategies, strategy_class
+from torchrec_multihash.modules.strategies.base import ceil_div
 
 # the compressions a table may get; each step halves its bytes
 LEVELS = tuple(2.0**i for i in range(0, 13))
 # the strategies ``auto`` picks from by default, in order of preference where they apply
 DEFAULT_CANDIDATES = (StrategyName.LEARNED, StrategyName.QR)
-_COMPRESSIVE = (StrategyName.QR, StrategyName.CRT, StrategyName.HASH, StrategyName.GENERALIZED_QR)
+
+
+def _compressing() -> List[str]:
+    """The registered strategies that compress a table, learned included."""
+    return [n for n in registered_strategies() if strategy_class(n).compresses]
 
 
 class AutoChoiceError(MultiHashError, ValueError):
@@ -100,13 +105,16 @@ def _strategy_at(c: EmbeddingBagConfig, level: float, candidates: Sequence[str])
         )
     else:
         why = "learned is not a candidate"
-    for name in _COMPRESSIVE:
-        if name in candidates:
-            if name == StrategyName.HASH:  # one table: no operation, and ids share its rows
-                ids = _sized(c, name, level).num_collisions
-                return name, f"hash ({why}): the hashing trick, about {ids} ids to a row, which they share"
-            return name, f"{name} mult ({why}): every id keeps its own {'pair' if name == StrategyName.QR else 'combination'} of rows"
-    raise AutoChoiceError(f"embeddings.auto_candidates {list(candidates)} holds no strategy that compresses (qr, crt, hash, ...)")
+    for name in candidates:  # the first other one that compresses, in the order given
+        if name == StrategyName.LEARNED or not strategy_class(name).compresses:
+            continue
+        impl = _sized(c, name, level).strategy_impl()
+        if impl.num_partitions() == 1:  # one table: no operation, and ids share its rows
+            ids = ceil_div(c.num_embeddings, impl.sizes()[0])
+            trick = "the hashing trick, " if name == StrategyName.HASH else ""
+            return name, f"{name} ({why}): {trick}about {ids} ids to a row, which they share"
+        return name, f"{name} mult ({why}): every id keeps its own {'pair' if name == StrategyName.QR else 'combination'} of rows"
+    raise AutoChoiceError(f"candidates {list(candidates)} hold no strategy that compresses this table ({why}); add one of {_compressing()}")
 
 
 def _options(c: EmbeddingBagConfig, stats: TableStatistics, candidates: Sequence[str], precision: str) -> List[_Option]:
@@ -198,9 +206,9 @@ def choose_tables(
     if bad or not precisions:
         raise AutoChoiceError(f"unknown precision(s) {bad or list(precisions)}; choose from {list(ROW_PRECISIONS)}")
     small_precision = "fp16" if list(precisions) == ["fp16"] else "fp32"
-    unknown = [s for s in candidates if s not in [str(n) for n in StrategyName]]
+    unknown = [s for s in candidates if s not in registered_strategies()]
     if unknown:
-        raise AutoChoiceError(f"embeddings.auto_candidates: unknown strategies {unknown}; choose from {[str(n) for n in StrategyName]}")
+        raise AutoChoiceError(f"candidates: unknown strategies {unknown}; choose from {registered_strategies()}")
     missing = [c.name for c in configs if c.num_embeddings > threshold and c.name not in statistics]
     if missing:
         raise AutoChoiceError(f"no access statistics for table(s) {missing}")

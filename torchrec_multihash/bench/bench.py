@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from torchrec_multihash.argtypes import at_least, folder
 from torchrec_multihash.bench import python_command
-from torchrec_multihash.bench.step_time import BASELINE, DEVICES, METHODS
+from torchrec_multihash.bench.step_time import BASELINE, DEVICES, METHODS, method_names
 from torchrec_multihash.bench.workload import WORKLOADS, BenchSpec
 
 NAIVE = "naive_qr"
@@ -234,7 +234,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="torchrec-multihash bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="small tables and batches (a few minutes on CPU)")
     p.add_argument("--out", type=folder, default=Path("runs/bench"), help="directory for the results")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {list(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {method_names()}")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, from {list(WORKLOADS)}")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA (FBGEMM's GPU kernels) where there is a GPU, else CPU")
     p.add_argument("--scaling", default="1,2,4", help="process counts for the scaling runs, multi-hot workload ('' to skip)")
@@ -257,9 +257,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if [w for w in workloads if w not in WORKLOADS]:
         p.error(f"unknown workload(s) in {workloads}; choose from {list(WORKLOADS)}")
     methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in method_names()]
     if unknown:
-        p.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+        p.error(f"unknown method(s) {unknown}; choose from {method_names()}")
     for needed in (BASELINE,):
         if needed not in methods:
             methods.insert(0, needed)

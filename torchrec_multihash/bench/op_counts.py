@@ -19,7 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from torchrec_multihash.app.quiet import quiet_warnings
-from torchrec_multihash.bench.step_time import DEVICES, METHODS, _step, build, dense_optimizer, shard, upstream_gradient
+from torchrec_multihash.bench.step_time import DEVICES, _step, build, dense_optimizer, method_names, shard, upstream_gradient
 from torchrec_multihash.bench.workload import WORKLOADS, BenchSpec
 
 
@@ -63,7 +63,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         prog="python -m torchrec_multihash.bench.op_counts", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--methods", default="torchrec_ebc,full,hash,qr_add,qr_mult,qr_concat,generalized_qr", help=f"comma-separated, from {list(METHODS)}"
+        "--methods", default="torchrec_ebc,full,hash,qr_add,qr_mult,qr_concat,generalized_qr", help=f"comma-separated, from {method_names()}"
     )
     p.add_argument("--workload", choices=list(WORKLOADS), default="one_hot")
     p.add_argument("--quick", action="store_true", help="the workload's small tables (as bench --quick)")
@@ -73,9 +73,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--by-time", action="store_true", help="--top lists the operators of most self time (ms per step) instead")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in METHODS or m == "naive_qr"]
+    unknown = [m for m in methods if m not in method_names() or m == "naive_qr"]
     if unknown:
-        p.error(f"unknown or unsupported method(s) {unknown}; choose from {[m for m in METHODS if m != 'naive_qr']}")
+        p.error(f"unknown or unsupported method(s) {unknown}; choose from {[m for m in method_names() if m != 'naive_qr']}")
     spec = BenchSpec.workload(args.workload, args.quick)
     spec.batch_size = args.batch_size or spec.batch_size
     from torchrec_multihash.app.process_group import setup_distributed

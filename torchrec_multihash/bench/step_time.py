@@ -25,6 +25,7 @@ from torchrec_multihash.convert import to_multihash_configs
 from torchrec_multihash.distributed.constraints import model_constraints
 from torchrec_multihash.distributed.sharding import shard_model
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
+from torchrec_multihash.modules.strategies import registered_strategies
 
 LR = 0.05
 BASELINE = "torchrec_ebc"
@@ -54,6 +55,21 @@ METHODS: Dict[str, Optional[MethodSpec]] = {
 }
 
 
+def method_names() -> List[str]:
+    """What ``bench --methods`` takes: ``METHODS`` (the default set), then any other registered
+    strategy (its tables mult-composed)."""
+    return [*METHODS, *(n for n in registered_strategies() if n not in METHODS)]
+
+
+def method_spec(method: str) -> Optional[MethodSpec]:
+    """``method``'s tables: its ``METHODS`` entry, or a registered strategy's (mult); None for a baseline."""
+    if method in METHODS:
+        return METHODS[method]
+    if method in registered_strategies():
+        return MethodSpec(method, "mult")
+    raise ValueError(f"unknown method {method!r}; choose from {method_names()}")
+
+
 def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -71,9 +87,9 @@ def build(method: str, spec: BenchSpec, device: torch.device) -> nn.Module:
         return EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
     if method == "naive_qr":
         return NaiveQREmbeddingBags(tables, collisions=int(spec.compression)).to(device)
-    method_spec = METHODS[method]
-    assert method_spec is not None, f"{method} is a baseline, not a multi-hash method"
-    strategy, operation = method_spec.strategy, method_spec.operation
+    tables_spec = method_spec(method)
+    assert tables_spec is not None, f"{method} is a baseline, not a multi-hash method"
+    strategy, operation = tables_spec.strategy, tables_spec.operation
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tables too small to shrink stay as they are
         configs = to_multihash_configs(
@@ -84,9 +100,9 @@ def build(method: str, spec: BenchSpec, device: torch.device) -> nn.Module:
             num_partitions=3 if strategy == "generalized_qr" else None,
             overrides={t: {"max_ids_per_bag": 1} for t in spec.one_hot_tables()},
         )
-    if method_spec.stack_parts is not None:
+    if tables_spec.stack_parts is not None:
         for c in configs:
-            c.stack_parts = method_spec.stack_parts if c.strategy_impl().is_composed() and c.operation == "add" else None
+            c.stack_parts = tables_spec.stack_parts if c.strategy_impl().is_composed() and c.operation == "add" else None
     return MultiHashEmbeddingBagCollection(configs, device=torch.device("meta"))
 
 
@@ -214,7 +230,7 @@ def run(method: str, spec: BenchSpec, device_kind: str = "auto", paired: bool = 
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--method", choices=sorted(METHODS), required=True)
+    p.add_argument("--method", choices=method_names(), required=True)
     p.add_argument("--spec", required=True, help="BenchSpec as JSON")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA where there is a GPU, else CPU")
     p.add_argument("--no-paired", action="store_true", help="skip timing TorchRec's EBC in this process too")

@@ -11,6 +11,7 @@ from torchrec_multihash.modules.strategies.base import (  # noqa: F401
     FORMER_STACKED_SUFFIX,
     STACKED_SUFFIX,
     TOLERANCE,
+    SingleTableStrategy,
     Sizing,
     StackedRows,
     Strategy,

@@ -136,6 +136,7 @@ class Strategy(ABC):
     accepts_any_id: ClassVar[bool] = False  # True: any int64 id is valid, not only [0, N)
     follows_mapping: ClassVar[bool] = False  # a learned mapping may come first (mapping_rows)
     default_partitions: ClassVar[int] = 1  # for the converter
+    compresses: ClassVar[bool] = True  # False: a table of N rows (full), which auto offers as its baseline
 
     def __init__(self, config: TableSettings) -> None:
         self.config = config
@@ -263,6 +264,25 @@ class Strategy(ABC):
         tables = sum(rows * dim * bits // 8 for rows, dim in zip(self.sizes(), self.dims()))
         shape = c.mapping_shape()
         return tables + (shape.nbytes() if shape is not None else 0)
+
+
+class SingleTableStrategy(Strategy):
+    """A strategy of one table, named as the logical table (so constraints keyed by its name apply),
+    whose rows ``rows()`` gives; an id's row is the id (a mapping may have put it there) unless
+    ``partition_spec`` says otherwise."""
+
+    @abstractmethod
+    def rows(self) -> int:
+        """Rows of the one table."""
+
+    def sizes(self) -> List[int]:
+        return [self.rows()]
+
+    def suffixes(self) -> List[str]:
+        return [""]
+
+    def partition_spec(self) -> List[Tuple[int, int]]:
+        return [(1, 0)]
 
 
 def partition_rows(ids: torch.Tensor, divisor: int, modulus: int) -> torch.Tensor:

@@ -2,24 +2,21 @@
 
 from typing import List, Tuple
 
-from torchrec_multihash.modules.strategies.base import Sizing, Strategy, ceil_div, within_budget
+from torchrec_multihash.modules.strategies.base import SingleTableStrategy, Sizing, ceil_div, within_budget
 from torchrec_multihash.modules.strategies.names import StrategyName
 from torchrec_multihash.modules.strategies.registry import register
 
 
 @register(StrategyName.HASH)
-class HashingTrick(Strategy):
+class HashingTrick(SingleTableStrategy):
     """About ``num_collisions`` ids share each row; any int64 id is accepted."""
 
     uses = ("num_collisions",)
     accepts_any_id = True
 
-    def sizes(self) -> List[int]:
+    def rows(self) -> int:
         assert self.config.num_collisions is not None
-        return [ceil_div(self.domain, self.config.num_collisions)]
-
-    def suffixes(self) -> List[str]:
-        return [""]  # the logical table's own name: constraints keyed by it apply
+        return ceil_div(self.domain, self.config.num_collisions)
 
     def partition_spec(self) -> List[Tuple[int, int]]:
         return [(1, self.sizes()[0])]

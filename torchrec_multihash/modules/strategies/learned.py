@@ -2,10 +2,10 @@
 (Ghaemmaghami et al. 2022); ids it does not know hash into ``fallback_rows`` reserved rows."""
 
 import math
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 from torchrec_multihash.modules.mapping_shape import INT16_MAX, MappingShape
-from torchrec_multihash.modules.strategies.base import TOLERANCE, Sizing, Strategy
+from torchrec_multihash.modules.strategies.base import TOLERANCE, SingleTableStrategy, Sizing
 from torchrec_multihash.modules.strategies.names import StrategyName
 from torchrec_multihash.modules.strategies.registry import register
 
@@ -18,20 +18,14 @@ FALLBACK_DIVISOR = 8
 
 
 @register(StrategyName.LEARNED)
-class LearnedHash(Strategy):
+class LearnedHash(SingleTableStrategy):
     """One table of ``mapping_rows`` rows (default ``ceil(N / num_collisions)``), looked up by the
     row the id transform's ``LearnedMapping`` gives each id."""
 
     uses = ("num_collisions",)
 
-    def sizes(self) -> List[int]:
-        return [self.domain]
-
-    def suffixes(self) -> List[str]:
-        return [""]  # the logical table's own name: constraints keyed by it apply
-
-    def partition_spec(self) -> List[Tuple[int, int]]:
-        return [(1, 0)]  # ids are already mapped to rows
+    def rows(self) -> int:
+        return self.domain  # ids are already mapped to rows
 
     @classmethod
     def sized_for(cls, num_embeddings: int, dim: int, compression: float, operation: str, num_partitions: int) -> Sizing:
