@@ -78,7 +78,7 @@ def _inner_config(t: MultiHashEmbeddingBagConfig, sub: SubTable, features: List[
 def _group_tables(tables: List[MultiHashEmbeddingBagConfig], device: torch.device) -> _LookupGroups:
     """Sorts every table's sub-tables into lookup groups: pooled (add, concat, one partition) or
     per id (mult), and records how each feature is looked up and combined. A ``stack_parts`` table
-    is one pooled table of all its parts, and each of its features one sub-feature (``C1__stacked``)
+    is one pooled table of all its parts, and each of its features one sub-feature (``C1__parts``)
     whose bags hold each id's k rows: to the combine, a single-part output."""
     groups = _LookupGroups()
     feature_tables = Counter(f for t in tables for f in t.feature_names)
@@ -191,7 +191,7 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     fx-traceable (TorchRec's tracer) and scriptable; state dict keys: ``pooled.pooled.tables.
     embedding_bags.<sub-table>.weight``, ``per_id.per_id_d<dim>.tables.embedding_bags.<sub-table>.
     weight`` and, for learned tables, ``<group>.<name>.transform.mappings.<table>.{ids,rows,shape}``.
-    An add table with ``stack_parts`` is one pooled table, ``<table>__stacked``, of all its parts'
+    An add table with ``stack_parts`` is one pooled table, ``<table>__parts``, of all its parts'
     rows, and an id one bag of its k rows (offset into their parts): its SUM pooling is the add.
     A state dict of the former per-id layout (``...tables.embeddings.<sub-table>.weight``, an
     ``EmbeddingCollection``), or of another ``stack_parts``, is refused on load.
@@ -288,13 +288,13 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return list(self._configs)
 
     def sub_table_configs(self) -> List[EmbeddingBagConfig]:
-        """The physical sub-tables (``t_C1``, ``t_C1__r``, ...; ``t_C1__stacked`` for a table with
+        """The physical sub-tables (``t_C1``, ``t_C1__r``, ...; ``t_C1__parts`` for a table with
         ``stack_parts``) the planner sees."""
         return list(self._sub_table_configs)
 
     def sub_table_weights(self) -> Dict[str, torch.Tensor]:
         """Weight of every physical sub-table by name (unsharded module): a table with
-        ``stack_parts`` has one, ``<table>__stacked`` (see ``part_weights``)."""
+        ``stack_parts`` has one, ``<table>__parts`` (see ``part_weights``)."""
         weights: Dict[str, torch.Tensor] = {}
         for group in [*self.pooled.values(), *self.per_id.values()]:
             inner = cast(EmbeddingBagCollection, group.tables)
@@ -304,8 +304,8 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def part_weights(self) -> Dict[str, torch.Tensor]:
         """Weight of every logical sub-table by its strategy's name (``t_C1``, ``t_C1__r``, ...;
-        unsharded module): those of a table with ``stack_parts`` are views of its rows of the
-        stacked weight (writing one writes the stacked table), the others ``sub_table_weights``'."""
+        unsharded module): those of a table with ``stack_parts`` are copies of its rows of the
+        stacked weight (writing one leaves the table as it is), the others ``sub_table_weights``'."""
         stored = self.sub_table_weights()
         weights: Dict[str, torch.Tensor] = {}
         for t in self._configs:
