@@ -7,7 +7,6 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
 from torchrec_multihash import MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig
 from torchrec_multihash.distributed import load_checkpoint, save_checkpoint
-from torchrec_multihash.modules.config import MultiHashConfigError
 
 from tests.helpers import ROOT
 from tests.helpers import sharded_model as sm
@@ -151,34 +150,6 @@ def test_a_code_payload_in_an_entry_is_refused_unexecuted_plain_data_loads(tmp_p
     load_checkpoint(path, one_table_ebc(), {"opt": sd})
     assert sd["param_groups"][0]["lr"] == 0.123 and sd["param_groups"][0]["betas"] == (0.8, 0.9)
     torch.testing.assert_close(sd["state"][0]["exp_avg"], adam.state_dict()["state"][0]["exp_avg"])
-
-
-class _FormerPerIdLayout(torch.nn.Module):
-    """A module whose state dict has the former per-id layout's keys (an EmbeddingCollection)."""
-
-    def __init__(self, ebc):
-        super().__init__()
-        self.ebc = ebc
-
-    def state_dict(self, *args, **kwargs):
-        return {
-            k.replace(".tables.embedding_bags.", ".tables.embeddings.") if k.startswith("per_id.") else k: v for k, v in self.ebc.state_dict().items()
-        }
-
-
-def test_a_checkpoint_of_the_former_per_id_layout_is_refused_naming_the_key(tmp_path):
-    from torchrec_multihash.distributed import CheckpointError
-
-    path = tmp_path / "ckpt"
-    mult = one_table_ebc(strategy="qr", operation="mult", num_collisions=4)
-    save_checkpoint(path, _FormerPerIdLayout(mult))
-    with pytest.raises(
-        CheckpointError, match=r"holds 'model\.per_id\.per_id_d16\.tables\.embeddings\.t_C1(__r)?\.weight': mult tables of the former"
-    ):
-        load_checkpoint(path, one_table_ebc(strategy="qr", operation="mult", num_collisions=4))
-    # a plain state dict of that layout too, by the module's load hook
-    with pytest.raises(MultiHashConfigError, match=r"state dict key 'per_id\.per_id_d16\.tables\.embeddings\.t_C1(__r)?\.weight' is of the former"):
-        mult.load_state_dict(_FormerPerIdLayout(mult).state_dict())
 
 
 def test_a_checkpoint_of_another_config_is_refused_naming_the_table(tmp_path):

@@ -395,18 +395,3 @@ def _pipelined_worker(rank, world_size):
 @pytest.mark.distributed
 def test_stacked_tables_train_pipelined_as_in_the_plain_loop():
     run_multiprocess(_pipelined_worker, 2)
-
-
-@pytest.mark.parametrize("into_stacked", [True, False])
-def test_a_state_dict_of_the_former_stacked_layout_loads_as_the_same_parts(into_stacked):
-    """Former versions stacked the parts one after another (``t_C1__stacked``): such a state dict
-    loads into this version's spread rows (or separate parts) with every part's rows intact."""
-    source = _one(False, seed=3)
-    parts = source.part_weights()
-    former = {k: v for k, v in source.state_dict().items() if "t_C1" not in k}
-    former["pooled.pooled.tables.embedding_bags.t_C1__stacked.weight"] = torch.cat([parts["t_C1"], parts["t_C1__r"]])
-    loading = _one(None if into_stacked else False, seed=4)
-    assert loading.multihash_configs()[0].strategy_impl().is_stacked() == into_stacked
-    loading.load_state_dict(former)
-    for name, w in loading.part_weights().items():
-        torch.testing.assert_close(w, parts[name], rtol=0, atol=0, msg=name)

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from torchrec_multihash.distributed.checkpoint_files import CheckpointError, check_storage, verify_checksums, write_manifest
-from torchrec_multihash.modules.strategies import FORMER_STACKED_SUFFIX, STACKED_SUFFIX
+from torchrec_multihash.modules.strategies import STACKED_SUFFIX
 
 __all__ = ["CheckpointError", "find_checkpoint", "load_checkpoint", "load_entries", "read_index", "save_checkpoint"]
 
@@ -133,13 +133,6 @@ def _group_of(key: str) -> str:
 def _check_fits(path: Path, md: Metadata, state: Dict[str, Any]) -> None:
     """Refuses a checkpoint of another config: tables missing, or of other shapes."""
     saved = md.state_dict_metadata
-    old = next((k for k in saved if ".per_id." in k and ".tables.embeddings." in k), None)
-    if old is not None:
-        raise CheckpointError(
-            f"checkpoint {path} holds '{old}': mult tables of the former per-id layout (a TorchRec EmbeddingCollection); "
-            "this version keeps them in an EmbeddingBagCollection ('...tables.embedding_bags.<sub-table>.weight'), "
-            "so the checkpoint cannot be loaded as it is"
-        )
     saved_at = {(_table(k), k.rsplit(".", 1)[-1]): k for k in saved if _table(k)}
     missing: List[str] = []
     missing_state = 0  # of them, optimizer state
@@ -183,12 +176,6 @@ def _stacking_hint(table: Optional[str], saved_tables: Set[str]) -> Optional[str
         return None
     if table.endswith(STACKED_SUFFIX):
         logical = table[: -len(STACKED_SUFFIX)]
-        if logical + FORMER_STACKED_SUFFIX in saved_tables:
-            return (
-                f"the checkpoint holds {logical + FORMER_STACKED_SUFFIX}, stacked parts in a former layout (one part after "
-                f"another); this version spreads the small parts' rows through {table}: start a new run, or load that "
-                "checkpoint's weights with the version that wrote it"
-            )
         if logical in saved_tables:
             return (
                 f"table {logical} is stacked in this model ({table}: stack_parts unset or True; an add's parts are stacked by "

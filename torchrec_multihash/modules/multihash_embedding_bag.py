@@ -24,7 +24,7 @@ from torchrec_multihash.modules.id_transform import FeatureLookup, IdTransform, 
 from torchrec_multihash.modules.learned_mapping import LearnedMapping
 from torchrec_multihash.modules.lookup_checks import check_sharding, warn_if_not_pipelined
 from torchrec_multihash.modules.lookup_group import Lookup
-from torchrec_multihash.modules.strategies import FORMER_STACKED_SUFFIX, SubTable, stacked_table_name, sub_feature_name
+from torchrec_multihash.modules.strategies import SubTable, stacked_table_name, sub_feature_name
 from torchrec_multihash.modules.strategies.base import stacked_part_rows
 
 POOLED_GROUP = "pooled"
@@ -119,23 +119,9 @@ def _resolve_device(device: Optional[torch.device]) -> torch.device:
     return torch.device(device) if device is not None else torch.get_default_device()
 
 
-def _refuse_per_id_collection(module: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
-    """Load pre-hook: refuses a state dict of the former per-id layout (an ``EmbeddingCollection``,
-    ``per_id.<group>.tables.embeddings.<sub-table>.weight``), which would otherwise load partly."""
-    old = [k for k in state_dict if k.startswith(prefix + "per_id.") and ".tables.embeddings." in k]
-    if old:
-        raise MultiHashConfigError(
-            f"state dict key '{old[0]}' is of the former per-id layout (mult tables in a TorchRec EmbeddingCollection); "
-            "this version looks them up in an EmbeddingBagCollection ('...tables.embedding_bags.<sub-table>.weight'): "
-            "rename the keys' '.tables.embeddings.' to '.tables.embedding_bags.' (same weights) to load it"
-        )
-
-
 def _refuse_other_stacking(module: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
     """Load pre-hook: refuses a state dict whose tables are stacked where this module's are not
-    (``stack_parts``), or the other way round: it would otherwise load partly (``strict=False``).
-    A plain (unsharded) state dict of the former stacked layout (``<table>__stacked``, one part
-    after another) is rearranged into this module's tables: the same weights, exactly."""
+    (``stack_parts``), or the other way round: it would otherwise load partly (``strict=False``)."""
     bags = prefix + POOLED_GROUP + "." + POOLED_GROUP + ".tables.embedding_bags."
     for t in cast(MultiHashEmbeddingBagCollection, module).multihash_configs():
         impl = t.strategy_impl()
@@ -143,9 +129,6 @@ def _refuse_other_stacking(module: nn.Module, state_dict: Dict[str, Any], prefix
             continue
         stacked = bags + stacked_table_name(t.name) + ".weight"
         parts = [bags + s.name + ".weight" for s in impl.sub_tables()]
-        former = bags + t.name + FORMER_STACKED_SUFFIX + ".weight"
-        if type(state_dict.get(former)) is torch.Tensor:  # a plain tensor (a sharded one is the checkpoint's to refuse)
-            _from_former_stacking(impl, state_dict, former, stacked, parts)
         if impl.is_stacked() and stacked not in state_dict and any(k in state_dict for k in parts):
             found = next(k for k in parts if k in state_dict)
             raise MultiHashConfigError(
@@ -157,19 +140,6 @@ def _refuse_other_stacking(module: nn.Module, state_dict: Dict[str, Any], prefix
                 f"table '{t.name}': the state dict holds its parts stacked in one table ('{stacked}'), this module keeps them "
                 "separate (stack_parts=False here): leave stack_parts unset (or True) to load it"
             )
-
-
-def _from_former_stacking(impl: Any, state_dict: Dict[str, Any], former: str, stacked: str, parts: List[str]) -> None:
-    """The former stacked weight (parts one after another) as this module keeps it: the parts
-    spread through one table (``stacked_rows``), or separate (``stack_parts=False``)."""
-    by_part = state_dict.pop(former).split(impl.sizes())
-    if not impl.is_stacked():
-        state_dict.update(zip(parts, by_part))
-        return
-    weight = torch.empty(sum(impl.sizes()), by_part[0].size(1), dtype=by_part[0].dtype, device=by_part[0].device)
-    for part, placed in zip(by_part, impl.stacked_rows()):
-        weight[stacked_part_rows(placed, part.size(0), weight.device)] = part
-    state_dict[stacked] = weight
 
 
 class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -193,8 +163,7 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     weight`` and, for learned tables, ``<group>.<name>.transform.mappings.<table>.{ids,rows,shape}``.
     An add table with ``stack_parts`` is one pooled table, ``<table>__parts``, of all its parts'
     rows, and an id one bag of its k rows (offset into their parts): its SUM pooling is the add.
-    A state dict of the former per-id layout (``...tables.embeddings.<sub-table>.weight``, an
-    ``EmbeddingCollection``), or of another ``stack_parts``, is refused on load.
+    A state dict of another ``stack_parts`` is refused on load.
 
     Args:
         tables: one ``MultiHashEmbeddingBagConfig`` per logical table.
@@ -245,7 +214,6 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self.combine = Combine(groups.outputs, is_weighted=is_weighted)
         self._sharding_checked = False
         self._traced_by_pipeline = False
-        self._register_load_state_dict_pre_hook(_refuse_per_id_collection, with_module=True)
         self._register_load_state_dict_pre_hook(_refuse_other_stacking, with_module=True)
 
     @torch.jit.unused

@@ -8,7 +8,6 @@ import importlib
 import pkgutil
 
 from torchrec_multihash.modules.strategies.base import (  # noqa: F401
-    FORMER_STACKED_SUFFIX,
     STACKED_SUFFIX,
     TOLERANCE,
     SingleTableStrategy,

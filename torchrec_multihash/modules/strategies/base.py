@@ -21,8 +21,6 @@ def sub_table_name(table: str, suffix: str) -> str:
 
 
 STACKED_SUFFIX = "__parts"
-# the stacked table of former versions, its parts' rows one part after another (refused on load)
-FORMER_STACKED_SUFFIX = "__stacked"
 
 
 def stacked_table_name(table: str) -> str:
