@@ -8,9 +8,9 @@ import torch
 from torchrec import EmbeddingBagConfig
 
 from torchrec_multihash import MultiHashEmbeddingBagCollection
-from torchrec_multihash.convert import to_multihash_configs
 from torchrec_multihash.datasets.criteo_tsv import DEFAULT_SPARSE_NAMES, CriteoFormatError, read_rows
 from torchrec_multihash.datasets.id_mapping import HashingIds, Vocabulary
+from torchrec_multihash.modules.convert import to_multihash_configs
 
 from tests.helpers.cli import train
 from tests.helpers.criteo import batches

@@ -17,12 +17,12 @@ from torchrec_multihash import (
     UnfittedMappingError,
     fit_learned_mappings,
 )
-from torchrec_multihash.convert import to_multihash_configs
 from torchrec_multihash.datasets.synthetic import SyntheticCriteo
 from torchrec_multihash.distributed import load_checkpoint, save_checkpoint
 from torchrec_multihash.learned.clustering import balanced_clusters
 from torchrec_multihash.learned.counting import count_ids
 from torchrec_multihash.learned.fit import FitInputError, FitOptions, apply_mappings, assign_rows, fit_mappings, load_mappings, save_mappings
+from torchrec_multihash.modules.convert import to_multihash_configs
 
 from tests.helpers import sharded_model as sm
 from tests.helpers.cli import SMALL, run_cli, train

@@ -2,8 +2,6 @@
 
 from torchrec.modules.embedding_configs import PoolingType  # noqa: F401  re-exported for configs
 
-from torchrec_multihash.convert import stack_add_tables, to_multihash_configs  # noqa: F401
-from torchrec_multihash.deeprec import get_multihash_variable  # noqa: F401
 from torchrec_multihash.distributed import (  # noqa: F401
     CheckpointError,
     load_checkpoint,
@@ -13,11 +11,6 @@ from torchrec_multihash.distributed import (  # noqa: F401
     sub_table_constraints,
 )
 from torchrec_multihash.errors import MultiHashError  # noqa: F401
-from torchrec_multihash.interop import (  # noqa: F401
-    composed_embeddings,
-    from_embedding_bag_collection,
-    to_embedding_bag_collection,
-)
 from torchrec_multihash.learned.fit import FitOptions, apply_mappings, fit_learned_mappings, load_mappings, save_mappings  # noqa: F401
 from torchrec_multihash.modules import (  # noqa: F401
     InvalidInputError,
@@ -25,6 +18,13 @@ from torchrec_multihash.modules import (  # noqa: F401
     MultiHashEmbeddingBagCollection,
     MultiHashEmbeddingBagConfig,
     UnfittedMappingError,
+)
+from torchrec_multihash.modules.convert import stack_add_tables, to_multihash_configs  # noqa: F401
+from torchrec_multihash.modules.deeprec import get_multihash_variable  # noqa: F401
+from torchrec_multihash.modules.interop import (  # noqa: F401
+    composed_embeddings,
+    from_embedding_bag_collection,
+    to_embedding_bag_collection,
 )
 
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ from torchrec_multihash.app.quiet import FX_TRACING_LOGGER, loggers_at
 
 # command -> (module whose main(argv) runs it, imported on use; what it does)
 COMMANDS = {
-    "demo": ("torchrec_multihash.demo", "train a small DLRM with full and with multi-hash tables on a synthetic task and compare"),
+    "demo": ("torchrec_multihash.app.demo", "train a small DLRM with full and with multi-hash tables on a synthetic task and compare"),
     "train": ("torchrec_multihash.app.train", "train a sharded DLRM with multi-hash tables (one process, or a rank per process: torchrun/TorchX)"),
     "fit-hash": ("torchrec_multihash.app.fit_hash", "fit the learned id -> row mappings of a config's learned tables on its training data"),
     "bench": ("torchrec_multihash.bench.bench", "step time and memory of every strategy vs TorchRec's EBC and a naive Q-R; scaling; reader speed"),

@@ -14,10 +14,10 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import yaml
 
-from torchrec_multihash.convert import DEFAULT_THRESHOLD
 from torchrec_multihash.distributed.constraints import DEFAULT_SMALL_TABLE_ROWS
 from torchrec_multihash.errors import MultiHashError
 from torchrec_multihash.modules.config import COMPOSITIONS, LOGICAL_FIELDS, ROW_PRECISIONS, TABLE_FIELDS
+from torchrec_multihash.modules.convert import DEFAULT_THRESHOLD
 from torchrec_multihash.modules.strategies import StrategyName, registered_strategies
 
 AUTO = "auto"  # embeddings.strategy: each table's strategy and size chosen from the data (torchrec_multihash.auto)

@@ -13,9 +13,9 @@ from torchrec_multihash.app.auto_choice import is_auto, load_choices
 from torchrec_multihash.app.config import MCH, Config, ConfigError, EmbeddingsConfig
 from torchrec_multihash.auto import AutoChoiceError, TableChoice, auto_configs
 from torchrec_multihash.bench.mch import MCHEmbeddingBagCollection
-from torchrec_multihash.convert import stack_add_tables, to_multihash_configs
 from torchrec_multihash.distributed.constraints import sub_table_constraints
 from torchrec_multihash.modules.config import ROW_PRECISIONS, MultiHashConfigError, MultiHashEmbeddingBagConfig
+from torchrec_multihash.modules.convert import stack_add_tables, to_multihash_configs
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
 
 EmbeddingModule = Union[MultiHashEmbeddingBagCollection, MCHEmbeddingBagCollection]

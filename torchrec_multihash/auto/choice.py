@@ -18,9 +18,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, EmbeddingBagConfig
 
 from torchrec_multihash.auto.statistics import TableStatistics
-from torchrec_multihash.convert import check_overrides, to_multihash_configs
 from torchrec_multihash.errors import MultiHashError
 from torchrec_multihash.modules.config import ROW_PRECISIONS, MultiHashEmbeddingBagConfig
+from torchrec_multihash.modules.convert import check_overrides, to_multihash_configs
 from torchrec_multihash.modules.strategies import TOLERANCE, StrategyName, registered_strategies, strategy_class
 from torchrec_multihash.modules.strategies.base import ceil_div
 

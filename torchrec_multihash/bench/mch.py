@@ -33,8 +33,8 @@ from torchrec.modules.mc_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_multihash.convert import DEFAULT_THRESHOLD
 from torchrec_multihash.modules.config import MultiHashConfigError
+from torchrec_multihash.modules.convert import DEFAULT_THRESHOLD
 
 EVICTIONS = ("lfu", "distance_lfu")
 SIZINGS = ("bytes", "rows")

@@ -21,9 +21,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_multihash.app.quiet import quiet_warnings
 from torchrec_multihash.bench.naive_qr import NaiveQREmbeddingBags
 from torchrec_multihash.bench.workload import BenchSpec
-from torchrec_multihash.convert import to_multihash_configs
 from torchrec_multihash.distributed.constraints import model_constraints
 from torchrec_multihash.distributed.sharding import shard_model
+from torchrec_multihash.modules.convert import to_multihash_configs
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
 from torchrec_multihash.modules.strategies import registered_strategies
 

@@ -12,8 +12,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from tqdm import tqdm
 
 from torchrec_multihash.argtypes import above, at_least
-from torchrec_multihash.convert import to_multihash_configs
 from torchrec_multihash.datasets.synthetic import SyntheticCriteo
+from torchrec_multihash.modules.convert import to_multihash_configs
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
 from torchrec_multihash.modules.strategies import registered_strategies
 

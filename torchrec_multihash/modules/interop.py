@@ -7,8 +7,8 @@ import torch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_multihash.convert import to_multihash_configs
 from torchrec_multihash.modules.config import MultiHashConfigError
+from torchrec_multihash.modules.convert import to_multihash_configs
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
 
 
