@@ -223,6 +223,22 @@ def dlrm(
         raise SystemExit(2) from None
 
 
+def _mounts(mounts: Optional[List[str]], data_volume: Optional[str], output_volume: Optional[str]) -> List[str]:
+    """``--mounts`` and the volumes' mounts, in torchx's syntax; ValueError for one it cannot parse."""
+    all_mounts = list(mounts or [])
+    if data_volume:
+        all_mounts += ["type=volume", f"src={data_volume}", f"dst={IMAGE_WORKDIR}/data", "readonly"]
+    if output_volume:
+        all_mounts += ["type=volume", f"src={output_volume}", f"dst={IMAGE_WORKDIR}/runs"]
+    if all_mounts:
+        try:
+            specs.parse_mounts(all_mounts)
+        except KeyError as e:  # torchx's messages for a mount it cannot parse
+            what = e.args[0] if " " in str(e.args[0]) else f"no {e.args[0]}= given"  # torchx's KeyError: the bare key
+            raise ValueError(f"--mounts {','.join(all_mounts)}: {what} (e.g. type=bind,src=/host/path,dst=/path)") from None
+    return all_mounts
+
+
 def _dlrm_app(
     overrides: Tuple[str, ...],
     config: str,
@@ -267,17 +283,7 @@ def _dlrm_app(
         # torch 2.13 keeps torchrun's rendezvous store across restarts: restarted ranks could read
         # the dead ranks' addresses (pytorch#135712); this gives every restart a fresh store
         env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    all_mounts = list(mounts or [])
-    if data_volume:
-        all_mounts += ["type=volume", f"src={data_volume}", f"dst={IMAGE_WORKDIR}/data", "readonly"]
-    if output_volume:
-        all_mounts += ["type=volume", f"src={output_volume}", f"dst={IMAGE_WORKDIR}/runs"]
-    if all_mounts:
-        try:
-            specs.parse_mounts(all_mounts)
-        except KeyError as e:  # torchx's messages for a mount it cannot parse
-            what = e.args[0] if " " in str(e.args[0]) else f"no {e.args[0]}= given"  # torchx's KeyError: the bare key
-            raise ValueError(f"--mounts {','.join(all_mounts)}: {what} (e.g. type=bind,src=/host/path,dst=/path)") from None
+    all_mounts = _mounts(mounts, data_volume, output_volume)
     kwargs = {"image": image} if image else {}
     app = ddp(
         *args,

@@ -77,3 +77,13 @@ def test_modules_do_not_import_upward():
         if name.split(".")[1:2] and name.split(".")[1] in library
     }
     assert {name: deps for name, deps in into_app.items() if deps} == {}
+
+
+def test_every_function_fits_on_a_screen():
+    # 80 lines at most: a function longer than that is split by what it does
+    long = []
+    for path in [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "launch").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == []

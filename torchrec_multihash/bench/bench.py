@@ -230,7 +230,7 @@ def plots(results: Results, out: Path) -> None:
         plt.close(fig)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torchrec-multihash bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="small tables and batches (a few minutes on CPU)")
     p.add_argument("--out", type=folder, default=Path("runs/bench"), help="directory for the results")
@@ -252,6 +252,97 @@ def main(argv: Optional[List[str]] = None) -> int:
         help="system: glibc's defaults, what a user's process gets; caching: glibc keeps freed memory (as CUDA's allocator does): "
         "no page faults for tensors of earlier steps; both (default): system, with caching's ratios beside it (CPU)",
     )
+    return p
+
+
+class _Bench:
+    """One ``bench`` command: its stages, each recording into ``results`` what it measured or
+    why it failed (the bench goes on after a failure)."""
+
+    def __init__(self, args: argparse.Namespace, workloads: List[str], methods: List[str]) -> None:
+        self.args, self.workloads, self.methods = args, workloads, methods
+        self.results = Results(workloads={}, scaling=[], loader=[], train=[], failed=[])
+        self.single = "caching" if args.malloc == "caching" else "system"  # the malloc of the runs measured once
+
+    def spec(self, name: str) -> BenchSpec:
+        spec = BenchSpec.workload(name, self.args.quick)
+        spec.steps = self.args.steps or spec.steps
+        spec.batch_size = self.args.batch_size or spec.batch_size
+        return spec
+
+    def attempt(self, stage: str, what: str, run: Callable[..., Any], *run_args: Any) -> Any:
+        """``run(*run_args)``, or None when it fails: the failure is reported and recorded."""
+        try:
+            return run(*run_args)
+        except RuntimeError as e:
+            print(f"torchrec-multihash bench: {stage}: {e}", file=sys.stderr)
+            self.results["failed"].append({"workload": stage, "method": what, "error": str(e)})
+            return None
+
+    def workload(self, name: str) -> None:
+        """Every method on workload ``name``; on CPU with ``--malloc both``, again with glibc tuned."""
+        spec, device = self.spec(name), self.args.device
+        work = Workload(spec=spec.to_dict(), methods=[])
+        for m in tqdm(self.methods, desc=f"bench: {name}", unit="method"):
+            rec = self.attempt(name, m, run_method, m, spec, 1, device, self.single)
+            if rec is not None and self.args.malloc == "both" and rec["device"] == "cpu":
+                tuned = self.attempt(name, f"{m} (caching malloc)", run_method, m, spec, 1, device, "caching")
+                rec.update({f"caching_{k}": tuned[k] for k in ("step_ms", "vs_baseline") if tuned is not None and k in tuned})
+            if rec is not None:
+                work["methods"].append({**rec, "malloc": self.single})
+        if work["methods"]:
+            self.results["workloads"][name] = work
+
+    def scaling(self) -> None:
+        """The multi-hot workload on each ``--scaling`` process count (one process: the run above)."""
+        spec = self.spec("multi_hot")
+        counts = [int(n) for n in self.args.scaling.split(",") if n]
+        base_rows = self.results["workloads"]["multi_hot"]["methods"] if "multi_hot" in self.results["workloads"] else []
+        for m in ("torchrec_ebc", "qr_mult") if counts else ():
+            runs: List[Record] = []
+            for n in tqdm(counts, desc=f"bench: scaling {m}", unit="run"):
+                one = next((r for r in base_rows if r["method"] == m), None)
+                rec = (
+                    one
+                    if n == 1 and one is not None
+                    else self.attempt("scaling", f"{m} on {n} process(es)", run_method, m, spec, n, self.args.device, self.single)
+                )
+                if rec is None:
+                    break
+                runs.append(rec)
+            if any(r["world_size"] == 1 for r in runs):  # the table's reference point
+                self.results["scaling"] += runs
+
+    def readers_and_training(self) -> None:
+        """The Criteo TSV reader and end-to-end ``train`` runs, unless skipped (0)."""
+        a = self.args
+        lines = a.loader_lines if a.loader_lines is not None else (20_000 if a.quick else 200_000)
+        if lines:
+            self.results["loader"] = self.attempt("loader", "Criteo TSV reader", loader_throughput, self.spec("multi_hot"), lines) or []
+        samples = a.train_samples if a.train_samples is not None else (20_000 if a.quick else 200_000)
+        if samples:
+            self.results["train"] = self.attempt("train", "end-to-end train", train_throughput, a.train_config, samples, a.device, self.single) or []
+
+    def write(self, out: Path) -> int:
+        """``results.json``, ``results.md`` and the plots in ``out``; 1 if a run failed."""
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(self.results, indent=2))
+        table = markdown(self.results)
+        (out / "results.md").write_text(table)
+        written = ["results.json", "results.md"]
+        if self.results["workloads"]:
+            plots(self.results, out)
+            written += ["step_time.png", "memory.png"]
+        print(table)
+        print(f"Results in {out.resolve()} ({', '.join(written)})")
+        if self.results["failed"]:
+            print(f"torchrec-multihash bench: {len(self.results['failed'])} method run(s) failed: see above and results.md", file=sys.stderr)
+            return 1
+        return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     workloads = [w for w in args.workloads.split(",") if w]
     if [w for w in workloads if w not in WORKLOADS]:
@@ -260,79 +351,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     unknown = [m for m in methods if m not in method_names()]
     if unknown:
         p.error(f"unknown method(s) {unknown}; choose from {method_names()}")
-    for needed in (BASELINE,):
-        if needed not in methods:
-            methods.insert(0, needed)
-    if args.batch_size is not None and args.batch_size < 1:
-        p.error(f"--batch-size must be positive, got {args.batch_size}")
-
-    def workload_spec(name: str) -> BenchSpec:
-        spec = BenchSpec.workload(name, args.quick)
-        spec.steps = args.steps or spec.steps
-        spec.batch_size = args.batch_size or spec.batch_size
-        return spec
-
-    results = Results(workloads={}, scaling=[], loader=[], train=[], failed=[])
-
-    def attempt(stage: str, what: str, run: Callable[..., Any], *run_args: Any) -> Any:
-        """``run(*run_args)``, or None when it fails: the failure is reported and recorded, the
-        bench goes on."""
-        try:
-            return run(*run_args)
-        except RuntimeError as e:
-            print(f"torchrec-multihash bench: {stage}: {e}", file=sys.stderr)
-            results["failed"].append({"workload": stage, "method": what, "error": str(e)})
-            return None
-
-    single = "caching" if args.malloc == "caching" else "system"  # the malloc of the runs measured once
+    if BASELINE not in methods:
+        methods.insert(0, BASELINE)
+    bench = _Bench(args, workloads, methods)
     for name in workloads:
-        spec = workload_spec(name)
-        work = Workload(spec=spec.to_dict(), methods=[])
-        for m in tqdm(methods, desc=f"bench: {name}", unit="method"):
-            rec = attempt(name, m, run_method, m, spec, 1, args.device, single)
-            if rec is not None and args.malloc == "both" and rec["device"] == "cpu":  # the same method with glibc tuned
-                tuned = attempt(name, f"{m} (caching malloc)", run_method, m, spec, 1, args.device, "caching")
-                rec.update({f"caching_{k}": tuned[k] for k in ("step_ms", "vs_baseline") if tuned is not None and k in tuned})
-            if rec is not None:
-                work["methods"].append({**rec, "malloc": single})
-        if work["methods"]:
-            results["workloads"][name] = work
-    spec = workload_spec("multi_hot")
-    counts = [int(n) for n in args.scaling.split(",") if n]
-    base_rows = results["workloads"]["multi_hot"]["methods"] if "multi_hot" in results["workloads"] else []
-    for m in ("torchrec_ebc", "qr_mult") if counts else ():
-        runs: List[Record] = []
-        for n in tqdm(counts, desc=f"bench: scaling {m}", unit="run"):
-            one = next((r for r in base_rows if r["method"] == m), None)
-            if n == 1 and one is not None:
-                rec = one
-            else:
-                rec = attempt("scaling", f"{m} on {n} process(es)", run_method, m, spec, n, args.device, single)
-            if rec is None:
-                break
-            runs.append(rec)
-        if any(r["world_size"] == 1 for r in runs):  # the table's reference point
-            results["scaling"] += runs
-    lines = args.loader_lines if args.loader_lines is not None else (20_000 if args.quick else 200_000)
-    if lines:
-        results["loader"] = attempt("loader", "Criteo TSV reader", loader_throughput, spec, lines) or []
-    samples = args.train_samples if args.train_samples is not None else (20_000 if args.quick else 200_000)
-    if samples:
-        results["train"] = attempt("train", "end-to-end train", train_throughput, args.train_config, samples, args.device, single) or []
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    table = markdown(results)
-    (args.out / "results.md").write_text(table)
-    written = ["results.json", "results.md"]
-    if results["workloads"]:
-        plots(results, args.out)
-        written += ["step_time.png", "memory.png"]
-    print(table)
-    print(f"Results in {args.out.resolve()} ({', '.join(written)})")
-    if results["failed"]:
-        print(f"torchrec-multihash bench: {len(results['failed'])} method run(s) failed: see above and results.md", file=sys.stderr)
-        return 1
-    return 0
+        bench.workload(name)
+    bench.scaling()
+    bench.readers_and_training()
+    return bench.write(args.out)
 
 
 if __name__ == "__main__":

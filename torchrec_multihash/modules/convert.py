@@ -73,6 +73,29 @@ def _override_sizing(
     return name, cls.sized_for(c.num_embeddings, c.embedding_dim, compression, own.get("operation", operation), k)
 
 
+def _rows_compression(compression: float, data_type: Optional[DataType], strategy: str) -> float:
+    """How many times fewer rows a table gets: ``compression`` less what rows of ``data_type`` save."""
+    if data_type is None:
+        return compression
+    ratio = 32 / DATA_TYPE_NUM_BITS[data_type]
+    if compression < ratio and strategy != StrategyName.FULL:
+        raise MultiHashConfigError(
+            f"compression {compression:g} with {data_type.name} rows: those rows alone make a table {ratio:g}x smaller than in fp32; "
+            f"give a compression of at least {ratio:g}"
+        )
+    return max(1.0, compression / ratio)
+
+
+def _larger_than_full(c: EmbeddingBagConfig, own: Mapping[str, object], converted: MultiHashEmbeddingBagConfig) -> List[str]:
+    """``[what is wrong]`` if the sizes an override gave make ``converted`` larger than ``c`` full."""
+    mine = converted.strategy_impl().memory_bytes()
+    full = MultiHashEmbeddingBagConfig(**logical_fields(c), strategy=StrategyName.FULL).strategy_impl().memory_bytes()
+    if mine <= full:
+        return []
+    given = ", ".join(f"{k}={own[k]}" for k in SIZING_FIELDS if k in own)
+    return [f"{c.name} ({converted.strategy}, {given}): {mine:,} bytes against {full:,} for the full table"]
+
+
 def to_multihash_configs(
     configs: Sequence[EmbeddingBagConfig],
     compression: float,
@@ -103,15 +126,7 @@ def to_multihash_configs(
     """
     name = _check_arguments(strategy, operation, compression)
     cls = strategy_class(name)
-    rows_compression = compression
-    if data_type is not None:
-        ratio = 32 / DATA_TYPE_NUM_BITS[data_type]
-        if compression < ratio and name != StrategyName.FULL:
-            raise MultiHashConfigError(
-                f"compression {compression:g} with {data_type.name} rows: those rows alone make a table {ratio:g}x smaller than in fp32; "
-                f"give a compression of at least {ratio:g}"
-            )
-        rows_compression = max(1.0, compression / ratio)
+    rows_compression = _rows_compression(compression, data_type, name)
     overrides = dict(overrides or {})
     check_overrides(overrides, [c.name for c in configs])
     if isinstance(threshold, bool) or not isinstance(threshold, int):
@@ -145,11 +160,7 @@ def to_multihash_configs(
             logical["data_type"] = data_type
         out.append(MultiHashEmbeddingBagConfig(**logical, **fields))
         if any(key in own for key in SIZING_FIELDS):
-            mine = out[-1].strategy_impl().memory_bytes()
-            full = MultiHashEmbeddingBagConfig(**logical_fields(c), strategy=StrategyName.FULL).strategy_impl().memory_bytes()
-            if mine > full:
-                given = ", ".join(f"{k}={own[k]}" for k in SIZING_FIELDS if k in own)
-                larger.append(f"{c.name} ({out[-1].strategy}, {given}): {mine:,} bytes against {full:,} for the full table")
+            larger += _larger_than_full(c, own, out[-1])
     if larger:
         warnings.warn(f"the sizes an override gives make these tables larger than uncompressed: {'; '.join(larger)}", stacklevel=2)
     if short:

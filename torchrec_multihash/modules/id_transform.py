@@ -336,6 +336,54 @@ def _group_rows(g: _FlatGroup, ids: torch.Tensor, per_id: List[torch.Tensor]) ->
     return [r for r in rows if r is not None]
 
 
+def _flat_segments(
+    plan: "_FlatPlan",
+    ids: torch.Tensor,
+    per_id: List[torch.Tensor],
+    bags_2d: torch.Tensor,
+    counts: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    length_per_key: Optional[List[int]],
+) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], Optional[torch.Tensor]]:
+    """The flat plan's segments, group by group (``_FlatPlan.groups``): their ids' rows, their bags'
+    lengths, the ids of each segment and their weights (values, lengths and weights concatenated)."""
+    blocks: List[torch.Tensor] = []
+    block_lengths: List[torch.Tensor] = []
+    block_counts: List[torch.Tensor] = []  # ids per segment
+    block_weights: List[torch.Tensor] = []
+    start, first = 0, 0
+    for g in plan.groups:
+        k = len(g.lookups)
+        x, per, bags, c, w = ids, per_id, bags_2d.view(-1), counts, weights
+        if len(plan.groups) > 1:
+            assert length_per_key is not None
+            count = sum(length_per_key[first : first + k])
+            x, per = ids[start : start + count], [row[start : start + count] for row in per_id]
+            bags, c = bags_2d[first : first + k].view(-1), counts[first : first + k]
+            w = weights[start : start + count] if weights is not None else None
+            start, first = start + count, first + k
+        rows = _group_rows(g, x, per)
+        if g.stacked:  # per id its k rows side by side, each moved to its part's rows
+            k = len(rows)
+            moved = [_placed(r, *[per[row] if row >= 0 else value for value, row in g.placement[p]]) for p, r in enumerate(rows)]
+            blocks.append(torch.stack(moved, dim=1).view(-1))
+            block_lengths.append(bags * k)
+            block_counts.append(c * k)
+            if w is not None:  # each of an id's k rows carries its weight
+                block_weights.append(w.unsqueeze(1).expand(-1, k).reshape(-1))
+            continue
+        blocks.append(rows[0] if len(rows) == 1 else torch.cat(rows))
+        block_lengths.append(bags if len(rows) == 1 else torch.cat([bags] * len(rows)))
+        block_counts.append(c if len(rows) == 1 else torch.cat([c] * len(rows)))
+        if w is not None:
+            each = [torch.ones_like(w) if u else w for u in g.unit_weights]
+            block_weights.append(each[0] if len(each) == 1 else torch.cat(each))
+    out_values = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+    out_lengths = block_lengths[0] if len(blocks) == 1 else torch.cat(block_lengths)
+    out_weights = (block_weights[0] if len(blocks) == 1 else torch.cat(block_weights)) if weights is not None else None
+    return out_values, out_lengths, block_counts, out_weights
+
+
 class IdTransform(nn.Module):
     """Maps a KJT of logical features to a KJT of sub-features, one per partition.
 
@@ -679,42 +727,9 @@ class IdTransform(nn.Module):
             return source
         # per lookup its bags' lengths; exploded: its id count, the one bag of each of its parts
         bags_2d = counts.view(lookups, 1) if explode else lengths.view(lookups, batch)
-        blocks: List[torch.Tensor] = []
-        block_lengths: List[torch.Tensor] = []
-        block_counts: List[torch.Tensor] = []  # ids per segment
-        block_weights: List[torch.Tensor] = []
-        start, first = 0, 0
-        for g in plan.groups:
-            k = len(g.lookups)
-            x, per, bags, c, w = ids, per_id, bags_2d.view(-1), counts, weights
-            if len(plan.groups) > 1:
-                assert length_per_key is not None
-                count = sum(length_per_key[first : first + k])
-                x, per = ids[start : start + count], [row[start : start + count] for row in per_id]
-                bags, c = bags_2d[first : first + k].view(-1), counts[first : first + k]
-                w = weights[start : start + count] if weights is not None else None
-                start, first = start + count, first + k
-            rows = _group_rows(g, x, per)
-            if g.stacked:  # per id its k rows side by side, each moved to its part's rows
-                k = len(rows)
-                moved = [_placed(r, *[per[row] if row >= 0 else value for value, row in g.placement[p]]) for p, r in enumerate(rows)]
-                blocks.append(torch.stack(moved, dim=1).view(-1))
-                block_lengths.append(bags * k)
-                block_counts.append(c * k)
-                if w is not None:  # each of an id's k rows carries its weight
-                    block_weights.append(w.unsqueeze(1).expand(-1, k).reshape(-1))
-                continue
-            blocks.append(rows[0] if len(rows) == 1 else torch.cat(rows))
-            block_lengths.append(bags if len(rows) == 1 else torch.cat([bags] * len(rows)))
-            block_counts.append(c if len(rows) == 1 else torch.cat([c] * len(rows)))
-            if w is not None:
-                each = [torch.ones_like(w) if u else w for u in g.unit_weights]
-                block_weights.append(each[0] if len(each) == 1 else torch.cat(each))
-        out_values = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-        out_lengths = block_lengths[0] if len(blocks) == 1 else torch.cat(block_lengths)
-        out_weights = (block_weights[0] if len(blocks) == 1 else torch.cat(block_weights)) if weights is not None else None
+        out_values, out_lengths, block_counts, out_weights = _flat_segments(plan, ids, per_id, bags_2d, counts, weights, length_per_key)
         if plan.permutes:  # segments to sub-features: one copy per segment's ids
-            segment_counts = block_counts[0] if len(blocks) == 1 else torch.cat(block_counts)
+            segment_counts = block_counts[0] if len(block_counts) == 1 else torch.cat(block_counts)
             _, out_values, out_weights = torch.ops.fbgemm.permute_1D_sparse_data(perm, segment_counts, out_values, out_weights, out_values.numel())
             out_lengths = out_lengths.view(plan.segments, bags_2d.size(1)).index_select(0, perm)
         sub_length_per_key = None
