@@ -11,8 +11,10 @@ quickstart: venv
 demo: venv
 	.venv/bin/torchrec-multihash demo
 
+# PYTEST_WORKERS: parallel test processes (pytest-xdist); 2 fits the 2-core CI machine
+PYTEST_WORKERS ?= 2
 test: venv
-	.venv/bin/python -m pytest -q tests
+	.venv/bin/python -m pytest -q -n $(PYTEST_WORKERS) tests
 
 # the tests not marked slow (no trainings in subprocesses, no multi-process runs): about 3 minutes
 test-fast: venv

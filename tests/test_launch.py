@@ -9,6 +9,7 @@ import yaml
 
 from tests.helpers import ROOT
 from tests.helpers.cli import BIN, run
+from tests.helpers.distributed import free_port
 
 
 def data_here(tmp_path):
@@ -32,6 +33,8 @@ def local_run(tmp_path, j, *options, overrides=()):
         "launch/components.py:dlrm",
         "-j",
         j,
+        "--rdzv_port",
+        str(free_port()),  # tests run in parallel: not the default 29500
         *options,
         "--config",
         "configs/quickstart.yaml",

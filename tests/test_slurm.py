@@ -13,6 +13,7 @@ import pytest
 
 from tests.helpers import ROOT
 from tests.helpers.cli import BIN, run
+from tests.helpers.distributed import free_port
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(900)]
 
@@ -39,7 +40,7 @@ def _torchx(*args, env=None):
 def _submit(tmp_path: Path, name: str, *options: str) -> str:
     """Submits the quickstart config (2 ranks on 1 node); the Slurm job id."""
     r = _torchx(
-        "run", "-s", "slurm", "launch/components.py:dlrm", "-j", "1x2", "--name", name, "--metrics_out", str(tmp_path / f"{name}.json"),
+        "run", "-s", "slurm", "launch/components.py:dlrm", "-j", "1x2", "--rdzv_port", str(free_port()), "--name", name, "--metrics_out", str(tmp_path / f"{name}.json"),
         *options, "--config", "configs/quickstart.yaml", *OVERRIDES, f"train.output_dir={tmp_path / name}",
     )  # fmt: skip
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
@@ -55,6 +56,9 @@ def _wait(job: str, timeout: float = 600) -> str:
         out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"], capture_output=True, text=True).stdout.split()
         if out and out[0] not in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING"):
             return out[0]
+        reason = subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], capture_output=True, text=True).stdout.strip()
+        if reason == "BeginTime":  # Slurm holds a requeued job for 2 minutes: start it now (as an admin can)
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
         time.sleep(2)
     subprocess.run(["scancel", job])
     raise AssertionError(f"Slurm job {job} still running after {timeout} s")
@@ -75,7 +79,7 @@ def _logs(job: str) -> str:
 def _local(tmp_path: Path) -> dict:
     """The same config on 2 local ranks (torchrun): what the Slurm jobs must end with."""
     out = tmp_path / "local.json"
-    r = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "torchrec_multihash.cli", "train", "--config", "configs/quickstart.yaml",
+    r = run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "torchrec_multihash.cli", "train", "--config", "configs/quickstart.yaml",
              *[a for o in OVERRIDES for a in ("--set", o)], "--set", f"train.output_dir={tmp_path / 'local'}", "--metrics-out", str(out)])  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(out.read_text())

@@ -44,5 +44,7 @@ def train(
     if nproc == 1:
         r = run_cli("train", *common, python=python, env=env)
     else:
-        r = run([str(BIN / "torchrun"), *torchrun, "--nproc_per_node", str(nproc), *CLI, "train", *common], env=env)
+        # a rendezvous port of its own (--standalone picks a free one): tests run in parallel
+        own_port = [] if any(a.startswith(("--standalone", "--rdzv", "--master")) for a in torchrun) else ["--standalone"]
+        r = run([str(BIN / "torchrun"), *own_port, *torchrun, "--nproc_per_node", str(nproc), *CLI, "train", *common], env=env)
     return r, (json.loads(out.read_text()) if out.exists() else None)

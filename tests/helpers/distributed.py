@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free now on this machine (tests run in parallel: no fixed port)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -50,7 +51,7 @@ def run_multiprocess(fn: Callable[..., Any], world_size: int, *args: Any) -> Non
     outlive the call: when it ends early (a failure, or pytest-timeout interrupting a hang), those
     still running are killed."""
     with tempfile.TemporaryDirectory() as errors:
-        context = mp.start_processes(_entry, args=(world_size, _free_port(), errors, fn, args), nprocs=world_size, join=False, start_method="spawn")
+        context = mp.start_processes(_entry, args=(world_size, free_port(), errors, fn, args), nprocs=world_size, join=False, start_method="spawn")
         try:
             while not context.join():
                 pass
