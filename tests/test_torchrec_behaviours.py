@@ -250,3 +250,18 @@ def test_embedding_bags_is_a_read_only_view_of_the_sub_tables():
     assert isinstance(module.combine, torch.nn.Module)  # other attributes as before
     with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
         _ = module.nothing
+
+
+def test_the_docstring_example_prints_what_it_says(capsys):
+    """``MultiHashEmbeddingBagCollection``'s ``Example::``, run as written: it prints its ``>>>`` lines."""
+    import inspect
+    import textwrap
+
+    import torchrec_multihash.modules.multihash_embedding_bag as module
+
+    doc = inspect.getdoc(module.MultiHashEmbeddingBagCollection)
+    example = textwrap.dedent(doc.split("Example::\n", 1)[1])
+    code = "\n".join(line for line in example.splitlines() if not line.startswith(">>>"))
+    said = [line[4:] for line in example.splitlines() if line.startswith(">>> ")]
+    exec(compile(code, module.__file__, "exec"), dict(vars(module)))
+    assert capsys.readouterr().out.splitlines() == said

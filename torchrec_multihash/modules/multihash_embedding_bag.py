@@ -173,6 +173,38 @@ class MultiHashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         validate_ids: raise on ids outside [0, num_embeddings) and on bags of more ids than a
             table's ``max_ids_per_bag`` (eager mode; one host sync per batch for all features).
         strict_features: raise on KJT keys that no table looks up (TorchRec's EBC ignores them).
+
+    Example::
+
+        tables = [
+            MultiHashEmbeddingBagConfig(
+                name="t1", embedding_dim=3, num_embeddings=10_000, feature_names=["f1"],
+                strategy="qr", operation="mult", num_collisions=100,  # 100 + 100 rows
+            ),
+            MultiHashEmbeddingBagConfig(
+                name="t2", embedding_dim=4, num_embeddings=10, feature_names=["f2"], strategy="full",
+            ),
+        ]
+        ebc = MultiHashEmbeddingBagCollection(tables)
+
+        #         0        1      2  <-- batch
+        # "f1"  [0, 1]   None   [2]
+        # "f2"  [3]      [4]    [5, 6, 7]
+        #  ^
+        # feature
+        features = KeyedJaggedTensor(
+            keys=["f1", "f2"],
+            values=torch.tensor([0, 1, 2, 3, 4, 5, 6, 7]),
+            offsets=torch.tensor([0, 2, 2, 3, 4, 5, 8]),
+        )
+        pooled = ebc(features)
+        print(pooled.values().shape)
+        print(pooled.offset_per_key())
+        print(ebc.memory_bytes(), "bytes instead of", ebc.full_memory_bytes())
+
+        >>> torch.Size([3, 7])
+        >>> [0, 3, 7]
+        >>> 2560 bytes instead of 120160
     """
 
     __jit_unused_properties__ = ["embedding_bags"]  # a view for eager tools, not for TorchScript
