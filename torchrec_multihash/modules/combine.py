@@ -1,7 +1,7 @@
 """The parameter-free module that composes sub-table lookups into one pooled embedding per feature."""
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -503,6 +503,20 @@ def _renamed(kt: KeyedTensor, names: Dict[str, str]) -> KeyedTensor:
     return KeyedTensor(keys=[names[keys[i]] for i in range(len(keys))], length_per_key=kt.length_per_key(), values=kt.values())
 
 
+class _Piece(NamedTuple):
+    """One piece of the output, in output order: a chunk of consecutive pooled outputs, or a run of
+    consecutive per-id outputs of one lookup group, parts, dim and pooling, composed and pooled by one op."""
+
+    per_id: bool
+    chunk: int  # a pooled piece: its chunk of the pooled outputs (-1 for a per-id run)
+    group: str  # the lookup group it reads
+    k: int  # parts of each output
+    dim: int  # of each output
+    features: List[str]  # the outputs' features, in order
+    keys: List[str]  # their sub-features, output by output
+    is_mean: bool
+
+
 class Combine(nn.Module):
     """Composes the parts of each feature (add, mult or concat) and pools them into a KeyedTensor.
 
@@ -536,15 +550,7 @@ class Combine(nn.Module):
     _pooled_splits: List[int]
     _mean_features: List[str]
     _mean_index: List[int]
-    _piece_per_id: List[bool]
-    _piece_chunk: List[int]
-    _piece_group: List[str]
-    _piece_n: List[int]
-    _piece_k: List[int]
-    _piece_dim: List[int]
-    _piece_features: List[List[str]]
-    _piece_keys: List[List[str]]
-    _piece_is_mean: List[bool]
+    _pieces: List[_Piece]
     _names: Dict[str, str]
     __jit_ignored_attributes__ = ["_gradient_buffers"]
 
@@ -577,9 +583,7 @@ class Combine(nn.Module):
         self._pooled_group = next(iter(pooled_groups)) if pooled_groups else ""
         self._pooled_keys, self._pooled_ops, self._pooled_splits = [], [], []
         self._mean_features, self._mean_index = [], []
-        self._piece_per_id, self._piece_chunk, self._piece_group = [], [], []
-        self._piece_n, self._piece_k, self._piece_dim = [], [], []
-        self._piece_features, self._piece_keys, self._piece_is_mean = [], [], []
+        self._pieces = []
         last: Optional[tuple] = None
         for o in outputs:
             mean = o.pooling == PoolingType.MEAN
@@ -595,54 +599,44 @@ class Combine(nn.Module):
                     continue
                 last = ("pooled",)
                 self._pooled_splits.append(o.dim)
-                self._append_piece(False, len(self._pooled_splits) - 1, o, k, mean)
+                self._pieces.append(_Piece(False, len(self._pooled_splits) - 1, o.group, k, o.dim, [o.feature], list(o.sub_features), mean))
                 continue
             kind = (o.group, k, o.dim, mean)
             if kind == last:
-                self._piece_n[-1] += 1
-                self._piece_features[-1].append(o.feature)
-                self._piece_keys[-1].extend(o.sub_features)
+                self._pieces[-1].features.append(o.feature)
+                self._pieces[-1].keys.extend(o.sub_features)
                 continue
             last = kind
-            self._append_piece(True, -1, o, k, mean)
+            self._pieces.append(_Piece(True, -1, o.group, k, o.dim, [o.feature], list(o.sub_features), mean))
         self._pooled_width = sum(self._pooled_splits)
         ones = len(self._mean_features)  # the index of a column of ones next to the bags' lengths
         self._mean_index = [ones if i < 0 else i for i in self._mean_index]
 
-    def _append_piece(self, per_id: bool, chunk: int, o: OutputSpec, k: int, mean: bool) -> None:
-        self._piece_per_id.append(per_id)
-        self._piece_chunk.append(chunk)
-        self._piece_group.append(o.group)
-        self._piece_n.append(1)
-        self._piece_k.append(k)
-        self._piece_dim.append(o.dim)
-        self._piece_features.append([o.feature])
-        self._piece_keys.append(list(o.sub_features))
-        self._piece_is_mean.append(mean)
-
     def _per_id_piece(self, p: int, kt: KeyedTensor, features: KeyedJaggedTensor, by_key: Dict[str, JaggedTensor], in_order: bool) -> torch.Tensor:
         """Per-id piece ``p`` from its group's per-id lookup ``kt``, pooled: [batch, n * dim]."""
-        fs = self._piece_features[p]
+        piece = self._pieces[p]
+        fs = piece.features
         if not torch.jit.is_scripting() and in_order:
             return self._per_id_run(p, kt, features)
         lengths = [by_key[f].lengths() for f in fs]
         ids = [by_key[f].values() for f in fs]
         weights: Optional[List[torch.Tensor]] = [by_key[f].weights() for f in fs] if self._is_weighted else None
-        return _per_id_bags(kt, self._piece_keys[p], self._piece_dim[p], lengths, ids, weights, self._piece_k[p], self._piece_is_mean[p])
+        return _per_id_bags(kt, piece.keys, piece.dim, lengths, ids, weights, piece.k, piece.is_mean)
 
     @torch.jit.unused
     def _per_id_run(self, p: int, kt: KeyedTensor, features: KeyedJaggedTensor) -> torch.Tensor:
         """``_per_id_piece`` of features that are consecutive keys of the KJT, in order: their bags
         read as one slice of its lengths and weights (eager mode; no ``to_dict``)."""
-        fs = self._piece_features[p]
+        piece = self._pieces[p]
+        fs = piece.features
         first, n, batch = features.keys().index(fs[0]), len(fs), features.stride()
         length_per_key = features.length_per_key()
         start = sum(length_per_key[:first])
         counts = length_per_key[first : first + n]
         lengths = features.lengths()[first * batch : (first + n) * batch]
         weights = features.weights()[start : start + sum(counts)] if self._is_weighted else None
-        runs = self._cached_runs(p, kt, _per_id_outputs(self._piece_keys[p], n, self._piece_k[p]), [2 if self._piece_k[p] > 1 else 0] * n)
-        return _pooled_per_id(kt, runs, self._piece_dim[p], lengths, counts, weights, self._piece_is_mean[p], self._gradient_buffer(p))
+        runs = self._cached_runs(p, kt, _per_id_outputs(piece.keys, n, piece.k), [2 if piece.k > 1 else 0] * n)
+        return _pooled_per_id(kt, runs, piece.dim, lengths, counts, weights, piece.is_mean, self._gradient_buffer(p))
 
     @torch.jit.unused
     def _cached_runs(self, piece: int, kt: KeyedTensor, keys: List[List[str]], ops: List[int]) -> List[List[int]]:
@@ -674,9 +668,9 @@ class Combine(nn.Module):
         if len(self._mean_features) > 0 and self._pooled_group != "":  # (``forward`` expanded a variable-batch KJT)
             return False
         keys = features.keys()
-        for p in range(len(self._piece_per_id)):
-            fs = self._piece_features[p]
-            if self._piece_per_id[p] and (fs[0] not in keys or keys[keys.index(fs[0]) : keys.index(fs[0]) + len(fs)] != fs):
+        for piece in self._pieces:
+            fs = piece.features
+            if piece.per_id and (fs[0] not in keys or keys[keys.index(fs[0]) : keys.index(fs[0]) + len(fs)] != fs):
                 return False
         return True
 
@@ -710,10 +704,11 @@ class Combine(nn.Module):
         if self._pooled_group != "":
             chunks = self._pooled(looked_up[self._pooled_group], by_key)
         results: List[torch.Tensor] = []
-        for p in range(len(self._piece_per_id)):
-            if self._piece_per_id[p]:
-                results.append(self._per_id_piece(p, looked_up[self._piece_group[p]], features, by_key, in_order))
+        for p in range(len(self._pieces)):
+            piece = self._pieces[p]
+            if piece.per_id:
+                results.append(self._per_id_piece(p, looked_up[piece.group], features, by_key, in_order))
             else:
-                results.append(chunks[self._piece_chunk[p]])
+                results.append(chunks[piece.chunk])
         values = results[0] if len(results) == 1 else torch.cat(results, dim=1)
         return KeyedTensor(keys=self._keys, length_per_key=self._dims, values=values)
