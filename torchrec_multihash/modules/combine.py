@@ -1,6 +1,7 @@
 """The parameter-free module that composes sub-table lookups into one pooled embedding per feature."""
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -33,7 +34,16 @@ class OutputSpec:
     dim: int
 
 
-_OPS = {"add": 1, "mult": 2}
+class Op(Enum):
+    """How a run composes its parts: a run's first int (``_column_runs``), its ``value``."""
+
+    COPY = 0  # one part, as it is
+    ADD = 1
+    MULT = 2
+    CONCAT = 3  # equal parts side by side
+
+
+_OPS = {"add": Op.ADD.value, "mult": Op.MULT.value}
 
 
 @torch.fx.wrap
@@ -158,9 +168,9 @@ def _column_runs(kt: KeyedTensor, keys: List[List[str]], ops: List[int]) -> List
     """The outputs ``keys`` (each output's parts, read from ``kt``) cut into runs composed by one
     op each: ``[op, n, k, dim, out_start, src_0, stride_0, ..., src_k-1, stride_k-1]``, the run's
     ``n`` outputs at ``out_start`` of the result, part ``p`` of its ``i``-th output (``dim``
-    columns) at column ``src_p + i * stride_p`` of ``kt``, wherever TorchRec put it. Ops: 0 copies
-    one part, 1 adds, 2 multiplies the parts (an output of ``dim`` columns), 3 puts them side by
-    side (concat of equal parts, ``k * dim``; unequal ones are one copy per part). Consecutive
+    columns) at column ``src_p + i * stride_p`` of ``kt``, wherever TorchRec put it. ``op`` is an
+    ``Op``'s value: COPY one part, ADD or MULT the parts (an output of ``dim`` columns), CONCAT
+    them side by side (equal parts, ``k * dim``; unequal ones are one COPY per part). Consecutive
     outputs join a run while each part's columns advance by one constant stride."""
     offsets = kt.offset_per_key()
     where: Dict[str, int] = {}
@@ -174,17 +184,17 @@ def _column_runs(kt: KeyedTensor, keys: List[List[str]], ops: List[int]) -> List
     for j in range(len(keys)):
         units: List[List[int]] = []
         part_widths = [width[key] for key in keys[j]]
-        if ops[j] == 0 and (len(keys[j]) == 1 or min(part_widths) != max(part_widths)):
+        if ops[j] == Op.COPY.value and (len(keys[j]) == 1 or min(part_widths) != max(part_widths)):
             for key in keys[j]:
-                units.append([0, width[key], where[key]])
-        elif ops[j] == 0:
-            units.append([3, part_widths[0]] + [where[key] for key in keys[j]])
+                units.append([Op.COPY.value, width[key], where[key]])
+        elif ops[j] == Op.COPY.value:
+            units.append([Op.CONCAT.value, part_widths[0]] + [where[key] for key in keys[j]])
         else:
             units.append([ops[j], width[keys[j][0]]] + [where[key] for key in keys[j]])
         for u in units:
             op, dim, srcs = u[0], u[1], u[2:]
             k = len(srcs)
-            span = k * dim if op == 3 else dim
+            span = k * dim if op == Op.CONCAT.value else dim
             joined = False
             if len(runs) > 0:
                 r = runs[-1]
@@ -229,12 +239,12 @@ def _compose_runs_plain(values: torch.Tensor, runs: List[List[int]]) -> torch.Te
     pieces: List[torch.Tensor] = []
     for run in runs:
         parts = _run_parts(values, run)
-        if run[0] == 3:
+        if run[0] == Op.CONCAT.value:
             pieces.append(torch.stack(parts, dim=2).reshape(values.size(0), -1))
             continue
         out = parts[0]
         for p in range(1, len(parts)):
-            out = out + parts[p] if run[0] == 1 else out * parts[p]
+            out = out + parts[p] if run[0] == Op.ADD.value else out * parts[p]
         pieces.append(out.reshape(values.size(0), -1))
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
@@ -252,7 +262,7 @@ def _forward_runs(values: torch.Tensor, runs: List[List[int]], width: int) -> Tu
         parts = _run_parts(values, run)
         saved: List[torch.Tensor] = []
         prefixes.append(saved)
-        if run[0] == 3:  # concat: [rows, n, k, dim]
+        if run[0] == Op.CONCAT.value:  # concat: [rows, n, k, dim]
             side = out[:, start : start + n * len(parts) * dim].view(rows, n, len(parts), dim)
             for p, part in enumerate(parts):
                 side[:, :, p].copy_(part)
@@ -260,7 +270,7 @@ def _forward_runs(values: torch.Tensor, runs: List[List[int]], width: int) -> Tu
         dst = out[:, start : start + n * dim].view(rows, n, dim)
         if len(parts) == 1:
             dst.copy_(parts[0])
-        elif run[0] == 1:
+        elif run[0] == Op.ADD.value:
             torch.add(parts[0], parts[1], out=dst)
             for part in parts[2:]:
                 dst.add_(part)
@@ -312,13 +322,13 @@ def _backward_runs(
     for run, saved in zip(runs, prefixes):
         n, k, dim, start = run[1], run[2], run[3], run[4]
         dsts = _run_parts(out, run)
-        if run[0] == 3:  # concat: each part gets its columns of the output's gradient
+        if run[0] == Op.CONCAT.value:  # concat: each part gets its columns of the output's gradient
             side = grad[:, start : start + n * k * dim].reshape(rows, n, k, dim)
             for p, dst in enumerate(dsts):
                 dst.copy_(side[:, :, p])
             continue
         g = grad[:, start : start + n * dim].reshape(rows, n, dim)
-        if run[0] != 2:  # copy, add: each part gets the output's gradient
+        if run[0] != Op.MULT.value:  # copy, add: each part gets the output's gradient
             for dst in dsts:
                 dst.copy_(g)
             continue
@@ -371,7 +381,7 @@ def _prefix_products(values: torch.Tensor, runs: List[List[int]]) -> List[List[t
     for run in runs:
         saved: List[torch.Tensor] = []
         prefixes.append(saved)
-        if run[0] == 2 and run[2] > 2:
+        if run[0] == Op.MULT.value and run[2] > 2:
             parts = _run_parts(values, run)
             prod = parts[0]
             for part in parts[1:-1]:
@@ -463,10 +473,10 @@ def _as_they_are(runs: List[List[int]], width: int, columns: int) -> bool:
         return False
     for run in runs:
         op, n, k, dim, start = run[0], run[1], run[2], run[3], run[4]
-        if op == 0:
+        if op == Op.COPY.value:
             if run[5] != start or (n > 1 and run[6] != dim):
                 return False
-        elif op == 3:
+        elif op == Op.CONCAT.value:
             for p in range(k):
                 if run[5 + 2 * p] != start + p * dim or (n > 1 and run[6 + 2 * p] != k * dim):
                     return False
@@ -590,7 +600,7 @@ class Combine(nn.Module):
             k = len(o.sub_features)
             if not o.per_id:
                 self._pooled_keys.append(list(o.sub_features))
-                self._pooled_ops.append(0 if k == 1 or o.operation == "concat" else _OPS[o.operation])
+                self._pooled_ops.append(Op.COPY.value if k == 1 or o.operation == "concat" else _OPS[o.operation])
                 if mean:  # pooled parts are summed: MEAN divides the composed output afterwards
                     self._mean_features.append(o.feature)
                 self._mean_index.extend([len(self._mean_features) - 1 if mean else -1] * o.dim)
@@ -635,7 +645,7 @@ class Combine(nn.Module):
         counts = length_per_key[first : first + n]
         lengths = features.lengths()[first * batch : (first + n) * batch]
         weights = features.weights()[start : start + sum(counts)] if self._is_weighted else None
-        runs = self._cached_runs(p, kt, _per_id_outputs(piece.keys, n, piece.k), [2 if piece.k > 1 else 0] * n)
+        runs = self._cached_runs(p, kt, _per_id_outputs(piece.keys, n, piece.k), [Op.MULT.value if piece.k > 1 else Op.COPY.value] * n)
         return _pooled_per_id(kt, runs, piece.dim, lengths, counts, weights, piece.is_mean, self._gradient_buffer(p))
 
     @torch.jit.unused
