@@ -13,10 +13,13 @@ from torchrec_multihash.distributed import (  # noqa: F401
 from torchrec_multihash.errors import MultiHashError  # noqa: F401
 from torchrec_multihash.learned.fit import FitOptions, apply_mappings, fit_learned_mappings, load_mappings, save_mappings  # noqa: F401
 from torchrec_multihash.modules import (  # noqa: F401
+    Compose,
     InvalidInputError,
     MultiHashConfigError,
     MultiHashEmbeddingBagCollection,
     MultiHashEmbeddingBagConfig,
+    Operation,
+    StrategyName,
     UnfittedMappingError,
 )
 from torchrec_multihash.modules.convert import stack_add_tables, to_multihash_configs  # noqa: F401

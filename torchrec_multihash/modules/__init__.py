@@ -9,3 +9,4 @@ from torchrec_multihash.modules.learned_mapping import UnfittedMappingError  # n
 from torchrec_multihash.modules.multihash_embedding_bag import (  # noqa: F401
     MultiHashEmbeddingBagCollection,
 )
+from torchrec_multihash.modules.strategies.names import Compose, Operation, StrategyName  # noqa: F401

@@ -9,6 +9,8 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, Poo
 from torchrec_multihash.errors import MultiHashError
 from torchrec_multihash.modules.mapping_shape import MappingShape
 from torchrec_multihash.modules.strategies import (
+    Compose,
+    Operation,
     Strategy,
     StrategyName,
     parse_strategy,
@@ -16,8 +18,8 @@ from torchrec_multihash.modules.strategies import (
     strategy_class,
 )
 
-OPERATIONS = ("add", "mult", "concat")
-COMPOSITIONS = ("per_id", "pooled")  # mult: product per id, then pooled | each partition pooled, then multiplied
+OPERATIONS = tuple(str(o) for o in Operation)
+COMPOSITIONS = tuple(str(c) for c in Compose)
 POOLINGS = (PoolingType.SUM, PoolingType.MEAN)
 DEFAULT_NUM_COLLISIONS = 4  # as the original DLRM code's --qr-collisions
 SIZE_FIELDS = ("num_collisions", "moduli")
@@ -133,7 +135,7 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
     """
 
     strategy: Union[StrategyName, str] = StrategyName.QR
-    operation: str = "mult"
+    operation: Union[Operation, str] = Operation.MULT
     num_collisions: Optional[int] = None
     moduli: Optional[List[int]] = None
     dims: Optional[List[int]] = None
@@ -141,7 +143,7 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
     mapping_ids: Optional[int] = None
     fallback_rows: Optional[int] = None
     max_ids_per_bag: Optional[int] = None
-    compose: str = "per_id"
+    compose: Union[Compose, str] = Compose.PER_ID
     stack_parts: Optional[bool] = None
 
     def __post_init__(self) -> None:
@@ -203,8 +205,10 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
             self.fail(f"max_ids_per_bag must be a positive int (1: one-hot bags) or None, got {self.max_ids_per_bag!r}")
         if self.operation not in OPERATIONS:
             self.fail(f"operation must be one of {OPERATIONS}, got {self.operation!r}")
+        self.operation = Operation(self.operation)
         if self.compose not in COMPOSITIONS:
             self.fail(f"compose must be one of {COMPOSITIONS}, got {self.compose!r}")
+        self.compose = Compose(self.compose)
         if self.compose == "pooled" and self.pooling != PoolingType.SUM:
             self.fail(
                 f"compose='pooled' multiplies pooled sums (the original DLRM QREmbeddingBag); with pooling={self.pooling} "

@@ -9,6 +9,7 @@ input-dist stage of the pipeline, overlapped with compute.
 
 import warnings
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -137,15 +138,22 @@ def check_id_ranges(lookups: Sequence[FeatureLookup], jts: Sequence[JaggedTensor
             )
 
 
+class SlotKind(IntEnum):
+    """How the flat transform computes one part's rows of an id ``x``."""
+
+    QUOTIENT = 0  # x // d
+    REMAINDER = 1  # x - q * m, q the quotient another slot (``reuse``) computed for the same id
+    DIVMOD = 2  # (x // d) % m
+
+
 @dataclass
 class _FlatGroup:
     """Lookups whose parts are computed by the same ops (a slot per part), over their ids at once:
-    per slot, its kind (0: ``x // d``; 1: ``x - q * m``, ``q`` slot ``reuse`` of the same id; 2:
-    ``(x // d) % m``), whether it divides and reduces, and its divisor and modulus: an int when all
+    per slot, its ``SlotKind``, whether it divides and reduces, and its divisor and modulus: an int when all
     the group's lookups share it, else the row of the per-id parameter table that holds them."""
 
     lookups: List[int]  # in the order their ids come in the regrouped KJT
-    kinds: List[int]
+    kinds: List[SlotKind]
     reuse: List[int]
     divides: List[bool]
     reduces: List[bool]
@@ -161,12 +169,12 @@ class _FlatGroup:
     placement: List[List[Tuple[int, int]]] = field(default_factory=list)
 
 
-def _slot(lk: FeatureLookup, p: int, spec: List[Tuple[int, int]]) -> Tuple[int, int, bool, bool, bool, bool]:
+def _slot(lk: FeatureLookup, p: int, spec: List[Tuple[int, int]]) -> Tuple[SlotKind, int, bool, bool, bool, bool]:
     """Part ``p`` of a lookup as (kind, reuse, divides, reduces, unit weight, stacked): see
     ``_FlatGroup``."""
     d, m = spec[p]
     reuse = next((q for q in range(len(spec)) if spec[q] == (m, 0)), -1) if d == 1 and m > 0 else -1
-    kind = 0 if m == 0 else (1 if reuse >= 0 else 2)
+    kind = SlotKind.QUOTIENT if m == 0 else (SlotKind.REMAINDER if reuse >= 0 else SlotKind.DIVMOD)
     return kind, reuse, d != 1, m != 0, lk.pooled_mult and p > 0, lk.stacked_rows is not None
 
 
@@ -323,10 +331,10 @@ def _group_rows(g: _FlatGroup, ids: torch.Tensor, per_id: List[torch.Tensor]) ->
     ``(x // d) % m``, a remainder whose quotient another slot takes as ``x - q * m`` (see
     ``IdTransform._rows``); divisors and moduli per id from ``per_id`` where they differ."""
     rows: List[Optional[torch.Tensor]] = [None] * len(g.kinds)
-    for p in sorted(range(len(g.kinds)), key=lambda q: g.kinds[q] == 1):  # quotients first
+    for p in sorted(range(len(g.kinds)), key=lambda q: g.kinds[q] == SlotKind.REMAINDER):  # quotients first
         d = per_id[g.divisor_row[p]] if g.divisor_row[p] >= 0 else g.divisor[p]
         m = per_id[g.modulus_row[p]] if g.modulus_row[p] >= 0 else g.modulus[p]
-        if g.kinds[p] == 1:
+        if g.kinds[p] == SlotKind.REMAINDER:
             q = rows[g.reuse[p]]
             assert q is not None
             rows[p] = ids - q * m

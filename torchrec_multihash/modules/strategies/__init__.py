@@ -19,7 +19,7 @@ from torchrec_multihash.modules.strategies.base import (  # noqa: F401
     sub_feature_name,
     sub_table_name,
 )
-from torchrec_multihash.modules.strategies.names import StrategyName  # noqa: F401
+from torchrec_multihash.modules.strategies.names import Compose, Operation, StrategyName  # noqa: F401
 from torchrec_multihash.modules.strategies.registry import (  # noqa: F401
     parse_strategy,
     register,
