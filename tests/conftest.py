@@ -35,7 +35,7 @@ def _no_leaked_process_group(request):
     before = {k: os.environ.get(k) for k in _DIST_ENV}
     was_initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
     yield
-    if was_initialized or "nccl_group" in request.fixturenames:  # tests/test_cuda.py shares one group on purpose
+    if was_initialized or "nccl_group" in request.fixturenames:  # tests/distributed/test_cuda.py shares one group on purpose
         return
     leaked = [k for k in _DIST_ENV if os.environ.get(k) != before[k]]
     for k in leaked:

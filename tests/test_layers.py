@@ -2,10 +2,11 @@
 or app/; the library nothing of the app or of the benchmarks and their baselines)."""
 
 import ast
-from pathlib import Path
 from typing import Dict, List, Set
 
-PACKAGE = Path(__file__).resolve().parents[1] / "torchrec_multihash"
+from tests.helpers import ROOT
+
+PACKAGE = ROOT / "torchrec_multihash"
 
 
 def _imports() -> Dict[str, Set[str]]:

@@ -1,6 +1,6 @@
 #!/bin/bash
 # The GPU checks of one device lease, in one call (see README.md beside this): installs .gpu/'s
-# FBGEMM and TorchRec into /tmp/site, a smoke test, tests/test_cuda.py, then the bench's methods one
+# FBGEMM and TorchRec into /tmp/site, a smoke test, tests/distributed/test_cuda.py, then the bench's methods one
 # process each (step_time, as `bench` runs them) until BUDGET seconds are spent. Writes log.txt,
 # tests.log, op_counts.md, bench.jsonl (one JSON object per method and workload) and bench_err.txt
 # under $OUT.
@@ -28,7 +28,7 @@ fi
 python3 -c "import torchrec_multihash; print('torchrec_multihash', torchrec_multihash.__version__)" || exit 4
 
 log "CUDA tests"
-timeout $(( $(left) < 110 ? $(left) : 110 )) python3 -m pytest -q -s -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | grep -v Warning | tail -40
+timeout $(( $(left) < 110 ? $(left) : 110 )) python3 -m pytest -q -s -p no:cacheprovider tests/distributed/test_cuda.py 2>&1 | tee "$OUT/tests.log" | grep -v Warning | tail -40
 
 bench() { # tag spec methods...
   local tag=$1 spec; spec=$(cat "$2"); shift 2

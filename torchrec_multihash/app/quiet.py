@@ -36,7 +36,7 @@ def quiet_warnings(everything: bool = False) -> Iterator[None]:
         else:
             warnings.filterwarnings("ignore", category=FutureWarning)
             # fbgemm's CPU dense kernel (data-parallel tables) warns on every backward; its
-            # gradients are checked against the unsharded module in tests/test_sharded.py
+            # gradients are checked against the unsharded module in tests/distributed/test_sharded.py
             warnings.filterwarnings("ignore", message=".*autograd kernel was not registered.*")
         yield
 

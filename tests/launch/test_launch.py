@@ -69,7 +69,7 @@ def test_local_two_emulated_nodes(tmp_path):
 @pytest.mark.distributed
 def test_local_rank_killed_mid_epoch_restarts_and_finishes(tmp_path):
     """--max_restarts 1: rank 1 dies after step 15 of 29; torchrun restarts both ranks, which
-    continue from the step-10 checkpoint (tests/test_train.py shows the result equals an
+    continue from the step-10 checkpoint (tests/app/test_train.py shows the result equals an
     uninterrupted run)."""
     fault = "MULTIHASH_FAULT_AT_STEP=15,MULTIHASH_FAULT_RANK=1"
     m, log = local_run(tmp_path, "1x2", "--max_restarts", "1", "--env", fault, overrides=["train.checkpoint_every=10"])

@@ -1,7 +1,5 @@
 """Drop-in: DLRM, DLRM_DCN and DLRM_Projection built with MultiHashEmbeddingBagCollection learn a synthetic task."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRM_Projection
@@ -9,6 +7,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_multihash import MultiHashEmbeddingBagCollection, to_multihash_configs
 from torchrec_multihash.datasets.synthetic import SyntheticCriteo
+
+from tests.helpers import ROOT
 
 VOCAB = [5_000, 2_000, 500, 100]
 DIM = 8
@@ -80,7 +80,7 @@ def test_app_builds_the_projection_variant_and_checks_its_branches():
     from torchrec_multihash.app.model import build_model
 
     cfg = load_config(
-        Path(__file__).resolve().parents[1] / "configs/quickstart.yaml",
+        ROOT / "configs/quickstart.yaml",
         ["model.arch=projection", "model.interaction_branch1_layer_sizes=[64,32]", "model.interaction_branch2_layer_sizes=[64,48]"],
     )
     assert isinstance(build_model(cfg, device=torch.device("meta")), DLRM_Projection)

@@ -3,7 +3,6 @@
 
 import re
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_multihash import MultiHashConfigError, MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig, to_multihash_configs
 from torchrec_multihash.modules.strategies import StrategyName, registered_strategies, registry, strategy_class
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "strategies.md"
+from tests.helpers import ROOT
+
+DOCS = ROOT / "docs" / "strategies.md"
 N, DIM = 10_007, 8
 
 

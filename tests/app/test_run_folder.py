@@ -1,6 +1,6 @@
 """Issue 14: a run folder never gives a silently wrong result or loses a checkpoint. The checks
 themselves, in process: the lock, the folder's owner, what artifacts were made from, the
-config values and data no run can use. (tests/test_run_folder_cli.py runs the command.)"""
+config values and data no run can use. (tests/app/test_run_folder_cli.py runs the command.)"""
 
 import json
 import os

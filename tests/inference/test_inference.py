@@ -12,6 +12,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_multihash import InvalidInputError, MultiHashEmbeddingBagCollection, MultiHashEmbeddingBagConfig
 
+from tests.helpers import ROOT
+
 N, DIM = 1000, 8
 
 
@@ -125,9 +127,8 @@ def test_quantized_tables_of_every_strategy_trace_script_and_stay_close(case, dt
 def test_readme_example_runs_as_written(tmp_path, monkeypatch):
     """The README's first example: build, forward, DLRM, quantize, trace, script, save, serve."""
     import re
-    from pathlib import Path
 
-    readme = Path(__file__).resolve().parents[1] / "README.md"
+    readme = ROOT / "README.md"
     code = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)[0]
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}

@@ -2,7 +2,7 @@
 SUM pooling is the add). Exact against the per-id reference and against the same tables unstacked,
 traced and scripted, sharded like the unsharded module, refused where it cannot work (other
 operations, constraints on a part, checkpoints of the other layout), reached from the app's config
-and the bench (a DLRM learning with it: tests/test_dlrm.py)."""
+and the bench (a DLRM learning with it: tests/modules/test_dlrm.py)."""
 
 import dataclasses
 import itertools
@@ -28,12 +28,13 @@ from torchrec_multihash import (
 from torchrec_multihash.modules.config import MultiHashConfigError
 from torchrec_multihash.modules.strategies.base import stacked_part_rows, stacked_rows
 
+from tests.helpers import ROOT
 from tests.helpers import sharded_model as sm
 from tests.helpers.distributed import run_multiprocess
 from tests.helpers.reference import reference_forward
-from tests.test_one_hot import make_kjt as one_hot_kjt
-from tests.test_reference import make_configs
-from tests.test_reference import make_kjt as multi_hot_kjt
+from tests.modules.test_one_hot import make_kjt as one_hot_kjt
+from tests.modules.test_reference import make_configs
+from tests.modules.test_reference import make_kjt as multi_hot_kjt
 
 N, D = 50, 8
 ADD_STRATEGIES = ["qr", "crt", "generalized_qr"]
@@ -294,13 +295,12 @@ def test_a_state_dict_or_checkpoint_of_the_other_layout_is_refused(tmp_path, sav
 
 
 def test_the_app_config_stacks_the_add_tables_it_builds():
-    from pathlib import Path
 
     from torchrec_multihash.app.config import load_config
     from torchrec_multihash.app.model import build_constraints, build_model, build_tables, multihash_module
     from torchrec_multihash.app.provenance import tables_record
 
-    quickstart = Path(__file__).resolve().parents[1] / "configs/quickstart.yaml"
+    quickstart = ROOT / "configs/quickstart.yaml"
     # unset: the tables' default, stacked; false: none stacked but an override's
     default = {t.name: t for t in build_tables(load_config(quickstart, ["embeddings.operation=add"]))}
     assert default["t_C1"].stack_parts is None and default["t_C1"].strategy_impl().is_stacked()
@@ -382,7 +382,7 @@ def test_stacked_tables_sharded_equal_unsharded():
 
 
 def _pipelined_worker(rank, world_size):
-    from tests.test_pipeline import _train
+    from tests.distributed.test_pipeline import _train
 
     plain, plain_losses, _ = _train(rank, world_size, pipelined=False, stacked=True)
     piped, piped_losses, pipeline = _train(rank, world_size, pipelined=True, stacked=True)

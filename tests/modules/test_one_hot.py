@@ -19,7 +19,7 @@ from torchrec_multihash.modules.config import MultiHashConfigError
 
 from tests.helpers.distributed import run_multiprocess
 from tests.helpers.reference import reference_forward
-from tests.test_reference import STRATEGY_ARGS, make_configs
+from tests.modules.test_reference import STRATEGY_ARGS, make_configs
 
 N, D = 50, 8
 

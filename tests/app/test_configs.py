@@ -11,7 +11,9 @@ from torchrec_multihash.app.config import load_config
 from torchrec_multihash.app.model import build_model
 from torchrec_multihash.modules.strategies import registered_strategies
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+from tests.helpers import ROOT
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -2,7 +2,7 @@
 FBGEMM's CUDA kernels and fused SGD (one rank, NCCL), equal the unsharded module on CPU, forward and
 after training steps, for every sharding type and every layout (per-id mult, pooled one-hot mult,
 stacked add). Skipped where there is no GPU (CI has none); run on a lent GPU with
-``pytest tests/test_cuda.py``."""
+``pytest tests/distributed/test_cuda.py``."""
 
 import os
 import socket
@@ -17,7 +17,7 @@ from torchrec_multihash import MultiHashEmbeddingBagCollection, PoolingType
 from torchrec_multihash.modules.id_transform import IdTransform, InvalidInputError
 
 from tests.helpers import sharded_model as sm
-from tests.test_flat_transform import mixed_configs, mixed_kjt
+from tests.modules.test_flat_transform import mixed_configs, mixed_kjt
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
