@@ -140,7 +140,9 @@ def test_pooled_outputs_are_composed_where_torchrec_put_their_parts():
     # mult, mult, as is, concat of unequal parts, two concats of equal parts
     outputs = [["a_q", "a_r"], ["b_q", "b_r"], ["c"], ["d_1", "d_0"], ["e_0", "e_1"], ["f_0", "f_1"]]
     ops = [2, 2, 0, 0, 0, 0]
-    assert _column_runs(KeyedTensor(keys=keys, length_per_key=widths, values=torch.zeros(1, 36)), outputs, ops) == [
+    runs = _column_runs(KeyedTensor(keys=keys, length_per_key=widths, values=torch.zeros(1, 36)), outputs, ops)
+    # each run flat: op, n, k, dim, out, then (src, stride) of each part
+    assert [[*r[:5], *(v for sv in zip(r.srcs, r.strides) for v in sv)] for r in runs] == [
         [2, 2, 2, 4, 0, 0, 4, 12, 4],  # a and b: q at 0 and 4, r at 12 and 16, one product
         [0, 1, 1, 4, 8, 8, 4],
         [0, 1, 1, 5, 12, 23, 5],  # d: one copy per part

@@ -159,9 +159,9 @@ def test_the_fused_op_passes_gradcheck_and_equals_the_plain_ops_and_a_naive_loop
 def test_features_whose_parts_advance_by_one_stride_are_one_product():
     keys = ["a_q", "b_q", "c_q", "a_r", "b_r", "c_r"]
     kt = KeyedTensor(keys=keys, length_per_key=[4] * 6, values=torch.zeros(2, 24))
-    assert _column_runs(kt, [["a_q", "a_r"], ["b_q", "b_r"], ["c_q", "c_r"]], [2, 2, 2]) == [[2, 3, 2, 4, 0, 0, 4, 12, 4]]
+    assert _column_runs(kt, [["a_q", "a_r"], ["b_q", "b_r"], ["c_q", "c_r"]], [2, 2, 2]) == [(2, 3, 2, 4, 0, [0, 12], [4, 4])]
     interleaved = KeyedTensor(keys=["a_q", "a_r", "b_q", "b_r"], length_per_key=[4] * 4, values=torch.zeros(2, 16))
-    assert _column_runs(interleaved, [["a_q", "a_r"], ["b_q", "b_r"]], [2, 2]) == [[2, 2, 2, 4, 0, 0, 8, 4, 8]]
+    assert _column_runs(interleaved, [["a_q", "a_r"], ["b_q", "b_r"]], [2, 2]) == [(2, 2, 2, 4, 0, [0, 4], [8, 8])]
 
 
 def test_scripted_and_traced_models_give_the_eager_outputs():
@@ -223,7 +223,7 @@ def test_the_fused_ops_reuse_one_gradient_tensor_a_call_site_and_leave_their_inp
 
     values, _, index, scale, batch, n, dim, _ = _case(k, n)
     read_all = values[:, dim:].clone()  # without the block no part reads
-    runs = [[2, n, k, dim, 0] + sum(([p * n * dim, dim] for p in range(k)), [])]  # part p of feature f at (p * n + f) * dim
+    runs = [combine._Run(2, n, k, dim, 0, [p * n * dim for p in range(k)], [dim] * k)]  # part p of feature f at (p * n + f) * dim
     buffer = []
     ops = {
         "per_id": (

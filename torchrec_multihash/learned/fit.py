@@ -283,11 +283,11 @@ def load_mappings(directory: Path) -> Dict[str, FittedMapping]:
     """Reads mappings written by ``save_mappings`` (no unpickling of arbitrary objects)."""
     path = Path(directory) / MAPPING_FILE
     if not path.is_file():
-        raise MultiHashConfigError(f"{path}: no fitted mapping there (write one with `torchrec-multihash fit-hash --out {directory}`)")
+        raise MultiHashConfigError(f"{path}: no fitted mapping there (write one with save_mappings, or the fit-hash command)")
     try:
         tensors = torch.load(path, weights_only=True)
     except Exception as e:  # a damaged or foreign file
-        raise MultiHashConfigError(f"{path}: not a mapping written by fit-hash ({e})") from None
+        raise MultiHashConfigError(f"{path}: not a mapping written by save_mappings ({e})") from None
     stats = read_report(directory).get("tables", {})
     names = sorted({k.rsplit(".", 1)[0] for k in tensors})
     out = {}

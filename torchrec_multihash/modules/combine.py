@@ -46,6 +46,20 @@ class Op(Enum):
 _OPS = {"add": Op.ADD.value, "mult": Op.MULT.value}
 
 
+class _Run(NamedTuple):
+    """Outputs composed by one op (``_column_runs``): ``n`` outputs at column ``out`` of the result,
+    each of ``k`` parts; part ``p`` of the ``i``-th output is ``dim`` columns at ``srcs[p] + i *
+    strides[p]`` of the lookup's output."""
+
+    op: int  # an ``Op``'s value
+    n: int
+    k: int
+    dim: int
+    out: int
+    srcs: List[int]
+    strides: List[int]
+
+
 @torch.fx.wrap
 def _split_columns(values: torch.Tensor, sizes: List[int]) -> List[torch.Tensor]:
     """``values`` cut into column blocks of ``sizes`` (a leaf call for fx, which cannot iterate a proxy)."""
@@ -102,7 +116,7 @@ def _per_id_bags(
     flat_weights = (torch.cat(weights) if len(weights) > 1 else weights[0]) if weights is not None else None
     counts: List[int] = [v.numel() for v in ids]
     n = len(counts)
-    runs = _column_runs(kt, _per_id_outputs(keys, n, k), [2 if k > 1 else 0] * n)
+    runs = _column_runs(kt, _per_id_outputs(keys, n, k), [Op.MULT.value if k > 1 else Op.COPY.value] * n)
     return _pooled_per_id(kt, runs, dim, torch.cat(lengths) if len(lengths) > 1 else lengths[0], counts, flat_weights, mean)
 
 
@@ -113,7 +127,7 @@ def _per_id_outputs(keys: List[str], n: int, k: int) -> List[List[str]]:
 
 def _pooled_per_id(
     kt: KeyedTensor,
-    runs: List[List[int]],
+    runs: List[_Run],
     dim: int,
     lengths: torch.Tensor,
     counts: List[int],
@@ -143,7 +157,7 @@ def _pooled_per_id(
 
 def _one_hot_products(
     values: torch.Tensor,
-    runs: List[List[int]],
+    runs: List[_Run],
     lengths: torch.Tensor,
     weights: Optional[torch.Tensor],
     n: int,
@@ -164,11 +178,11 @@ def _one_hot_products(
     return (out.view(batch, n, dim) * per_bag.view(n, batch).t().unsqueeze(2)).view(batch, n * dim)
 
 
-def _column_runs(kt: KeyedTensor, keys: List[List[str]], ops: List[int]) -> List[List[int]]:
+def _column_runs(kt: KeyedTensor, keys: List[List[str]], ops: List[int]) -> List[_Run]:
     """The outputs ``keys`` (each output's parts, read from ``kt``) cut into runs composed by one
-    op each: ``[op, n, k, dim, out_start, src_0, stride_0, ..., src_k-1, stride_k-1]``, the run's
-    ``n`` outputs at ``out_start`` of the result, part ``p`` of its ``i``-th output (``dim``
-    columns) at column ``src_p + i * stride_p`` of ``kt``, wherever TorchRec put it. ``op`` is an
+    op each (``_Run``): the run's ``n`` outputs at ``out`` of the result, part ``p`` of its
+    ``i``-th output (``dim`` columns) at column ``srcs[p] + i * strides[p]`` of ``kt``, wherever
+    TorchRec put it. ``op`` is an
     ``Op``'s value: COPY one part, ADD or MULT the parts (an output of ``dim`` columns), CONCAT
     them side by side (equal parts, ``k * dim``; unequal ones are one COPY per part). Consecutive
     outputs join a run while each part's columns advance by one constant stride."""
@@ -179,7 +193,7 @@ def _column_runs(kt: KeyedTensor, keys: List[List[str]], ops: List[int]) -> List
     for i in range(len(kt_keys)):
         where[kt_keys[i]] = offsets[i]
         width[kt_keys[i]] = offsets[i + 1] - offsets[i]
-    runs: List[List[int]] = []
+    runs: List[_Run] = []
     out = 0
     for j in range(len(keys)):
         units: List[List[int]] = []
@@ -198,58 +212,52 @@ def _column_runs(kt: KeyedTensor, keys: List[List[str]], ops: List[int]) -> List
             joined = False
             if len(runs) > 0:
                 r = runs[-1]
-                if r[0] == op and r[2] == k and r[3] == dim and r[4] + r[1] * span == out:
-                    n = r[1]
+                if r.op == op and r.k == k and r.dim == dim and r.out + r.n * span == out:
                     fits = True
                     for p in range(k):
-                        step = srcs[p] - r[5 + 2 * p]
-                        if n == 1:
+                        step = srcs[p] - r.srcs[p]
+                        if r.n == 1:
                             fits = fits and step > 0
                         else:
-                            fits = fits and step == n * r[6 + 2 * p]
+                            fits = fits and step == r.n * r.strides[p]
                     if fits:
-                        if n == 1:
-                            for p in range(k):
-                                r[6 + 2 * p] = srcs[p] - r[5 + 2 * p]
-                        r[1] = n + 1
+                        strides = [srcs[p] - r.srcs[p] for p in range(k)] if r.n == 1 else r.strides
+                        runs[-1] = _Run(r.op, r.n + 1, k, dim, r.out, r.srcs, strides)
                         joined = True
             if not joined:
-                run = [op, 1, k, dim, out]
-                for s in srcs:
-                    run.extend([s, dim])
-                runs.append(run)
+                runs.append(_Run(op, 1, k, dim, out, srcs, [dim] * k))
             out += span
     return runs
 
 
-def _run_parts(values: torch.Tensor, run: List[int]) -> List[torch.Tensor]:
+def _run_parts(values: torch.Tensor, run: _Run) -> List[torch.Tensor]:
     """Run ``run``'s parts as ``[batch, n, dim]`` views of ``values`` (contiguous ``[batch, width]``)."""
-    n, k, dim = run[1], run[2], run[3]
+    n, dim = run.n, run.dim
     parts: List[torch.Tensor] = []
-    for p in range(k):
-        stride = run[6 + 2 * p]
+    for p in range(run.k):
+        stride = run.strides[p]
         # n windows of dim columns, stride apart: a view (unfold, not as_strided, which strict export refuses)
-        parts.append(values.narrow(1, run[5 + 2 * p], (n - 1) * stride + dim).unfold(1, dim, stride))
+        parts.append(values.narrow(1, run.srcs[p], (n - 1) * stride + dim).unfold(1, dim, stride))
     return parts
 
 
-def _compose_runs_plain(values: torch.Tensor, runs: List[List[int]]) -> torch.Tensor:
+def _compose_runs_plain(values: torch.Tensor, runs: List[_Run]) -> torch.Tensor:
     """``_ComposeRuns`` in plain ops (scripted and traced models; autograd's own backward)."""
     values = values.contiguous()
     pieces: List[torch.Tensor] = []
     for run in runs:
         parts = _run_parts(values, run)
-        if run[0] == Op.CONCAT.value:
+        if run.op == Op.CONCAT.value:
             pieces.append(torch.stack(parts, dim=2).reshape(values.size(0), -1))
             continue
         out = parts[0]
         for p in range(1, len(parts)):
-            out = out + parts[p] if run[0] == Op.ADD.value else out * parts[p]
+            out = out + parts[p] if run.op == Op.ADD.value else out * parts[p]
         pieces.append(out.reshape(values.size(0), -1))
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
-def _forward_runs(values: torch.Tensor, runs: List[List[int]], width: int) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
+def _forward_runs(values: torch.Tensor, runs: List[_Run], width: int) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
     """The runs composed from ``values`` (contiguous ``[rows, columns]``), ``[rows, width]``: each
     run one copy, sum or product over strided views, written into its place. Also, per run, the
     prefix products ``p0 * p1``, ``p0 * p1 * p2``, ... of a product of more than two parts (what
@@ -258,11 +266,11 @@ def _forward_runs(values: torch.Tensor, runs: List[List[int]], width: int) -> Tu
     out = torch.empty(rows, width, dtype=values.dtype, device=values.device)
     prefixes: List[List[torch.Tensor]] = []
     for run in runs:
-        n, dim, start = run[1], run[3], run[4]
+        n, dim, start = run.n, run.dim, run.out
         parts = _run_parts(values, run)
         saved: List[torch.Tensor] = []
         prefixes.append(saved)
-        if run[0] == Op.CONCAT.value:  # concat: [rows, n, k, dim]
+        if run.op == Op.CONCAT.value:  # concat: [rows, n, k, dim]
             side = out[:, start : start + n * len(parts) * dim].view(rows, n, len(parts), dim)
             for p, part in enumerate(parts):
                 side[:, :, p].copy_(part)
@@ -270,7 +278,7 @@ def _forward_runs(values: torch.Tensor, runs: List[List[int]], width: int) -> Tu
         dst = out[:, start : start + n * dim].view(rows, n, dim)
         if len(parts) == 1:
             dst.copy_(parts[0])
-        elif run[0] == Op.ADD.value:
+        elif run.op == Op.ADD.value:
             torch.add(parts[0], parts[1], out=dst)
             for part in parts[2:]:
                 dst.add_(part)
@@ -283,7 +291,7 @@ def _forward_runs(values: torch.Tensor, runs: List[List[int]], width: int) -> Tu
     return out, prefixes
 
 
-def gradient_out(values: torch.Tensor, runs: List[List[int]], buffer: Optional[List[torch.Tensor]]) -> torch.Tensor:
+def gradient_out(values: torch.Tensor, runs: List[_Run], buffer: Optional[List[torch.Tensor]]) -> torch.Tensor:
     """Where a fused op's backward writes the gradient of ``values``: zeros where the runs leave
     columns unread; else, on CPU with a ``buffer`` (one per call site, kept by the ``Combine``
     across steps), the first rows of the tensor it holds, grown when a batch needs more: glibc's
@@ -291,7 +299,7 @@ def gradient_out(values: torch.Tensor, runs: List[List[int]], buffer: Optional[L
     step would be page-faulted in again every step (the consumer, FBGEMM's backward, reads it at
     once and keeps nothing)."""
     rows, columns = values.size(0), values.size(1)
-    if sum(r[1] * r[2] * r[3] for r in runs) != columns:
+    if sum(r.n * r.k * r.dim for r in runs) != columns:
         return torch.zeros_like(values)
     if buffer is None or values.device.type != "cpu":
         return torch.empty_like(values)
@@ -313,22 +321,20 @@ def _product_gradients(g: torch.Tensor, parts: List[torch.Tensor], before: List[
     torch.mul(suffix, parts[1], out=dsts[0])
 
 
-def _backward_runs(
-    values: torch.Tensor, runs: List[List[int]], grad: torch.Tensor, prefixes: List[List[torch.Tensor]], out: torch.Tensor
-) -> torch.Tensor:
+def _backward_runs(values: torch.Tensor, runs: List[_Run], grad: torch.Tensor, prefixes: List[List[torch.Tensor]], out: torch.Tensor) -> torch.Tensor:
     """The gradient of ``_forward_runs`` for ``values``, written into ``out`` (``gradient_out``'s):
     each part's (the output's, times the other parts for mult) straight into its columns."""
     rows = values.size(0)
     for run, saved in zip(runs, prefixes):
-        n, k, dim, start = run[1], run[2], run[3], run[4]
+        n, k, dim, start = run.n, run.k, run.dim, run.out
         dsts = _run_parts(out, run)
-        if run[0] == Op.CONCAT.value:  # concat: each part gets its columns of the output's gradient
+        if run.op == Op.CONCAT.value:  # concat: each part gets its columns of the output's gradient
             side = grad[:, start : start + n * k * dim].reshape(rows, n, k, dim)
             for p, dst in enumerate(dsts):
                 dst.copy_(side[:, :, p])
             continue
         g = grad[:, start : start + n * dim].reshape(rows, n, dim)
-        if run[0] != Op.MULT.value:  # copy, add: each part gets the output's gradient
+        if run.op != Op.MULT.value:  # copy, add: each part gets the output's gradient
             for dst in dsts:
                 dst.copy_(g)
             continue
@@ -345,7 +351,7 @@ class _ComposeRuns(torch.autograd.Function):
     zero fill when the runs read every column; ``gradient_out``)."""
 
     @staticmethod
-    def forward(ctx: Any, values: torch.Tensor, runs: List[List[int]], width: int, buffer: Optional[List[torch.Tensor]]) -> torch.Tensor:
+    def forward(ctx: Any, values: torch.Tensor, runs: List[_Run], width: int, buffer: Optional[List[torch.Tensor]]) -> torch.Tensor:
         values = values.contiguous()
         out, prefixes = _forward_runs(values, runs, width)
         ctx.save_for_backward(values)
@@ -359,7 +365,7 @@ class _ComposeRuns(torch.autograd.Function):
 
 
 @torch.jit.unused
-def _compose_runs_fused(values: torch.Tensor, runs: List[List[int]], width: int, buffer: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+def _compose_runs_fused(values: torch.Tensor, runs: List[_Run], width: int, buffer: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
     return _ComposeRuns.apply(values, runs, width, buffer)
 
 
@@ -374,14 +380,14 @@ def _row_chunks(rows: int, row_bytes: int) -> List[Tuple[int, int]]:
     return [(r, min(rows, r + step)) for r in range(0, rows, step)]
 
 
-def _prefix_products(values: torch.Tensor, runs: List[List[int]]) -> List[List[torch.Tensor]]:
+def _prefix_products(values: torch.Tensor, runs: List[_Run]) -> List[List[torch.Tensor]]:
     """``_forward_runs``' prefix products alone (what a product of more than two parts' backward
     reuses), computed again for a row chunk instead of being kept from the forward."""
     prefixes: List[List[torch.Tensor]] = []
     for run in runs:
         saved: List[torch.Tensor] = []
         prefixes.append(saved)
-        if run[0] == Op.MULT.value and run[2] > 2:
+        if run.op == Op.MULT.value and run.k > 2:
             parts = _run_parts(values, run)
             prod = parts[0]
             for part in parts[1:-1]:
@@ -407,7 +413,7 @@ class _ComposePerId(torch.autograd.Function):
     def forward(
         ctx: Any,
         values: torch.Tensor,
-        runs: List[List[int]],
+        runs: List[_Run],
         index: torch.Tensor,
         scale: Optional[torch.Tensor],
         shape: Tuple[int, int, int],
@@ -444,7 +450,7 @@ class _ComposePerId(torch.autograd.Function):
 @torch.jit.unused
 def _compose_per_id_fused(
     values: torch.Tensor,
-    runs: List[List[int]],
+    runs: List[_Run],
     index: torch.Tensor,
     scale: Optional[torch.Tensor],
     batch: int,
@@ -456,7 +462,7 @@ def _compose_per_id_fused(
 
 
 def _compose_per_id_plain(
-    values: torch.Tensor, runs: List[List[int]], index: torch.Tensor, scale: Optional[torch.Tensor], batch: int, n: int, dim: int
+    values: torch.Tensor, runs: List[_Run], index: torch.Tensor, scale: Optional[torch.Tensor], batch: int, n: int, dim: int
 ) -> torch.Tensor:
     """``_ComposePerId`` in plain ops (scripted and traced models; autograd's own backward)."""
     prod = _compose_runs_plain(values, runs).reshape(values.size(0) * n, dim)
@@ -466,19 +472,19 @@ def _compose_per_id_plain(
     return pooled.view(batch, n * dim)
 
 
-def _as_they_are(runs: List[List[int]], width: int, columns: int) -> bool:
+def _as_they_are(runs: List[_Run], width: int, columns: int) -> bool:
     """Whether the runs only copy every column of the lookup's output to the same place (single
     parts and concats in TorchRec's order): then the output is the lookup's, no copy."""
     if width != columns:
         return False
     for run in runs:
-        op, n, k, dim, start = run[0], run[1], run[2], run[3], run[4]
+        op, n, k, dim, start = run.op, run.n, run.k, run.dim, run.out
         if op == Op.COPY.value:
-            if run[5] != start or (n > 1 and run[6] != dim):
+            if run.srcs[0] != start or (n > 1 and run.strides[0] != dim):
                 return False
         elif op == Op.CONCAT.value:
             for p in range(k):
-                if run[5 + 2 * p] != start + p * dim or (n > 1 and run[6 + 2 * p] != k * dim):
+                if run.srcs[p] != start + p * dim or (n > 1 and run.strides[p] != k * dim):
                     return False
         else:
             return False
@@ -491,7 +497,7 @@ def _compose_pooled(
     keys: List[List[str]],
     ops: List[int],
     width: int,
-    runs: Optional[List[List[int]]] = None,
+    runs: Optional[List[_Run]] = None,
     buffer: Optional[List[torch.Tensor]] = None,
 ) -> torch.Tensor:
     """The pooled outputs, ``[batch, width]`` in output order, from the pooled lookup's output
@@ -580,7 +586,7 @@ class Combine(nn.Module):
             and len(outputs) > 0
         )
         self._names = {o.sub_features[0]: o.name for o in outputs} if self._passthrough else {}
-        self._runs: Dict[str, List[List[int]]] = {}  # see _cached_runs
+        self._runs: Dict[str, List[_Run]] = {}  # see _cached_runs
         self._gradient_buffers: Dict[int, List[torch.Tensor]] = {}  # see _gradient_buffer
 
     def _plan(self, outputs: List[OutputSpec]) -> None:
@@ -649,7 +655,7 @@ class Combine(nn.Module):
         return _pooled_per_id(kt, runs, piece.dim, lengths, counts, weights, piece.is_mean, self._gradient_buffer(p))
 
     @torch.jit.unused
-    def _cached_runs(self, piece: int, kt: KeyedTensor, keys: List[List[str]], ops: List[int]) -> List[List[int]]:
+    def _cached_runs(self, piece: int, kt: KeyedTensor, keys: List[List[str]], ops: List[int]) -> List[_Run]:
         """``_column_runs`` of piece ``piece`` (-1: the pooled outputs), made once per order of
         ``kt``'s keys (eager mode: they are what the module's lookups return, in their order)."""
         at = f"{piece}:" + ",".join(kt.keys())
@@ -686,7 +692,7 @@ class Combine(nn.Module):
 
     def _pooled(self, kt: KeyedTensor, by_key: Dict[str, JaggedTensor]) -> List[torch.Tensor]:
         """The pooled outputs from the pooled group's lookup, cut into their chunks."""
-        runs: Optional[List[List[int]]] = None
+        runs: Optional[List[_Run]] = None
         buffer: Optional[List[torch.Tensor]] = None
         if not torch.jit.is_scripting():
             if not (is_fx_symbolic_tracing() or torch.compiler.is_compiling()):

@@ -274,7 +274,7 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
         if self.operation != "concat" or not impl.is_composed():
             self.fail(
                 "dims is only used with operation='concat' on a multi-partition strategy "
-                f"(got strategy='{self.strategy}', operation={self.operation!r})"
+                f"(got strategy='{self.strategy}', operation='{self.operation}')"
             )
         k = impl.num_partitions()
         if len(self.dims) != k:
@@ -292,7 +292,7 @@ class MultiHashEmbeddingBagConfig(EmbeddingBagConfig):
         if self.operation != "add" or not self.strategy_impl().is_composed():
             self.fail(
                 "stack_parts=True stores the parts of an add in one table (its pooling adds them): it needs "
-                f"operation='add' on a multi-partition strategy, got strategy='{self.strategy}', operation={self.operation!r}"
+                f"operation='add' on a multi-partition strategy, got strategy='{self.strategy}', operation='{self.operation}'"
             )
 
 

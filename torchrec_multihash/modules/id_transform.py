@@ -8,9 +8,7 @@ input-dist stage of the pipeline, overlapped with compute.
 """
 
 import warnings
-from dataclasses import dataclass, field
-from enum import IntEnum
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -18,266 +16,14 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from torchrec_multihash.errors import InvalidInputError
-from torchrec_multihash.modules.learned_mapping import LearnedMapping
-from torchrec_multihash.modules.strategies import StackedRows, Strategy
+from torchrec_multihash.modules.feature_lookup import FeatureLookup
+from torchrec_multihash.modules.flat_plan import FLAT_CPU_MAX_IDS, FlatPlan, flat_segments, sub_feature_order
+from torchrec_multihash.modules.id_checks import check_feature_keys, check_id_ranges, few_names
+from torchrec_multihash.modules.strategies import StackedRows
 from torchrec_multihash.modules.strategies.base import partition_rows, place_rows
 from torchrec_multihash.modules.variable_batch import expand_variable_batch
 
-_INT64_MIN = -(2**63)
-_INT64_MAX = 2**63 - 1
-# On CPU, past this many ids the flat path's extra passes over them (the parts side by side, then
-# permuted) cost more than the per-feature path's ops; on a GPU, where each op is a kernel launch
-# and passes over the ids are cheap, the flat path runs at any size.
-FLAT_CPU_MAX_IDS = 1 << 16
-
 torch.fx.wrap("expand_variable_batch")  # a leaf for fx here too (wrap patches the caller's globals)
-
-
-@dataclass
-class FeatureLookup:
-    """How one logical feature of one table is turned into sub-features."""
-
-    feature: str
-    table: str
-    num_embeddings: int
-    strategy: Strategy  # the table's id -> rows partition
-    sub_features: List[str]
-    mapping: Optional[LearnedMapping] = None  # learned id -> row, applied before the partitions
-    max_ids_per_bag: Optional[int] = None  # checked with the ids; 1: one-hot
-    pooled_mult: bool = False  # one-hot mult looked up pooled: only the first part carries the weight
-    # stacked parts: where each part's rows lie in the one stacked table; the feature is then one
-    # sub-feature whose bags hold each id's k rows (pooled by SUM: the add)
-    stacked_rows: Optional[List[StackedRows]] = None
-    # add, mult: the combine composes the parts column block by column block, so the sub-features
-    # come part by part among the lookup's group (see ``sub_feature_order``)
-    part_major: bool = False
-
-
-def _few(names: List[str], most: int = 6) -> str:
-    """``names`` for a message: the first ``most`` and how many more."""
-    return str(names[:most])[:-1] + (f", ... {len(names) - most} more]" if len(names) > most else "]")
-
-
-def check_feature_keys(keys: Sequence[str], required: Sequence[str], known: Optional[Sequence[str]]) -> None:
-    """Raises InvalidInputError for features the module needs but the KJT lacks, or (if ``known``
-    is given) KJT keys that no table of the module looks up."""
-    missing = sorted(set(required) - set(keys))
-    if missing:
-        msg = f"the KJT has no feature(s) {missing}, which the module's tables look up; its keys are {list(keys)}"
-        raise InvalidInputError(msg)
-    known_set = set(known) if known is not None else None
-    unknown = [k for k in keys if k not in known_set] if known_set is not None else []
-    if unknown:
-        raise InvalidInputError(
-            f"the KJT has feature(s) {unknown} that no table of this MultiHashEmbeddingBagCollection "
-            f"looks up (known: {list(known or [])}); pass strict_features=False to ignore extra features"
-        )
-
-
-def _bag_error(lk: FeatureLookup, lengths: torch.Tensor) -> InvalidInputError:
-    bag = int((lengths > (lk.max_ids_per_bag or 0)).nonzero()[0].item())
-    return InvalidInputError(
-        f"feature '{lk.feature}' (table '{lk.table}', max_ids_per_bag={lk.max_ids_per_bag}): bag {bag} holds "
-        f"{int(lengths[bag].item())} ids; a table declared {'one-hot' if lk.max_ids_per_bag == 1 else 'with smaller bags'} "
-        "would not compose it exactly: raise or remove max_ids_per_bag"
-    )
-
-
-def _bounds(tensors: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The min and max of each tensor: one reduction of them stacked when they are equally long."""
-    if len(tensors) > 1 and all(t.numel() == tensors[0].numel() for t in tensors):
-        return torch.aminmax(torch.stack(tensors), dim=1)
-    each = [torch.aminmax(t) for t in tensors]
-    return torch.stack([m for m, _ in each]), torch.stack([m for _, m in each])
-
-
-def check_id_ranges(lookups: Sequence[FeatureLookup], jts: Sequence[JaggedTensor]) -> None:
-    """Raises InvalidInputError if an id lies outside [0, num_embeddings) of its table, or a bag
-    holds more than its table's ``max_ids_per_bag`` ids.
-
-    One host sync for all features: their id bounds and largest bags are gathered and read together
-    (features of equally many ids, as one-hot ones, stacked and reduced by one op each).
-    """
-    checks: List[tuple] = []  # (lookup, jagged tensor, what): "ids" reads 2 stats, "bags" 1
-    ids: List[torch.Tensor] = []
-    bags: List[torch.Tensor] = []
-    for lk, jt in zip(lookups, jts):
-        v = jt.values()
-        if v.device.type == "meta":  # meta has no ids to read
-            continue
-        if not lk.strategy.accepts_any_id and v.numel() > 0:
-            ids.append(v)
-            checks.append((lk, jt, "ids"))
-        if lk.max_ids_per_bag is not None and jt.lengths().numel() > 0:
-            bags.append(jt.lengths())
-            checks.append((lk, jt, "bags"))
-    if not checks:
-        return
-    stats: List[torch.Tensor] = []
-    if ids:
-        lo, hi = _bounds(ids)
-        stats.append(torch.stack([lo, hi], dim=1).view(-1).long())
-    if bags:
-        stats.append(_bounds(bags)[1].long())
-    read = torch.cat(stats).tolist() if len(stats) > 1 else stats[0].tolist()
-    read_ids = iter(read[: 2 * len(ids)])
-    read_bags = iter(read[2 * len(ids) :])
-    for lk, jt, what in checks:
-        if what == "bags":
-            if next(read_bags) > lk.max_ids_per_bag:
-                raise _bag_error(lk, jt.lengths())
-            continue
-        lo, hi = next(read_ids), next(read_ids)
-        if lo < 0 or hi >= lk.num_embeddings:
-            values = jt.values()
-            bad = ((values < 0) | (values >= lk.num_embeddings)).nonzero()[0].item()
-            raise InvalidInputError(
-                f"feature '{lk.feature}' (table '{lk.table}', num_embeddings={lk.num_embeddings}): "
-                f"id {values[bad].item()} at position {bad} of the feature's values is outside "
-                f"[0, {lk.num_embeddings}); use strategy='hash' for unbounded ids"
-            )
-
-
-class SlotKind(IntEnum):
-    """How the flat transform computes one part's rows of an id ``x``."""
-
-    QUOTIENT = 0  # x // d
-    REMAINDER = 1  # x - q * m, q the quotient another slot (``reuse``) computed for the same id
-    DIVMOD = 2  # (x // d) % m
-
-
-@dataclass
-class _FlatGroup:
-    """Lookups whose parts are computed by the same ops (a slot per part), over their ids at once:
-    per slot, its ``SlotKind``, whether it divides and reduces, and its divisor and modulus: an int when all
-    the group's lookups share it, else the row of the per-id parameter table that holds them."""
-
-    lookups: List[int]  # in the order their ids come in the regrouped KJT
-    kinds: List[SlotKind]
-    reuse: List[int]
-    divides: List[bool]
-    reduces: List[bool]
-    divisor: List[int]  # the value (if ``divisor_row < 0``)
-    divisor_row: List[int]
-    modulus: List[int]
-    modulus_row: List[int]
-    unit_weights: List[bool]
-    # stacked parts: each lookup one segment, per id its slots' rows side by side, each moved to its
-    # part's rows of the stacked table: per slot, ``StackedRows``' mul, add, div and shift, each as
-    # (value, row of the per-id table that holds it or -1)
-    stacked: bool = False
-    placement: List[List[Tuple[int, int]]] = field(default_factory=list)
-
-
-def _slot(lk: FeatureLookup, p: int, spec: List[Tuple[int, int]]) -> Tuple[SlotKind, int, bool, bool, bool, bool]:
-    """Part ``p`` of a lookup as (kind, reuse, divides, reduces, unit weight, stacked): see
-    ``_FlatGroup``."""
-    d, m = spec[p]
-    reuse = next((q for q in range(len(spec)) if spec[q] == (m, 0)), -1) if d == 1 and m > 0 else -1
-    kind = SlotKind.QUOTIENT if m == 0 else (SlotKind.REMAINDER if reuse >= 0 else SlotKind.DIVMOD)
-    return kind, reuse, d != 1, m != 0, lk.pooled_mult and p > 0, lk.stacked_rows is not None
-
-
-def _lookup_groups(lookups: Sequence[FeatureLookup]) -> List[Tuple[tuple, List[int]]]:
-    """The lookups (indices) grouped by equal slots (``_slot`` of each part), each group in order,
-    groups in order of first appearance, with their slots: what the flat transform maps with the
-    same ops."""
-    groups: Dict[tuple, List[int]] = {}
-    for i, lk in enumerate(lookups):
-        spec = lk.strategy.partition_spec()
-        groups.setdefault(tuple(_slot(lk, p, spec) for p in range(len(spec))), []).append(i)
-    return list(groups.items())
-
-
-def sub_feature_order(lookups: Sequence[FeatureLookup]) -> List[Tuple[int, int]]:
-    """The order of the id transform's sub-features, ``(lookup, its sub-feature)``, which the inner
-    EmbeddingBagCollection's features follow too (but for a concat table of several features: a
-    TorchRec table's features are consecutive): the lookups in order, each with its sub-features
-    side by side (concat, single tables: the output's own layout, which the combine then passes on
-    without a copy), except ``part_major`` lookups (add, mult): at the first of those of a group of
-    equal slots (``_lookup_groups``), every first part of them, then every second part, ..., so that
-    each part is one column block of the lookup's output, composed by one op over contiguous rows."""
-    group_of = {i: members for _, members in _lookup_groups(lookups) for i in members}
-    order: List[Tuple[int, int]] = []
-    for i, lk in enumerate(lookups):
-        k = len(lk.sub_features)
-        if not lk.part_major:
-            order.extend((i, s) for s in range(k))
-            continue
-        block = [m for m in group_of[i] if lookups[m].part_major]
-        if block[0] == i:
-            order.extend((m, s) for s in range(k) for m in block)
-    return order
-
-
-class _FlatPlan:
-    """How ``IdTransform`` maps all features at once (lookups without learned mappings): the KJT
-    regrouped by lookups of equal slots (``order``, lookup indices), each
-    group's parts computed over its ids at once into a ``[slots, ids]`` block, and one
-    ``permute_1D_sparse_data`` (``perm``) putting the blocks' segments in the sub-features' order
-    (``sub_features``: ``sub_feature_order``). Per-id divisors, moduli and id bounds come from
-    ``params`` (rows of per-lookup values, in ``order``), repeated over each lookup's ids."""
-
-    def __init__(self, lookups: List[FeatureLookup], validate_ids: bool, sub_features: List[Tuple[int, int]]) -> None:
-        specs = [lk.strategy.partition_spec() for lk in lookups]
-        slots = _lookup_groups(lookups)
-        self.order = [i for _, members in slots for i in members]
-        position = {i: n for n, i in enumerate(self.order)}
-        self.params: List[List[int]] = []
-        self.groups: List[_FlatGroup] = []
-        segment = 0
-        first: Dict[Tuple[int, int], int] = {}  # (lookup, part) -> its segment in the blocks
-        for sig, members in slots:
-            kinds, reuse, divides, reduces, unit_weights, stacked = (list(column) for column in zip(*sig))
-            g = _FlatGroup(members, kinds, reuse, divides, reduces, [], [], [], [], unit_weights, stacked[0])
-            for p in range(len(sig)):
-                for values, rows, column in ((g.divisor, g.divisor_row, 0), (g.modulus, g.modulus_row, 1)):
-                    value, row = self._value_or_row(members, position, [specs[i][p][column] for i in members])
-                    values.append(value)
-                    rows.append(row)
-                if g.stacked:
-                    placed = [(lookups[i].stacked_rows or [])[p] for i in members]
-                    g.placement.append([self._value_or_row(members, position, [x[f] for x in placed]) for f in range(4)])
-                    continue
-                for i in members:
-                    first[(i, p)] = segment
-                    segment += 1
-            if g.stacked:  # one segment per lookup: its ids' rows, side by side
-                for i in members:
-                    first[(i, 0)] = segment
-                    segment += 1
-            self.groups.append(g)
-        self.perm = [first[(i, p)] for i, p in sub_features]
-        # per sub-feature: its lookup's place in ``order`` and its ids per id (a stacked table's k)
-        self.sub_lengths = [(position[i], len(specs[i]) if lookups[i].stacked_rows is not None else 1) for i, _ in sub_features]
-        self.segments = segment
-        self.permutes = self.perm != list(range(segment))  # segments not already in the sub-features' order
-        # id bounds (hash tables: any int64) and largest bags, checked at once
-        checked = [not lookups[i].strategy.accepts_any_id for i in self.order]
-        self.check_ids = validate_ids and any(checked)
-        low = [0 if c else _INT64_MIN for c in checked]
-        last = [lookups[i].num_embeddings - 1 if c else _INT64_MAX for i, c in zip(self.order, checked)]
-        # [low, last] of every id: an int where all lookups share it, else a row of params
-        self.low, self.low_row = self._value_or_row(self.order, position, low)
-        self.last, self.last_row = self._value_or_row(self.order, position, last)
-        self.max_bags = [lookups[i].max_ids_per_bag or _INT64_MAX for i in self.order]
-        self.max_bag = self.max_bags[0] if len(set(self.max_bags)) == 1 else -1  # -1: per lookup
-        self.check_bags = validate_ids and any(lk.max_ids_per_bag is not None for lk in lookups)
-
-    def _value_or_row(self, members: List[int], position: Dict[int, int], each: List[int]) -> Tuple[int, int]:
-        """``members``' parameter ``each``: ``(value, -1)`` if they share it, else ``(0, row)``,
-        its row of ``params``."""
-        return (each[0], -1) if len(set(each)) == 1 else (0, self._row(members, position, each))
-
-    def _row(self, members: List[int], position: Dict[int, int], each: List[int]) -> int:
-        """The row of ``params`` with ``each`` for ``members`` (0 for other lookups), added unless
-        there is one already (a Q-R table's divisor and modulus are one)."""
-        row = [0] * len(position)
-        for i, v in zip(members, each):
-            row[position[i]] = v
-        if row not in self.params:
-            self.params.append(row)
-        return self.params.index(row)
 
 
 def exploded_batch(most_ids: int, batch: int) -> int:
@@ -318,80 +64,6 @@ def _sub_features(
     )
 
 
-def _placed(
-    r: torch.Tensor, mul: Union[int, torch.Tensor], add: Union[int, torch.Tensor], div: Union[int, torch.Tensor], shift: Union[int, torch.Tensor]
-) -> torch.Tensor:
-    """``place_rows`` of a group of lookups (the flat transform): each parameter an int that all
-    share, or a per-id tensor."""
-    return torch.div(r * mul + add, div, rounding_mode="floor") + r + shift
-
-
-def _group_rows(g: _FlatGroup, ids: torch.Tensor, per_id: List[torch.Tensor]) -> List[torch.Tensor]:
-    """Each slot's rows of a group's ``ids`` (int64, the group's lookups' ids one after another):
-    ``(x // d) % m``, a remainder whose quotient another slot takes as ``x - q * m`` (see
-    ``IdTransform._rows``); divisors and moduli per id from ``per_id`` where they differ."""
-    rows: List[Optional[torch.Tensor]] = [None] * len(g.kinds)
-    for p in sorted(range(len(g.kinds)), key=lambda q: g.kinds[q] == SlotKind.REMAINDER):  # quotients first
-        d = per_id[g.divisor_row[p]] if g.divisor_row[p] >= 0 else g.divisor[p]
-        m = per_id[g.modulus_row[p]] if g.modulus_row[p] >= 0 else g.modulus[p]
-        if g.kinds[p] == SlotKind.REMAINDER:
-            q = rows[g.reuse[p]]
-            assert q is not None
-            rows[p] = ids - q * m
-            continue
-        r = torch.div(ids, d, rounding_mode="floor") if g.divides[p] else ids
-        rows[p] = torch.remainder(r, m) if g.reduces[p] else r
-    return [r for r in rows if r is not None]
-
-
-def _flat_segments(
-    plan: "_FlatPlan",
-    ids: torch.Tensor,
-    per_id: List[torch.Tensor],
-    bags_2d: torch.Tensor,
-    counts: torch.Tensor,
-    weights: Optional[torch.Tensor],
-    length_per_key: Optional[List[int]],
-) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], Optional[torch.Tensor]]:
-    """The flat plan's segments, group by group (``_FlatPlan.groups``): their ids' rows, their bags'
-    lengths, the ids of each segment and their weights (values, lengths and weights concatenated)."""
-    blocks: List[torch.Tensor] = []
-    block_lengths: List[torch.Tensor] = []
-    block_counts: List[torch.Tensor] = []  # ids per segment
-    block_weights: List[torch.Tensor] = []
-    start, first = 0, 0
-    for g in plan.groups:
-        k = len(g.lookups)
-        x, per, bags, c, w = ids, per_id, bags_2d.view(-1), counts, weights
-        if len(plan.groups) > 1:
-            assert length_per_key is not None
-            count = sum(length_per_key[first : first + k])
-            x, per = ids[start : start + count], [row[start : start + count] for row in per_id]
-            bags, c = bags_2d[first : first + k].view(-1), counts[first : first + k]
-            w = weights[start : start + count] if weights is not None else None
-            start, first = start + count, first + k
-        rows = _group_rows(g, x, per)
-        if g.stacked:  # per id its k rows side by side, each moved to its part's rows
-            k = len(rows)
-            moved = [_placed(r, *[per[row] if row >= 0 else value for value, row in g.placement[p]]) for p, r in enumerate(rows)]
-            blocks.append(torch.stack(moved, dim=1).view(-1))
-            block_lengths.append(bags * k)
-            block_counts.append(c * k)
-            if w is not None:  # each of an id's k rows carries its weight
-                block_weights.append(w.unsqueeze(1).expand(-1, k).reshape(-1))
-            continue
-        blocks.append(rows[0] if len(rows) == 1 else torch.cat(rows))
-        block_lengths.append(bags if len(rows) == 1 else torch.cat([bags] * len(rows)))
-        block_counts.append(c if len(rows) == 1 else torch.cat([c] * len(rows)))
-        if w is not None:
-            each = [torch.ones_like(w) if u else w for u in g.unit_weights]
-            block_weights.append(each[0] if len(each) == 1 else torch.cat(each))
-    out_values = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-    out_lengths = block_lengths[0] if len(blocks) == 1 else torch.cat(block_lengths)
-    out_weights = (block_weights[0] if len(blocks) == 1 else torch.cat(block_weights)) if weights is not None else None
-    return out_values, out_lengths, block_counts, out_weights
-
-
 class IdTransform(nn.Module):
     """Maps a KJT of logical features to a KJT of sub-features, one per partition.
 
@@ -412,7 +84,7 @@ class IdTransform(nn.Module):
     transform's features) hold at most one id each keeps them as they are (each already a bag of
     one id: the one-hot layout, the input's batch of bags); an exploded batch never has the
     input's batch size (``exploded_batch``), so the combine tells the layouts apart by rows.
-    In eager mode, lookups without learned mappings map all features at once (``_FlatPlan``): one
+    In eager mode, lookups without learned mappings map all features at once (``FlatPlan``): one
     op per part for each group of lookups of the same strategy (and layout), and one
     ``permute_1D_sparse_data`` into the sub-features' order; traced and scripted modules map
     feature by feature, to the same KJT.
@@ -507,9 +179,9 @@ class IdTransform(nn.Module):
             and not any(self._unit_weights)
         )
         # lookups without learned mappings: all features mapped at once (eager mode)
-        self._flat: Optional[_FlatPlan] = None
+        self._flat: Optional[FlatPlan] = None
         if not self.mappings:
-            self._flat = _FlatPlan(lookups, validate_ids, order)
+            self._flat = FlatPlan(lookups, validate_ids, order)
         self._flat_features = [self._features[i] for i in self._flat.order] if self._flat is not None else []
         self._flat_constants: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._flat_order = self._flat.order if self._flat is not None else []
@@ -656,10 +328,10 @@ class IdTransform(nn.Module):
         multi = sorted({features[i] for i, m in enumerate(largest) if m > 1})
         one_hot_tables = sorted({tables[i] for i in one_hot})
         warnings.warn(
-            f"mult tables looked up per id: feature(s) {_few(names)} held at most one id a bag, but share their per-id lookup with "
-            f"multi-hot {_few(multi)}, so each is padded to {rows:,} bags ({rows / max(1, max(counts[i] for i in one_hot)):.1f}x its ids), "
+            f"mult tables looked up per id: feature(s) {few_names(names)} held at most one id a bag, but share their per-id lookup with "
+            f"multi-hot {few_names(multi)}, so each is padded to {rows:,} bags ({rows / max(1, max(counts[i] for i in one_hot)):.1f}x its ids), "
             f"which can make the step many times slower; if they are always one-hot, declare their tables so "
-            f"(max_ids_per_bag=1: {_few(one_hot_tables)}) to look them up pooled",
+            f"(max_ids_per_bag=1: {few_names(one_hot_tables)}) to look them up pooled",
             stacklevel=2,
         )
 
@@ -699,7 +371,7 @@ class IdTransform(nn.Module):
     def _forward_flat(self, source: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """The forward for lookups without learned mappings (eager mode): every part of every
         feature computed by one op per group of lookups of equal slots and part, and the
-        sub-features put in order by one ``permute_1D_sparse_data`` (see ``_FlatPlan``); stacked
+        sub-features put in order by one ``permute_1D_sparse_data`` (see ``FlatPlan``); stacked
         parts side by side per id, one segment per lookup; exploded, each part's ids are one
         segment, whose bags of one id are made afterwards."""
         plan = self._flat
@@ -735,7 +407,7 @@ class IdTransform(nn.Module):
             return source
         # per lookup its bags' lengths; exploded: its id count, the one bag of each of its parts
         bags_2d = counts.view(lookups, 1) if explode else lengths.view(lookups, batch)
-        out_values, out_lengths, block_counts, out_weights = _flat_segments(plan, ids, per_id, bags_2d, counts, weights, length_per_key)
+        out_values, out_lengths, block_counts, out_weights = flat_segments(plan, ids, per_id, bags_2d, counts, weights, length_per_key)
         if plan.permutes:  # segments to sub-features: one copy per segment's ids
             segment_counts = block_counts[0] if len(block_counts) == 1 else torch.cat(block_counts)
             _, out_values, out_weights = torch.ops.fbgemm.permute_1D_sparse_data(perm, segment_counts, out_values, out_weights, out_values.numel())

@@ -20,7 +20,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_multihash.modules.combine import Combine, OutputSpec
 from torchrec_multihash.modules.config import MultiHashConfigError, MultiHashEmbeddingBagConfig, logical_fields
-from torchrec_multihash.modules.id_transform import FeatureLookup, IdTransform, sub_feature_order
+from torchrec_multihash.modules.feature_lookup import FeatureLookup
+from torchrec_multihash.modules.flat_plan import sub_feature_order
+from torchrec_multihash.modules.id_transform import IdTransform
 from torchrec_multihash.modules.learned_mapping import LearnedMapping
 from torchrec_multihash.modules.lookup_checks import check_sharding, warn_if_not_pipelined
 from torchrec_multihash.modules.lookup_group import Lookup
