@@ -330,6 +330,11 @@ def test_the_app_config_stacks_the_add_tables_it_builds():
     mult = load_config(quickstart, ["embeddings.stack_parts=true"])
     with pytest.warns(UserWarning, match="embeddings.stack_parts is set but no table adds several partitions"):
         assert not any(t.stack_parts for t in build_tables(mult))
+    # the library says so in its own words (no YAML key)
+    from torchrec_multihash import stack_add_tables
+
+    with pytest.warns(UserWarning, match="stack_add_tables: no table adds several partitions"):
+        assert not any(t.stack_parts for t in stack_add_tables(build_tables(load_config(quickstart))))
 
 
 def test_the_bench_method_stacks_the_compressed_tables_by_default():

@@ -1,6 +1,7 @@
 """Builds the multi-hash tables and the DLRM model a config describes."""
 
 import dataclasses
+import warnings
 from typing import Dict, List, Optional, Union
 
 import torch
@@ -118,7 +119,14 @@ def build_tables(cfg: Config, choices: Optional[List[TableChoice]] = None) -> Li
                 if t.name not in own:
                     t.stack_parts = False
             return tables
-        return stack_add_tables(tables, own, "embeddings.stack_parts")
+        if not any(t.name not in own and t.operation == "add" and t.strategy_impl().is_composed() for t in tables):
+            warnings.warn(
+                "embeddings.stack_parts is set but no table adds several partitions (operation add on qr, generalized_qr "
+                "or crt), so no table is stacked: it changes nothing here",
+                stacklevel=3,
+            )
+            return tables
+        return stack_add_tables(tables, own)
     except (MultiHashConfigError, AutoChoiceError, TypeError) as e:
         raise ConfigError(f"embeddings: {e}") from None
 

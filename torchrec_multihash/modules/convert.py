@@ -175,20 +175,18 @@ def to_multihash_configs(
     return out
 
 
-def stack_add_tables(
-    tables: List[MultiHashEmbeddingBagConfig], keep: Sequence[str] = (), option: str = "stack_parts"
-) -> List[MultiHashEmbeddingBagConfig]:
+def stack_add_tables(tables: List[MultiHashEmbeddingBagConfig], keep: Sequence[str] = ()) -> List[MultiHashEmbeddingBagConfig]:
     """Sets ``stack_parts`` on every table that adds several partitions (its parts stored as one
     table), except those named in ``keep``; the others are left as they are (mult, concat, tables
-    kept full). Warns when no table is stacked: ``option`` (what the user set) then changes nothing."""
+    kept full). Warns when no table is stacked."""
     for t in tables:
         if t.name not in keep and t.operation == "add" and t.strategy_impl().is_composed():
             t.stack_parts = True
             t.validate()
     if not any(t.stack_parts for t in tables):
         warnings.warn(
-            f"{option} is set but no table adds several partitions (operation add on qr, generalized_qr or crt), "
+            "stack_add_tables: no table adds several partitions (operation add on a multi-partition strategy), "
             "so no table is stacked: it changes nothing here",
-            stacklevel=3,
+            stacklevel=2,
         )
     return tables
