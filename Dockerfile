@@ -1,5 +1,5 @@
 # The image the Kubernetes jobs run (README, "Launching with TorchX"): `make image IMAGE=REGISTRY/NAME:TAG`.
-# The training stack of `MULTIHASH_TORCH_VARIANT=cuda scripts/bootstrap.sh` (tests/test_launch.py checks the
+# The training stack of `MULTIHASH_TORCH_VARIANT=cuda scripts/bootstrap.sh` (tests/launch/test_launch.py checks the
 # pins agree): torch and the CUDA fbgemm-gpu, requirements/base.txt with torch named again so nothing
 # moves it, torchrec with --no-deps (its requirements would pull the newest fbgemm-gpu), then this
 # package with --no-deps. Not the submitting side (torchx, kubernetes, matplotlib: requirements/tools.txt).

@@ -123,9 +123,9 @@ def _scheduler() -> Optional[str]:
 
 
 def _one_line_errors(kind: type, error: BaseException, tb: object) -> None:
-    """Under `torchx run`: torchx's own refusals of its arguments (e.g. ``--env FOO`` without
-    ``=value``, raised while it parses them, before ``dlrm`` runs) as one line, not a traceback.
-    Other errors, and these with TORCHX_TRACEBACK=1, keep Python's traceback."""
+    """Under `torchx run`, until ``dlrm`` runs: torchx's own refusals of its arguments (e.g. ``--env
+    FOO`` without ``=value``, raised while it parses them) as one line, not a traceback. ``dlrm``
+    puts Python's hook back; other errors, and these with TORCHX_TRACEBACK=1, keep the traceback."""
     if issubclass(kind, (ValueError, KeyError)) and not os.environ.get("TORCHX_TRACEBACK"):
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"torchx run launch/components.py:dlrm: {message}", file=sys.stderr)
@@ -212,6 +212,9 @@ def dlrm(
             runs/, where the configs write outputs and checkpoints), so they outlive the pod
         rdzv_port: rendezvous port on the first node
     """
+    # torchx has parsed its arguments: errors from here on (ours, caught below, or the scheduler's)
+    # keep Python's traceback
+    sys.excepthook = sys.__excepthook__
     try:
         return _dlrm_app(overrides, config, metrics_out, j, cpu, gpu, memMB, h, image, name, max_retries, max_restarts, env, mounts,
                          data_volume, output_volume, rdzv_port)  # fmt: skip

@@ -311,3 +311,18 @@ def test_training_needs_nothing_the_image_leaves_out(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     r = run([sys.executable, "-c", code, "export", *common, *small, "--out", str(tmp_path / "m.pt")])
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_torchx_errors_are_one_line_only_until_the_component_runs(monkeypatch, capsys):
+    # under `torchx run`, torchx's own argument errors (raised before dlrm runs) are one line; once
+    # dlrm runs, the scheduler's errors keep their traceback
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/torchx", "run", "-s", "local_cwd", "launch/components.py:dlrm"])
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    c = load_components()
+    assert sys.excepthook is c._one_line_errors
+    sys.excepthook(ValueError, ValueError("`FOO` does not have at least one `key=value` pair"), None)
+    assert capsys.readouterr().err == "torchx run launch/components.py:dlrm: `FOO` does not have at least one `key=value` pair\n"
+    c.dlrm(j="1x2")
+    assert sys.excepthook is sys.__excepthook__

@@ -330,6 +330,12 @@ def test_the_app_config_stacks_the_add_tables_it_builds():
     mult = load_config(quickstart, ["embeddings.stack_parts=true"])
     with pytest.warns(UserWarning, match="embeddings.stack_parts is set but no table adds several partitions"):
         assert not any(t.stack_parts for t in build_tables(mult))
+    # an override that stacks its own table: no warning, that table stacked
+    over = load_config(quickstart, ["embeddings.stack_parts=true", "embeddings.overrides={t_C1: {operation: add, stack_parts: true}}"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stacked = {t.name: t for t in build_tables(over)}
+    assert stacked["t_C1"].strategy_impl().is_stacked()
     # the library says so in its own words (no YAML key)
     from torchrec_multihash import stack_add_tables
 

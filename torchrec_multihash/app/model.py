@@ -119,7 +119,10 @@ def build_tables(cfg: Config, choices: Optional[List[TableChoice]] = None) -> Li
                 if t.name not in own:
                     t.stack_parts = False
             return tables
-        if not any(t.name not in own and t.operation == "add" and t.strategy_impl().is_composed() for t in tables):
+        stackable = [t for t in tables if t.name not in own and t.operation == "add" and t.strategy_impl().is_composed()]
+        if not stackable:  # what stack_add_tables would stack: none (an override may still stack its own table)
+            if any(t.stack_parts for t in tables):
+                return tables
             warnings.warn(
                 "embeddings.stack_parts is set but no table adds several partitions (operation add on qr, generalized_qr "
                 "or crt), so no table is stacked: it changes nothing here",
