@@ -105,7 +105,7 @@ def _check_preprocessed_sizes(folder: Path, sizes: List[int]) -> None:
         )
 
 
-def _npy_batches(paths: List[str], cfg: Config, rank: int, world_size: int, keys: List[str], drop_last: bool) -> Iterator[Batch]:
+def _npy_batches(triplets: List[List[str]], cfg: Config, rank: int, world_size: int, keys: List[str], drop_last: bool) -> Iterator[Batch]:
     """TorchRec's preprocessed Criteo (.npy per day: dense, sparse, labels; what
     torchrec.datasets.criteo reads), memory-mapped, this rank's rows, ids hashed mod the sizes,
     read by TorchRec's own pipe (the test data: every sample; training reads ``NpyTrainBatches``);
@@ -113,7 +113,6 @@ def _npy_batches(paths: List[str], cfg: Config, rank: int, world_size: int, keys
     from torchrec.datasets.criteo import InMemoryBinaryCriteoIterDataPipe
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    triplets = [_npy_triplet(p, "train/test") for p in paths]
     bs = cfg.train.batch_size
     pipe = InMemoryBinaryCriteoIterDataPipe(
         "train",
@@ -204,8 +203,7 @@ def _npy_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunD
     train_paths, test_paths = _paths(cfg.data.train, "train"), _paths(cfg.data.test, "test")
     # before any work: all there, of TorchRec's layout, with equal row counts
     triplets = [_npy_triplet(p, "train") for p in train_paths]
-    for p in test_paths:
-        _npy_triplet(p, "test")
+    test_triplets = [_npy_triplet(p, "test") for p in test_paths]
     for folder in sorted({Path(p).parent for p in [*train_paths, *test_paths]}):
         _check_preprocessed_sizes(folder, sizes)
     if len(sizes) != NUM_SPARSE:
@@ -222,7 +220,7 @@ def _npy_data(cfg: Config, rank: int, world_size: int, output_dir: Path) -> RunD
 
     return RunData(
         train=train,
-        test=lambda: _npy_batches(test_paths, cfg, rank, world_size, keys, False),  # every sample: evaluate pads
+        test=lambda: _npy_batches(test_triplets, cfg, rank, world_size, keys, False),  # every sample: evaluate pads
         num_embeddings_per_feature=sizes,
         num_dense=NUM_DENSE,
         keys=keys,

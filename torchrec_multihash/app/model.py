@@ -16,7 +16,7 @@ from torchrec_multihash.auto import AutoChoiceError, TableChoice, auto_configs
 from torchrec_multihash.bench.mch import MCHEmbeddingBagCollection
 from torchrec_multihash.distributed.constraints import sub_table_constraints
 from torchrec_multihash.modules.config import ROW_PRECISIONS, MultiHashConfigError, MultiHashEmbeddingBagConfig
-from torchrec_multihash.modules.convert import stack_add_tables, to_multihash_configs
+from torchrec_multihash.modules.convert import adds_parts, stack_add_tables, to_multihash_configs
 from torchrec_multihash.modules.multihash_embedding_bag import MultiHashEmbeddingBagCollection
 
 EmbeddingModule = Union[MultiHashEmbeddingBagCollection, MCHEmbeddingBagCollection]
@@ -119,9 +119,8 @@ def build_tables(cfg: Config, choices: Optional[List[TableChoice]] = None) -> Li
                 if t.name not in own:
                     t.stack_parts = False
             return tables
-        stackable = [t for t in tables if t.name not in own and t.operation == "add" and t.strategy_impl().is_composed()]
-        if not stackable:  # what stack_add_tables would stack: none (an override may still stack its own table)
-            if any(t.stack_parts for t in tables):
+        if not any(t.name not in own and adds_parts(t) for t in tables):  # stack_add_tables would stack none
+            if any(t.stack_parts for t in tables):  # an override stacked its own table
                 return tables
             warnings.warn(
                 "embeddings.stack_parts is set but no table adds several partitions (operation add on qr, generalized_qr "

@@ -17,7 +17,6 @@ from typing import Any, Dict, List, Optional, cast
 import torch
 from torch import nn
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.mc_embeddingbag import (
     ManagedCollisionEmbeddingBagCollectionSharder,
     ShardedManagedCollisionEmbeddingBagCollection,
@@ -25,7 +24,7 @@ from torchrec.distributed.mc_embeddingbag import (
 from torchrec.distributed.types import ModuleSharder, ParameterSharding, ShardingEnv, ShardingType
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 
-from torchrec_multihash.distributed.sharding import with_default_sharders
+from torchrec_multihash.distributed.sharding import sharders
 
 
 class CPUShardedManagedCollisionEmbeddingBagCollection(ShardedManagedCollisionEmbeddingBagCollection):
@@ -92,9 +91,5 @@ class MCHSharder(ManagedCollisionEmbeddingBagCollectionSharder):
 
 def mch_sharders(fused_params: Optional[Dict[str, Any]] = None) -> List[ModuleSharder[nn.Module]]:
     """``sharders(fused_params)`` with ``MCHSharder`` for the baseline's MC-EBC (``shard_model``'s ``make_sharders``)."""
-    return with_default_sharders(
-        [
-            cast(ModuleSharder[nn.Module], EmbeddingBagCollectionSharder(fused_params=fused_params)),
-            cast(ModuleSharder[nn.Module], MCHSharder(fused_params=fused_params)),
-        ]
-    )
+    mch = cast(ModuleSharder[nn.Module], MCHSharder(fused_params=fused_params))
+    return [mch, *(s for s in sharders(fused_params) if s.module_type is not mch.module_type)]

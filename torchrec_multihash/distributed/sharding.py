@@ -32,13 +32,8 @@ def sharders(fused_params: Optional[Dict[str, Any]] = None) -> List[ModuleSharde
     otherwise replicate small sub-tables (data_parallel), whose weights the fused optimizer
     leaves to the dense optimizer, so one table's parts would be trained two ways.
     """
-    return with_default_sharders([cast(ModuleSharder[nn.Module], EmbeddingBagCollectionSharder(fused_params=fused_params))])
-
-
-def with_default_sharders(ours: List[ModuleSharder[nn.Module]]) -> List[ModuleSharder[nn.Module]]:
-    """``ours`` and TorchRec's default sharders of the other module types."""
-    types = {s.module_type for s in ours}
-    return ours + [s for s in get_default_sharders() if s.module_type not in types]
+    ours = cast(ModuleSharder[nn.Module], EmbeddingBagCollectionSharder(fused_params=fused_params))
+    return [ours, *(s for s in get_default_sharders() if s.module_type is not ours.module_type)]
 
 
 SharderList = Callable[[Optional[Dict[str, Any]]], List[ModuleSharder[nn.Module]]]

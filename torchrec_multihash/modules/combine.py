@@ -116,13 +116,18 @@ def _per_id_bags(
     flat_weights = (torch.cat(weights) if len(weights) > 1 else weights[0]) if weights is not None else None
     counts: List[int] = [v.numel() for v in ids]
     n = len(counts)
-    runs = _column_runs(kt, _per_id_outputs(keys, n, k), [Op.MULT.value if k > 1 else Op.COPY.value] * n)
+    runs = _column_runs(kt, _per_id_outputs(keys, n, k), _per_id_ops(n, k))
     return _pooled_per_id(kt, runs, dim, torch.cat(lengths) if len(lengths) > 1 else lengths[0], counts, flat_weights, mean)
 
 
 def _per_id_outputs(keys: List[str], n: int, k: int) -> List[List[str]]:
     """The parts of each of ``n`` per-id outputs of ``k`` parts, ``keys`` feature-major."""
     return [keys[f * k : (f + 1) * k] for f in range(n)]
+
+
+def _per_id_ops(n: int, k: int) -> List[int]:
+    """The op of each of ``n`` per-id outputs of ``k`` parts: their product, or the one part."""
+    return [Op.MULT.value if k > 1 else Op.COPY.value] * n
 
 
 def _pooled_per_id(
@@ -182,10 +187,10 @@ def _column_runs(kt: KeyedTensor, keys: List[List[str]], ops: List[int]) -> List
     """The outputs ``keys`` (each output's parts, read from ``kt``) cut into runs composed by one
     op each (``_Run``): the run's ``n`` outputs at ``out`` of the result, part ``p`` of its
     ``i``-th output (``dim`` columns) at column ``srcs[p] + i * strides[p]`` of ``kt``, wherever
-    TorchRec put it. ``op`` is an
-    ``Op``'s value: COPY one part, ADD or MULT the parts (an output of ``dim`` columns), CONCAT
-    them side by side (equal parts, ``k * dim``; unequal ones are one COPY per part). Consecutive
-    outputs join a run while each part's columns advance by one constant stride."""
+    TorchRec put it. ``op`` is an ``Op``'s value: COPY one part, ADD or MULT the parts (an output
+    of ``dim`` columns), CONCAT them side by side (equal parts, ``k * dim``; unequal ones are one
+    COPY per part). Consecutive outputs join a run while each part's columns advance by one
+    constant stride."""
     offsets = kt.offset_per_key()
     where: Dict[str, int] = {}
     width: Dict[str, int] = {}
@@ -651,7 +656,7 @@ class Combine(nn.Module):
         counts = length_per_key[first : first + n]
         lengths = features.lengths()[first * batch : (first + n) * batch]
         weights = features.weights()[start : start + sum(counts)] if self._is_weighted else None
-        runs = self._cached_runs(p, kt, _per_id_outputs(piece.keys, n, piece.k), [Op.MULT.value if piece.k > 1 else Op.COPY.value] * n)
+        runs = self._cached_runs(p, kt, _per_id_outputs(piece.keys, n, piece.k), _per_id_ops(n, piece.k))
         return _pooled_per_id(kt, runs, piece.dim, lengths, counts, weights, piece.is_mean, self._gradient_buffer(p))
 
     @torch.jit.unused

@@ -175,12 +175,17 @@ def to_multihash_configs(
     return out
 
 
+def adds_parts(t: MultiHashEmbeddingBagConfig) -> bool:
+    """Whether ``t`` adds several partitions: what ``stack_parts`` can store as one table."""
+    return t.operation == "add" and t.strategy_impl().is_composed()
+
+
 def stack_add_tables(tables: List[MultiHashEmbeddingBagConfig], keep: Sequence[str] = ()) -> List[MultiHashEmbeddingBagConfig]:
     """Sets ``stack_parts`` on every table that adds several partitions (its parts stored as one
     table), except those named in ``keep``; the others are left as they are (mult, concat, tables
     kept full). Warns when no table is stacked."""
     for t in tables:
-        if t.name not in keep and t.operation == "add" and t.strategy_impl().is_composed():
+        if t.name not in keep and adds_parts(t):
             t.stack_parts = True
             t.validate()
     if not any(t.stack_parts for t in tables):

@@ -4,7 +4,7 @@ take the module's lookup groups: group name -> the inner EmbeddingBagCollection,
 of it."""
 
 import warnings
-from typing import Dict, List
+from typing import Dict
 
 import torch.distributed as dist
 from torch import nn
@@ -23,35 +23,31 @@ class ShardingSetupError(MultiHashError):
     """A model whose multi-hash tables were sharded in a way that cannot be right."""
 
 
-def _groups(lookups: Dict[str, nn.Module]) -> List[tuple]:
-    """(group name, inner tables module, its sharder's name) of every lookup group."""
-    return [(name, tables, "EmbeddingBagCollectionSharder") for name, tables in lookups.items()]
+SHARDER = "EmbeddingBagCollectionSharder"  # what shards every lookup group's inner tables
 
 
 def check_sharding(lookups: Dict[str, nn.Module]) -> None:
     """Raises ShardingSetupError if some of the module's inner tables were sharded and others not
     (DistributedModelParallel had no sharder for them: they would be silently replicated); warns
     if none is sharded while several ranks run (each would hold a replica)."""
-    groups = _groups(lookups)
-    sharded = [isinstance(tables, ShardedModule) for _, tables, _ in groups]
+    sharded = {name: isinstance(tables, ShardedModule) for name, tables in lookups.items()}
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if not any(sharded) and world > 1:
+    if not any(sharded.values()) and world > 1:
         warnings.warn(
             f"the multi-hash tables are not sharded although {world} ranks run: each rank holds and trains a full "
             "replica. To shard them, pass torchrec_multihash.sharders() to DistributedModelParallel and the planner "
-            f"(or add {' and '.join(sorted({s for _, _, s in groups}))} to your sharder list).",
+            f"(or add {SHARDER} to your sharder list).",
             stacklevel=3,
         )
-    if any(sharded) and not all(sharded):
-        left = [(name, sharder) for (name, _, sharder), s in zip(groups, sharded) if not s]
-        names = ", ".join(f"'{n}'" for n, _ in left)
+    if any(sharded.values()) and not all(sharded.values()):
+        names = ", ".join(f"'{n}'" for n, s in sharded.items() if not s)
         raise ShardingSetupError(
             f"the multi-hash tables of lookup group(s) {names} were not sharded while the others were: "
-            f"DistributedModelParallel (and the planner) got no {' / '.join(sorted({s for _, s in left}))}, so those "
+            f"DistributedModelParallel (and the planner) got no {SHARDER}, so those "
             "tables would be replicated on every rank. Pass torchrec_multihash.sharders() to both (TorchRec's "
             "default sharders include it), or add the missing sharder to your list."
         )
-    _warn_row_wise_over_gloo(groups)
+    _warn_row_wise_over_gloo(lookups)
 
 
 ROW_WISE_GLOO_HINT = (
@@ -62,10 +58,10 @@ ROW_WISE_GLOO_HINT = (
 )
 
 
-def _warn_row_wise_over_gloo(groups: List[tuple]) -> None:
+def _warn_row_wise_over_gloo(lookups: Dict[str, nn.Module]) -> None:
     if not (dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo" and dist.get_world_size() > 1):
         return
-    for name, tables, _ in groups:
+    for name, tables in lookups.items():
         types = getattr(tables, "_sharding_types", None) or list(getattr(tables, "_sharding_type_to_sharding", {}))
         row = sorted(t for t in types if t in ("row_wise", "table_row_wise"))
         if name.startswith("per_id") and row:
@@ -75,6 +71,6 @@ def _warn_row_wise_over_gloo(groups: List[tuple]) -> None:
 def warn_if_not_pipelined(lookups: Dict[str, nn.Module]) -> None:
     """Warns (once per pipeline) if a TrainPipelineSparseDist traced the model but left the
     module's sharded lookups unpipelined (built without pipeline_postproc=True)."""
-    sharded = [tables for _, tables, _ in _groups(lookups) if isinstance(tables, ShardedModule)]
+    sharded = [tables for tables in lookups.values() if isinstance(tables, ShardedModule)]
     if sharded and not all(getattr(t, "is_pipelined", False) for t in sharded):
         warnings.warn(PIPELINE_HINT, stacklevel=3)

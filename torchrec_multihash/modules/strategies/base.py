@@ -99,8 +99,6 @@ class TableSettings(Protocol):
     num_embeddings: int
     embedding_dim: int
     data_type: DataType
-    weight_init_min: Optional[float]
-    weight_init_max: Optional[float]
     operation: str
     compose: str
     num_collisions: Optional[int]
